@@ -1,0 +1,11 @@
+"""flatquant: W4A4KV4 quantization of Llama/Qwen-family LLMs with FlatQuant (ICML 2025).
+
+    from flatquant import QuantConfig, quantize
+    quantize(model, QuantConfig(w_bits=4, a_bits=4, kv_bits=4), method="quarot", calib=windows)
+"""
+from .api import quantize
+from .config import CalibConfig, QuantConfig, calib_preset
+from .errors import FlatQuantError
+
+__all__ = ["quantize", "QuantConfig", "CalibConfig", "calib_preset", "FlatQuantError"]
+__version__ = "0.1.0"

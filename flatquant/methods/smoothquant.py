@@ -1,0 +1,36 @@
+"""SmoothQuant baseline: per-channel scales c_j = max|X_j|^α / max|W_j|^(1-α), α = 0.5.
+
+Scales sit where they can be folded offline: the q/k/v input (into input_layernorm), the gate/up
+input (into post_attention_layernorm) and the down_proj input (into up_proj's rows). The o_proj
+input is left unscaled, as its producer (attention) cannot absorb a scale under GQA.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..modules import LayerTransforms
+from ..transforms import ChannelScale
+from .stats import input_absmax
+
+ALPHA = 0.5
+
+
+def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = ALPHA) -> torch.Tensor:
+    w_absmax = torch.stack([w.detach().abs().amax(0).float().cpu() for w in weights]).amax(0)
+    c = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return c.clamp(min=1e-5)
+
+
+def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:
+    if calib is None:
+        raise ValueError("smoothquant needs calibration windows for its activation statistics")
+    stats = input_absmax(model, family, calib)
+    out = []
+    for i, layer in enumerate(family.decoder_layers(model)):
+        lin = family.linears(layer)
+        out.append(LayerTransforms(
+            attn_in=ChannelScale(smooth_scale(stats[i]["attn_in"], [lin[r].weight for r in ("q_proj", "k_proj", "v_proj")])),
+            mlp_in=ChannelScale(smooth_scale(stats[i]["mlp_in"], [lin[r].weight for r in ("gate_proj", "up_proj")])),
+            down_in=ChannelScale(smooth_scale(stats[i]["down_in"], [lin["down_proj"].weight])),
+        ))
+    return out

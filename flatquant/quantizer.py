@@ -1,0 +1,131 @@
+"""One fake quantizer for weights, activations and the KV cache.
+
+A tensor is quantized along its last dimension, optionally in groups of `group_size`:
+- weights (out, in): one scale per output channel  -> reduce over `in`
+- activations (..., n): one scale per token         -> reduce over `n`
+- keys/values (b, heads, seq, head_dim): per token and head (group = head_dim)
+
+Symmetric: q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1), s = alpha * max|x| / (2^(b-1) - 1).
+Asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1), s = alpha * (max - min) / (2^b - 1), z = round(-alpha*min / s).
+The clip factor alpha is fixed (1.0 or a searched per-channel ratio) or learnable as sigmoid(logit).
+Rounding uses a straight-through estimator, so gradients reach the scale (hence alpha) and the input.
+16 bits or more means "not quantized": the quantizer is the identity.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# sigmoid(4) ~= 0.982: learnable clipping starts just below "no clipping".
+CLIP_LOGIT_INIT = 4.0
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even), with an identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float = 1.0):
+    """Integer codes and scale for symmetric quantization over the last dim (float32 math).
+
+    Returns (codes as float tensor holding integers, scale with a trailing dim of 1).
+    """
+    maxq = 2 ** (bits - 1) - 1
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) * alpha
+    scale = (amax / maxq).clamp(min=1e-8)
+    codes = torch.clamp(round_ste(xf / scale), -maxq - 1, maxq)
+    return codes, scale
+
+
+def quantize_asymmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float = 1.0):
+    """Integer codes, scale and zero point for asymmetric quantization over the last dim."""
+    maxq = 2**bits - 1
+    xf = x.float()
+    xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0) * alpha
+    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * alpha
+    scale = ((xmax - xmin) / maxq).clamp(min=1e-8)
+    zero = round_ste(-xmin / scale)
+    codes = torch.clamp(round_ste(xf / scale) + zero, 0, maxq)
+    return codes, scale, zero
+
+
+def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
+                  group_size: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize `x` over its last dim (in groups); result has x's dtype."""
+    if bits >= 16:
+        return x
+    shape = x.shape
+    if group_size is not None and group_size != shape[-1]:
+        if shape[-1] % group_size:
+            raise ValueError(f"last dim {shape[-1]} is not a multiple of group size {group_size}")
+        x = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+        if isinstance(alpha, torch.Tensor) and alpha.dim() > 0:
+            alpha = alpha.unsqueeze(-1)
+    if symmetric:
+        codes, scale = quantize_symmetric(x, bits, alpha)
+        out = codes * scale
+    else:
+        codes, scale, zero = quantize_asymmetric(x, bits, alpha)
+        out = (codes - zero) * scale
+    return out.reshape(shape).to(x.dtype)
+
+
+class Quantizer(nn.Module):
+    """Fake quantizer with optional learnable (sigmoid) or searched (per-channel) clipping.
+
+    clip_shape: shape of the learnable clip logits, e.g. (out_features, 1) for per-channel weight
+    clipping or (1,) for a single activation threshold.
+    """
+
+    def __init__(self, bits: int = 16, symmetric: bool = True, group_size: int | None = None,
+                 clip_ratio: float = 1.0, learnable_clip: bool = False, clip_shape: tuple[int, ...] = (1,)):
+        super().__init__()
+        self.bits = int(bits)
+        self.symmetric = symmetric
+        self.group_size = group_size
+        self.clip_ratio = float(clip_ratio)
+        # A searched per-channel ratio (weights) replaces the scalar clip_ratio once set.
+        self.register_buffer("searched_clip", None)
+        if learnable_clip and self.enabled:
+            self.clip_logit = nn.Parameter(torch.full(clip_shape, CLIP_LOGIT_INIT))
+        else:
+            self.clip_logit = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def alpha(self) -> torch.Tensor | float:
+        if self.clip_logit is not None:
+            return torch.sigmoid(self.clip_logit.float())
+        if self.searched_clip is not None:
+            return self.searched_clip
+        return self.clip_ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.bits, self.symmetric, self.alpha(), self.group_size)
+
+    @torch.no_grad()
+    def search_clip(self, w: torch.Tensor, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> None:
+        """Per-row clip-ratio grid search minimising sum |Q(w) - w|^norm (the GPTQ/QuaRot recipe)."""
+        if not self.enabled:
+            return
+        w = w.float()
+        best_err = torch.full(w.shape[:-1], float("inf"), device=w.device)
+        best = torch.ones(w.shape[:-1], device=w.device)
+        for i in range(int(max_shrink * grid)):
+            ratio = 1.0 - i / grid
+            err = (fake_quantize(w, self.bits, self.symmetric, ratio, self.group_size) - w).abs().pow(norm).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, ratio), best)
+        self.searched_clip = best.unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        clip = "learnable" if self.clip_logit is not None else ("searched" if self.searched_clip is not None
+                                                                else self.clip_ratio)
+        return f"bits={self.bits}, {kind}, group={self.group_size}, clip={clip}"

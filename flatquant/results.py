@@ -1,0 +1,104 @@
+"""Results records: one JSON file per evaluated configuration, with provenance.
+
+Every number shown in a doc comes from one of these records. A record always carries the command
+that produced it, the git commit and the device, so it can be traced and reproduced.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return os.environ.get("FLATQUANT_GIT_COMMIT", "unknown")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("FLATQUANT_GIT_COMMIT", "unknown")
+
+
+def device_name(device: str | torch.device | None = None) -> str:
+    """Human-readable device: the GPU's name, or 'cpu'."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev if dev is not None and dev.index is not None else 0)
+    return "cpu"
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def provenance(device: str | torch.device | None = None) -> dict:
+    return {
+        "device": device_name(device),
+        "git_commit": git_commit(),
+        "command": command_line(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temporary file beside `path`, then rename: never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")
+
+
+def record_name(record: dict) -> str:
+    """Stable file name for a record: same configuration -> same file (a re-run replaces it)."""
+    parts = [record.get("kind", "ppl"), Path(str(record.get("model", "model"))).stem, record.get("method", "")]
+    if "w_bits" in record:
+        parts.append(f"W{record['w_bits']}A{record['a_bits']}KV{record['kv_bits']}")
+    if record.get("variant"):
+        parts.append(record["variant"])
+    if record.get("dataset"):
+        parts.append(record["dataset"])
+    return _slug("_".join(str(p) for p in parts if p)) + ".json"
+
+
+def write_record(record: dict, results_dir: str | Path = "results") -> Path:
+    """Add provenance (unless already present) and write the record atomically under results_dir."""
+    full = {**provenance(), **record}
+    return atomic_write_text(Path(results_dir) / record_name(full), json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+
+def load_records(results_dir: str | Path = "results") -> list[dict]:
+    out = []
+    for p in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            rec["_path"] = str(p)
+            out.append(rec)
+    return out

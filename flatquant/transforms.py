@@ -1,0 +1,301 @@
+"""Invertible transforms applied to a linear layer's input: x -> (x / c) @ (P1 ⊗ P2).
+
+The weight takes the inverse offline, so the product is unchanged in exact arithmetic:
+    y = x Wᵀ = [(x / c) P] [P⁻¹ (diag(c) Wᵀ)]   =>   W' = (W diag(c)) P⁻ᵀ.
+P = P1 ⊗ P2 is never materialised: on the last dim reshaped to (n1, n2), x P = vec(P1ᵀ X P2).
+
+Three kinds share that one interface (`forward`, `transform_weight`, `matrices`):
+- `KroneckerAffine`: learnable P1, P2 (SVD form with Cayley-orthogonal factors, or direct form with a
+  float64 inverse) and an optional learnable channel scale c. This is FlatQuant.
+- `FixedKronecker`: frozen orthogonal factors (randomized Hadamard or random orthogonal). QuaRot.
+- `ChannelScale`: only c (SmoothQuant).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+
+def kron_factors(n: int) -> tuple[int, int]:
+    """(n1, n2) with n1 * n2 = n, n1 <= n2 and n1 + n2 minimal. A prime n gives (1, n)."""
+    if n < 1:
+        raise ValueError(f"cannot factor size {n}")
+    n1 = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    if n1 == 1 and n > 3:
+        warnings.warn(f"size {n} is prime: its transform is one full {n}x{n} matrix", stacklevel=2)
+    return n1, n // n1
+
+
+def kron_apply(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tensor | None) -> torch.Tensor:
+    """x @ (p1 ⊗ p2) on the last dim, computed as p1ᵀ X p2 on the (n1, n2) reshape. None = identity."""
+    if p1 is None and p2 is None:
+        return x
+    n1 = p1.shape[0] if p1 is not None else x.shape[-1] // p2.shape[0]
+    n2 = x.shape[-1] // n1
+    shape = x.shape
+    xr = x.reshape(*shape[:-1], n1, n2)
+    if p2 is not None:
+        xr = torch.matmul(xr, p2.to(xr.dtype))
+    if p1 is not None:
+        xr = torch.matmul(p1.t().to(xr.dtype), xr)
+    return xr.reshape(shape)
+
+
+# ---------------------------------------------------------------- Hadamard / random orthogonal ---
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _sylvester(k: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(k):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _paley(m: int) -> torch.Tensor | None:
+    """Paley construction I (m = q + 1, q ≡ 3 mod 4) or II (m = 2(q + 1), q ≡ 1 mod 4), q prime."""
+    def jacobsthal(q: int) -> torch.Tensor:
+        squares = {(i * i) % q for i in range(1, q)}
+        chi = [0] + [1 if i in squares else -1 for i in range(1, q)]
+        return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+
+    q = m - 1
+    if _is_prime(q) and q % 4 == 3:
+        qm = jacobsthal(q)
+        s = torch.zeros(m, m, dtype=torch.float64)
+        s[0, 1:] = 1
+        s[1:, 0] = -1
+        s[1:, 1:] = qm
+        return s + torch.eye(m, dtype=torch.float64)
+    if m % 2 == 0:
+        q = m // 2 - 1
+        if _is_prime(q) and q % 4 == 1:
+            qm = jacobsthal(q)
+            s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+            s[0, 1:] = 1
+            s[1:, 0] = 1
+            s[1:, 1:] = qm
+            a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+            b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+            out = torch.zeros(m, m, dtype=torch.float64)
+            for i in range(q + 1):
+                for j in range(q + 1):
+                    out[2 * i:2 * i + 2, 2 * j:2 * j + 2] = b if s[i, j] == 0 else a * s[i, j]
+            return out
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """An n x n Hadamard matrix (entries ±1, H Hᵀ = n I) if we can build one: 2^k · m with m = 1 or a
+    Paley order (e.g. 12, 20, 36, 44, ...); otherwise None. 576 = 16·36 and 1536 = 128·12 both work."""
+    k = (n & -n).bit_length() - 1  # largest power of two dividing n
+    for extra in range(0, k + 1):
+        m = n >> (k - extra)  # odd part times 2^extra
+        if m > 4096:  # Paley matrices are built in Python: keep them small (they are Kronecker factors)
+            break
+        base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
+        if base is not None:
+            return torch.kron(_sylvester(k - extra), base)
+    return None
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), float64."""
+    a = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def orthogonal_init(n: int, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """'identity', 'hadamard' (normalised, falls back to random orthogonal) or 'orthogonal' (random)."""
+    if kind == "identity" or n == 1:
+        return torch.eye(n, dtype=torch.float64)
+    if kind == "hadamard":
+        h = hadamard(n)
+        if h is not None:
+            return h / math.sqrt(n)
+    return random_orthogonal(n, generator)
+
+
+# ------------------------------------------------------------------------------ transforms ---
+
+class Transform(nn.Module):
+    """Base: x -> (x / c) @ (P1 ⊗ P2). Subclasses define matrices() and inverse_matrices().
+
+    skip_p2_online: P2 is applied upstream (P_v folded into v_proj rows), so forward() applies only
+    P1 while transform_weight() still inverts the full P1 ⊗ P2.
+    """
+
+    n: int
+    skip_p2_online: bool = False
+
+    def matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
+    def inverse_matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
+    def channel_scale(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.channel_scale()
+        if c is not None:
+            x = x / c.to(x.dtype)
+        p1, p2 = self.matrices()
+        return kron_apply(x, p1, None if self.skip_p2_online else p2)
+
+    def transform_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """(W diag(c)) P⁻ᵀ for a weight (out, n): the input-side inverse that keeps x Wᵀ unchanged."""
+        c = self.channel_scale()
+        if c is not None:
+            w = w * c.to(w.dtype)
+        i1, i2 = self.inverse_matrices()
+        return kron_apply(w, _t(i1), _t(i2))
+
+    def dense(self) -> torch.Tensor:
+        """The materialised n x n matrix diag(1/c) (P1 ⊗ P2) — for tests and small sizes only."""
+        return self.forward(torch.eye(self.n, dtype=torch.float64))
+
+
+def _t(m: torch.Tensor | None) -> torch.Tensor | None:
+    return None if m is None else m.t()
+
+
+class ChannelScale(Transform):
+    """Per-channel scale only (SmoothQuant, or FlatQuant's PS alone): x -> x / c."""
+
+    def __init__(self, scale: torch.Tensor, learnable: bool = False):
+        super().__init__()
+        self.n = scale.numel()
+        self.scale = nn.Parameter(scale.clone().float(), requires_grad=learnable)
+
+    def channel_scale(self) -> torch.Tensor:
+        return self.scale
+
+
+class FixedKronecker(Transform):
+    """Frozen orthogonal Kronecker factors, e.g. a randomized Hadamard (QuaRot). Inverse = transpose.
+
+    Random ±1 signs ride on the channel scale, so x -> (x ⊙ s) (H1 ⊗ H2)."""
+
+    def __init__(self, p1: torch.Tensor | None, p2: torch.Tensor | None, signs: torch.Tensor | None = None,
+                 skip_p2_online: bool = False):
+        super().__init__()
+        self.skip_p2_online = skip_p2_online
+        self.n = (p1.shape[0] if p1 is not None else 1) * (p2.shape[0] if p2 is not None else 1)
+        self.register_buffer("p1", None if p1 is None else p1.float())
+        self.register_buffer("p2", None if p2 is None else p2.float())
+        self.register_buffer("signs", None if signs is None else signs.float())
+
+    @classmethod
+    def random_hadamard(cls, n: int, generator: torch.Generator | None = None,
+                        factors: tuple[int, int] | None = None, signs: bool = True,
+                        skip_p2_online: bool = False) -> "FixedKronecker":
+        """Randomized Hadamard when one of size n can be built, else a random orthogonal matrix;
+        either way stored as two Kronecker factors so large sizes stay cheap."""
+        n1, n2 = factors if factors is not None else kron_factors(n)
+        p1 = orthogonal_init(n1, "hadamard", generator)
+        p2 = orthogonal_init(n2, "hadamard", generator)
+        s = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1 if signs else None
+        return cls(p1 if n1 > 1 else None, p2, s, skip_p2_online)
+
+    def channel_scale(self) -> torch.Tensor | None:
+        return self.signs
+
+    def matrices(self):
+        return self.p1, self.p2
+
+    def inverse_matrices(self):
+        return _t(self.p1), _t(self.p2)
+
+
+class _SVDFactor(nn.Module):
+    """P = U diag(σ) Vᵀ with U, V orthogonal through the Cayley map; P⁻¹ = V diag(1/σ) Uᵀ exactly."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        n = init.shape[0]
+        self.u = parametrizations.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map="cayley")
+        self.v = parametrizations.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map="cayley")
+        with torch.no_grad():
+            self.u.weight = init.float()
+            self.v.weight = torch.eye(n)
+        self.sigma = nn.Parameter(torch.ones(n))
+
+    def matrix(self) -> torch.Tensor:
+        return (self.u.weight * self.sigma) @ self.v.weight.t()
+
+    def inverse(self) -> torch.Tensor:
+        return (self.v.weight / self.sigma) @ self.u.weight.t()
+
+
+class _DirectFactor(nn.Module):
+    """A plain learnable matrix; its inverse is computed in float64 (the paper's FP32 recipe)."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.float().clone())
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def inverse(self) -> torch.Tensor:
+        return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
+
+
+class KroneckerAffine(Transform):
+    """FlatQuant's learnable affine transform P1 ⊗ P2 with an optional learnable channel scale.
+
+    factors: (n1, n2); n1 == 1 means a single full matrix (P1 is the identity and not stored).
+    parameterization: 'svd' (default, stable under mixed precision) or 'direct' (float64 inverse).
+    """
+
+    def __init__(self, n: int, factors: tuple[int, int] | None = None, parameterization: str = "svd",
+                 init: str = "orthogonal", learn_scale: bool = False, skip_p2_online: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        n1, n2 = factors if factors is not None else kron_factors(n)
+        if n1 * n2 != n:
+            raise ValueError(f"factors {n1}x{n2} do not multiply to {n}")
+        if parameterization not in ("svd", "direct"):
+            raise ValueError(f"parameterization must be 'svd' or 'direct', got {parameterization!r}")
+        self.n, self.n1, self.n2 = n, n1, n2
+        self.parameterization = parameterization
+        self.skip_p2_online = skip_p2_online
+        factor = _SVDFactor if parameterization == "svd" else _DirectFactor
+        self.f1 = factor(orthogonal_init(n1, init, generator)) if n1 > 1 else None
+        self.f2 = factor(orthogonal_init(n2, init, generator))
+        self.scale = nn.Parameter(torch.ones(n)) if learn_scale else None
+
+    def channel_scale(self):
+        return self.scale
+
+    def matrices(self):
+        p1 = self.f1.matrix() if self.f1 is not None else None
+        return p1, self.f2.matrix()
+
+    def inverse_matrices(self):
+        i1 = self.f1.inverse() if self.f1 is not None else None
+        return i1, self.f2.inverse()
+
+
+class FactorView(Transform):
+    """The P2 factor of another Kronecker transform as a transform of its own: P_v inside P_o ⊗ P_v."""
+
+    def __init__(self, parent: Transform):
+        super().__init__()
+        self.__dict__["parent"] = parent  # owned elsewhere; registering it twice would duplicate params
+        self.n = parent.matrices()[1].shape[0]
+
+    def matrices(self):
+        return None, self.parent.matrices()[1]
+
+    def inverse_matrices(self):
+        return None, self.parent.inverse_matrices()[1]
