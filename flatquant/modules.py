@@ -86,10 +86,12 @@ class QuantLinear(nn.Module):
         return (self.w_quantizer(w) if quantize else w), b
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Cache the quantized weight (evaluation): transforms stop being recomputed per call."""
+    def freeze(self, dtype: torch.dtype | None = None) -> None:
+        """Cache the quantized weight (evaluation): transforms stop being recomputed per call.
+        Computed in float32, stored in `dtype` (default: the weight's dtype)."""
+        dtype = dtype or self.weight.dtype
         w, b = self.effective_weight_and_bias()
-        self._cached = (w.to(self.weight.dtype), None if b is None else b.to(self.weight.dtype))
+        self._cached = (w.to(dtype), None if b is None else b.to(dtype))
 
     def unfreeze(self) -> None:
         self._cached = None
@@ -218,14 +220,20 @@ def quant_linears(module: nn.Module) -> list[QuantLinear]:
     return [m for m in module.modules() if isinstance(m, QuantLinear)]
 
 
-def freeze(module: nn.Module) -> None:
-    for m in quant_linears(module):
-        m.freeze()
+def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Evaluation mode for quantized modules: transforms and quantized weights computed once
+    (at the parameters' precision) and stored in `dtype`."""
+    for m in quant_linears(module):  # weights first: they read the transforms unfrozen, at full precision
+        m.freeze(dtype)
+    for m in module.modules():
+        if isinstance(m, Transform):
+            m.freeze(dtype)
 
 
 def unfreeze(module: nn.Module) -> None:
-    for m in quant_linears(module):
-        m.unfreeze()
+    for m in module.modules():
+        if isinstance(m, (Transform, QuantLinear)):
+            m.unfreeze()
 
 
 __all__ = ["ActSite", "NormWithSite", "QuantLinear", "KVQuant", "LayerTransforms", "quantize_layer",

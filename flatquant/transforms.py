@@ -134,15 +134,46 @@ class Transform(nn.Module):
 
     n: int
     skip_p2_online: bool = False
+    _frozen: dict | None = None  # cached matrices for evaluation (see freeze())
+    _scale_folded: bool = False  # the channel scale now lives in the preceding norm / linear
 
-    def matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    # Subclasses implement the _compute_* methods; callers use the public ones (cached when frozen).
+    def _compute_matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None
 
-    def inverse_matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _compute_inverse(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None
 
-    def channel_scale(self) -> torch.Tensor | None:
+    def _compute_scale(self) -> torch.Tensor | None:
         return None
+
+    def matrices(self):
+        return self._frozen["m"] if self._frozen else self._compute_matrices()
+
+    def inverse_matrices(self):
+        return self._frozen["i"] if self._frozen else self._compute_inverse()
+
+    def channel_scale(self):
+        if self._scale_folded:
+            return None
+        return self._frozen["c"] if self._frozen else self._compute_scale()
+
+    @torch.no_grad()
+    def freeze(self, dtype: torch.dtype | None = None) -> None:
+        """Evaluate the parameterisation once (Cayley maps, inverses) and reuse the result,
+        stored in `dtype` (computed at the parameters' own precision first)."""
+        self._frozen = None
+        self._frozen = {"m": _detach(self._compute_matrices(), dtype), "i": _detach(self._compute_inverse(), dtype),
+                        "c": _detach(self._compute_scale(), dtype)}
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+
+    def fold_scale(self) -> torch.Tensor | None:
+        """Hand the channel scale to the caller (to merge into a norm or linear) and stop applying it."""
+        c = self.channel_scale()
+        self._scale_folded = True
+        return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel_scale()
@@ -168,6 +199,12 @@ def _t(m: torch.Tensor | None) -> torch.Tensor | None:
     return None if m is None else m.t()
 
 
+def _detach(x, dtype=None):
+    if isinstance(x, tuple):
+        return tuple(_detach(v, dtype) for v in x)
+    return None if x is None else x.detach().to(dtype or x.dtype, copy=True)
+
+
 class ChannelScale(Transform):
     """Per-channel scale only (SmoothQuant, or FlatQuant's PS alone): x -> x / c."""
 
@@ -176,7 +213,7 @@ class ChannelScale(Transform):
         self.n = scale.numel()
         self.scale = nn.Parameter(scale.clone().float(), requires_grad=learnable)
 
-    def channel_scale(self) -> torch.Tensor:
+    def _compute_scale(self) -> torch.Tensor:
         return self.scale
 
 
@@ -206,13 +243,13 @@ class FixedKronecker(Transform):
         s = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1 if signs else None
         return cls(p1 if n1 > 1 else None, p2, s, skip_p2_online)
 
-    def channel_scale(self) -> torch.Tensor | None:
+    def _compute_scale(self) -> torch.Tensor | None:
         return self.signs
 
-    def matrices(self):
+    def _compute_matrices(self):
         return self.p1, self.p2
 
-    def inverse_matrices(self):
+    def _compute_inverse(self):
         return _t(self.p1), _t(self.p2)
 
 
@@ -274,14 +311,14 @@ class KroneckerAffine(Transform):
         self.f2 = factor(orthogonal_init(n2, init, generator))
         self.scale = nn.Parameter(torch.ones(n)) if learn_scale else None
 
-    def channel_scale(self):
+    def _compute_scale(self):
         return self.scale
 
-    def matrices(self):
+    def _compute_matrices(self):
         p1 = self.f1.matrix() if self.f1 is not None else None
         return p1, self.f2.matrix()
 
-    def inverse_matrices(self):
+    def _compute_inverse(self):
         i1 = self.f1.inverse() if self.f1 is not None else None
         return i1, self.f2.inverse()
 
@@ -294,8 +331,8 @@ class FactorView(Transform):
         self.__dict__["parent"] = parent  # owned elsewhere; registering it twice would duplicate params
         self.n = parent.matrices()[1].shape[0]
 
-    def matrices(self):
+    def _compute_matrices(self):
         return None, self.parent.matrices()[1]
 
-    def inverse_matrices(self):
+    def _compute_inverse(self):
         return None, self.parent.inverse_matrices()[1]

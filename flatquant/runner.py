@@ -1,0 +1,105 @@
+"""End-to-end jobs behind the CLI: quantize a model with a method, evaluate it, write result records.
+
+`run_config` is the Python entry point for "one row of a results table"; the CLI and the benchmark
+scripts call it, so every record is produced the same way.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .api import quantize
+from .calibrate import load_calibrated
+from .config import CalibConfig, QuantConfig
+from .results import write_record
+
+
+@dataclass
+class EvalSpec:
+    """What to measure on each quantized model."""
+
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 8
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    data_dir: str | None = None
+
+
+def calibration_data(tokenizer, ccfg: CalibConfig, data_dir=None) -> torch.Tensor:
+    return data_mod.calibration_windows(tokenizer, ccfg.dataset, nsamples=ccfg.nsamples, seqlen=ccfg.seqlen,
+                                        seed=ccfg.seed, data_dir=data_dir)
+
+
+def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: str | Path | None,
+             progress: bool = True) -> list[dict]:
+    """Perplexity on each dataset and zero-shot tasks; one record each (written if results_dir)."""
+    from .eval.perplexity import perplexity
+
+    records = []
+    device = next(model.parameters()).device
+    for ds in spec.datasets:
+        ids = data_mod.eval_tokens(tokenizer, ds, data_dir=spec.data_dir, seqlen=spec.seqlen)
+        t = time.time()
+        res = perplexity(model, ids, seqlen=spec.seqlen, max_windows=spec.max_windows,
+                         batch_size=spec.batch_size, device=device, progress=progress)
+        rec = {**base_record, "kind": "ppl", "dataset": ds, "seqlen": spec.seqlen, "windows": res["windows"],
+               "max_windows": spec.max_windows, "ppl": res["ppl"], "eval_seconds": round(time.time() - t, 2)}
+        records.append(rec)
+    if spec.tasks:
+        from .eval.zeroshot import evaluate_zeroshot
+
+        t = time.time()
+        zs = evaluate_zeroshot(model, tokenizer, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
+                               device=device)
+        average = zs.pop("average", None)
+        records.append({**base_record, "kind": "zeroshot", "tasks": zs, "average": average, "limit": spec.limit,
+                        "eval_seconds": round(time.time() - t, 2)})
+    if results_dir is not None:
+        for rec in records:
+            write_record(rec, results_dir)
+    return records
+
+
+def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantConfig, spec: EvalSpec,
+               ccfg: CalibConfig | None = None, calib: torch.Tensor | None = None, params_dir: str | None = None,
+               results_dir: str | Path | None = "results", variant: str | None = None, seed: int = 0,
+               progress: bool = True, extra: dict | None = None) -> list[dict]:
+    """Quantize a copy of `base_model` with `method` and evaluate it. For flatquant, `params_dir` holding
+    a finished calibration is reused; otherwise it is calibrated (and saved there when given)."""
+    model = copy.deepcopy(base_model)
+    t = time.time()
+    if method == "flatquant" and params_dir and (Path(params_dir) / "flatquant.json").is_file() \
+            and _complete(params_dir):
+        load_calibrated(model, params_dir, qcfg)
+    else:
+        quantize(model, qcfg, method=method, calib=calib, calib_config=ccfg, seed=seed, progress=progress,
+                 artifacts=params_dir)
+    quant_seconds = time.time() - t
+    base = {"model": model_name, "method": method, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
+            "kv_bits": qcfg.kv_bits, "weight_quantizer": qcfg.weight_quantizer if method != "fp16" else "-",
+            "w_clip_search": qcfg.w_clip_search, "quantize_seconds": round(quant_seconds, 2), "seed": seed}
+    if variant:
+        base["variant"] = variant
+    if method in ("flatquant", "smoothquant") and ccfg is not None:
+        base["calib"] = {"nsamples": ccfg.nsamples, "seqlen": ccfg.seqlen, "dataset": ccfg.dataset,
+                         **({"epochs": ccfg.epochs, "recipe": ccfg.recipe, "lt": ccfg.learn_transform,
+                             "ps": ccfg.learn_scale, "lct": ccfg.learn_clip} if method == "flatquant" else {})}
+    if hasattr(model, "flatquant_report"):
+        base["calib_layers"] = model.flatquant_report["layers"]
+    base.update(extra or {})
+    records = evaluate(model, tokenizer, spec, base, results_dir, progress)
+    del model
+    return records
+
+
+def _complete(params_dir) -> bool:
+    from .artifacts import read_meta
+
+    return bool(read_meta(params_dir).get("complete"))
