@@ -195,6 +195,39 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     return loss_before, loss_after, math.isfinite(loss_after)
 
 
+def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantConfig, cfg: CalibConfig,
+                    inps: torch.Tensor, kwargs: dict, seed: int, amp: bool, saved: dict | None = None,
+                    log=print, index: int = 0):
+    """Quantize one decoder layer and train (or load) its FlatQuant parameters.
+
+    Returns (quantized layer, full-precision outputs, report row). The layer comes back in float32 and
+    unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start."""
+    device = inps.device
+    layer = layer.float()
+    targets, stats = _input_absmax(layer, family, inps, kwargs, cfg.batch_size)
+    original = copy.deepcopy(layer) if saved is None else None
+    use_amp = amp
+    while True:
+        gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
+        transforms = layer_transforms(model_config, cfg, gen, _init_scales(layer, family, stats))
+        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
+        layer.to(device)
+        if saved is not None:
+            artifacts.load_layer_state(layer, saved, index)
+            before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
+            break
+        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen)
+        if finite or not use_amp:
+            break
+        log(f"layer {index}: loss became NaN/inf under mixed precision; retrying in float32")
+        use_amp = False
+        layer = copy.deepcopy(original)
+    if not math.isfinite(after):
+        raise FloatingPointError(f"layer {index}: calibration diverged even in float32")
+    row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}
+    return layer, targets, row
+
+
 def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: CalibConfig, seed: int = 0,
               progress: bool = True, out_dir: str | Path | None = None, resume: bool = True,
               log=None) -> nn.Module:
@@ -221,38 +254,18 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
     report = []
     bar = tqdm(range(len(layers)), desc="flatquant layers", disable=not progress)
     for i in bar:
-        layer = layers[i].float()
-        targets, stats = _input_absmax(layer, family, inps, kwargs, cfg.batch_size)
-        gen = torch.Generator().manual_seed(seed * 100003 + i)  # per layer: resume == uninterrupted
         saved = store.load_layer(i) if store is not None and resume else None
-        original = copy.deepcopy(layer) if saved is None else None
-        use_amp = amp
-        while True:
-            transforms = layer_transforms(model.config, cfg, gen, _init_scales(layer, family, stats))
-            quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
-            layer.to(device)
-            if saved is not None:
-                artifacts.load_layer_state(layer, saved, i)
-                before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
-                break
-            before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen)
-            if finite or not use_amp:
-                break
-            log(f"layer {i}: loss became NaN/inf under mixed precision; retrying in float32")
-            use_amp = False
-            layer = copy.deepcopy(original)
-            layers[i] = layer
-            gen = torch.Generator().manual_seed(seed * 100003 + i)
-        if not math.isfinite(after):
-            raise FloatingPointError(f"layer {i}: calibration diverged even in float32")
+        layer, targets, row = calibrate_layer(layers[i], family, model.config, qcfg, cfg, inps, kwargs,
+                                              seed * 100003 + i, amp, saved=saved, log=log, index=i)
+        layers[i] = layer
         if store is not None and saved is None:
             store.save_layer(i, layer)
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
-        report.append({"layer": i, "loss_before": before, "loss_after": after, "resumed": saved is not None,
-                       "amp": use_amp})
-        bar.set_postfix(loss=f"{before:.3g}->{after:.3g}")
-        log(f"layer {i:3d}: mse {before:.4g} -> {after:.4g}" + (" (resumed)" if saved is not None else ""))
+        report.append(row)
+        bar.set_postfix(loss=f"{row['loss_before']:.3g}->{row['loss_after']:.3g}")
+        log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
+            + (" (resumed)" if saved is not None else ""))
         inps = targets  # full-precision outputs feed the next layer
     model.flatquant_report = {"layers": report, "seconds": time.time() - t0}
     if store is not None:

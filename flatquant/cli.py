@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .config import METHODS, PRESETS, ConfigError, QuantConfig, calib_preset

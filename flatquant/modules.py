@@ -139,8 +139,8 @@ def _flatquant_attention(module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-def install_attention_hook(model: nn.Module) -> None:
-    """Route attention through `_flatquant_attention` (sdpa underneath) via the public registries."""
+def register_attention() -> None:
+    """Make `flatquant` a known attention implementation (and mask builder) in transformers."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPL, _flatquant_attention)
@@ -150,6 +150,11 @@ def install_attention_hook(model: nn.Module) -> None:
         AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
     except ImportError:  # older transformers build masks without the registry
         pass
+
+
+def install_attention_hook(model: nn.Module) -> None:
+    """Route attention through `_flatquant_attention` (sdpa underneath) via the public registries."""
+    register_attention()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPL)
     else:

@@ -18,7 +18,10 @@ import torch
 
 
 def git_commit() -> str:
-    """The checkout's commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    """The checkout's commit (with '+dirty' when the tree has changes), or 'unknown' outside git.
+    FLATQUANT_GIT_COMMIT overrides it (a copy of the tree without .git, e.g. on a GPU machine)."""
+    if os.environ.get("FLATQUANT_GIT_COMMIT"):
+        return os.environ["FLATQUANT_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -41,7 +44,14 @@ def device_name(device: str | torch.device | None = None) -> str:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    prog = sys.argv[0]
+    if prog.endswith(".py"):
+        prog = "python " + os.path.relpath(prog)
+    elif prog.endswith("__main__.py") or prog == "-m":
+        prog = "python -m flatquant"
+    else:
+        prog = Path(prog).name
+    return " ".join([prog, *sys.argv[1:]])
 
 
 def provenance(device: str | torch.device | None = None) -> dict:

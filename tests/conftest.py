@@ -40,6 +40,12 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture
+def make_tokenizer():
+    """Builds a fresh tokenizer (for tests that need one no other test has used)."""
+    return build_tokenizer
+
+
 def build_model(family: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides):
     """A tiny random causal LM of the given family, in float32, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

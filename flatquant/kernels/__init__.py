@@ -1,0 +1,58 @@
+"""W4A4 kernels: fused Kronecker transform + quantize, int4 GEMM on INT8/FP8 tensor cores, W4A4Linear.
+
+Pure-PyTorch reference (always available, any device): `flatquant.kernels.reference`.
+Triton kernels (need `triton`; CUDA, or the CPU interpreter with TRITON_INTERPRET=1):
+`fused_transform_quantize`, `w4a4_gemm`. Design notes: docs/KERNELS.md.
+"""
+from __future__ import annotations
+
+from flatquant.kernels.linear import BACKENDS, W4A4Linear, set_backend
+from flatquant.kernels.reference import (
+    kron_transform_reference,
+    pack_codes,
+    pack_int4,
+    quantize_weight_reference,
+    transform_quantize_reference,
+    unpack_codes,
+    unpack_int4,
+    w4a4_gemm_reference,
+    w4a4_linear_reference,
+)
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from flatquant.kernels.fused_transform_quant import (
+        fused_transform_quantize,
+        unfused_transform_quantize_torch,
+    )
+    from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "W4A4Linear",
+    "kron_transform_reference",
+    "pack_codes",
+    "pack_int4",
+    "quantize_weight_reference",
+    "set_backend",
+    "transform_quantize_reference",
+    "unpack_codes",
+    "unpack_int4",
+    "w4a4_gemm_reference",
+    "w4a4_linear_reference",
+]
+if HAS_TRITON:
+    __all__ += [
+        "DEFAULT_GEMM_ROUTE",
+        "ROUTES",
+        "fused_transform_quantize",
+        "unfused_transform_quantize_torch",
+        "w4a4_gemm",
+    ]

@@ -1,0 +1,93 @@
+"""Shared Triton helpers: interpreter detection, exact division/rounding, the dot wrappers."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU the kernels can only run through Triton's CPU interpreter; it must be chosen before
+# the kernels are decorated (i.e. before the kernel modules are imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.math import libdevice  # type: ignore
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_dtype(dt: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dt]
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def _mm(a, b, IS_F32: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b with a float32 accumulator. float32 operands use exact IEEE products (no tf32)."""
+    if INTERP:
+        # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast, the values are the same.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        if IS_F32:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+
+@triton.jit
+def _mm_f32rhs(p, t, DT: tl.constexpr, IS_F32: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """p (in DT) @ t (float32). Half precision: t = hi + lo (both DT), two dots, ~float32 accuracy
+    (SPLIT), or one dot on t rounded to DT (not SPLIT)."""
+    if IS_F32:
+        return _mm(p, t, IS_F32, INTERP)
+    else:
+        hi = t.to(DT)
+        if SPLIT:
+            lo = (t - hi.to(tl.float32)).to(DT)
+            return _mm(p, hi, IS_F32, INTERP) + _mm(p, lo, IS_F32, INTERP)
+        else:
+            return _mm(p, hi, IS_F32, INTERP)
+
+
+@triton.jit
+def _rint(v, INTERP: tl.constexpr):
+    """Round half to even (torch.round). |v| must be < 2**22 (callers clamp first)."""
+    if INTERP:
+        # libdevice is unavailable in the interpreter; the 1.5 * 2**23 trick rounds ties to even.
+        return (v + 12582912.0) - 12582912.0
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
+    """clamp(round_half_even(y / s), -MAXQ - 1, MAXQ) as int32 (IEEE division, like torch)."""
+    v = tl.math.div_rn(y, s)
+    v = tl.minimum(tl.maximum(v, -MAXQ - 2.0), MAXQ + 1.0)
+    q = _rint(v, INTERP)
+    q = tl.minimum(tl.maximum(q, -MAXQ - 1.0), MAXQ * 1.0)
+    return q.to(tl.int32)
+
+
+@triton.jit
+def _scale(amax, alpha, MAXQ: tl.constexpr):
+    """max(alpha * amax / MAXQ, 1e-8) in the order of flatquant.quantizer.quantize_symmetric."""
+    s = tl.math.div_rn(amax * alpha, MAXQ * 1.0)
+    return tl.maximum(s, 1e-8)

@@ -1,0 +1,312 @@
+"""Fused Kronecker transform + per-token symmetric quantization (Triton), one pass over activations.
+
+For each token x (n = n1 * n2): X = x.reshape(n1, n2), Y = P1ᵀ X P2 on chip, scale =
+max(alpha * max|Y| / maxq, 1e-8), codes = clamp(round_half_even(Y / scale)), written as packed int4
+(layout in `flatquant.kernels.reference`: byte j = element j | element j + n/2 << 4) or int8, plus the
+float32 scale. Semantics: `reference.transform_quantize_reference`.
+
+Output-tile trick (so that packing needs no shuffles): the packed byte b holds y[b] and y[b + n/2].
+With H = (n/2) // n2 and S = (n/2) % n2 (S is 0 when n1 is even, n2/2 when n1 is odd):
+- low nibbles  = rows [0, H (+1 if S)) of Y: Y_lo = P1ᵀ[rows 0..] · T,            T = X P2
+- high nibbles = byte (r, c) -> y[(H + r) n2 + S + c]: with T_roll = X P2[:, (c + S) % n2],
+  Y_hi[r, c] = P1ᵀ[H + r] · T_roll[:, c] if c < n2 - S else P1ᵀ[H + r + 1] · T_roll[:, c].
+So both nibble tiles come out of dots with row slices of P1ᵀ and (rolled) column slices of P2, in the
+same (r, c) positions, and byte (r, c) = lo | hi << 4 is stored at r * n2 + c (masked b < n/2).
+
+Two kernels:
+- `_fused_onchip_kernel` (default design, paper Fig. 8a): P1, P2 loaded once per program and kept on
+  chip; a persistent grid walks the tokens; one pass (load, 2-3 dots, amax, quantize, store).
+- `_fused_tiled_kernel` (corner cases, Fig. 8b/c): when the factors are too large to sit on chip, the
+  n2 reduction and the output columns / rows are tiled (BK, BN, BR) and P1/P2 tiles stream from L2.
+  The per-token max needs the whole row, so the kernel runs two passes over the tiles (amax, then
+  quantize + store), recomputing the tiles instead of writing the intermediate to global memory;
+  the token (n * 2 bytes) stays in L2 between the two passes, so HBM still sees one read.
+P2 = None (single-sided, e.g. o_proj head mixing: P1 = heads x heads, n2 = head_dim) skips the first
+product; P1 = None uses an identity P1.
+
+Precision: the dots multiply in the activation dtype (fp16/bf16 on tensor cores; float32 inputs use
+exact IEEE float32 dots). The intermediate T is float32; for the second product it is split into
+hi + lo half-precision parts (two dots: ~float32 accuracy, `split_intermediate=True`, default) or
+rounded once to the half dtype (`split_intermediate=False`: faster, matches the reference with
+`round_intermediate=True` except where T's rounding flips).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flatquant.kernels._triton_utils import (  # noqa: F401
+    _mm,
+    _mm_f32rhs,
+    _quantize,
+    _rint,
+    _scale,
+    interpreting,
+    next_pow2,
+    num_sms,
+    triton_dtype,
+)
+from flatquant.kernels.reference import dot_dtype_for, kron_factors
+
+# Factors whose padded tiles exceed this many elements (X / T: N1P x N2P, P2: N2P x N2P) take the
+# tiled corner-case kernel. 128 x 128 holds every Llama/Qwen size (n2 <= 128 up to n = 16384).
+ONCHIP_MAX_ELEMENTS = 128 * 128
+# Tile sizes of the corner-case kernel.
+TILED_BLOCK_N = 64
+TILED_BLOCK_K = 64
+TILED_BLOCK_R = 64
+# Persistent grid: programs per SM.
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
+                         NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
+                         N2P: tl.constexpr, RP: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr,
+                         S: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    NH: tl.constexpr = (N1 * N2) // 2
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    i = tl.arange(0, N1P)
+    j = tl.arange(0, N2P)
+    r = tl.arange(0, RP)
+    xmask = (i[:, None] < N1) & (j[None, :] < N2)
+    # ---- factors, loaded once per program
+    if HAS_P2:
+        pm = (j[:, None] < N2) & (j[None, :] < N2)
+        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
+        if S != 0:
+            P2r = tl.load(p2_ptr + j[:, None] * N2 + (j[None, :] + S) % N2, mask=pm, other=0.0).to(DT)
+    a = i[None, :]
+    rows = r[:, None]
+    # P1ᵀ row slices: P1t[r, a] = P1[a, row0 + r]
+    P1lo = tl.load(p1_ptr + a * N1 + rows, mask=(rows < RLO) & (a < N1), other=0.0).to(DT)
+    if PACK:
+        P1A = tl.load(p1_ptr + a * N1 + (H + rows), mask=(rows < RLO) & (H + rows < N1) & (a < N1),
+                      other=0.0).to(DT)
+        if S != 0:
+            P1B = tl.load(p1_ptr + a * N1 + (H + 1 + rows), mask=(rows < RLO) & (H + 1 + rows < N1) & (a < N1),
+                          other=0.0).to(DT)
+    c = j[None, :]
+    if PACK:
+        valid = (rows * N2 + c < NH) & (c < N2) & (rows < RLO)
+    else:
+        valid = (rows < N1) & (c < N2)
+    for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
+        t = (pid + it * nprog).to(tl.int64)
+        tok_ok = t < M
+        xb = x_ptr + t * stride_x
+        X = tl.load(xb + i[:, None] * N2 + j[None, :], mask=xmask & tok_ok, other=0.0).to(DT)
+        if HAS_P2:
+            T = _mm(X, P2, IS_F32, INTERP)
+        else:
+            T = X.to(tl.float32)
+        Ylo = _mm_f32rhs(P1lo, T, DT, IS_F32, SPLIT, INTERP)
+        amax = tl.max(tl.max(tl.where(valid, tl.abs(Ylo), 0.0), axis=1), axis=0)
+        if PACK:
+            if S == 0:
+                Yhi = _mm_f32rhs(P1A, T, DT, IS_F32, SPLIT, INTERP)
+            else:
+                if HAS_P2:
+                    Tr = _mm(X, P2r, IS_F32, INTERP)
+                else:
+                    Tr = tl.load(xb + i[:, None] * N2 + (j[None, :] + S) % N2, mask=xmask & tok_ok,
+                                 other=0.0).to(tl.float32)
+                YA = _mm_f32rhs(P1A, Tr, DT, IS_F32, SPLIT, INTERP)
+                YB = _mm_f32rhs(P1B, Tr, DT, IS_F32, SPLIT, INTERP)
+                Yhi = tl.where(c < N2 - S, YA, YB)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(Yhi), 0.0), axis=1), axis=0))
+        s = _scale(amax, alpha, MAXQ)
+        tl.store(scale_ptr + t, s, mask=tok_ok)
+        qlo = _quantize(Ylo, s, MAXQ, INTERP)
+        ob = out_ptr + t * stride_o
+        if PACK:
+            qhi = _quantize(Yhi, s, MAXQ, INTERP)
+            byte = (qlo & 15) | ((qhi & 15) << 4)
+            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
+        else:
+            tl.store(ob + rows * N2 + c, qlo.to(tl.int8), mask=valid & tok_ok)
+
+
+@triton.jit
+def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
+                        NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
+                        RTOT: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr, S: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                        HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+                        IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    NH: tl.constexpr = (N1 * N2) // 2
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    i = tl.arange(0, N1P)
+    cn = tl.arange(0, BN)
+    kb = tl.arange(0, BK)
+    rb = tl.arange(0, BR)
+    a = i[None, :]
+    for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
+        t = (pid + it * nprog).to(tl.int64)
+        tok_ok = t < M
+        xb = x_ptr + t * stride_x
+        ob = out_ptr + t * stride_o
+        amax = tl.full((), 0.0, tl.float32)
+        s = tl.full((), 1.0, tl.float32)
+        for ps in tl.static_range(2):  # pass 0: amax; pass 1: quantize + store
+            for c0 in range(0, N2, BN):
+                cols = c0 + cn
+                colsr = (cols + S) % N2
+                cm = cols < N2
+                if HAS_P2:
+                    T = tl.zeros((N1P, BN), dtype=tl.float32)
+                    Tr = tl.zeros((N1P, BN), dtype=tl.float32)
+                    for k0 in range(0, N2, BK):
+                        kk = k0 + kb
+                        X = tl.load(xb + i[:, None] * N2 + kk[None, :],
+                                    mask=(i[:, None] < N1) & (kk[None, :] < N2) & tok_ok, other=0.0).to(DT)
+                        pmask = (kk[:, None] < N2) & cm[None, :]
+                        P2 = tl.load(p2_ptr + kk[:, None] * N2 + cols[None, :], mask=pmask, other=0.0).to(DT)
+                        T += _mm(X, P2, IS_F32, INTERP)
+                        if PACK and S != 0:
+                            P2r = tl.load(p2_ptr + kk[:, None] * N2 + colsr[None, :], mask=pmask,
+                                          other=0.0).to(DT)
+                            Tr += _mm(X, P2r, IS_F32, INTERP)
+                else:
+                    xm = (i[:, None] < N1) & cm[None, :] & tok_ok
+                    T = tl.load(xb + i[:, None] * N2 + cols[None, :], mask=xm, other=0.0).to(DT).to(tl.float32)
+                    Tr = tl.load(xb + i[:, None] * N2 + colsr[None, :], mask=xm, other=0.0).to(DT).to(tl.float32)
+                for r0 in range(0, RTOT, BR):
+                    rows = (r0 + rb)[:, None]
+                    c = cols[None, :]
+                    P1lo = tl.load(p1_ptr + a * N1 + rows, mask=(rows < RTOT) & (a < N1), other=0.0).to(DT)
+                    Ylo = _mm_f32rhs(P1lo, T, DT, IS_F32, SPLIT, INTERP)
+                    if PACK:
+                        valid = (rows * N2 + c < NH) & (c < N2) & (rows < RLO)
+                        P1A = tl.load(p1_ptr + a * N1 + (H + rows), mask=(rows < RLO) & (H + rows < N1) & (a < N1),
+                                      other=0.0).to(DT)
+                        if S == 0:
+                            Yhi = _mm_f32rhs(P1A, T, DT, IS_F32, SPLIT, INTERP)
+                        else:
+                            P1B = tl.load(p1_ptr + a * N1 + (H + 1 + rows),
+                                          mask=(rows < RLO) & (H + 1 + rows < N1) & (a < N1), other=0.0).to(DT)
+                            YA = _mm_f32rhs(P1A, Tr, DT, IS_F32, SPLIT, INTERP)
+                            YB = _mm_f32rhs(P1B, Tr, DT, IS_F32, SPLIT, INTERP)
+                            Yhi = tl.where(c < N2 - S, YA, YB)
+                    else:
+                        valid = (rows < N1) & (c < N2)
+                    if ps == 0:
+                        amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(Ylo), 0.0), axis=1), axis=0))
+                        if PACK:
+                            amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(Yhi), 0.0), axis=1),
+                                                           axis=0))
+                    else:
+                        qlo = _quantize(Ylo, s, MAXQ, INTERP)
+                        if PACK:
+                            qhi = _quantize(Yhi, s, MAXQ, INTERP)
+                            byte = (qlo & 15) | ((qhi & 15) << 4)
+                            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
+                        else:
+                            tl.store(ob + rows * N2 + c, qlo.to(tl.int8), mask=valid & tok_ok)
+            if ps == 0:
+                s = _scale(amax, alpha, MAXQ)
+                tl.store(scale_ptr + t, s, mask=tok_ok)
+
+
+def _plan(n: int, p1, p2, bits: int):
+    if p1 is not None:
+        n1 = p1.shape[0]
+    elif p2 is not None:
+        n1 = n // p2.shape[0]
+    else:
+        n1 = kron_factors(n)[0]
+    n2 = n // n1
+    if n1 * n2 != n:
+        raise ValueError(f"factor sizes do not divide the hidden size {n}")
+    if p1 is not None and tuple(p1.shape) != (n1, n1):
+        raise ValueError(f"P1 must be ({n1}, {n1}), got {tuple(p1.shape)}")
+    if p2 is not None and tuple(p2.shape) != (n2, n2):
+        raise ValueError(f"P2 must be ({n2}, {n2}), got {tuple(p2.shape)}")
+    pack = bits == 4
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if pack and n % 2:
+        raise ValueError(f"int4 packing needs an even hidden size, got {n}")
+    nh = n // 2
+    h, s = (nh // n2, nh % n2) if pack else (0, 0)
+    rlo = (h + (1 if s else 0)) if pack else n1
+    return n1, n2, pack, h, s, rlo
+
+
+def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
+                             alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = True,
+                             onchip_max_elements: int | None = None, tiles: tuple[int, int, int] | None = None,
+                             num_programs: int | None = None):
+    """Triton fused transform + quantize. x (..., n) contiguous-able, fp16/bf16/fp32, on CUDA (or any
+    device under TRITON_INTERPRET=1). Returns (stored codes, scale) like the reference:
+    (..., n/2) uint8 packed int4 (or (..., n) int8 for bits=8) and float32 scale of shape x.shape[:-1].
+
+    onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
+    corner-case path with small values).
+    """
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    n1, n2, pack, h, s, rlo = _plan(n, p1, p2, bits)
+    dd = dot_dtype_for(x.dtype)
+    if p1 is None:
+        p1 = torch.eye(n1, device=x.device, dtype=dd)
+    p1c = p1.to(device=x.device, dtype=dd).contiguous()
+    p2c = p2.to(device=x.device, dtype=dd).contiguous() if p2 is not None else p1c  # dummy when absent
+    out = torch.empty((m, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else torch.int8)
+    scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
+    interp = interpreting()
+    n1p, n2p = next_pow2(n1), next_pow2(n2)
+    limit = ONCHIP_MAX_ELEMENTS if onchip_max_elements is None else onchip_max_elements
+    onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
+    grid0 = num_programs or min(m, num_sms(x.device) * PROGRAMS_PER_SM)
+    niter = triton.cdiv(m, grid0)
+    alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
+    common = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, RLO=rlo, H=h, S=s,
+                  HAS_P2=p2 is not None, PACK=pack, SPLIT=bool(split_intermediate), IS_F32=dd == torch.float32,
+                  MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp)
+    args = (x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0), alpha32, niter)
+    if onchip:
+        rp = next_pow2(rlo)
+        warps = 4 if n1p * n2p <= 64 * 64 else 8
+        # Software-pipelining the token loop's X loads costs shared memory: at 128 x 128 tiles two
+        # stages already need ~200 KB (ptxas/Triton, sm_90), so large tiles use one.
+        stages = 2 if n1p * n2p <= 64 * 128 else 1
+        _fused_onchip_kernel[(grid0,)](*args, N2P=n2p, RP=rp, num_warps=warps, num_stages=stages, **common)
+    else:
+        bn, bk, br = tiles or (TILED_BLOCK_N, TILED_BLOCK_K, TILED_BLOCK_R)
+        bn, bk, br = min(next_pow2(bn), n2p), min(next_pow2(bk), n2p), min(next_pow2(br), next_pow2(rlo))
+        # 8 warps: with 4, the 64-wide tiles spill (ptxas, sm_90).
+        _fused_tiled_kernel[(grid0,)](*args, RTOT=rlo, BN=bn, BK=bk, BR=br, num_warps=8, num_stages=2, **common)
+    return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
+
+
+def unfused_transform_quantize_torch(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tensor | None,
+                                     alpha: float = 1.0, bits: int = 4):
+    """The unfused PyTorch sequence (the paper's Table 6 baseline): matmul, matmul, quantize, pack.
+
+    Intermediates are in x's dtype (as a model would run it). Used only as a benchmark baseline.
+    """
+    n = x.shape[-1]
+    n1 = p1.shape[0] if p1 is not None else n // p2.shape[0]
+    xr = x.reshape(-1, n1, n // n1)
+    if p2 is not None:
+        xr = torch.matmul(xr, p2)
+    if p1 is not None:
+        xr = torch.matmul(p1.t(), xr)
+    y = xr.reshape(-1, n).float()
+    maxq = 2 ** (bits - 1) - 1
+    scale = (y.abs().amax(dim=-1, keepdim=True) * alpha / maxq).clamp(min=1e-8)
+    q = torch.clamp(torch.round(y / scale), -maxq - 1, maxq).to(torch.int8)
+    if bits == 4:
+        q = ((q[:, : n // 2] & 0xF) | (q[:, n // 2:] << 4)).to(torch.uint8)
+    return q, scale.squeeze(-1)

@@ -1,0 +1,156 @@
+"""W4A4Linear: fused transform + quantize of the input, then the integer GEMM with scale epilogue.
+
+    y = Q_a(x @ kron(P1, P2)) · Q_w(W)ᵀ (+ bias)
+
+The weight given here must ALREADY be transformed by the caller (W' = W P⁻ᵀ, see
+`flatquant.transforms`); it is quantized offline, symmetric per output channel. The activation
+transform (P1, P2; None = identity) and the clip factor alpha are applied at run time.
+
+Two backends with the same semantics (`flatquant.kernels.reference`):
+- "reference": plain PyTorch, any device (CPU included), float32 math;
+- "triton": the Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
+Switch with `module.backend = "triton"` or `set_backend(model, "triton")`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flatquant.kernels import reference as ref
+from flatquant.quantizer import quantize_symmetric
+
+BACKENDS = ("reference", "triton")
+
+
+class W4A4Linear(nn.Module):
+    """Drop-in replacement for nn.Linear with int4 (or int8) weights and activations.
+
+    Buffers: qweight (out, in/2) uint8 packed (int8 (out, in) for 8 bits), weight_scale (out,) float32,
+    bias (out,) float32 or None, p1 (n1, n1) / p2 (n2, n2) float32 or None, alpha (scalar float32).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 p1: torch.Tensor | None = None, p2: torch.Tensor | None = None, alpha: float = 1.0,
+                 backend: str = "reference", gemm_route: str | None = None, split_intermediate: bool = True,
+                 out_dtype: torch.dtype | None = None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 packing needs an even in_features, got {in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.gemm_route = gemm_route
+        self.split_intermediate = split_intermediate
+        self.out_dtype = out_dtype
+        kw = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, kw, dtype=torch.uint8 if bits == 4 else torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self._check_factors(p1, p2)
+        self.register_buffer("p1", None if p1 is None else p1.detach().float().clone())
+        self.register_buffer("p2", None if p2 is None else p2.detach().float().clone())
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        self._cast_cache: dict = {}
+        self.backend = backend
+
+    # ------------------------------------------------------------------------------ building ---
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, p1: torch.Tensor | None = None,
+                   p2: torch.Tensor | None = None, act_clip: float | torch.Tensor = 1.0, bits: int = 4,
+                   weight_clip: float | torch.Tensor = 1.0, backend: str = "reference", **kwargs) -> W4A4Linear:
+        """From an (already transformed) float weight (out, in). weight_clip: scalar or (out,)/(out, 1)."""
+        out_f, in_f = weight.shape
+        alpha = float(act_clip.detach().float().reshape(()) if isinstance(act_clip, torch.Tensor) else act_clip)
+        m = cls(in_f, out_f, bias=bias is not None, bits=bits, p1=p1, p2=p2, alpha=alpha, backend=backend, **kwargs)
+        wc = weight_clip
+        if isinstance(wc, torch.Tensor) and wc.dim() > 0:
+            wc = wc.detach().float().reshape(out_f, 1).to(weight.device)
+        codes, scale = quantize_symmetric(weight.detach().float(), bits, wc)
+        m.qweight = ref.pack_codes(codes, bits)
+        m.weight_scale = scale.reshape(-1).contiguous()
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m.to(weight.device)
+
+    def _check_factors(self, p1, p2):
+        n = self.in_features
+        n1 = p1.shape[0] if p1 is not None else (n // p2.shape[0] if p2 is not None else None)
+        if n1 is not None:
+            n2 = n // n1
+            if n1 * n2 != n or (p1 is not None and tuple(p1.shape) != (n1, n1)) or \
+                    (p2 is not None and tuple(p2.shape) != (n2, n2)):
+                raise ValueError(f"factors {None if p1 is None else tuple(p1.shape)} x "
+                                 f"{None if p2 is None else tuple(p2.shape)} do not match in_features={n}")
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cast_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cast_cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _alpha(self) -> float:
+        if "alpha" not in self._cast_cache:  # one host read, not one per forward
+            self._cast_cache["alpha"] = float(self.alpha)
+        return self._cast_cache["alpha"]
+
+    def _factors(self, dtype: torch.dtype):
+        """P1, P2 rounded to the dtype the kernels multiply in (cached per dtype)."""
+        dd = ref.dot_dtype_for(dtype)
+        key = (dd, None if self.p1 is None else self.p1.device)
+        if key not in self._cast_cache:
+            self._cast_cache[key] = tuple(None if p is None else p.to(dd).contiguous() for p in (self.p1, self.p2))
+        return self._cast_cache[key]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return ref.unpack_codes(self.qweight, self.bits).float() * self.weight_scale[:, None]
+
+    # ------------------------------------------------------------------------------- forward ---
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
+        out_dtype = self.out_dtype or x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        p1, p2 = self._factors(x.dtype)
+        alpha = self._alpha()
+        if self._backend == "reference":
+            a, sa = ref.transform_quantize_reference(x2, p1, p2, alpha, self.bits,
+                                                     round_intermediate=not self.split_intermediate)
+            y = ref.w4a4_gemm_reference(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
+        else:
+            from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+            from flatquant.kernels.w4a4_gemm import w4a4_gemm
+
+            a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits,
+                                             split_intermediate=self.split_intermediate)
+            y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits,
+                          route=self.gemm_route)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        f = lambda p: None if p is None else tuple(p.shape)
+        return (f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.bits}, bias={self.bias is not None}, "
+                f"p1={f(self.p1)}, p2={f(self.p2)}, alpha={float(self.alpha):.4g}, backend={self._backend}")
+
+
+def set_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Switch every W4A4Linear inside `module` to `backend` ("reference" | "triton")."""
+    for m in module.modules():
+        if isinstance(m, W4A4Linear):
+            m.backend = backend
+    return module

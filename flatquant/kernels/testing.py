@@ -1,0 +1,34 @@
+"""Comparison helpers for kernel tests (importable without triton)."""
+from __future__ import annotations
+
+import torch
+
+# Triton and torch may round exact .5 ties differently only through float32 summation order: a code may
+# then differ by one, and only where the reference's pre-rounding value y / scale lies within this
+# distance of a .5 tie. Everywhere else codes must be equal bit for bit.
+TIE_TOL = 1e-3
+
+
+def assert_codes_match(codes: torch.Tensor, ref_codes: torch.Tensor, pre_round: torch.Tensor,
+                       tie_tol: float = TIE_TOL) -> int:
+    """codes == ref_codes, except |diff| == 1 where |frac(|pre_round|) - 0.5| < tie_tol.
+
+    Returns the number of tie flips (0 in the usual case)."""
+    c = codes.to(torch.int32).cpu()
+    r = ref_codes.to(torch.int32).cpu()
+    v = pre_round.float().cpu()
+    assert c.shape == r.shape == v.shape, (c.shape, r.shape, v.shape)
+    diff = (c - r).abs()
+    bad = diff > 0
+    if not bad.any():
+        return 0
+    assert int(diff.max()) <= 1, f"codes differ by up to {int(diff.max())}"
+    frac = v.abs() - v.abs().floor()
+    near_tie = (frac - 0.5).abs() < tie_tol
+    off = bad & ~near_tie
+    assert not off.any(), (f"{int(off.sum())} codes differ away from a .5 tie; e.g. value "
+                           f"{v[off][:4].tolist()} kernel {c[off][:4].tolist()} ref {r[off][:4].tolist()}")
+    return int(bad.sum())
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"

@@ -1,0 +1,22 @@
+"""Kernel tests: CUDA when available, else Triton's CPU interpreter (TRITON_INTERPRET=1).
+
+The variable must be set before triton / the kernel modules are imported, hence here at import.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed (shown by pytest on failure)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"seed={seed}")
+    return seed

@@ -1,0 +1,131 @@
+"""Fused transform + quantize vs the PyTorch reference.
+
+Codes must equal the reference bit for bit, or differ by one only where the reference's
+pre-rounding value y / scale is within 1e-3 of a .5 tie (float32 summation order; see
+flatquant.kernels.testing). Scales: float32 dots -> rtol 1e-5 (summation order); fp16/bf16 inputs ->
+the kernel's float32 intermediate is carried as hi + lo halves (2^-16 relative for bf16) -> rtol 1e-4.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
+from flatquant.kernels.testing import (
+    DEVICE,
+    ON_GPU,
+    assert_codes_match,
+)
+
+
+def _factor(n, device, dtype=torch.float32):
+    """A random well-conditioned factor (orthogonal-ish plus noise)."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    return (q + 0.1 * torch.randn(n, n, dtype=torch.float64) / n ** 0.5).to(dtype).to(device)
+
+
+def _inputs(m, n, dtype, device):
+    x = torch.randn(m, n) * torch.rand(m, 1) * 3
+    x[0] = 0.0                       # all-zero token
+    if m > 1:
+        x[1, n // 3] = 1e3           # one huge outlier
+    if m > 2:
+        # tiny token (fp16: T's low part would fall below fp16's normal range, so less tiny there)
+        x[2] = (1e-2 if dtype == torch.float16 else 1e-6) * torch.randn(n)
+    return x.to(dtype).to(device)
+
+
+def _check(x, p1, p2, alpha, bits, split=True, **kw):
+    q, s = fused_transform_quantize(x, p1, p2, alpha, bits, split_intermediate=split, **kw)
+    qr, sr = transform_quantize_reference(x, p1, p2, alpha, bits, round_intermediate=not split)
+    assert q.shape == qr.shape and q.dtype == qr.dtype and s.shape == sr.shape and s.dtype == torch.float32
+    rtol = 1e-5 if x.dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=rtol, atol=0)
+    y = kron_transform_reference(x, p1, p2, round_intermediate=not split)
+    pre = (y.float() / sr.unsqueeze(-1)).cpu()
+    assert_codes_match(unpack_codes(q, bits), unpack_codes(qr, bits), pre)
+    return q, s
+
+
+CASES = [  # (n1, n2, has_p1, has_p2)
+    (16, 16, True, True),
+    (24, 24, True, True),    # SmolLM2 hidden 576: non power of two, padded to 32
+    (3, 32, True, True),     # odd n1: packed halves split a row
+    (9, 64, True, False),    # o_proj head mixing: 9 heads, head_dim 64, P2 = identity
+    (1, 40, False, True),    # n1 = 1 (prime-like): one full matrix
+    (8, 20, False, True),    # only P2
+    (8, 16, False, False),   # no transform: plain per-token quantization
+]
+
+
+@pytest.mark.parametrize("n1,n2,has_p1,has_p2", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_reference(n1, n2, has_p1, has_p2, dtype):
+    x = _inputs(6, n1 * n2, dtype, DEVICE)
+    p1 = _factor(n1, DEVICE) if has_p1 else None
+    p2 = _factor(n2, DEVICE) if has_p2 else None
+    _check(x, p1, p2, alpha=0.9, bits=4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_token_and_outlier(bits):
+    x = _inputs(4, 24 * 24, torch.float32, DEVICE)
+    q, s = _check(x, _factor(24, DEVICE), _factor(24, DEVICE), 1.0, bits)
+    assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, bits)[0].any()
+    assert torch.isfinite(s).all()
+
+
+def test_int8_and_fp16_and_3d_input():
+    x = _inputs(5, 32 * 48, torch.float16, DEVICE).reshape(5, 1, 32 * 48)  # SmolLM2 1536 = 32 x 48
+    q, s = _check(x, _factor(32, DEVICE, torch.float16), _factor(48, DEVICE, torch.float16), 0.8, 8)
+    assert q.shape == (5, 1, 1536) and s.shape == (5, 1)
+
+
+def test_round_intermediate_variant():
+    # fp16: the interpreter's fp16 rounding matches torch's (its bf16 cast truncates).
+    x = _inputs(5, 24 * 24, torch.float16, DEVICE)
+    _check(x, _factor(24, DEVICE), _factor(24, DEVICE), 0.95, 4, split=False)
+
+
+def test_persistent_grid_covers_all_tokens():
+    x = _inputs(7, 16 * 16, torch.float32, DEVICE)
+    _check(x, _factor(16, DEVICE), _factor(16, DEVICE), 1.0, 4, num_programs=2)
+
+
+@pytest.mark.parametrize("n1,n2,has_p1,has_p2,bits", [
+    (24, 24, True, True, 4), (3, 32, True, True, 4), (9, 64, True, False, 4), (24, 24, True, True, 8),
+])
+def test_tiled_corner_case_path(n1, n2, has_p1, has_p2, bits):
+    """Force the corner-case kernel (factors 'too large' for on-chip memory) with 16-wide tiles."""
+    x = _inputs(3, n1 * n2, torch.float32, DEVICE)
+    p1 = _factor(n1, DEVICE) if has_p1 else None
+    p2 = _factor(n2, DEVICE) if has_p2 else None
+    _check(x, p1, p2, 0.9, bits, tiles=(16, 16, 16))
+    _check(x, p1, p2, 0.9, bits, onchip_max_elements=16 * 16)
+
+
+def test_errors():
+    x = torch.randn(2, 15, device=DEVICE)
+    with pytest.raises(ValueError):
+        fused_transform_quantize(x, None, None, 1.0, 4)  # odd size cannot be packed
+    with pytest.raises(ValueError):
+        fused_transform_quantize(torch.randn(2, 16, device=DEVICE), torch.eye(3, device=DEVICE), None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model-sized shapes: GPU only (the interpreter is too slow)")
+@pytest.mark.parametrize("n,single", [(4096, False), (5120, False), (11008, False), (14336, False),
+                                      (28672, False), (40 * 128, True), (28 * 128, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_sizes_gpu(n, single, dtype):
+    from flatquant.kernels.reference import kron_factors
+
+    if single:
+        n1, n2 = n // 128, 128
+    else:
+        n1, n2 = kron_factors(n)
+    x = _inputs(37, n, dtype, DEVICE)
+    p1 = _factor(n1, DEVICE).to(dtype)
+    p2 = None if single else _factor(n2, DEVICE).to(dtype)
+    _check(x, p1, p2, 0.9, 4)
+    _check(x, p1, p2, 0.9, 4, tiles=(64, 64, 32))
