@@ -1,4 +1,4 @@
-"""Calibration cost of one Llama-3-8B-shaped decoder layer (random weights), extrapolated to the model.
+"""Calibration cost of one Llama-3-8B- (or SmolLM2-) shaped decoder layer (random weights), extrapolated to the model.
 
 Builds one LlamaDecoderLayer with Llama-3-8B sizes (hidden 4096, MLP 14336, 32 heads, 8 KV heads) in
 float16 on the GPU, random calibration inputs (nsamples x seqlen tokens), and runs FlatQuant's per-layer
@@ -26,8 +26,46 @@ from flatquant.families import FAMILIES  # noqa: E402
 from flatquant.modules import ATTN_IMPL, quantize_layer, register_attention  # noqa: E402
 from flatquant.results import atomic_write_text, provenance  # noqa: E402
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 num_hidden_layers=32, rope_theta=500000.0, max_position_embeddings=8192, vocab_size=128256)
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      num_hidden_layers=32, rope_theta=500000.0, max_position_embeddings=8192, vocab_size=128256),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=30, rope_theta=100000.0, max_position_embeddings=8192, vocab_size=49152),
+}
+PAPER_REFERENCE = {"llama3-8b": "LLaMA-3-8B, one GPU: 0.9 h and about 26 GB (paper Sec. 4.1, Table 5)"}
+
+
+def _check_graph(layer, inps, targets, kwargs, cfg, device) -> None:
+    """Developer aid: eager and CUDA-graph training from the same start must follow the same trajectory."""
+    import copy
+
+    n = min(inps.shape[0], 4 * cfg.batch_size)
+    amp = device == "cuda" and cfg.recipe == "svd-amp"
+    res = {}
+    for graph in (False, True):
+        lay = copy.deepcopy(layer)
+        t = time.time()
+        res[graph] = train_layer(lay, inps[:n], targets[:n], kwargs, replace(cfg, epochs=2, cuda_graph=graph), amp,
+                                 torch.Generator().manual_seed(1))
+        print(f"check-graph cuda_graph={graph}: loss before/after/finite {res[graph]} ({time.time() - t:.2f}s)")
+
+
+def _profile(layer, inps, targets, kwargs, cfg, device) -> None:
+    """Developer aid: where the time of a few training steps goes (kernels, CPU ops, synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    small = replace(cfg, epochs=1)
+    n = min(inps.shape[0], 4 * cfg.batch_size)
+    train_layer(layer, inps[:n], targets[:n], kwargs, small, device == "cuda", torch.Generator().manual_seed(1))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_layer(layer, inps[:n], targets[:n], kwargs, small, device == "cuda", torch.Generator().manual_seed(1))
+        if device == "cuda":
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+    sort = "cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(ev.table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def main(argv=None) -> int:
@@ -36,19 +74,31 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=2, help="epochs actually run (the rest is extrapolated)")
     ap.add_argument("--recipe", default="svd-amp", choices=["svd-amp", "direct-fp32"])
-    ap.add_argument("--out", default="results/calib_cost_llama3-8b-layer.json")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--out", default=None, help="default: results/calib_cost_<shape>-layer.json")
     ap.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="train eagerly (no CUDA graph replay)")
+    ap.add_argument("--check-graph", action="store_true",
+                    help="train copies eagerly and from a CUDA graph on 16 samples; report both losses")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the training steps")
+    ap.add_argument("--compile-quantizer", action="store_true",
+                    help="experiment: torch.compile the fake quantizer (fewer, fused kernels per step)")
     args = ap.parse_args(argv)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    sizes = dict(LLAMA3_8B)
+    sizes = dict(SHAPES[args.shape])
+    args.out = args.out or f"results/calib_cost_{args.shape}-layer.json"
     if args.small:
         sizes.update(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
     if not torch.cuda.is_available() and not args.small:
         print("bench_calib_layer: needs a CUDA GPU (use --small for a CPU smoke run)", file=sys.stderr)
         return 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile_quantizer:
+        import flatquant.quantizer as fq_quantizer
+
+        fq_quantizer.fake_quantize = torch.compile(fq_quantizer.fake_quantize, dynamic=True)
     register_attention()
     config = LlamaConfig(**sizes)
     config._attn_implementation = ATTN_IMPL
@@ -59,7 +109,7 @@ def main(argv=None) -> int:
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     cfg = replace(calib_preset("paper"), nsamples=args.nsamples, seqlen=args.seqlen, recipe=args.recipe,
-                  epochs=args.epochs)
+                  epochs=args.epochs, cuda_graph=not args.no_cuda_graph)
     store_dtype = torch.float16 if device == "cuda" else torch.float32
     inps = torch.randn(args.nsamples, args.seqlen, sizes["hidden_size"], device=device, dtype=store_dtype)
     rope = LlamaRotaryEmbedding(config).to(device)
@@ -78,6 +128,10 @@ def main(argv=None) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
     setup_s = time.time() - t0
+    if args.profile:
+        _profile(layer, inps, targets, kwargs, cfg, device)
+    if args.check_graph:
+        _check_graph(layer, inps, targets, kwargs, cfg, device)
     t1 = time.time()
     before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, cfg.recipe == "svd-amp" and device == "cuda",
                                         torch.Generator().manual_seed(0))
@@ -86,15 +140,18 @@ def main(argv=None) -> int:
     train_s = time.time() - t1
     per_epoch = train_s / args.epochs  # includes the two loss evaluations, a slight overestimate
     layer_full = setup_s + 15 * per_epoch
+    steps_per_epoch = -(-args.nsamples // cfg.batch_size)
+    n_layers = sizes["num_hidden_layers"]
     record = {
-        **provenance(device), "kind": "calib_cost", "shape": "Llama-3-8B decoder layer (random weights)",
-        "recipe": args.recipe, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs_run": args.epochs,
+        **provenance(device), "kind": "calib_cost", "shape": f"{args.shape} decoder layer (random weights)",
+        "recipe": args.recipe, "compile_quantizer": args.compile_quantizer, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs_run": args.epochs,
         "setup_seconds": round(setup_s, 2), "train_seconds": round(train_s, 2),
         "seconds_per_epoch": round(per_epoch, 2), "layer_seconds_15_epochs": round(layer_full, 1),
-        "model_minutes_32_layers_extrapolated": round(32 * layer_full / 60, 1),
+        "ms_per_step": round(1000 * per_epoch / steps_per_epoch, 1),
+        "layers": n_layers, "model_minutes_extrapolated": round(n_layers * layer_full / 60, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "loss_before": before, "loss_after": after, "finite": finite,
-        "paper_reference": "LLaMA-3-8B, one GPU: 0.9 h and about 26 GB (paper Sec. 4.1, Table 5)",
+        "paper_reference": PAPER_REFERENCE.get(args.shape),
     }
     atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

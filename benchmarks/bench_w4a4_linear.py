@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""W4A4 linear on this GPU: fused transform+quantize + int4 GEMM (and the GEMM alone, INT8 and FP8
-tensor-core routes) vs BF16 cuBLAS (torch.matmul) and vs torch._scaled_mm FP8, on Llama-2-7B /
-Llama-3-8B layer shapes (in x out) at M = 1 .. 16384 tokens.
+"""W4A4 linear on this GPU vs BF16 cuBLAS (torch.matmul) and torch._scaled_mm FP8 (per-tensor), on
+Llama-2-7B / Llama-3-8B layer shapes (in x out) at M = 1 .. 16384 tokens. Side by side, per route
+(flatquant/kernels/linear.py): the whole layer (fused transform+quantize + GEMM; "auto" dispatch and
+each pinned route) and the GEMM alone (Triton int8/fp8, decode split-K, cuBLASLt int_mm / scaled_mm).
+At M <= 16 the auto layer is also timed from a CUDA graph (no Python launch overhead), against bf16
+timed the same way.
 
     PYTHONPATH=. python benchmarks/bench_w4a4_linear.py --out results/kernels/w4a4_linear.json [--quick]
 """
@@ -41,18 +44,35 @@ def scaled_mm_fp8(dev):
         return None, f"torch._scaled_mm failed: {type(e).__name__}: {e}"[:300]
 
 
+def _lin_routes(m):
+    """Full-linear routes timed at this M: auto dispatch plus each pinned route that applies."""
+    return ["auto", "int8"] + (["decode"] if m <= 16 else ["int_mm", "scaled_mm"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON list of records")
     ap.add_argument("--quick", action="store_true", help="4096x11008 and 11008x4096 at M = 1, 16, 4096")
-    ap.add_argument("--rep-ms", type=float, default=25.0)
-    ap.add_argument("--warmup-ms", type=float, default=10.0)
+    ap.add_argument("--rep-ms", type=float, default=20.0)
+    ap.add_argument("--warmup-ms", type=float, default=5.0)
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
 
     require_cuda("bench_w4a4_linear.py")
-    from flatquant.kernels.bench_utils import RecordWriter, Rotator, base_fields, bench_ms, rotation_count
+    import copy
+
+    from flatquant.kernels import cublas_routes as cb
+    from flatquant.kernels import linear as lin_mod
+    from flatquant.kernels.bench_utils import (
+        RecordWriter,
+        Rotator,
+        base_fields,
+        bench_ms,
+        graph_ms,
+        rotation_count,
+    )
+    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import kron_factors
@@ -60,88 +80,130 @@ def main() -> int:
 
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
+    bf16 = torch.bfloat16
     shapes = QUICK_SHAPES if args.quick else SHAPES
     ms_list = QUICK_MS if args.quick else MS
-    writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE})
+    writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE,
+                                     "dispatch": dict(small_m_max=lin_mod.SMALL_M_MAX, large_m_min=lin_mod.LARGE_M_MIN,
+                                                      large_m_route=lin_mod.LARGE_M_ROUTE)})
     smm, smm_reason = scaled_mm_fp8(dev)
     if smm is None:
         print(f"FP8 baseline skipped: {smm_reason}")
-    print(f"{'shape':>12} {'M':>6} {'bf16 ms':>8} {'w4a4 lin':>9} {'int8 gemm':>9} {'fp8 gemm':>9} {'_scaled_mm':>10} {'lin x':>6}")
+    bench = lambda fn: bench_ms(fn, args.warmup_ms, args.rep_ms)  # noqa: E731
+    print(f"{'shape':>12} {'M':>6} {'bf16 ms':>8}  w4a4 linear (route: ms, x bf16) | GEMM only (route: ms)")
     for k, n in shapes:
         n1, n2 = kron_factors(k)
         w = torch.randn(n, k, device=dev) / k ** 0.5
-        w_bf16 = w.to(torch.bfloat16)
+        w_bf16 = w.to(bf16)
         p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0]
         p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0]
         lin = W4A4Linear.from_float(w, None, p1, p2, act_clip=0.9, backend="triton")
+        # Layer copies (own weight buffers) rotated like the bf16 weights: a 4096 x 11008 int4 weight
+        # (22 MB) fits in the 50 MB L2, so timing one layer over and over would flatter the W4A4 side.
+        lins = [lin] + [copy.deepcopy(lin) for _ in range(3)]
+        ws = [w_bf16] + [w_bf16.clone() for _ in range(3)]
         w8 = w.to(torch.float8_e4m3fn) if smm is not None else None
+        wcodes = {f: [l._weight_codes(f) for l in lins] for f in ("int8", "fp8")}  # the layer caches
+        qp1, qp2 = lin.p1.to(bf16), lin.p2.to(bf16)
         for m in ms_list:
             shape = {"in": k, "out": n, "M": m, "n1": n1, "n2": n2, "dtype": "bfloat16", "bits": 4}
-            in_bytes = m * k * 2
-            nset = rotation_count(in_bytes + n * k // 2, cap=16)
-            xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(nset)]
-            ws = [w_bf16] + [w_bf16.clone() for _ in range(min(nset, 4) - 1)]  # rotate bf16 weights too
-            bf16_sets = [(xs[i], ws[i % len(ws)]) for i in range(nset)]
-            t_bf16 = bench_ms(Rotator(bf16_sets)(lambda x, wt: torch.matmul(x, wt.t())), args.warmup_ms, args.rep_ms)
+            nset = max(4, rotation_count(m * k * 2 + n * k // 2, cap=16))
+            xs = [torch.randn(m, k, device=dev, dtype=bf16) for _ in range(nset)]
+            t_bf16 = bench(Rotator([(xs[i], ws[i % 4]) for i in range(nset)])(lambda x, wt: torch.matmul(x, wt.t())))
             base = dict(baseline="bf16_cublas", baseline_median_ms=t_bf16)
-            row = {}
-            # full W4A4 linear (transform + quantize + GEMM)
-            t = bench_ms(Rotator(xs)(lin), args.warmup_ms, args.rep_ms)
-            row["lin"] = t
-            writer.add(dict(kernel=f"w4a4_linear_{DEFAULT_GEMM_ROUTE}", shape=shape, median_ms=t, **base,
-                            speedup=t_bf16 / t, achieved_gbps=(in_bytes + n * k // 2 + m * n * 2) / (t * 1e-3) / 1e9,
-                            rotated_input_sets=nset))
-            # GEMM alone on pre-quantized activations
-            qa = [fused_transform_quantize(x, lin.p1.to(torch.bfloat16), lin.p2.to(torch.bfloat16), 0.9, 4) for x in xs]
-            for route in ROUTES:
-                t = bench_ms(Rotator(qa)(lambda a, sa, lin=lin, route=route: w4a4_gemm(
-                    a, sa, lin.qweight, lin.weight_scale, None, torch.bfloat16, 4, route=route)),
-                             args.warmup_ms, args.rep_ms)
-                row[route] = t
-                writer.add(dict(kernel=f"w4a4_gemm_{route}", shape=shape, median_ms=t, **base, speedup=t_bf16 / t,
-                                achieved_gbps=(m * k // 2 + n * k // 2 + m * n * 2) / (t * 1e-3) / 1e9,
-                                rotated_input_sets=nset))
+            gb = lambda t, nbytes: nbytes / (t * 1e-3) / 1e9  # noqa: E731
+            lin_bytes = m * k * 2 + n * k // 2 + m * n * 2
+            line = []
+            # full W4A4 linear (transform + quantize + GEMM), per route
+            for route in _lin_routes(m):
+                for l in lins:
+                    l.gemm_route = None if route == "auto" else route
+                taken = lin.gemm_route_for(m, bf16, dev)
+                t = bench(Rotator([(xs[i], lins[i % 4]) for i in range(nset)])(lambda x, l: l(x)))
+                writer.add(dict(kernel=f"w4a4_linear_{route}", route_taken=taken, shape=shape, median_ms=t, **base,
+                                speedup=t_bf16 / t, achieved_gbps=gb(t, lin_bytes), rotated_input_sets=nset))
+                line.append(f"{route}->{taken}: {t:.4f} {t_bf16 / t:.2f}x")
+            for l in lins:
+                l.gemm_route = None
+            if m <= 16:  # decode: also without Python / launch overhead (CUDA graph), both sides
+                try:
+                    tg_b = graph_ms([lambda x=xs[i], wt=ws[i]: torch.matmul(x, wt.t()) for i in range(4)],
+                                    args.warmup_ms, args.rep_ms)
+                    tg = graph_ms([lambda x=xs[i], l=lins[i]: l(x) for i in range(4)], args.warmup_ms, args.rep_ms)
+                    writer.add(dict(kernel="w4a4_linear_auto_cudagraph", route_taken=lin.gemm_route_for(m, bf16, dev),
+                                    shape=shape, median_ms=tg, baseline="bf16_cublas_cudagraph", baseline_median_ms=tg_b,
+                                    speedup=tg_b / tg, achieved_gbps=gb(tg, lin_bytes)))
+                    line.append(f"graph: {tg:.4f} {tg_b / tg:.2f}x")
+                except Exception as e:  # noqa: BLE001 - record why, keep going
+                    writer.add(dict(kernel="w4a4_linear_auto_cudagraph", shape=shape, median_ms=None, baseline=None,
+                                    baseline_median_ms=None, speedup=None, achieved_gbps=None,
+                                    skipped=f"{type(e).__name__}: {e}"[:300]))
+            # GEMM alone on pre-quantized activations (each route in its own activation format)
+            packed = [fused_transform_quantize(x, qp1, qp2, 0.9, 4) for x in xs]
+            gemms = {r: (packed, lambda a, sa, i, r=r: w4a4_gemm(a, sa, lins[i].qweight, lins[i].weight_scale, None,
+                                                                  bf16, 4, route=r)) for r in ROUTES}
+            if m <= 16:
+                gemms["decode"] = (packed, lambda a, sa, i: w4a4_gemm_decode(a, sa, lins[i].qweight,
+                                                                             lins[i].weight_scale, None, bf16, 4))
+            for r, fmt, fn in (("int_mm", "int8", cb.int_mm_gemm), ("scaled_mm", "fp8", cb.scaled_mm_gemm)):
+                if cb.route_supported(r, m, n, k, bf16, dev):
+                    codes = [fused_transform_quantize(x, qp1, qp2, 0.9, 4, out_format=fmt) for x in xs]
+                    gemms[r] = (codes, lambda a, sa, i, fmt=fmt, fn=fn: fn(a, sa, wcodes[fmt][i], lins[i].weight_scale,
+                                                                           None, bf16))
+            for r, (acts, fn) in gemms.items():
+                sets = [(*acts[i], i % 4) for i in range(nset)]
+                try:
+                    t = bench(Rotator(sets)(fn))
+                except Exception as e:  # noqa: BLE001
+                    writer.add(dict(kernel=f"w4a4_gemm_{r}", shape=shape, median_ms=None, **base, speedup=None,
+                                    achieved_gbps=None, skipped=f"{type(e).__name__}: {e}"[:300]))
+                    continue
+                a_bytes = acts[0][0].numel() * acts[0][0].element_size()
+                w_bytes = n * k // 2 if r in ROUTES or r == "decode" else n * k
+                writer.add(dict(kernel=f"w4a4_gemm_{r}", shape=shape, median_ms=t, **base, speedup=t_bf16 / t,
+                                achieved_gbps=gb(t, a_bytes + w_bytes + m * n * 2), rotated_input_sets=nset))
+                line.append(f"g_{r}: {t:.4f}")
             # FP8 per-tensor-scaled cuBLASLt GEMM (torch._scaled_mm), GEMM alone
             if smm is not None:
                 mp = m if m % 16 == 0 else ((m + 15) // 16) * 16  # _scaled_mm wants multiples of 16
                 x8 = [torch.randn(mp, k, device=dev).to(torch.float8_e4m3fn) for _ in range(nset)]
                 one = torch.ones((), device=dev)
                 try:
-                    t8 = bench_ms(Rotator(x8)(lambda a, w8=w8, one=one: smm(a, w8.t(), one, one)), args.warmup_ms, args.rep_ms)
-                    row["smm"] = t8
+                    t8 = bench(Rotator(x8)(lambda a, w8=w8, one=one: smm(a, w8.t(), one, one)))
                     writer.add(dict(kernel="torch_scaled_mm_fp8", shape={**shape, "padded_M": mp}, median_ms=t8,
                                     **base, speedup=t_bf16 / t8, achieved_gbps=None))
-                    td = row[DEFAULT_GEMM_ROUTE]
-                    writer.add(dict(kernel=f"w4a4_gemm_{DEFAULT_GEMM_ROUTE}", shape=shape, median_ms=td,
-                                    baseline="torch_scaled_mm_fp8", baseline_median_ms=t8, speedup=t8 / td,
-                                    achieved_gbps=None))
+                    line.append(f"_scaled_mm: {t8:.4f}")
                 except Exception as e:  # noqa: BLE001
                     writer.add(dict(kernel="torch_scaled_mm_fp8", shape=shape, median_ms=None, baseline="bf16_cublas",
                                     baseline_median_ms=t_bf16, speedup=None, achieved_gbps=None,
                                     skipped=f"{type(e).__name__}: {e}"[:300]))
                 del x8
-            print(f"{k:>5}x{n:<6} {m:>6} {t_bf16:>8.4f} {row['lin']:>9.4f} {row['int8']:>9.4f} {row['fp8']:>9.4f} "
-                  f"{row.get('smm', float('nan')):>10.4f} {t_bf16 / row['lin']:>5.2f}x", flush=True)
-            del xs, ws, bf16_sets, qa
+            print(f"{k:>5}x{n:<6} {m:>6} {t_bf16:>8.4f}  " + " | ".join(line), flush=True)
+            del xs, packed
             torch.cuda.empty_cache()
     if smm is None:
         writer.add(dict(kernel="torch_scaled_mm_fp8", shape=None, median_ms=None, baseline=None,
                         baseline_median_ms=None, speedup=None, achieved_gbps=None, skipped=smm_reason))
-    # which route is faster at the GEMM alone (geometric mean over everything measured)
-    import math
-
-    ratios = [r["median_ms"] for r in writer.records if r["kernel"] == "w4a4_gemm_int8" and r["baseline"] == "bf16_cublas"]
-    ratios_f = [r["median_ms"] for r in writer.records if r["kernel"] == "w4a4_gemm_fp8" and r["baseline"] == "bf16_cublas"]
-    if ratios and len(ratios) == len(ratios_f):
-        g = math.exp(sum(math.log(a / b) for a, b in zip(ratios, ratios_f)) / len(ratios))
-        faster = "int8" if g <= 1 else "fp8"
-        writer.add(dict(kernel="route_choice", shape=None, median_ms=None, baseline=None, baseline_median_ms=None,
-                        speedup=None, achieved_gbps=None, geomean_int8_over_fp8_time=g, faster_route=faster,
-                        note="set flatquant.kernels.w4a4_gemm.DEFAULT_GEMM_ROUTE to faster_route"))
-        print(f"GEMM route: int8/fp8 time geomean {g:.3f} -> faster: {faster} (default {DEFAULT_GEMM_ROUTE})")
+    _route_choice(writer)
     if args.out:
         print(f"wrote {len(writer.records)} records to {args.out}")
     return 0
+
+
+def _route_choice(writer) -> None:
+    """Fastest full-linear route per M (geometric mean of time over the shapes): sets the dispatch."""
+    import math
+
+    by_m: dict = {}
+    for r in writer.records:
+        if r["kernel"].startswith("w4a4_linear_") and r.get("median_ms") and "auto" not in r["kernel"]:
+            by_m.setdefault(r["shape"]["M"], {}).setdefault(r["kernel"][len("w4a4_linear_"):], []).append(
+                math.log(r["median_ms"]))
+    best = {m: min(rt, key=lambda k: sum(rt[k]) / len(rt[k])) for m, rt in by_m.items()}
+    writer.add(dict(kernel="route_choice", shape=None, median_ms=None, baseline=None, baseline_median_ms=None,
+                    speedup=None, achieved_gbps=None, fastest_linear_route_by_M=best,
+                    note="set SMALL_M_MAX / LARGE_M_MIN / LARGE_M_ROUTE in flatquant/kernels/linear.py from this"))
+    print("fastest full-linear route by M:", best)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,10 @@ class LayerStore:
         if check_existing and (self.dir / META).is_file():
             old = read_meta(self.dir)
             for key in ("sizes", "quant", "calib"):
-                if old.get(key) != self.meta[key]:
+                a, b = old.get(key), self.meta[key]
+                if key == "calib" and isinstance(a, dict):
+                    a, b = CalibConfig.recipe_settings(a), CalibConfig.recipe_settings(b)
+                if a != b:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
             self.meta["layers_done"] = old.get("layers_done", [])

@@ -24,7 +24,8 @@ from .errors import CheckpointError
 from .families import Family, family_for
 from .methods.smoothquant import smooth_scale
 from .modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
-from .transforms import ChannelScale, FactorView, KroneckerAffine
+from .train_step import LayerStepper, _layer_out, autocast
+from .transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 
 
 class _Captured(Exception):
@@ -60,10 +61,6 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
         mlp_in=affine(hidden, "mlp_in"), down_in=affine(inter, "down_in"),
         k_head=affine(head_dim, factors=(1, head_dim)),
     )
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -138,22 +135,17 @@ def _init_scales(layer, family: Family, stats: dict) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _mse(layer, inps, targets, kwargs, batch_size, amp) -> float:
-    total = 0.0
-    for s in range(0, inps.shape[0], batch_size):
-        with _autocast(amp, inps.device):
-            out = _layer_out(layer(inps[s:s + batch_size].float(), **kwargs))
-        total += torch.mean((out.float() - targets[s:s + batch_size].float()) ** 2).item() * min(batch_size, inps.shape[0] - s)
-    return total / inps.shape[0]
-
-
-def _autocast(amp: bool, device: torch.device):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    total = torch.zeros((), device=inps.device)
+    with step_cache(layer):  # the transforms are fixed during the pass: evaluate them once
+        for s in range(0, inps.shape[0], batch_size):
+            with autocast(amp, inps.device):
+                out = _layer_out(layer(inps[s:s + batch_size].float(), **kwargs))
+            total += torch.sum((out.float() - targets[s:s + batch_size].float()) ** 2)
+    return total.item() / targets.numel()
 
 
 def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: bool,
-                generator: torch.Generator) -> tuple[float, float, bool]:
+                generator: torch.Generator, log=print) -> tuple[float, float, bool]:
     """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite)."""
     for p in layer.parameters():
         p.requires_grad_(False)
@@ -174,21 +166,19 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
         return loss_before, loss_before, math.isfinite(loss_before)
     n = inps.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    first = torch.arange(min(cfg.batch_size, n), device=inps.device)
+    stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, inps[first], targets[first],
+                           cuda_graph=cfg.cuda_graph, log=log)
+    step = 0
     for _epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size].to(inps.device)
-            with _autocast(amp, inps.device):
-                out = _layer_out(layer(inps[idx].float(), **kwargs))
-            loss = torch.mean((out.float() - targets[idx].float()) ** 2)
-            if not torch.isfinite(loss):
-                return loss_before, float("nan"), False
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            stepper.step(inps[idx], targets[idx], step, total)
+            step += 1
+        if not stepper.all_finite():
+            return loss_before, float("nan"), False
     for p in layer.parameters():
         p.requires_grad_(False)
     loss_after = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
@@ -216,7 +206,7 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
             artifacts.load_layer_state(layer, saved, index)
             before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
             break
-        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen)
+        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log)
         if finite or not use_amp:
             break
         log(f"layer {index}: loss became NaN/inf under mixed precision; retrying in float32")

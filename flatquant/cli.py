@@ -9,17 +9,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESETS, ConfigError, QuantConfig, calib_preset
-from .errors import FlatQuantError
+from .config import METHODS, PRESETS, CalibConfig, ConfigError, QuantConfig, calib_preset
+from .errors import CheckpointError, DataError, FlatQuantError
 
 PRESET_EVAL_WINDOWS = {"cpu-quick": 8, "tiny": 2}  # quick presets also cap the perplexity windows
+BUILTIN_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}  # name recorded in results for built-in models
+_GGUF_QUANT_TAG = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit status 2), not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def default_model_name(model: str) -> str:
+    """The model name recorded in results when --model-name is not given: the built-in model's name,
+    a model folder's name, a GGUF file's name without extension and quantization tag, or a hub id's name."""
+    if model in BUILTIN_NAMES:
+        return BUILTIN_NAMES[model]
+    p = Path(model).expanduser()
+    name = (p.resolve().name if p.exists() else p.name) or str(model)
+    if name.lower().endswith(".gguf"):
+        name = _GGUF_QUANT_TAG.sub("", name[: -len(".gguf")])
+    return name
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, model directory, .gguf file or hub id")
+    p.add_argument("--model-name", default=None,
+                   help="model name recorded in results (default: derived from --model, e.g. SmolLM2-135M-Instruct)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--kv-bits", type=int, default=4)
@@ -45,7 +70,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatquant", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="flatquant", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="calibrate FlatQuant, save its parameters, compare with baselines")
     _add_common(q)
@@ -63,11 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_writable(path: str | Path) -> None:
-    p = Path(path)
+def _check_writable(path: str | Path, what: str = "folder") -> None:
+    """FlatQuantError unless `path` is (or can be created as) a writable folder (what="folder"), or a
+    file that can be written (what="file"). Checked before any work, so nothing is left half-written."""
+    p = Path(path).expanduser()
+    if p.exists() and (p.is_dir() if what == "file" else not p.is_dir()):
+        raise FlatQuantError(f"cannot write to {path}: it exists and is not a {what}")
     probe = p if p.exists() else next((a for a in p.parents if a.exists()), Path("."))
-    if (p.exists() and not p.is_dir()) or not os.access(probe, os.W_OK):
-        raise FlatQuantError(f"cannot write to {path}")
+    if not probe.is_dir():
+        raise FlatQuantError(f"cannot write to {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FlatQuantError(f"cannot write to {path}: {probe} is not writable")
+
+
+def _check_params(params: str) -> dict:
+    """The settings of a finished `flatquant quantize --output` folder; CheckpointError otherwise."""
+    from .artifacts import read_meta
+
+    if not Path(params).is_dir():
+        raise CheckpointError(f"--params {params}: no such folder (create it with `flatquant quantize --output`)")
+    meta = read_meta(params)
+    if not meta.get("complete"):
+        raise CheckpointError(f"--params {params}: the calibration there is unfinished "
+                              "(finish it with `flatquant quantize --output` on that folder)")
+    return meta
 
 
 def _setup(args):
@@ -76,9 +120,20 @@ def _setup(args):
     from .models import load_model
 
     qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    for name in ("seqlen", "max_windows", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < (2 if name == "seqlen" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {2 if name == 'seqlen' else 1}, "
+                              f"got {value}")
     if args.results_dir:
         _check_writable(args.results_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but no CUDA GPU is available (use --device cpu)")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     preset = args.preset or ("paper" if device.startswith("cuda") else "cpu-quick")
     overrides = {k: v for k, v in {"nsamples": args.calib_samples, "seqlen": args.calib_seqlen,
@@ -93,7 +148,23 @@ def _setup(args):
     from . import data
 
     data.resolve_data_dir(args.data_dir)  # fail early, before loading the model
+    for ds in spec.datasets:  # missing file or unknown name: fail before loading the model
+        data.load_text(ds, args.data_dir)
+    if spec.tasks:
+        from .eval import zeroshot
+
+        spec.tasks = zeroshot.normalize_tasks(spec.tasks)
+        zeroshot.stock_tasks_dir()  # lm-eval installed?
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    for ds in spec.datasets:  # tokenized once, here: a text shorter than one window fails before any work
+        ids = data.eval_tokens(tokenizer, ds, data_dir=args.data_dir, seqlen=args.seqlen)
+        if ids.shape[1] < args.seqlen:
+            raise DataError(f"{ds} has {ids.shape[1]} tokens, fewer than one window of --seqlen {args.seqlen}")
+        spec.tokens[ds] = ids
     return qcfg, ccfg, spec, model, tokenizer
 
 
@@ -106,12 +177,51 @@ def _print_table(records: list[dict]) -> None:
     if rows:
         print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}")
         for r in rows:
-            print(f"{r['method']:<12} W{r['w_bits']}A{r['a_bits']}KV{r['kv_bits']:<5} {r['dataset']:<10} "
-                  f"{r['windows']:>7} {r['ppl']:>10.3f}")
+            bits = f"W{r['w_bits']}A{r['a_bits']}KV{r['kv_bits']}"
+            print(f"{r['method']:<12} {bits:<12} {r['dataset']:<10} {r['windows']:>7} {r['ppl']:>10.3f}")
     for r in records:
         if r.get("kind") == "zeroshot":
             tasks = ", ".join(f"{k}={v['value']:.1f}" for k, v in r["tasks"].items())
             print(f"{r['method']:<12} zero-shot avg={r['average']:.2f} ({tasks})")
+
+
+def _model_name(args) -> str:
+    return args.model_name or default_model_name(args.model)
+
+
+def _check_layer_files(folder: Path, meta: dict) -> None:
+    """Each saved layer file has a readable safetensors header (a truncated file fails here, early)."""
+    from safetensors import safe_open
+
+    layers = meta.get("layers_done", []) if not meta.get("complete") else \
+        range(int(meta.get("sizes", {}).get("num_hidden_layers") or 0))
+    for i in layers:
+        path = folder / "layers" / f"layer_{i:03d}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: parameters for layer {i} are missing ({path.name})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any reader failure means a corrupt file
+            raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__})") from None
+
+
+def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: CalibConfig | None) -> dict:
+    """Saved parameters in `folder` fit `model` (sizes) and, when ccfg is given, the requested settings."""
+    from .artifacts import check_model_matches, read_meta
+
+    meta = read_meta(folder)
+    if not isinstance(meta.get("sizes"), dict) or not isinstance(meta.get("calib"), dict) \
+            or not isinstance(meta.get("quant"), dict):
+        raise CheckpointError(f"{folder}/flatquant.json: missing sizes/quant/calib settings")
+    check_model_matches(meta, model.config)
+    if ccfg is not None and (meta["quant"] != qcfg.to_dict()
+                             or CalibConfig.recipe_settings(meta["calib"]) != CalibConfig.recipe_settings(ccfg.to_dict())):
+        key = "bit settings" if meta["quant"] != qcfg.to_dict() else "calibration settings"
+        raise CheckpointError(f"{folder} holds a calibration with other {key}; "
+                              "use --no-resume to replace it, or another --output")
+    _check_layer_files(folder, meta)
+    return meta
 
 
 def cmd_eval(args) -> int:
@@ -119,13 +229,20 @@ def cmd_eval(args) -> int:
 
     from .runner import calibration_data, run_config
 
+    if args.params is not None:
+        if args.method != "flatquant":
+            raise ConfigError("--params only applies to --method flatquant")
+        _check_params(args.params)
     qcfg, ccfg, spec, model, tok = _setup(args)
     if args.method == "fp16":
         qcfg = QuantConfig(16, 16, 16)
     qcfg = replace(qcfg, w_clip_search=_clip_search(args, args.method))
+    if args.params is not None:
+        meta = _check_saved_calibration(Path(args.params), model, qcfg, None)
+        ccfg = CalibConfig.from_dict(meta["calib"])  # the record names the recipe the parameters came from
     needs_calib = args.method == "smoothquant" or (args.method == "flatquant" and not args.params)
     calib = calibration_data(tok, ccfg, args.data_dir) if needs_calib else None
-    records = run_config(model, tok, args.model, args.method, qcfg, spec, ccfg=ccfg, calib=calib,
+    records = run_config(model, tok, _model_name(args), args.method, qcfg, spec, ccfg=ccfg, calib=calib,
                          params_dir=args.params, results_dir=args.results_dir or None, seed=args.seed,
                          progress=not args.no_progress)
     _print_table(records)
@@ -135,38 +252,44 @@ def cmd_eval(args) -> int:
 def cmd_quantize(args) -> int:
     from dataclasses import replace
 
+    from .artifacts import META
     from .runner import calibration_data, run_config
 
-    _check_writable(args.output)
-    if args.no_resume is False and Path(args.output).is_dir() and any(Path(args.output).iterdir()) \
-            and not (Path(args.output) / "flatquant.json").is_file():
-        raise FlatQuantError(f"{args.output} exists and is not a flatquant parameter folder")
-    qcfg, ccfg, spec, model, tok = _setup(args)
-    calib = calibration_data(tok, ccfg, args.data_dir)
     out = Path(args.output)
+    _check_writable(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
+        raise FlatQuantError(f"{out} exists and is not a flatquant parameter folder; choose another --output")
+    baselines = [m for m in args.compare.split(",") if m]
+    for method in baselines:
+        if method not in METHODS or method == "flatquant":
+            raise ConfigError(f"--compare: unknown baseline {method!r}; choose from "
+                              f"{', '.join(m for m in METHODS if m != 'flatquant')}")
+    qcfg, ccfg, spec, model, tok = _setup(args)
+    fq_cfg = replace(qcfg, w_clip_search=False)
     # Calibrate into a temporary sibling folder (per-layer checkpoints live there until done),
     # then rename: the output folder only ever holds a complete calibration.
     work = out.with_name(out.name + ".partial")
+    reuse = not args.no_resume and (out / META).is_file()
+    for folder in ([] if args.no_resume else [out, work]):
+        if (folder / META).is_file():  # saved parameters must fit, before any work is done
+            _check_saved_calibration(folder, model, fq_cfg, ccfg)
+    calib = calibration_data(tok, ccfg, args.data_dir)
     if args.no_resume and work.exists():
-        import shutil
-
         shutil.rmtree(work)
+    name = _model_name(args)
     records = []
-    for method in [m for m in args.compare.split(",") if m]:
-        if method not in METHODS or method == "flatquant":
-            raise ConfigError(f"--compare takes baselines from {', '.join(m for m in METHODS if m != 'flatquant')}")
+    for method in baselines:
         q = QuantConfig(16, 16, 16) if method == "fp16" else replace(qcfg, w_clip_search=_clip_search(args, method))
-        records += run_config(model, tok, args.model, method, q, spec, ccfg=ccfg, calib=calib,
+        records += run_config(model, tok, name, method, q, spec, ccfg=ccfg, calib=calib,
                               results_dir=args.results_dir or None, seed=args.seed, progress=not args.no_progress)
-    if (out / "flatquant.json").is_file():
-        params = out
-    else:
-        params = work
-    records += run_config(model, tok, args.model, "flatquant", replace(qcfg, w_clip_search=False), spec, ccfg=ccfg,
+    params = out if reuse else work
+    records += run_config(model, tok, name, "flatquant", fq_cfg, spec, ccfg=ccfg,
                           calib=calib, params_dir=str(params), results_dir=args.results_dir or None, seed=args.seed,
                           progress=not args.no_progress)
     if params == work:
-        if out.exists():
+        if (out / META).is_file():
+            shutil.rmtree(out)  # --no-resume: the new calibration replaces the old one
+        elif out.exists():
             out.rmdir()  # empty folder left by the user
         work.rename(out)
     _print_table(records)
@@ -176,7 +299,14 @@ def cmd_quantize(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
+    from .results import load_records
 
+    if not Path(args.results_dir).is_dir():
+        raise DataError(f"results folder {args.results_dir} not found (pass --results-dir)")
+    if not load_records(args.results_dir):
+        raise DataError(f"no result records (*.json) in {args.results_dir}")
+    _check_writable(args.out, "file")
+    _check_writable(args.plots_dir)
     paths = write_report(args.results_dir, args.out, args.plots_dir)
     print(f"wrote {args.out}" + (f" and {len(paths)} plot(s)" if paths else ""))
     return 0
@@ -187,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report}[args.command](args)
     except FlatQuantError as e:
+        print(f"flatquant: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable folder, full disk, ...: one line, no traceback
         print(f"flatquant: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

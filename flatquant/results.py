@@ -25,11 +25,11 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+                             timeout=10, check=False).stdout.strip()
         if not sha:
             return os.environ.get("FLATQUANT_GIT_COMMIT", "unknown")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("FLATQUANT_GIT_COMMIT", "unknown")
@@ -45,10 +45,14 @@ def device_name(device: str | torch.device | None = None) -> str:
 
 def command_line() -> str:
     prog = sys.argv[0]
-    if prog.endswith(".py"):
-        prog = "python " + os.path.relpath(prog)
-    elif prog.endswith("__main__.py") or prog == "-m":
+    pkg = Path(__file__).resolve().parent
+    if prog == "-m":
         prog = "python -m flatquant"
+    elif prog.endswith(".py") and Path(prog).resolve().parent == pkg:  # `python -m flatquant[.report]`
+        stem = Path(prog).stem
+        prog = "python -m flatquant" + ("" if stem == "__main__" else f".{stem}")
+    elif prog.endswith(".py"):
+        prog = "python " + os.path.relpath(prog)
     else:
         prog = Path(prog).name
     return " ".join([prog, *sys.argv[1:]])
@@ -59,7 +63,7 @@ def provenance(device: str | torch.device | None = None) -> dict:
         "device": device_name(device),
         "git_commit": git_commit(),
         "command": command_line(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
 
@@ -85,7 +89,9 @@ def _slug(s: str) -> str:
 
 def record_name(record: dict) -> str:
     """Stable file name for a record: same configuration -> same file (a re-run replaces it)."""
-    parts = [record.get("kind", "ppl"), Path(str(record.get("model", "model"))).stem, record.get("method", "")]
+    model = Path(str(record.get("model", "model"))).name  # not .stem: "Qwen2.5-0.5B" must stay whole
+    model = model[: -len(".gguf")] if model.lower().endswith(".gguf") else model
+    parts = [record.get("kind", "ppl"), model, record.get("method", "")]
     if "w_bits" in record:
         parts.append(f"W{record['w_bits']}A{record['a_bits']}KV{record['kv_bits']}")
     if record.get("variant"):

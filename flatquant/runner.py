@@ -30,6 +30,7 @@ class EvalSpec:
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     data_dir: str | None = None
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # dataset -> (1, N), if tokenized
 
 
 def calibration_data(tokenizer, ccfg: CalibConfig, data_dir=None) -> torch.Tensor:
@@ -45,7 +46,9 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
     records = []
     device = next(model.parameters()).device
     for ds in spec.datasets:
-        ids = data_mod.eval_tokens(tokenizer, ds, data_dir=spec.data_dir, seqlen=spec.seqlen)
+        ids = spec.tokens.get(ds)
+        if ids is None:
+            ids = data_mod.eval_tokens(tokenizer, ds, data_dir=spec.data_dir, seqlen=spec.seqlen)
         t = time.time()
         res = perplexity(model, ids, seqlen=spec.seqlen, max_windows=spec.max_windows,
                          batch_size=spec.batch_size, device=device, progress=progress)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
 
 
 def kron_factors(n: int) -> tuple[int, int]:
@@ -135,6 +135,7 @@ class Transform(nn.Module):
     n: int
     skip_p2_online: bool = False
     _frozen: dict | None = None  # cached matrices for evaluation (see freeze())
+    _step: dict | None = None  # matrices shared by one training step's forward and backward (see step_cache())
     _scale_folded: bool = False  # the channel scale now lives in the preceding norm / linear
 
     # Subclasses implement the _compute_* methods; callers use the public ones (cached when frozen).
@@ -147,16 +148,26 @@ class Transform(nn.Module):
     def _compute_scale(self) -> torch.Tensor | None:
         return None
 
+    def _compute_all(self):
+        """(matrices, inverse); subclasses whose two share work (one Cayley map for both) override this."""
+        return self._compute_matrices(), self._compute_inverse()
+
+    def _cached(self) -> dict | None:
+        return self._frozen or self._step
+
     def matrices(self):
-        return self._frozen["m"] if self._frozen else self._compute_matrices()
+        cache = self._cached()
+        return cache["m"] if cache else self._compute_matrices()
 
     def inverse_matrices(self):
-        return self._frozen["i"] if self._frozen else self._compute_inverse()
+        cache = self._cached()
+        return cache["i"] if cache else self._compute_inverse()
 
     def channel_scale(self):
         if self._scale_folded:
             return None
-        return self._frozen["c"] if self._frozen else self._compute_scale()
+        cache = self._cached()
+        return cache["c"] if cache else self._compute_scale()
 
     @torch.no_grad()
     def freeze(self, dtype: torch.dtype | None = None) -> None:
@@ -203,6 +214,26 @@ def _detach(x, dtype=None):
     if isinstance(x, tuple):
         return tuple(_detach(v, dtype) for v in x)
     return None if x is None else x.detach().to(dtype or x.dtype, copy=True)
+
+
+@contextmanager
+def step_cache(module: nn.Module):
+    """Inside the block, every transform of `module` evaluates its parameterisation once (with autograd):
+    one layer forward reads P_a for q, k and v and again for the activations, so without the cache each
+    training step would recompute the same Cayley maps and inverses many times over."""
+    transforms = [m for m in module.modules() if isinstance(m, Transform) and not m._frozen]
+    factors = []
+    try:
+        factors = _precompute_solves(module)
+        for t in transforms:
+            m, i = t._compute_all()
+            t._step = {"m": m, "i": i, "c": t._compute_scale()}
+        yield
+    finally:
+        for t in transforms:
+            t._step = None
+        for f in factors:
+            f.precomputed = None
 
 
 class ChannelScale(Transform):
@@ -253,24 +284,71 @@ class FixedKronecker(Transform):
         return _t(self.p1), _t(self.p2)
 
 
+def _batched(mats: list[torch.Tensor], fn, pad_identity: bool) -> list[torch.Tensor]:
+    """Apply a batched square-matrix function to matrices of different sizes in a few calls.
+
+    Sizes are bucketed by the next power of two and zero-padded to the bucket (identity-padded when
+    `pad_identity`), which is exact for block-diagonal-preserving maps such as the inverse and the
+    Cayley map. Why: on a GPU one small LU solve costs ~0.3 ms of CPU-side launches whatever its
+    size, and a layer has ~20 factors, so solving them one by one made training CPU-bound."""
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    buckets: dict[int, list[int]] = {}
+    for i, m in enumerate(mats):
+        buckets.setdefault(1 << (m.shape[0] - 1).bit_length(), []).append(i)
+    for size, idx in buckets.items():
+        padded = []
+        for i in idx:
+            m, n = mats[i], mats[i].shape[0]
+            if n < size:
+                m = torch.nn.functional.pad(m, (0, size - n, 0, size - n))
+                if pad_identity:
+                    m = m + torch.diag(torch.cat([m.new_zeros(n), m.new_ones(size - n)]))
+            padded.append(m)
+        res = fn(torch.stack(padded))
+        for j, i in enumerate(idx):
+            n = mats[i].shape[0]
+            out[i] = res[j, :n, :n]
+    return out
+
+
+def _cayley_stacked(a: torch.Tensor) -> torch.Tensor:
+    s = a - a.mT
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    # solve_ex, not solve: the error check of solve synchronises the GPU with the CPU at every call.
+    return torch.linalg.solve_ex(eye + s, eye - s).result
+
+
+def cayley(*skews: torch.Tensor) -> list[torch.Tensor]:
+    """Orthogonal Q = (I + S)⁻¹ (I - S) for each S = A - Aᵀ (skew-symmetric, so I + S is invertible)."""
+    return _batched(list(skews), _cayley_stacked, pad_identity=False)
+
+
+def inverse(*mats: torch.Tensor) -> list[torch.Tensor]:
+    """Matrix inverses (inv_ex: no GPU synchronisation for the error check)."""
+    return _batched(list(mats), lambda m: torch.linalg.inv_ex(m).inverse, pad_identity=True)
+
+
 class _SVDFactor(nn.Module):
-    """P = U diag(σ) Vᵀ with U, V orthogonal through the Cayley map; P⁻¹ = V diag(1/σ) Uᵀ exactly."""
+    """P = U diag(σ) Vᵀ with U = U₀·cayley(A), V = cayley(B) orthogonal; P⁻¹ = V diag(1/σ) Uᵀ exactly.
+
+    U₀ (a buffer) is the initial orthogonal matrix; A = B = 0 at the start, so P = U₀."""
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
         n = init.shape[0]
-        self.u = parametrizations.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map="cayley")
-        self.v = parametrizations.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map="cayley")
-        with torch.no_grad():
-            self.u.weight = init.float()
-            self.v.weight = torch.eye(n)
+        self.register_buffer("u_base", init.float().clone())
+        self.u_skew = nn.Parameter(torch.zeros(n, n))
+        self.v_skew = nn.Parameter(torch.zeros(n, n))
         self.sigma = nn.Parameter(torch.ones(n))
+        self.precomputed: tuple[torch.Tensor, torch.Tensor] | None = None  # (cayley(A), cayley(B)), see step_cache
 
-    def matrix(self) -> torch.Tensor:
-        return (self.u.weight * self.sigma) @ self.v.weight.t()
+    def solve_inputs(self) -> list[torch.Tensor]:
+        return [self.u_skew, self.v_skew]
 
-    def inverse(self) -> torch.Tensor:
-        return (self.v.weight / self.sigma) @ self.u.weight.t()
+    def matrix_and_inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        qu, qv = self.precomputed or cayley(self.u_skew, self.v_skew)
+        u = self.u_base @ qu
+        return (u * self.sigma) @ qv.t(), (qv / self.sigma) @ u.t()
 
 
 class _DirectFactor(nn.Module):
@@ -279,12 +357,30 @@ class _DirectFactor(nn.Module):
     def __init__(self, init: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(init.float().clone())
+        self.precomputed: tuple[torch.Tensor] | None = None  # (float64 inverse,), see step_cache
 
-    def matrix(self) -> torch.Tensor:
-        return self.weight
+    def solve_inputs(self) -> list[torch.Tensor]:
+        return [self.weight.double()]
 
-    def inverse(self) -> torch.Tensor:
-        return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
+    def matrix_and_inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (inv,) = self.precomputed or inverse(self.weight.double())
+        return self.weight, inv.to(self.weight.dtype)
+
+
+def _precompute_solves(module: nn.Module) -> list[nn.Module]:
+    """Batch the Cayley maps (SVD form) and inverses (direct form) of all factors in `module`."""
+    factors = []
+    for kind, solve in ((_SVDFactor, cayley), (_DirectFactor, inverse)):
+        group = [m for m in module.modules() if isinstance(m, kind)]
+        if not group:
+            continue
+        inputs = [f.solve_inputs() for f in group]
+        k = len(inputs[0])
+        flat = solve(*[t for ins in inputs for t in ins])
+        for j, f in enumerate(group):
+            f.precomputed = tuple(flat[j * k:(j + 1) * k])
+        factors += group
+    return factors
 
 
 class KroneckerAffine(Transform):
@@ -314,13 +410,16 @@ class KroneckerAffine(Transform):
     def _compute_scale(self):
         return self.scale
 
+    def _compute_all(self):
+        m1, i1 = self.f1.matrix_and_inverse() if self.f1 is not None else (None, None)
+        m2, i2 = self.f2.matrix_and_inverse()
+        return (m1, m2), (i1, i2)
+
     def _compute_matrices(self):
-        p1 = self.f1.matrix() if self.f1 is not None else None
-        return p1, self.f2.matrix()
+        return self._compute_all()[0]
 
     def _compute_inverse(self):
-        i1 = self.f1.inverse() if self.f1 is not None else None
-        return i1, self.f2.inverse()
+        return self._compute_all()[1]
 
 
 class FactorView(Transform):

@@ -16,9 +16,9 @@ SAMPLE_TEXT = (
     "are easier to quantize. A Kronecker product of two small matrices is cheap to apply. "
 ) * 4
 
-TINY_CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-                   tie_word_embeddings=True)
+TINY_CONFIG = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True}
 
 
 def build_tokenizer():

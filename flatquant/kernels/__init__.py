@@ -2,7 +2,8 @@
 
 Pure-PyTorch reference (always available, any device): `flatquant.kernels.reference`.
 Triton kernels (need `triton`; CUDA, or the CPU interpreter with TRITON_INTERPRET=1):
-`fused_transform_quantize`, `w4a4_gemm`. Design notes: docs/KERNELS.md.
+`fused_transform_quantize`, `w4a4_gemm`, `w4a4_gemm_decode` (M <= 16), and the cuBLASLt routes
+`int_mm_gemm` / `scaled_mm_gemm`. Design notes: docs/KERNELS.md.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ if HAS_TRITON:
         fused_transform_quantize,
         unfused_transform_quantize_torch,
     )
+    from flatquant.kernels.cublas_routes import int_mm_gemm, scaled_mm_gemm, unpack_int4_codes
+    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
 __all__ = [
@@ -53,6 +56,10 @@ if HAS_TRITON:
         "DEFAULT_GEMM_ROUTE",
         "ROUTES",
         "fused_transform_quantize",
+        "int_mm_gemm",
+        "scaled_mm_gemm",
         "unfused_transform_quantize_torch",
+        "unpack_int4_codes",
         "w4a4_gemm",
+        "w4a4_gemm_decode",
     ]

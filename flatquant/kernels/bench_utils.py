@@ -90,3 +90,18 @@ def base_fields() -> dict:
     except ImportError:  # pragma: no cover
         prov["triton"] = None
     return prov
+
+
+def graph_ms(fns, warmup_ms: float = 10, rep_ms: float = 40) -> float:
+    """Median ms per call of the callables `fns` replayed from one CUDA graph (no Python/launch cost:
+    how decode runs in a serving loop). All of fns are captured in sequence (e.g. rotated input sets
+    or layer copies, so that a weight does not stay in L2); the time is divided by len(fns)."""
+    for f in fns:  # compile / autotune outside the capture
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # captures on its own side stream
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    return bench_ms(g.replay, warmup_ms, rep_ms) / len(fns)

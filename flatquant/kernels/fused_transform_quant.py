@@ -61,6 +61,16 @@ PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _code_cast(q, OUT_T: tl.constexpr):
+    """Unpacked codes as the output wants them: int8, or float8 e4m3 (|q| <= 8 is exact there) so that
+    the cuBLASLt FP8 GEMM can read them without a conversion pass."""
+    if OUT_T == tl.int8:
+        return q.to(tl.int8)
+    else:
+        return q.to(tl.float32).to(OUT_T)
+
+
+@triton.jit
 def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
                          NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                          N2P: tl.constexpr, RP: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr,
@@ -127,7 +137,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
             byte = (qlo & 15) | ((qhi & 15) << 4)
             tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
         else:
-            tl.store(ob + rows * N2 + c, qlo.to(tl.int8), mask=valid & tok_ok)
+            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
 
 
 @triton.jit
@@ -206,13 +216,13 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                             byte = (qlo & 15) | ((qhi & 15) << 4)
                             tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
                         else:
-                            tl.store(ob + rows * N2 + c, qlo.to(tl.int8), mask=valid & tok_ok)
+                            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
             if ps == 0:
                 s = _scale(amax, alpha, MAXQ)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
 
 
-def _plan(n: int, p1, p2, bits: int):
+def _plan(n: int, p1, p2, bits: int, packed: bool = True):
     if p1 is not None:
         n1 = p1.shape[0]
     elif p2 is not None:
@@ -226,7 +236,7 @@ def _plan(n: int, p1, p2, bits: int):
         raise ValueError(f"P1 must be ({n1}, {n1}), got {tuple(p1.shape)}")
     if p2 is not None and tuple(p2.shape) != (n2, n2):
         raise ValueError(f"P2 must be ({n2}, {n2}), got {tuple(p2.shape)}")
-    pack = bits == 4
+    pack = bits == 4 and packed
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if pack and n % 2:
@@ -240,27 +250,36 @@ def _plan(n: int, p1, p2, bits: int):
 def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
                              alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = True,
                              onchip_max_elements: int | None = None, tiles: tuple[int, int, int] | None = None,
-                             num_programs: int | None = None):
+                             num_programs: int | None = None, out_format: str | None = None):
     """Triton fused transform + quantize. x (..., n) contiguous-able, fp16/bf16/fp32, on CUDA (or any
     device under TRITON_INTERPRET=1). Returns (stored codes, scale) like the reference:
     (..., n/2) uint8 packed int4 (or (..., n) int8 for bits=8) and float32 scale of shape x.shape[:-1].
 
     onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
     corner-case path with small values).
+
+    out_format: None / "packed" (the stored format above), or, for the cuBLASLt GEMM routes, the same
+    codes unpacked one per byte in natural element order: "int8" ((..., n) int8, for torch._int_mm) or
+    "fp8" ((..., n) float8_e4m3fn, 4 bits only, for torch._scaled_mm). Unpacked output writes n bytes
+    per token instead of n/2 but saves the GEMM a separate unpack pass (read n/2 + write n bytes).
     """
+    fmt = out_format or ("packed" if bits == 4 else "int8")
+    if fmt not in ("packed", "int8", "fp8") or (fmt != "int8" and bits == 8):
+        raise ValueError(f"out_format {out_format!r} is not valid for {bits} bits")
     n = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    n1, n2, pack, h, s, rlo = _plan(n, p1, p2, bits)
+    n1, n2, pack, h, s, rlo = _plan(n, p1, p2, bits, packed=fmt == "packed")
     dd = dot_dtype_for(x.dtype)
     if p1 is None:
         p1 = torch.eye(n1, device=x.device, dtype=dd)
     p1c = p1.to(device=x.device, dtype=dd).contiguous()
     p2c = p2.to(device=x.device, dtype=dd).contiguous() if p2 is not None else p1c  # dummy when absent
-    out = torch.empty((m, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else torch.int8)
+    out_dt = {"packed": torch.uint8, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt]
+    out = torch.empty((m, n // 2 if pack else n), device=x.device, dtype=out_dt)
     scale = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)

@@ -10,6 +10,19 @@ Two backends with the same semantics (`flatquant.kernels.reference`):
 - "reference": plain PyTorch, any device (CPU included), float32 math;
 - "triton": the Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
 Switch with `module.backend = "triton"` or `set_backend(model, "triton")`.
+
+GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in_features:
+- M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
+- M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
+  INT8 + scale epilogue; cublas_routes.py) when cuBLASLt accepts the sizes / output dtype, else the
+  other cuBLAS route, else the Triton GEMM;
+- otherwise (and as the last fallback) the Triton GEMM `w4a4_gemm` on DEFAULT_GEMM_ROUTE.
+`gemm_route` pins one route for every M: "int8" / "fp8" (Triton GEMM), "decode" (M <= 16 only, else
+the Triton GEMM), "int_mm", "scaled_mm" (falling back like "auto" where unsupported). The thresholds
+are module constants so that the benchmark's records can set them.
+The cuBLAS routes need the weight unpacked to one byte per code: it is built once and cached in the
+layer (`_cast_cache`; the packed `qweight` stays the stored/state_dict format). That cache costs N·K
+bytes per layer on top of the N·K/2 packed bytes; `clear_cache()` drops it.
 """
 from __future__ import annotations
 
@@ -20,6 +33,10 @@ from flatquant.kernels import reference as ref
 from flatquant.quantizer import quantize_symmetric
 
 BACKENDS = ("reference", "triton")
+GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm")
+SMALL_M_MAX = 16
+LARGE_M_MIN = 17
+LARGE_M_ROUTE = "scaled_mm"
 
 
 class W4A4Linear(nn.Module):
@@ -41,6 +58,8 @@ class W4A4Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
+        if gemm_route not in (None,) + GEMM_ROUTES:
+            raise ValueError(f"gemm_route must be one of {GEMM_ROUTES}, got {gemm_route!r}")
         self.gemm_route = gemm_route
         self.split_intermediate = split_intermediate
         self.out_dtype = out_dtype
@@ -116,6 +135,40 @@ class W4A4Linear(nn.Module):
             self._cast_cache[key] = tuple(None if p is None else p.to(dd).contiguous() for p in (self.p1, self.p2))
         return self._cast_cache[key]
 
+    def clear_cache(self) -> None:
+        """Drop the cached casts (factors, unpacked weight codes); they are rebuilt on demand."""
+        self._cast_cache = {}
+
+    def _weight_codes(self, fmt: str) -> torch.Tensor:
+        """qweight unpacked to one code per byte (int8 or float8 e4m3), cached: the weight is static."""
+        key = ("wcodes", fmt, self.qweight.device)
+        if key not in self._cast_cache:
+            from flatquant.kernels.cublas_routes import unpack_int4_codes
+
+            dt = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+            self._cast_cache[key] = (unpack_int4_codes(self.qweight, dt) if self.bits == 4
+                                     else self.qweight.view(torch.int8).contiguous())
+        return self._cast_cache[key]
+
+    def gemm_route_for(self, m: int, out_dtype: torch.dtype, device: torch.device) -> str:
+        """The route the Triton backend takes for M tokens (see the module docstring)."""
+        from flatquant.kernels.cublas_routes import route_supported
+        from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
+
+        want = self.gemm_route or "auto"
+        if want in ("int8", "fp8"):
+            return want
+        if want == "decode" or (want == "auto" and m <= SMALL_M_MAX):
+            return "decode" if m <= SMALL_M_MAX else DEFAULT_GEMM_ROUTE
+        if want == "auto" and m < LARGE_M_MIN:
+            return DEFAULT_GEMM_ROUTE
+        first = LARGE_M_ROUTE if want == "auto" else want
+        n, k = self.out_features, self.in_features
+        for r in (first, "int_mm" if first == "scaled_mm" else "scaled_mm"):
+            if (r != "scaled_mm" or self.bits == 4) and route_supported(r, m, n, k, out_dtype, device):
+                return r
+        return DEFAULT_GEMM_ROUTE
+
     def dequantized_weight(self) -> torch.Tensor:
         return ref.unpack_codes(self.qweight, self.bits).float() * self.weight_scale[:, None]
 
@@ -133,13 +186,23 @@ class W4A4Linear(nn.Module):
                                                      round_intermediate=not self.split_intermediate)
             y = ref.w4a4_gemm_reference(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
         else:
+            from flatquant.kernels import cublas_routes as cb
+            from flatquant.kernels.decode_gemm import w4a4_gemm_decode
             from flatquant.kernels.fused_transform_quant import fused_transform_quantize
             from flatquant.kernels.w4a4_gemm import w4a4_gemm
 
+            route = self.gemm_route_for(x2.shape[0], out_dtype, x.device)
+            # cuBLAS routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
+            fmt = {"int_mm": "int8", "scaled_mm": "fp8"}.get(route)
             a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits,
-                                             split_intermediate=self.split_intermediate)
-            y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits,
-                          route=self.gemm_route)
+                                             split_intermediate=self.split_intermediate, out_format=fmt)
+            if fmt is not None:
+                gemm = cb.int_mm_gemm if route == "int_mm" else cb.scaled_mm_gemm
+                y = gemm(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
+            elif route == "decode":
+                y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
+            else:
+                y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits, route=route)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

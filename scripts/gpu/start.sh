@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 rm -rf /root/work/repo && mkdir -p /root/work/repo
 tar --exclude=./.stage --exclude=./.whl --exclude=./.data -cf - . | tar -xf - -C /root/work/repo
 echo "$FLATQUANT_GIT_COMMIT" > /root/work/commit
-FLATQUANT_GIT_COMMIT=$FLATQUANT_GIT_COMMIT STEPS="${STEPS:-accuracy1 kernels accuracy2 calibcost}" \
+FLATQUANT_GIT_COMMIT=$FLATQUANT_GIT_COMMIT STEPS="${STEPS:-}" \
   setsid nohup bash /root/work/repo/scripts/gpu/all.sh > /root/work/all.log 2>&1 < /dev/null &
 sleep 2
 bash scripts/gpu/monitor.sh "${1:-480}"

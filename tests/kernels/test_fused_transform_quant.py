@@ -129,3 +129,19 @@ def test_model_sizes_gpu(n, single, dtype):
     p2 = None if single else _factor(n2, DEVICE).to(dtype)
     _check(x, p1, p2, 0.9, 4)
     _check(x, p1, p2, 0.9, 4, tiles=(64, 64, 32))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("n1,n2,tiles", [(3, 32, None), (24, 24, None), (8, 20, (16, 16, 16))])
+def test_unpacked_output_formats(fmt, n1, n2, tiles):
+    """out_format="int8"/"fp8" (for the cuBLASLt routes): the same int4 codes, one per byte, natural order."""
+    x = _inputs(6, n1 * n2, torch.bfloat16, DEVICE)
+    p1, p2 = _factor(n1, DEVICE), _factor(n2, DEVICE)
+    q, s = fused_transform_quantize(x, p1, p2, 0.9, 4, out_format=fmt, tiles=tiles)
+    assert q.shape == x.shape and q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+    qr, sr = transform_quantize_reference(x, p1, p2, 0.9, 4)
+    torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=1e-4, atol=0)
+    pre = (kron_transform_reference(x, p1, p2).float() / sr.unsqueeze(-1)).cpu()
+    assert_codes_match(q.float().to(torch.int8), unpack_codes(qr, 4), pre)
+    with pytest.raises(ValueError):
+        fused_transform_quantize(x, p1, p2, 0.9, 8, out_format="fp8")

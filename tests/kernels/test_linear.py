@@ -70,3 +70,52 @@ def test_o_proj_head_mixing_9_heads():
     y_ref = m(x)
     m.backend = "triton"
     torch.testing.assert_close(m(x), y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
+
+
+@pytest.mark.parametrize("route", ["auto", "int8", "fp8", "decode", "int_mm", "scaled_mm"])
+@pytest.mark.parametrize("tokens", [3, 20])
+def test_every_gemm_route_matches_reference(route, tokens):
+    """Each route (pinned) on fresh inputs, decode-sized and larger M, odd factor sizes (96 = 8 x 12).
+    The reference GEMM runs on the fused kernel's own activation codes: bf16 inputs may flip a code at a
+    .5 tie between kernel and reference transform (allowed and tested in test_fused_transform_quant),
+    which is not what this test is about."""
+    pytest.importorskip("triton")
+    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+    from flatquant.kernels.reference import w4a4_gemm_reference
+
+    m, *_ = _layer(96, 40, transform="both")
+    m.gemm_route = route
+    m.backend = "triton"
+    x = (torch.randn(tokens, 96) * 2).to(torch.bfloat16).to(DEVICE)
+    a, sa = fused_transform_quantize(x, *m._factors(x.dtype), m._alpha(), 4)
+    y_ref = w4a4_gemm_reference(a, sa, m.qweight, m.weight_scale, m.bias, torch.bfloat16, 4)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    # bf16 output: 1 ulp; scaled_mm: 2 (scales applied in another order) + the bias rounded to bf16
+    smm = m.gemm_route_for(tokens, torch.bfloat16, x.device) == "scaled_mm"
+    tol = 2.0 ** -7 * (2 if smm else 1)
+    atol = tol * float(y_ref.float().abs().max()) * 1e-2 + (2.0 ** -8 * float(m.bias.abs().max()) if smm else 0.0)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=atol)
+
+
+def test_route_dispatch_and_weight_cache():
+    from flatquant.kernels import linear as lin_mod
+    from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
+
+    m, *_ = _layer(64, 32, device="cpu")
+    cuda, bf16, f16 = torch.device("cuda"), torch.bfloat16, torch.float16
+    assert m.gemm_route_for(1, bf16, cuda) == "decode"
+    assert m.gemm_route_for(lin_mod.SMALL_M_MAX, bf16, cuda) == "decode"
+    assert m.gemm_route_for(4096, bf16, cuda) == lin_mod.LARGE_M_ROUTE
+    assert m.gemm_route_for(4096, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
+    m.gemm_route = "decode"
+    assert m.gemm_route_for(64, bf16, cuda) == DEFAULT_GEMM_ROUTE
+    odd, *_ = _layer(36, 20, device="cpu")  # K, N not multiples of 8: cuBLASLt refuses
+    assert odd.gemm_route_for(4096, bf16, cuda) == DEFAULT_GEMM_ROUTE
+    with pytest.raises(ValueError):
+        W4A4Linear(32, 16, gemm_route="cutlass")
+    pytest.importorskip("triton")
+    codes = m._weight_codes("int8")
+    assert codes is m._weight_codes("int8") and codes.shape == (32, 64)
+    m.clear_cache()
+    assert not m._cast_cache

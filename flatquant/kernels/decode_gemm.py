@@ -1,0 +1,116 @@
+"""Small-M (decode, M <= 16) W4A4 GEMM: reads the PACKED int4 weight directly, split-K over the SMs.
+
+At M <= 16 the GEMM is bound by reading the weight: packed int4 is 4x fewer bytes than bf16, so the
+kernel must stream W at full bandwidth with the unpack done in registers. Per program: one N tile
+(BLOCK_N rows of W) and one K slice; the M <= 16 activation rows are loaded as one 16-row tile (rows
+beyond M masked to 0: tl.dot on int8 needs >= 16 rows) and
+
+    acc += dot(A_lo, W_loᵀ) + dot(A_hi, W_hiᵀ)     (int8 x int8 -> int32, exact; layout as w4a4_gemm.py)
+
+Grid = N tiles x SPLIT_K. SPLIT_K is chosen so that about 2 programs per SM run even when N / BLOCK_N
+is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the int32 partial sums
+are atomically added into a zeroed int32 (M, N) workspace (integer adds: exact and order independent,
+so the result is deterministic) and one small epilogue pass applies the scales; with SPLIT_K = 1 the
+epilogue runs in the kernel. No autotuning: the config is a function of (N, K, SMs), which also keeps
+the host-side launch cost low (decode is often launch bound).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flatquant.kernels._triton_utils import interpreting, num_sms
+from flatquant.kernels.cublas_routes import scale_epilogue
+
+MAX_M = 16
+# Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
+INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
+
+
+@triton.jit
+def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, M, N, KH, stride_am, stride_wn,
+                   stride_cm, K_PER_SPLIT, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
+                   ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, 16)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
+    k_start = pid_k * K_PER_SPLIT
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+    for it in range(ITERS):
+        kk = k_start + it * BLOCK_K + rk
+        k_ok = kk < KH
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
+        if PACK:
+            a8 = a.to(tl.int8, bitcast=True)
+            w8 = w.to(tl.int8, bitcast=True)
+            acc = tl.dot((a8 << 4) >> 4, tl.trans((w8 << 4) >> 4), acc, out_dtype=tl.int32)
+            acc = tl.dot(a8 >> 4, tl.trans(w8 >> 4), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        sa = tl.load(sa_ptr + rm, mask=m_ok, other=0.0)
+        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]  # the reference's order
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_config(n: int, kh: int, device: torch.device) -> dict:
+    """BLOCK_N / BLOCK_K / SPLIT_K for the GPU: 64-row W tiles, 256-byte K steps, and enough K splits
+    for ~2 programs per SM (each split keeps >= 2 K steps so the loads still pipeline)."""
+    if interpreting():
+        return dict(INTERPRETER_CONFIG)
+    bn, bk = 64, 256
+    tiles = triton.cdiv(n, bn)
+    ksteps = triton.cdiv(kh, bk)
+    split = max(1, min(ksteps // 2, round(2 * num_sms(device) / tiles)))
+    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+
+
+def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, bits: int = 4,
+                     config: dict | None = None) -> torch.Tensor:
+    """Same contract as `w4a4_gemm.w4a4_gemm` for M <= 16 (a (M, K/2) packed or (M, K) int8 codes)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError(f"shape mismatch: a {tuple(a.shape)}, w {tuple(w.shape)}")
+    m, kh = a.shape
+    n = w.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the decode GEMM takes M <= {MAX_M}, got {m}")
+    pack = bits == 4
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    a8, w8 = (a.view(torch.uint8), w.view(torch.uint8)) if pack else (a.view(torch.int8), w.view(torch.int8))
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    cfg = dict(config or decode_config(n, kh, a.device))
+    bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
+    # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.
+    k_per = triton.cdiv(triton.cdiv(kh, split), bk) * bk
+    split = triton.cdiv(kh, k_per)
+    sa = a_scale.reshape(-1).float().contiguous()
+    sw = w_scale.reshape(-1).float().contiguous()
+    b = bias.reshape(-1).float().contiguous() if bias is not None else sw
+    atomic = split > 1
+    ws = torch.zeros((m, n), device=a.device, dtype=torch.int32) if atomic else out
+    _decode_kernel[(triton.cdiv(n, bn), split)](
+        a8, w8, sa, sw, b, out, ws, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per,
+        ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    if atomic:
+        return scale_epilogue(ws, sa, sw, bias, out_dtype)
+    return out

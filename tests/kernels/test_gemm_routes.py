@@ -1,0 +1,149 @@
+"""The extra GEMM routes vs the reference: the decode (split-K, packed-weight) kernel, the one-pass
+int4 unpack, the int32 scale epilogue, and the cuBLASLt routes (torch._int_mm / torch._scaled_mm run
+on CPU too, so the whole route is tested here, not only its pieces).
+
+Tolerances: the integer sums are exact in every route, so results must match the reference to about
+one unit in the last place of the output dtype (the float32 epilogue may contract into an FMA on GPU;
+_scaled_mm multiplies the two scales in another order and adds a bf16-rounded bias: 2 ulps)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from flatquant.kernels.cublas_routes import (
+    int_mm_gemm,
+    route_supported,
+    scale_epilogue,
+    scaled_mm_gemm,
+    unpack_int4_codes,
+)
+from flatquant.kernels.decode_gemm import w4a4_gemm_decode
+from flatquant.kernels.reference import (
+    pack_int4,
+    quantize_weight_reference,
+    transform_quantize_reference,
+    unpack_int4,
+    w4a4_gemm_reference,
+)
+from flatquant.kernels.testing import DEVICE, ON_GPU
+
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -22}
+
+
+def _operands(m, n, k, bits=4, bias=True):
+    x = torch.randn(m, k, device=DEVICE)
+    x[0, 0] = 50.0  # outlier
+    a, sa = transform_quantize_reference(x, None, None, 1.0, bits)
+    qw, sw = quantize_weight_reference(torch.randn(n, k, device=DEVICE), bits)
+    return a, sa, qw, sw, (torch.randn(n, device=DEVICE) if bias else None)
+
+
+def _close(y, yr, out_dtype, ulps=1.0, bf16_bias=None):
+    tol = ulps * ULP[out_dtype]
+    atol = tol * float(yr.float().abs().max()) * 1e-2
+    if bf16_bias is not None:  # _scaled_mm adds a bf16-rounded bias: up to half a bf16 ulp of |bias|
+        atol += 2.0 ** -8 * float(bf16_bias.abs().max())
+    torch.testing.assert_close(y.float().cpu(), yr.float().cpu(), rtol=tol, atol=atol)
+
+
+@pytest.mark.parametrize("m,n,k,split", [(1, 32, 64, 1), (1, 70, 96, 2), (5, 40, 576, 3), (16, 96, 1536, 4),
+                                         (3, 33, 200, 8)])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_decode_gemm_int4(m, n, k, split, out_dtype):
+    a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    y = w4a4_gemm_decode(a, sa, qw, sw, b, out_dtype, 4, config=cfg)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
+
+
+def test_decode_gemm_int8_codes_and_limits():
+    a, sa, qw, sw, b = _operands(7, 48, 128, bits=8)
+    y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 8, config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2))
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 8), torch.float32)
+    a, sa, qw, sw, _ = _operands(17, 32, 64)
+    with pytest.raises(ValueError):
+        w4a4_gemm_decode(a, sa, qw, sw)
+
+
+def test_decode_gemm_extreme_codes_exact():
+    m, n, k = 2, 32, 512
+    a = pack_int4(torch.full((m, k), -8, dtype=torch.int8)).to(DEVICE)
+    w = pack_int4(torch.full((n, k), -8, dtype=torch.int8)).to(DEVICE)
+    y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None, torch.float32,
+                         config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=3))
+    assert torch.all(y == 64.0 * k)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 2), (5, 64), (33, 300)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_unpack_int4_codes(rows, k, dtype):
+    codes = torch.randint(-8, 8, (rows, k), dtype=torch.int8, device=DEVICE)
+    out = unpack_int4_codes(pack_int4(codes), dtype)
+    assert out.dtype == dtype and out.shape == (rows, k)
+    assert torch.equal(out.float().cpu(), codes.float().cpu())
+    assert torch.equal(unpack_int4(pack_int4(codes)).cpu(), codes.cpu())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_scale_epilogue(out_dtype, bias):
+    m, n = 19, 45
+    acc = torch.randint(-2 ** 15, 2 ** 15, (m, n), dtype=torch.int32, device=DEVICE)  # |y| < fp16 max
+    sa, sw = torch.rand(m, device=DEVICE), torch.rand(n, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    y = scale_epilogue(acc, sa, sw, b, out_dtype)
+    yr = acc.float() * sa[:, None] * sw[None, :]
+    yr = (yr + b[None, :] if bias else yr).to(out_dtype)
+    _close(y, yr, out_dtype)
+
+
+@pytest.mark.parametrize("m,n,k", [(17, 32, 64), (40, 48, 576), (33, 80, 1536)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_int_mm_route(m, n, k, out_dtype):
+    a, sa, qw, sw, b = _operands(m, n, k)
+    y = int_mm_gemm(unpack_int4_codes(a), sa, unpack_int4_codes(qw), sw, b, out_dtype)
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
+
+
+@pytest.mark.parametrize("m,n,k", [(17, 32, 64), (3, 48, 576), (33, 80, 1536)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_scaled_mm_route(m, n, k, bias):
+    a, sa, qw, sw, b = _operands(m, n, k, bias=bias)
+    f8 = torch.float8_e4m3fn
+    y = scaled_mm_gemm(unpack_int4_codes(a, f8), sa, unpack_int4_codes(qw, f8), sw, b, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.bfloat16, 4), torch.bfloat16, ulps=2.0, bf16_bias=b)
+    with pytest.raises(ValueError):
+        scaled_mm_gemm(unpack_int4_codes(a, f8), sa, unpack_int4_codes(qw, f8), sw, b, torch.float16)
+
+
+def test_route_supported_limits():
+    cuda = torch.device("cuda")
+    assert not route_supported("int_mm", 16, 4096, 4096, torch.bfloat16, cuda)
+    assert route_supported("int_mm", 17, 4096, 4096, torch.bfloat16, cuda)
+    assert not route_supported("int_mm", 64, 4096, 4100, torch.bfloat16, cuda)
+    assert not route_supported("scaled_mm", 64, 4096, 4096, torch.float16, cuda)
+    with pytest.raises(ValueError):
+        route_supported("cutlass", 1, 1, 1, torch.bfloat16, cuda)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)])
+def test_decode_gemm_gpu_default_config(m, n, k):
+    a, sa, qw, sw, b = _operands(m, n, k)
+    y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.bfloat16)
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.bfloat16, 4), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuBLASLt: GPU only")
+@pytest.mark.parametrize("m", [32, 300, 2048])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_cublas_routes_gpu(m, n, k):
+    a, sa, qw, sw, b = _operands(m, n, k)
+    yr = w4a4_gemm_reference(a, sa, qw, sw, b, torch.bfloat16, 4)
+    _close(int_mm_gemm(unpack_int4_codes(a), sa, unpack_int4_codes(qw), sw, b), yr, torch.bfloat16)
+    f8 = torch.float8_e4m3fn
+    _close(scaled_mm_gemm(unpack_int4_codes(a, f8), sa, unpack_int4_codes(qw, f8), sw, b), yr, torch.bfloat16,
+           ulps=2.0, bf16_bias=b)
