@@ -144,9 +144,29 @@ def _mse(layer, inps, targets, kwargs, batch_size, amp) -> float:
     return total.item() / targets.numel()
 
 
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: bool,
-                generator: torch.Generator, log=print) -> tuple[float, float, bool]:
-    """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite)."""
+                generator: torch.Generator, log=print, timings: dict | None = None) -> tuple[float, float, bool]:
+    """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite).
+
+    timings: if a dict is given, it receives wall-clock seconds of each phase (GPU-synchronised):
+    loss_before, setup (optimizer, CUDA graph capture), each epoch, loss_after."""
+    tick = _clock(inps.device) if timings is not None else 0.0
+
+    def lap(key):
+        nonlocal tick
+        if timings is not None:
+            now = _clock(inps.device)
+            if key == "epoch":
+                timings.setdefault("epoch", []).append(now - tick)
+            else:
+                timings[key] = now - tick
+            tick = now
     for p in layer.parameters():
         p.requires_grad_(False)
     transform_params, clip_params = [], []
@@ -160,6 +180,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     for p in transform_params + clip_params:
         p.requires_grad_(True)
     loss_before = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    lap("loss_before")
     groups = [g for g in ({"params": transform_params, "lr": cfg.lr}, {"params": clip_params, "lr": cfg.clip_lr})
               if g["params"]]
     if not groups:
@@ -170,6 +191,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     first = torch.arange(min(cfg.batch_size, n), device=inps.device)
     stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, inps[first], targets[first],
                            cuda_graph=cfg.cuda_graph, log=log)
+    lap("setup")
     step = 0
     for _epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
@@ -179,9 +201,11 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
             step += 1
         if not stepper.all_finite():
             return loss_before, float("nan"), False
+        lap("epoch")
     for p in layer.parameters():
         p.requires_grad_(False)
     loss_after = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    lap("loss_after")
     return loss_before, loss_after, math.isfinite(loss_after)
 
 
