@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatquant.calibrate import _init_scales, _input_absmax, layer_transforms, train_layer  # noqa: E402
-from flatquant.config import QuantConfig, calib_preset  # noqa: E402
-from flatquant.families import FAMILIES  # noqa: E402
-from flatquant.modules import ATTN_IMPL, quantize_layer, register_attention  # noqa: E402
-from flatquant.results import atomic_write_text, provenance  # noqa: E402
+from flatquant.calibrate import _init_scales, _input_absmax, layer_transforms, train_layer
+from flatquant.config import QuantConfig, calib_preset
+from flatquant.families import FAMILIES
+from flatquant.modules import ATTN_IMPL, quantize_layer, register_attention
+from flatquant.results import atomic_write_text, provenance
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,

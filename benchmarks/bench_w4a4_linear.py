@@ -40,7 +40,7 @@ def scaled_mm_fp8(dev):
         one = torch.ones((), device=dev)
         run(a, b.t(), one, one)
         return run, None
-    except Exception as e:  # noqa: BLE001 - record why the baseline is skipped
+    except Exception as e:
         return None, f"torch._scaled_mm failed: {type(e).__name__}: {e}"[:300]
 
 
@@ -89,7 +89,7 @@ def main() -> int:
     smm, smm_reason = scaled_mm_fp8(dev)
     if smm is None:
         print(f"FP8 baseline skipped: {smm_reason}")
-    bench = lambda fn: bench_ms(fn, args.warmup_ms, args.rep_ms)  # noqa: E731
+    bench = lambda fn: bench_ms(fn, args.warmup_ms, args.rep_ms)
     print(f"{'shape':>12} {'M':>6} {'bf16 ms':>8}  w4a4 linear (route: ms, x bf16) | GEMM only (route: ms)")
     for k, n in shapes:
         n1, n2 = kron_factors(k)
@@ -111,7 +111,7 @@ def main() -> int:
             xs = [torch.randn(m, k, device=dev, dtype=bf16) for _ in range(nset)]
             t_bf16 = bench(Rotator([(xs[i], ws[i % 4]) for i in range(nset)])(lambda x, wt: torch.matmul(x, wt.t())))
             base = dict(baseline="bf16_cublas", baseline_median_ms=t_bf16)
-            gb = lambda t, nbytes: nbytes / (t * 1e-3) / 1e9  # noqa: E731
+            gb = lambda t, nbytes: nbytes / (t * 1e-3) / 1e9
             lin_bytes = m * k * 2 + n * k // 2 + m * n * 2
             line = []
             # full W4A4 linear (transform + quantize + GEMM), per route
@@ -134,7 +134,7 @@ def main() -> int:
                                     shape=shape, median_ms=tg, baseline="bf16_cublas_cudagraph", baseline_median_ms=tg_b,
                                     speedup=tg_b / tg, achieved_gbps=gb(tg, lin_bytes)))
                     line.append(f"graph: {tg:.4f} {tg_b / tg:.2f}x")
-                except Exception as e:  # noqa: BLE001 - record why, keep going
+                except Exception as e:
                     writer.add(dict(kernel="w4a4_linear_auto_cudagraph", shape=shape, median_ms=None, baseline=None,
                                     baseline_median_ms=None, speedup=None, achieved_gbps=None,
                                     skipped=f"{type(e).__name__}: {e}"[:300]))
@@ -154,7 +154,7 @@ def main() -> int:
                 sets = [(*acts[i], i % 4) for i in range(nset)]
                 try:
                     t = bench(Rotator(sets)(fn))
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     writer.add(dict(kernel=f"w4a4_gemm_{r}", shape=shape, median_ms=None, **base, speedup=None,
                                     achieved_gbps=None, skipped=f"{type(e).__name__}: {e}"[:300]))
                     continue
@@ -173,7 +173,7 @@ def main() -> int:
                     writer.add(dict(kernel="torch_scaled_mm_fp8", shape={**shape, "padded_M": mp}, median_ms=t8,
                                     **base, speedup=t_bf16 / t8, achieved_gbps=None))
                     line.append(f"_scaled_mm: {t8:.4f}")
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     writer.add(dict(kernel="torch_scaled_mm_fp8", shape=shape, median_ms=None, baseline="bf16_cublas",
                                     baseline_median_ms=t_bf16, speedup=None, achieved_gbps=None,
                                     skipped=f"{type(e).__name__}: {e}"[:300]))

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatquant.config import QuantConfig, calib_preset  # noqa: E402
-from flatquant.models import load_model  # noqa: E402
-from flatquant.results import write_record  # noqa: E402
-from flatquant.runner import EvalSpec, calibration_data, run_config  # noqa: E402
+from flatquant.config import QuantConfig, calib_preset
+from flatquant.models import load_model
+from flatquant.results import write_record
+from flatquant.runner import EvalSpec, calibration_data, run_config
 
 SETTINGS = {"W4A16KV16": (4, 16, 16), "W16A4KV16": (16, 4, 16), "W16A16KV4": (16, 16, 4),
             "W4A4KV4": (4, 4, 4), "W8A8KV8": (8, 8, 8)}

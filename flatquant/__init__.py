@@ -7,5 +7,5 @@ from .api import quantize
 from .config import CalibConfig, QuantConfig, calib_preset
 from .errors import FlatQuantError
 
-__all__ = ["quantize", "QuantConfig", "CalibConfig", "calib_preset", "FlatQuantError"]
+__all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "quantize"]
 __version__ = "0.1.0"

@@ -176,7 +176,8 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
         elif name.startswith("fq_transforms.") and not name.endswith(".base"):
             transform_params.append(p)
     if not cfg.learn_transform:
-        transform_params = [p for n, p in layer.named_parameters() if n.endswith(".scale") and n.startswith("fq_transforms.")]
+        transform_params = [p for n, p in layer.named_parameters()
+                            if n.endswith(".scale") and n.startswith("fq_transforms.")]
     for p in transform_params + clip_params:
         p.requires_grad_(True)
     loss_before = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)

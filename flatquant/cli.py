@@ -94,7 +94,10 @@ def _check_writable(path: str | Path, what: str = "folder") -> None:
     p = Path(path).expanduser()
     if p.exists() and (p.is_dir() if what == "file" else not p.is_dir()):
         raise FlatQuantError(f"cannot write to {path}: it exists and is not a {what}")
-    probe = p if p.exists() else next((a for a in p.parents if a.exists()), Path("."))
+    if p.exists():  # an existing file is overwritten in its folder; an existing folder is written into
+        probe = p.parent if what == "file" else p
+    else:
+        probe = next((a for a in p.parents if a.exists()), Path("."))
     if not probe.is_dir():
         raise FlatQuantError(f"cannot write to {path}: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -202,7 +205,7 @@ def _check_layer_files(folder: Path, meta: dict) -> None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
-        except Exception as e:  # noqa: BLE001 - any reader failure means a corrupt file
+        except Exception as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__})") from None
 
 
@@ -216,7 +219,8 @@ def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: Calib
         raise CheckpointError(f"{folder}/flatquant.json: missing sizes/quant/calib settings")
     check_model_matches(meta, model.config)
     if ccfg is not None and (meta["quant"] != qcfg.to_dict()
-                             or CalibConfig.recipe_settings(meta["calib"]) != CalibConfig.recipe_settings(ccfg.to_dict())):
+                             or CalibConfig.recipe_settings(meta["calib"])
+                             != CalibConfig.recipe_settings(ccfg.to_dict())):
         key = "bit settings" if meta["quant"] != qcfg.to_dict() else "calibration settings"
         raise CheckpointError(f"{folder} holds a calibration with other {key}; "
                               "use --no-resume to replace it, or another --output")

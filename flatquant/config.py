@@ -71,7 +71,7 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
+    def from_dict(cls, d: dict) -> QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -115,7 +115,7 @@ class CalibConfig:
         return {k: v for k, v in d.items() if k not in ("cuda_graph",)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CalibConfig":
+    def from_dict(cls, d: dict) -> CalibConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -117,7 +117,7 @@ def _hub_allowed() -> bool:
     if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
         return False
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         return False
     return True
@@ -157,7 +157,7 @@ def load_text(source: str, data_dir: str | Path | None = None) -> str:
         if name != "wiki-calib" and _hub_allowed() and data_dir is None:
             try:
                 return _load_from_hub(name)
-            except Exception as e:  # noqa: BLE001  # pragma: no cover - network
+            except Exception as e:  # pragma: no cover - network
                 raise DataError(f"data file not found: {path}, and the hub fallback failed: {e}") from None
         raise DataError(f"data file not found: {path} (for source {name!r}; set --data-dir or ${DATA_ENV})")
     if name == "c4":

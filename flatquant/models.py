@@ -99,7 +99,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json)")
         source, kwargs = str(path), {"use_safetensors": True}
-    elif spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+    elif spec.startswith((".", "/", "~")) or (os.sep in spec and spec.count("/") > 1):
         raise ModelError(f"model path not found: {spec}")
     else:
         source = spec  # a hub id; only works online

@@ -241,5 +241,17 @@ def unfreeze(module: nn.Module) -> None:
             m.unfreeze()
 
 
-__all__ = ["ActSite", "NormWithSite", "QuantLinear", "KVQuant", "LayerTransforms", "quantize_layer",
-           "install_attention_hook", "freeze", "unfreeze", "quant_linears", "transform_rows", "kron_apply"]
+__all__ = [
+    "ActSite",
+    "KVQuant",
+    "LayerTransforms",
+    "NormWithSite",
+    "QuantLinear",
+    "freeze",
+    "install_attention_hook",
+    "kron_apply",
+    "quant_linears",
+    "quantize_layer",
+    "transform_rows",
+    "unfreeze",
+]

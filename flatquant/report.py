@@ -1,13 +1,19 @@
 """Turn results records (results/*.json, see flatquant.results) into docs/RESULTS.md and PNG plots.
 
+The markdown reads like a paper's results section; every number comes from a record.
+
 * Perplexity (kind "ppl"): the paper's Table 1 layout - rows = method (+ weight quantizer), grouped by
-  bit setting, columns WikiText-2 and C4 (proxy); one table per (model, seqlen).
-* Zero-shot (kind "zeroshot"): Table 2 layout - ARC-C, ARC-E, HellaSwag, LAMBADA, PIQA, WinoGrande, Avg;
-  one table per (model, limit).
-* Every other kind (calibration time, ablation, kernels, ...) is listed generically, one table per
-  kind, with all scalar fields, so nothing is silently dropped.
-* Each table and figure names the model, data, windows/limit, device and commit(s); a final section
-  lists every record file with the command that produced it.
+  bit setting, columns WikiText-2 and C4 (proxy); one table per (model, seqlen). Only the base rows:
+  records without a ``variant`` and the main FlatQuant run (variant "paper-recipe", shown as "FlatQuant").
+* Ablation (variants "ablation:<row>"): Table 3 layout - LT / PS / LCT, WikiText-2, C4.
+* Training recipes (variants "recipe:<name>"): Table 4 layout - ppl, calibration time, peak GPU memory.
+  Any other variant gets a table of its own, so nothing is silently dropped.
+* Zero-shot (kind "zeroshot"): Table 2 layout - ARC-C, ARC-E, HellaSwag, LAMBADA, PIQA, WinoGrande, Avg.
+* Calibration cost (kind "calib_cost", benchmarks/bench_calib_layer.py): one compact table.
+* Kernels (results/kernels/*.json, lists of benchmark entries): see flatquant.report_kernels.
+* Every other kind is listed generically, one table per kind, with all scalar fields.
+* Each table and figure names the model or shapes, data, device and commit(s); a final section lists
+  every record file with the command that produced it.
 
     python -m flatquant.report [results_dir] [out_md] [plots_dir]
 """
@@ -40,6 +46,14 @@ DATASET_NOTES = {"wikitext2": "WikiText-2 raw test", "c4": "C4 validation proxy 
 TASKS = [("arc_challenge", "ARC-C"), ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"),
          ("lambada_openai", "LAMBADA"), ("piqa", "PIQA"), ("winogrande", "WinoGrande")]
 PROVENANCE_KEYS = ("device", "git_commit", "command", "date", "torch", "_path")
+# variants shown as the method's main row (Table 1), with what they stand for
+MAIN_VARIANTS = {"paper-recipe": "full paper recipe"}
+ABLATION, RECIPE = "ablation:", "recipe:"
+ABLATION_ORDER = ["RTN", "+LT", "+LT+PS", "+LT+LCT", "+LT+PS+LCT"]
+ABLATION_FLAGS = [("lt", "LT"), ("ps", "PS"), ("lct", "LCT")]
+RECIPE_NOTES = {"svd-amp": "SVD-form transforms (Cayley-orthogonal factors), bf16 mixed precision",
+                "direct-fp32": "full matrices with an explicit inverse, float32"}
+KERNEL_KIND = "kernel_bench"  # entries of results/kernels/*.json (lists), tagged when loaded
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -59,10 +73,15 @@ def _is_fp16(r: dict) -> bool:
     return r.get("method") == "fp16" or _bits(r) == "W16A16KV16"
 
 
+def _is_main(r: dict) -> bool:
+    """A base row of Table 1: no variant, or the method's main run (e.g. FlatQuant's paper recipe)."""
+    return not r.get("variant") or r.get("variant") in MAIN_VARIANTS
+
+
 def _method_label(r: dict) -> str:
     m = str(r.get("method", "?"))
     label = METHOD_NAMES.get(m.lower(), m)
-    if r.get("variant"):
+    if not _is_main(r):
         label += f" [{r['variant']}]"
     return label
 
@@ -137,6 +156,22 @@ def _fmt_scalar(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+def _fmt_seconds(s) -> str:
+    if not isinstance(s, (int, float)):
+        return "-"
+    return f"{s:.0f} s" if s >= 100 else f"{s:.1f} s"
+
+
+def _fmt_mib(mib) -> str:
+    if not isinstance(mib, (int, float)):
+        return "-"
+    return f"{mib:,.0f} MiB ({mib / 1024:.2f} GiB)"
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _latest(records: list[dict]) -> list[dict]:
     """One record per configuration (the newest by date) - a re-run replaces the older number."""
     best: dict = {}
@@ -170,19 +205,75 @@ def _slug(s) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(s)).strip("-") or "x"
 
 
+def _calib_txt(calib: dict | None, with_recipe: bool = True) -> str:
+    """'128 x 2048-token calibration windows (`wiki-calib`), 15 epochs, recipe `svd-amp`' from a calib field."""
+    if not isinstance(calib, dict):
+        return ""
+    parts = []
+    if calib.get("nsamples") and calib.get("seqlen"):
+        data = f" (`{calib['dataset']}`)" if calib.get("dataset") else ""
+        parts.append(f"{calib['nsamples']} × {calib['seqlen']}-token calibration windows{data}")
+    if calib.get("epochs"):
+        parts.append(f"{calib['epochs']} epochs")
+    if with_recipe and calib.get("recipe"):
+        parts.append(f"recipe `{calib['recipe']}`")
+    return ", ".join(parts)
+
+
+def _distinct_calib(records, with_recipe: bool = True) -> str:
+    vals = []
+    for r in records:
+        t = _calib_txt(r.get("calib"), with_recipe)
+        if t and t not in vals:
+            vals.append(t)
+    return "; ".join(vals) if vals else "not recorded"
+
+
 # --------------------------------------------------------------------------------------------- grouping
+def _ppl_records(records, select=_is_main):
+    return _latest([r for r in records if r.get("kind", "ppl") == "ppl" and "ppl" in r and select(r)])
+
+
 def _ppl_groups(records):
-    """{(model, seqlen): {row_key: {dataset: record}}} for kind == 'ppl'."""
+    """{(model, seqlen): {row_key: {dataset: record}}} for the Table 1 rows (kind == 'ppl', main variants)."""
     groups: dict = defaultdict(lambda: defaultdict(dict))
-    for r in _latest([r for r in records if r.get("kind", "ppl") == "ppl" and "ppl" in r]):
+    for r in _ppl_records(records):
         row = (_bits(r), r.get("method"), r.get("weight_quantizer") if not _is_fp16(r) else None, r.get("variant"))
         groups[(str(r.get("model")), r.get("seqlen"))][row][str(r.get("dataset"))] = r
     return groups
 
 
+def _variant_groups(records, select, label):
+    """{(model, seqlen): {row label: {dataset: record}}} for the ppl records that `select` picks."""
+    groups: dict = defaultdict(lambda: defaultdict(dict))
+    for r in _ppl_records(records, select):
+        groups[(str(r.get("model")), r.get("seqlen"))][label(r)][str(r.get("dataset"))] = r
+    return groups
+
+
+def _is_ablation(r):
+    return str(r.get("variant") or "").startswith(ABLATION)
+
+
+def _is_recipe(r):
+    return str(r.get("variant") or "").startswith(RECIPE)
+
+
+def _is_other_variant(r):
+    return not _is_main(r) and not _is_ablation(r) and not _is_recipe(r)
+
+
+def _ablation_key(label: str):
+    return (ABLATION_ORDER.index(label), "") if label in ABLATION_ORDER else (len(ABLATION_ORDER), label)
+
+
 def _row_sort(row_key, recs):
     r = next(iter(recs.values()))
     return (0 if _is_fp16(r) else 1, _bits_key(row_key[0]), _method_key(r))
+
+
+def _group_sort(kv):
+    return (kv[0][0], kv[0][1] or 0)
 
 
 def _zs_groups(records):
@@ -192,7 +283,47 @@ def _zs_groups(records):
     return groups
 
 
+def _full_windows(recs) -> dict:
+    return {ds: max([r.get("windows") or 0 for r in recs if r.get("dataset") == ds], default=0) for ds, _ in DATASETS}
+
+
+def _data_txt(recs, seqlen) -> str:
+    present = [(ds, label) for ds, label in DATASETS if any(r.get("dataset") == ds for r in recs)]
+    windows = _full_windows(recs)
+    return (f"data: {'; '.join(DATASET_NOTES.get(ds, ds) for ds, _ in present)}; seqlen {seqlen}; windows: "
+            + ", ".join(f"{label} {windows.get(ds) or '-'}" for ds, label in present))
+
+
+def _ppl_cell(r, full_windows, best=None) -> str:
+    if r is None:
+        return "-"
+    s = _fmt_ppl(r.get("ppl"))
+    if best is not None and r.get("ppl") == best:
+        s = f"**{s}**"
+    ds = r.get("dataset")
+    if full_windows.get(ds) and r.get("windows") and r["windows"] < full_windows[ds]:
+        s += f" (n={r['windows']})"
+    return s
+
+
 # --------------------------------------------------------------------------------------------- markdown
+def _main_recipe_txt(recs, costs: bool = True) -> str:
+    """Caption text for the main-variant rows: what they stand for and (``costs``) calibration time and memory."""
+    out, seen = [], set()
+    for r in sorted(recs, key=lambda r: (_method_key(r), str(r.get("dataset")))):
+        v = r.get("variant")
+        if v not in MAIN_VARIANTS or (r.get("method"), v) in seen:
+            continue
+        seen.add((r.get("method"), v))
+        parts = [_calib_txt(r.get("calib"))]
+        if costs and _num(r.get("quantize_seconds")):
+            parts.append(f"calibration time {_fmt_seconds(r['quantize_seconds'])}")
+        if costs and _num(r.get("peak_gpu_mib")):
+            parts.append(f"peak GPU memory {_fmt_mib(r['peak_gpu_mib'])}")
+        out.append(f"{_method_label(r)} uses the {MAIN_VARIANTS[v]}: " + ", ".join(p for p in parts if p))
+    return ". ".join(out)
+
+
 def _ppl_section(records) -> list[str]:
     out = []
     groups = _ppl_groups(records)
@@ -202,17 +333,16 @@ def _ppl_section(records) -> list[str]:
             ("Lower is better. Non-overlapping windows of `seqlen` tokens (GPTQ/QuaRot/FlatQuant protocol). "
              "**Bold**: best in its bit setting. A value marked with `(n=...)` used fewer windows than the "
              "rest of its column."), ""]
-    for (model, seqlen), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
         recs = [r for row in rows.values() for r in row.values()]
-        full_windows = {ds: max([r.get("windows") or 0 for r in recs if r.get("dataset") == ds], default=0)
-                        for ds, _ in DATASETS}
+        full_windows = _full_windows(recs)
         extra_ds = sorted({str(r.get("dataset")) for r in recs} - {d for d, _ in DATASETS})
         columns = DATASETS + [(d, d) for d in extra_ds]
         best: dict = {}
         for row_key, row in rows.items():
             for ds, _ in columns:
                 r = row.get(ds)
-                if r is not None and isinstance(r.get("ppl"), (int, float)) and math.isfinite(r["ppl"]):
+                if r is not None and _num(r.get("ppl")):
                     k = (row_key[0], ds)
                     best[k] = min(best.get(k, float("inf")), float(r["ppl"]))
         table_rows = []
@@ -223,26 +353,97 @@ def _ppl_section(records) -> list[str]:
             cells = [f"**{bits}**" if bits != last_bits else "", _method_label(r0), _wq_label(r0)]
             last_bits = bits
             for ds, _ in columns:
-                r = row.get(ds)
-                if r is None:
-                    cells.append("-")
-                    continue
-                s = _fmt_ppl(r.get("ppl"))
                 peers = sum(1 for k2, rr in rows.items() if k2[0] == row_key[0] and rr.get(ds) is not None)
-                if peers > 1 and r.get("ppl") == best.get((row_key[0], ds)):
-                    s = f"**{s}**"
-                if full_windows.get(ds) and r.get("windows") and r["windows"] < full_windows[ds]:
-                    s += f" (n={r['windows']})"
-                cells.append(s)
+                cells.append(_ppl_cell(row.get(ds), full_windows, best.get((row_key[0], ds)) if peers > 1 else None))
             table_rows.append(cells)
         header = ["Bits", "Method", "W quantizer"] + [label for _, label in columns]
-        windows_txt = ", ".join(f"{label} {full_windows.get(ds) or '-'}" for ds, label in columns
-                                if any(r.get("dataset") == ds for r in recs))
-        data_txt = "; ".join(DATASET_NOTES.get(ds, ds) for ds, _ in columns
-                             if any(r.get("dataset") == ds for r in recs))
+        main_txt = _main_recipe_txt(recs)
         out += [f"### {_model_name(model)} - seqlen {seqlen}", "",
                 _table(header, table_rows, ["l", "l", "l"] + ["r"] * len(columns)), "",
-                _caption(recs, f"data: {data_txt}; seqlen {seqlen}; windows: {windows_txt}"), ""]
+                (f"{main_txt}. " if main_txt else "") + _caption(recs, _data_txt(recs, seqlen)), ""]
+    return out
+
+
+def _variant_table(rows: dict, flags: bool = False) -> tuple[str, list[dict]]:
+    """A table of ppl rows (label -> {dataset: record}); with `flags`, LT/PS/LCT tick columns from `calib`."""
+    recs = [r for row in rows.values() for r in row.values()]
+    full_windows = _full_windows(recs)
+    best = {ds: min([float(r["ppl"]) for r in recs if r.get("dataset") == ds and _num(r.get("ppl"))], default=None)
+            for ds, _ in DATASETS}
+    table_rows = []
+    for label, row in rows.items():
+        calib = next((r.get("calib") for r in row.values() if isinstance(r.get("calib"), dict)), {})
+        cells = [label] + ([("✓" if calib.get(k) else "") for k, _ in ABLATION_FLAGS] if flags else [])
+        cells += [_ppl_cell(row.get(ds), full_windows, best[ds] if len(rows) > 1 else None) for ds, _ in DATASETS]
+        table_rows.append(cells)
+    header = ["Method"] + ([name for _, name in ABLATION_FLAGS] if flags else []) + [lab for _, lab in DATASETS]
+    align = ["l"] + (["c"] * len(ABLATION_FLAGS) if flags else []) + ["r"] * len(DATASETS)
+    return _table(header, table_rows, align), recs
+
+
+def _main_ref(records, model, seqlen) -> str:
+    """'FlatQuant (full paper recipe) in Table 1: WikiText-2 29.51, C4 (proxy) 36.76' for the caption."""
+    main = [r for r in _ppl_records(records) if r.get("variant") in MAIN_VARIANTS
+            and str(r.get("model")) == model and r.get("seqlen") == seqlen]
+    if not main:
+        return "The full-recipe row is in Table 1 (not recorded for this model)."
+    vals = ", ".join(f"{label} {_fmt_ppl(r['ppl'])}" for ds, label in DATASETS for r in main if r.get("dataset") == ds)
+    calib = main[0].get("calib") or {}
+    recipe = (f", {calib.get('nsamples')} × {calib.get('seqlen')}, {calib.get('epochs')} epochs"
+              if calib.get("nsamples") else "")
+    return f"The full-recipe row ({_method_label(main[0])}{recipe}) is in Table 1: {vals}."
+
+
+def _ablation_section(records) -> list[str]:
+    groups = _variant_groups(records, _is_ablation, lambda r: str(r["variant"])[len(ABLATION):])
+    if not groups:
+        return []
+    out = ["## Ablation (Table 3 layout)", "",
+           ("Perplexity (lower is better) as FlatQuant's components are added to RTN W4A4KV4: LT = learnable "
+            "Kronecker transforms, PS = per-channel scaling, LCT = learnable clipping thresholds. **Bold**: best "
+            "in its column."), ""]
+    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
+        rows = dict(sorted(rows.items(), key=lambda kv: _ablation_key(kv[0])))
+        table, recs = _variant_table(rows, flags=True)
+        calibrated = [r for r in recs if r.get("calib")]
+        out += [f"### {_model_name(model)} - seqlen {seqlen}, {_bits(recs[0])}", "", table, "",
+                (f"Reduced recipe: {_distinct_calib(calibrated)} (the RTN row is not calibrated). "
+                 f"{_main_ref(records, model, seqlen)} " + _caption(recs, _data_txt(recs, seqlen))), ""]
+    return out
+
+
+def _recipe_section(records) -> list[str]:
+    groups = _variant_groups(records, _is_recipe, lambda r: str(r["variant"])[len(RECIPE):])
+    if not groups:
+        return []
+    out = ["## Training recipes (Table 4 layout)", "",
+           ("FlatQuant W4A4KV4 calibrated with each training recipe: perplexity, calibration time and peak GPU "
+            "memory (largest CUDA allocation over the run: calibration and evaluation)."), ""]
+    for (model, seqlen), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        recs = [r for row in rows.values() for r in row.values()]
+        full_windows = _full_windows(recs)
+        table_rows = []
+        for label, row in sorted(rows.items(), key=lambda kv: (list(RECIPE_NOTES) + [kv[0]]).index(kv[0])):
+            r0 = row.get("wikitext2") or next(iter(row.values()))
+            secs = r0.get("calib_seconds", r0.get("quantize_seconds"))
+            table_rows.append([f"`{label}`", RECIPE_NOTES.get(label, "-")]
+                              + [_ppl_cell(row.get(ds), full_windows) for ds, _ in DATASETS]
+                              + [_fmt_seconds(secs), _fmt_mib(r0.get("peak_gpu_mib"))])
+        header = ["Recipe", "Parameterisation"] + [lab for _, lab in DATASETS] + ["Calibration time", "Peak GPU memory"]
+        out += [f"### {_model_name(model)} - seqlen {seqlen}, {_bits(recs[0])}", "",
+                _table(header, table_rows, ["l", "l"] + ["r"] * (len(DATASETS) + 2)), "",
+                (f"Reduced recipe: {_distinct_calib(recs, False)}. {_main_ref(records, model, seqlen)} "
+                 + _caption(recs, _data_txt(recs, seqlen))), ""]
+    return out
+
+
+def _other_variants_section(records) -> list[str]:
+    groups = _variant_groups(records, _is_other_variant, _method_label)
+    out = ["## Other variants", ""] if groups else []
+    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
+        table, recs = _variant_table(dict(sorted(rows.items())))
+        out += [f"### {_model_name(model)} - seqlen {seqlen}", "", table, "",
+                f"Calibration: {_distinct_calib(recs)}. " + _caption(recs, _data_txt(recs, seqlen)), ""]
     return out
 
 
@@ -278,10 +479,45 @@ def _zs_section(records) -> list[str]:
         header = ["Bits", "Method", "W quantizer"] + [label for _, label in present] + ["Avg"]
         n_txt = ", ".join(f"{dict(present).get(t, t)} {'/'.join(str(n) for n in sorted(v))}" for t, v in ns.items())
         lim = "none (full task sets)" if limit is None else str(limit)
+        main_txt = _main_recipe_txt(recs, costs=False)  # zero-shot runs load the parameters of the ppl run
         out += [f"### {_model_name(model)} - limit {lim}", "",
                 _table(header, rows, ["l", "l", "l"] + ["r"] * (len(present) + 1)), "",
-                _caption(recs, f"lm-eval limit: {lim}; rows scored per task: {n_txt or '-'}"), ""]
+                (f"{main_txt}. " if main_txt else "")
+                + _caption(recs, f"lm-eval limit: {lim}; rows scored per task: {n_txt or '-'}"), ""]
     return out
+
+
+CALIB_COST_COLUMNS = [  # (header, field or callable, align)
+    ("Shape", "shape", "l"), ("Recipe", "recipe", "l"), ("CUDA graph", "cuda_graph", "c"),
+    ("Samples", lambda r: f"{r.get('nsamples', '-')} × {r.get('seqlen', '-')}", "r"),
+    ("ms / step", "ms_per_step", "r"), ("s / epoch", "seconds_per_epoch", "r"),
+    ("Fixed s / layer", "fixed_seconds_per_layer", "r")]
+
+
+def _calib_cost_section(records) -> list[str]:
+    recs = [r for r in records if r.get("kind") == "calib_cost"]
+    if not recs:
+        return []
+    extrap = sorted({k for r in recs for k in r if re.fullmatch(r"layer_seconds_\d+_epochs", k)},
+                    key=lambda k: int(k.split("_")[2]))
+    cols = CALIB_COST_COLUMNS + [(f"s / layer ({k.split('_')[2]} epochs)", k, "r") for k in extrap] + [
+        ("Layers", "layers", "r"), ("Model min (extrapolated)", "model_minutes_extrapolated", "r"),
+        ("Peak GPU GiB", "peak_gpu_gib", "r")]
+    if any(r.get("paper_reference") for r in recs):
+        cols.append(("Paper reference", "paper_reference", "l"))
+    rows = [[_fmt_scalar(f(r) if callable(f) else r.get(f)) for _, f, _ in cols]
+            for r in sorted(recs, key=lambda r: (str(r.get("shape")), str(r.get("recipe"))))]
+    runs = _distinct(recs, "epochs_run")
+    per_layer = (f"s / layer = fixed + {extrap[0].split('_')[2]} × s / epoch; " if extrap else "")
+    return ["## Calibration cost (one decoder layer)", "",
+            ("Calibration time of one decoder layer (random weights and inputs), measured by "
+             "`benchmarks/bench_calib_layer.py` over a few epochs and extrapolated to the full number of epochs "
+             "and to the whole model."), "",
+            _table([h for h, _, _ in cols], rows, [a for _, _, a in cols]), "",
+            (f"Measured over {runs} epoch(s) per shape; fixed = the once-per-layer costs (setup, CUDA graph "
+             f"capture, the loss before and after training); {per_layer}model = layers × s / layer. "
+             "Peak GPU memory is the largest CUDA allocation. "
+             + _caption(recs)), ""]
 
 
 def _flatten(d: dict, prefix: str = "", depth: int = 0) -> dict:
@@ -301,8 +537,11 @@ def _flatten(d: dict, prefix: str = "", depth: int = 0) -> dict:
 
 
 def _other_section(records) -> list[str]:
-    others = [r for r in records if r.get("kind", "ppl") not in ("ppl", "zeroshot")
-              or (r.get("kind", "ppl") == "ppl" and "ppl" not in r)]
+    from .report_kernels import classify
+
+    others = [r for r in records if r.get("kind", "ppl") not in ("ppl", "zeroshot", "calib_cost", KERNEL_KIND)
+              or (r.get("kind", "ppl") == "ppl" and "ppl" not in r)
+              or (r.get("kind") == KERNEL_KIND and classify(r) is None)]
     if not others:
         return []
     out = ["## Other results", ""]
@@ -326,19 +565,28 @@ def _other_section(records) -> list[str]:
 def _provenance_section(records) -> list[str]:
     if not records:
         return []
+    by_file: dict = defaultdict(list)
+    for r in records:
+        by_file[str(r.get("_path", "-"))].append(r)
     rows = []
-    for r in sorted(records, key=lambda r: str(r.get("_path", ""))):
-        cmd = str(r.get("command", "-")).replace("|", "\\|")
-        rows.append([f"`{Path(str(r.get('_path', '-'))).name}`", str(r.get("kind", "ppl")),
-                     f"`{cmd}`" if cmd != "-" else "-", _short_commit(r.get("git_commit")),
-                     str(r.get("device", "-")), str(r.get("date", "-"))])
+    for path, recs in sorted(by_file.items()):
+        kind = _distinct(recs, "kind")
+        if len(recs) > 1:
+            kind += f" ({len(recs)} entries)"
+        cmd = _distinct([r for r in recs if r.get("command")], "command").replace("|", "\\|")
+        date = max(str(r.get("date", "-")) for r in recs)
+        rows.append([f"`{Path(path).name}`", kind, f"`{cmd}`" if cmd != "-" else "-",
+                     _distinct(recs, "git_commit", _short_commit), _distinct(recs, "device"), date])
     return ["## Records", "", ("<details><summary>Every record behind the numbers above, with the command that "
-                               f"produced it ({len(records)} files)</summary>"), "",
+                               f"produced it ({len(rows)} files)</summary>"), "",
             _table(["file", "kind", "command", "commit", "device", "date"], rows), "", "</details>", ""]
 
 
 def render_markdown(records: list[dict], plots: list[str | Path] | None = None) -> str:
-    """The RESULTS.md text. ``plots``: image paths (relative to the markdown file) to embed."""
+    """The RESULTS.md text. ``records``: result records and kernel-benchmark entries (kind "kernel_bench",
+    see load_all); ``plots``: image paths (relative to the markdown file) to embed."""
+    from .report_kernels import kernels_section
+
     records = list(records)
     lines = ["# Results", "",
              ("Generated by `python -m flatquant.report` from the records in `results/` "
@@ -348,6 +596,11 @@ def render_markdown(records: list[dict], plots: list[str | Path] | None = None) 
         lines += ["No results recorded yet.", ""]
     lines += _ppl_section(records)
     lines += _zs_section(records)
+    lines += _ablation_section(records)
+    lines += _recipe_section(records)
+    lines += _other_variants_section(records)
+    lines += _calib_cost_section(records)
+    lines += kernels_section([r for r in records if r.get("kind") == KERNEL_KIND])
     lines += _other_section(records)
     if plots:
         lines += ["## Plots", ""]
@@ -380,121 +633,186 @@ def _bar_colors(n):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def make_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
-    """PNG figures: perplexity per method and bit setting (log scale) and zero-shot accuracy per task."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    paths: list[Path] = []
-
-    for (model, seqlen), rows in sorted(_ppl_groups(records).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        recs = [r for row in rows.values() for r in row.values()]
-        datasets = [(d, l) for d, l in DATASETS if any(r.get("dataset") == d for r in recs)]
-        bit_tags = sorted({("FP16" if _is_fp16(r) else _bits(r)) for r in recs},
-                          key=lambda t: (0, 0, "") if t == "FP16" else _bits_key(t))
-        def plot_label(r):
-            return _method_label(r) + ("" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})")
-
-        methods = []
-        for row_key, row in sorted(rows.items(), key=lambda kv: _row_sort(*kv)):
-            r0 = next(iter(row.values()))
-            if not _is_fp16(r0) and plot_label(r0) not in methods:
-                methods.append(plot_label(r0))
-        tags = [t for t in bit_tags if t != "FP16"]
-        fig, axes = plt.subplots(1, len(datasets), squeeze=False,
-                                 figsize=(max(5.0, 0.3 * len(rows) + 0.8 * len(tags)) * len(datasets), 4.8))
-        colors = dict(zip(methods, _bar_colors(max(1, len(methods)))))
-        for ax, (ds, ds_label) in zip(axes[0], datasets):
-            fp16 = [r for r in recs if _is_fp16(r) and r.get("dataset") == ds]
-            ymax, ymin = 0.0, float("inf")
-            for ti, tag in enumerate(tags):
-                # the bars present in this bit setting, centred on its tick, one colour per method
-                here = sorted((row[ds] for row in rows.values() if ds in row and not _is_fp16(row[ds])
-                               and _bits(row[ds]) == tag and isinstance(row[ds].get("ppl"), (int, float))
-                               and math.isfinite(row[ds]["ppl"])), key=lambda r: methods.index(plot_label(r)))
-                width = 0.8 / max(1, len(here)) if len(here) > 1 else 0.4
-                for k, r in enumerate(here):
-                    x = ti - width * (len(here) - 1) / 2 + width * k
-                    y = float(r["ppl"])
-                    ymax, ymin = max(ymax, y), min(ymin, y)
-                    ax.bar([x], [y], width=width, color=colors[plot_label(r)], label=plot_label(r))
-                    ax.annotate(_fmt_ppl(y), (x, y), ha="center", va="bottom", fontsize=7,
-                                rotation=90 if len(here) > 2 else 0, xytext=(0, 2), textcoords="offset points")
-            if fp16 and isinstance(fp16[0].get("ppl"), (int, float)):
-                y0 = float(fp16[0]["ppl"])
-                ymax, ymin = max(ymax, y0), min(ymin, y0)
-                ax.axhline(y0, color="black", ls="--", lw=1, label="FP16 baseline")
-            ax.set_yscale("log")
-            if 0 < ymin <= ymax:
-                ax.set_ylim(ymin / 2, ymax * 6)  # short bars stay visible; room for the value labels
-            ax.set_xticks(range(len(tags)))
-            ax.set_xticklabels(tags, fontsize=9)
-            ax.set_xlim(-0.6, len(tags) - 0.4)
-            ax.set_ylabel("perplexity (log scale, lower is better)")
-            win = max([r.get("windows") or 0 for r in recs if r.get("dataset") == ds], default=0)
-            base = f"; FP16 = {_fmt_ppl(fp16[0]['ppl'])}" if fp16 else ""
-            ax.set_title(f"{ds_label} ({win} windows of {seqlen} tokens{base})", fontsize=10)
-            ax.grid(axis="y", which="major", alpha=0.3)
-        handles, labels = [], []
-        for ax in axes[0]:
-            for h, l in zip(*ax.get_legend_handles_labels()):
-                if l not in labels:
-                    handles.append(h)
-                    labels.append(l)
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(labels)),
-                   fontsize=8, frameon=False)
-        fig.suptitle(f"Perplexity - {_model_name(model)}, seqlen {seqlen}", fontsize=12)
-        fig.text(0.5, -0.09, _plot_caption(recs, "; ".join(DATASET_NOTES.get(d, d) for d, _ in datasets)),
-                 ha="center", va="top", fontsize=7, wrap=True)
-        paths.append(_save_fig(fig, out_dir / f"ppl_{_slug(_model_name(model))}_seqlen{seqlen}.png"))
-        plt.close(fig)
-
-    for (model, limit), recs in sorted(_zs_groups(records).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        recs = sorted(recs, key=lambda r: (0 if _is_fp16(r) else 1, _bits_key(_bits(r)), _method_key(r)))
-        present = [(t, l) for t, l in TASKS if any(t in (r.get("tasks") or {}) for r in recs)]
-        present += [(t, t) for t in sorted({t for r in recs for t in (r.get("tasks") or {})} - {t for t, _ in TASKS})]
-        labels_x = [l for _, l in present] + ["Avg"]
-        fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(labels_x) * max(1, len(recs)) / 3), 4.6))
-        width = 0.8 / max(1, len(recs))
-        colors = _bar_colors(max(1, len(recs)))
-        for i, r in enumerate(recs):
-            ys = [float((r.get("tasks") or {}).get(t, {}).get("value", float("nan"))) for t, _ in present]
-            ys.append(float(r["average"]) if isinstance(r.get("average"), (int, float)) else float("nan"))
-            xs = [j - 0.4 + width * (i + 0.5) for j in range(len(labels_x))]
-            lab = ("FP16" if _is_fp16(r) else f"{_method_label(r)} {_bits(r)}") + (
-                "" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})")
-            ax.bar(xs, ys, width=width, color=colors[i], label=lab)
-        ax.set_xticks(range(len(labels_x)))
-        ax.set_xticklabels(labels_x)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=2 if len(recs) > 4 else 1, loc="upper right")
-        lim = "full task sets" if limit is None else f"limit {limit} rows/task"
-        fig.suptitle(f"Zero-shot accuracy - {_model_name(model)} ({lim})", fontsize=12)
-        fig.text(0.5, -0.02, _plot_caption(recs, "lm-eval 0-shot; acc_norm: ARC-C/ARC-E/HellaSwag/PIQA, "
-                                                 "acc: LAMBADA/WinoGrande"), ha="center", va="top", fontsize=7,
-                 wrap=True)
-        lim_slug = "full" if limit is None else _slug(limit)
-        paths.append(_save_fig(fig, out_dir / f"zeroshot_{_slug(_model_name(model))}_limit-{lim_slug}.png"))
-        plt.close(fig)
-    return paths
-
-
 def _plot_caption(recs, data: str) -> str:
     return (f"model {_distinct(recs, 'model', _model_name)} | data: {data} | device: {_distinct(recs, 'device')} | "
             f"commit(s): {_distinct(recs, 'git_commit', _short_commit)}")
 
 
+def _plot_ppl(plt, model, seqlen, rows, out_dir) -> Path:
+    recs = [r for row in rows.values() for r in row.values()]
+    datasets = [(d, l) for d, l in DATASETS if any(r.get("dataset") == d for r in recs)]
+    tags = sorted({_bits(r) for r in recs if not _is_fp16(r)}, key=_bits_key)
+
+    def plot_label(r):
+        return _method_label(r) + ("" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})")
+
+    methods = []
+    for _, row in sorted(rows.items(), key=lambda kv: _row_sort(*kv)):
+        r0 = next(iter(row.values()))
+        if not _is_fp16(r0) and plot_label(r0) not in methods:
+            methods.append(plot_label(r0))
+    fig, axes = plt.subplots(1, len(datasets), squeeze=False,
+                             figsize=(max(5.0, 0.3 * len(rows) + 0.8 * len(tags)) * len(datasets), 4.8))
+    colors = dict(zip(methods, _bar_colors(max(1, len(methods)))))
+    for ax, (ds, ds_label) in zip(axes[0], datasets):
+        fp16 = [r for r in recs if _is_fp16(r) and r.get("dataset") == ds]
+        ymax, ymin = 0.0, float("inf")
+        for ti, tag in enumerate(tags):
+            # the bars present in this bit setting, centred on its tick, one colour per method
+            here = sorted((row[ds] for row in rows.values() if ds in row and not _is_fp16(row[ds])
+                           and _bits(row[ds]) == tag and _num(row[ds].get("ppl"))),
+                          key=lambda r: methods.index(plot_label(r)))
+            width = 0.8 / max(1, len(here)) if len(here) > 1 else 0.4
+            for k, r in enumerate(here):
+                x = ti - width * (len(here) - 1) / 2 + width * k
+                y = float(r["ppl"])
+                ymax, ymin = max(ymax, y), min(ymin, y)
+                ax.bar([x], [y], width=width, color=colors[plot_label(r)], label=plot_label(r))
+                ax.annotate(_fmt_ppl(y), (x, y), ha="center", va="bottom", fontsize=7,
+                            rotation=90 if len(here) > 2 else 0, xytext=(0, 2), textcoords="offset points")
+        if fp16 and _num(fp16[0].get("ppl")):
+            y0 = float(fp16[0]["ppl"])
+            ymax, ymin = max(ymax, y0), min(ymin, y0)
+            ax.axhline(y0, color="black", ls="--", lw=1, label="FP16 baseline")
+        ax.set_yscale("log")
+        if 0 < ymin <= ymax:
+            ax.set_ylim(ymin / 2, ymax * 6)  # short bars stay visible; room for the value labels
+        ax.set_xticks(range(len(tags)))
+        ax.set_xticklabels(tags, fontsize=9)
+        ax.set_xlim(-0.6, len(tags) - 0.4)
+        ax.set_ylabel("perplexity (log scale, lower is better)")
+        win = max([r.get("windows") or 0 for r in recs if r.get("dataset") == ds], default=0)
+        base = f"; FP16 = {_fmt_ppl(fp16[0]['ppl'])}" if fp16 else ""
+        ax.set_title(f"{ds_label} ({win} windows of {seqlen} tokens{base})", fontsize=10)
+        ax.grid(axis="y", which="major", alpha=0.3)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(labels)),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"Perplexity - {_model_name(model)}, seqlen {seqlen}", fontsize=12)
+    fig.text(0.5, -0.09, _plot_caption(recs, "; ".join(DATASET_NOTES.get(d, d) for d, _ in datasets)),
+             ha="center", va="top", fontsize=7, wrap=True)
+    return _save_fig(fig, out_dir / f"ppl_{_slug(_model_name(model))}_seqlen{seqlen}.png")
+
+
+def _plot_zeroshot(plt, model, limit, recs, out_dir) -> Path:
+    recs = sorted(recs, key=lambda r: (0 if _is_fp16(r) else 1, _bits_key(_bits(r)), _method_key(r)))
+    present = [(t, l) for t, l in TASKS if any(t in (r.get("tasks") or {}) for r in recs)]
+    present += [(t, t) for t in sorted({t for r in recs for t in (r.get("tasks") or {})} - {t for t, _ in TASKS})]
+    labels_x = [l for _, l in present] + ["Avg"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(labels_x) * max(1, len(recs)) / 3), 4.6))
+    width = 0.8 / max(1, len(recs))
+    colors = _bar_colors(max(1, len(recs)))
+    for i, r in enumerate(recs):
+        ys = [float((r.get("tasks") or {}).get(t, {}).get("value", float("nan"))) for t, _ in present]
+        ys.append(float(r["average"]) if isinstance(r.get("average"), (int, float)) else float("nan"))
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(labels_x))]
+        lab = ("FP16" if _is_fp16(r) else f"{_method_label(r)} {_bits(r)}") + (
+            "" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})")
+        ax.bar(xs, ys, width=width, color=colors[i], label=lab)
+    ax.set_xticks(range(len(labels_x)))
+    ax.set_xticklabels(labels_x)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(recs) > 4 else 1, loc="upper right")
+    lim = "full task sets" if limit is None else f"limit {limit} rows/task"
+    fig.suptitle(f"Zero-shot accuracy - {_model_name(model)} ({lim})", fontsize=12)
+    fig.text(0.5, -0.02, _plot_caption(recs, "lm-eval 0-shot; acc_norm: ARC-C/ARC-E/HellaSwag/PIQA, "
+                                             "acc: LAMBADA/WinoGrande"), ha="center", va="top", fontsize=7, wrap=True)
+    lim_slug = "full" if limit is None else _slug(limit)
+    return _save_fig(fig, out_dir / f"zeroshot_{_slug(_model_name(model))}_limit-{lim_slug}.png")
+
+
+def _plot_ablation(plt, records, model, seqlen, rows, out_dir) -> Path | None:
+    """WikiText-2 perplexity per ablation row (log scale), with the FP16 and full-recipe levels as lines."""
+    ds, ds_label = DATASETS[0]
+    rows = [(label, row[ds]) for label, row in sorted(rows.items(), key=lambda kv: _ablation_key(kv[0]))
+            if ds in row and _num(row[ds].get("ppl"))]
+    if not rows:
+        return None
+    recs = [r for _, r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2.5), 4.4))
+    ys = [float(r["ppl"]) for r in recs]
+    ax.bar(range(len(rows)), ys, width=0.6, color=_bar_colors(len(rows)))
+    for x, y in enumerate(ys):
+        ax.annotate(_fmt_ppl(y), (x, y), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                    textcoords="offset points")
+    refs = [r for r in _ppl_records(records) if str(r.get("model")) == model and r.get("seqlen") == seqlen
+            and r.get("dataset") == ds and (_is_fp16(r) or r.get("variant") in MAIN_VARIANTS)]
+    for r, style in zip(sorted(refs, key=_method_key), ("--", ":", "-.")):
+        lab = "FP16" if _is_fp16(r) else f"{_method_label(r)}, {MAIN_VARIANTS[r['variant']]}"
+        ax.axhline(float(r["ppl"]), color="black", ls=style, lw=1, label=f"{lab} = {_fmt_ppl(r['ppl'])}")
+    lo, hi = min(ys + [float(r["ppl"]) for r in refs]), max(ys)
+    ax.set_yscale("log")
+    ax.set_ylim(lo / 1.5, hi * 3)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([label for label, _ in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylabel(f"{ds_label} perplexity (log scale)")
+    ax.grid(axis="y", alpha=0.3)
+    if refs:
+        ax.legend(fontsize=8, loc="upper right")
+    calib = _distinct_calib([r for r in recs if r.get("calib")], False)
+    fig.suptitle(f"Ablation - {_model_name(model)} {_bits(recs[0])}, {ds_label}, seqlen {seqlen}", fontsize=11)
+    ax.set_title(f"reduced recipe: {calib.replace('`', '')}", fontsize=8)
+    fig.text(0.5, -0.02, _plot_caption(recs + refs, DATASET_NOTES.get(ds, ds)), ha="center", va="top", fontsize=7,
+             wrap=True)
+    return _save_fig(fig, out_dir / f"ablation_{_slug(_model_name(model))}_seqlen{seqlen}.png")
+
+
+def make_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
+    """PNG figures: perplexity per method and bit setting (log scale), zero-shot accuracy per task, the
+    ablation, and the W4A4 linear speedup (flatquant.report_kernels)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from .report_kernels import kernel_plots
+
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    figures = [lambda k=k, rows=rows: _plot_ppl(plt, *k, rows, out_dir)
+               for k, rows in sorted(_ppl_groups(records).items(), key=_group_sort)]
+    figures += [lambda k=k, recs=recs: _plot_zeroshot(plt, *k, recs, out_dir)
+                for k, recs in sorted(_zs_groups(records).items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]
+    groups = _variant_groups(records, _is_ablation, lambda r: str(r["variant"])[len(ABLATION):])
+    figures += [lambda k=k, rows=rows: _plot_ablation(plt, records, *k, rows, out_dir)
+                for k, rows in sorted(groups.items(), key=_group_sort)]
+    for make in figures:
+        path = make()
+        plt.close("all")
+        if path is not None:
+            paths.append(path)
+    paths += kernel_plots([r for r in records if r.get("kind") == KERNEL_KIND], out_dir)
+    return paths
+
+
 # --------------------------------------------------------------------------------------------- entry
+def load_all(results_dir: str | Path = "results") -> list[dict]:
+    """The result records (one JSON object per file) and the entries of the kernel-benchmark files (a JSON
+    list per file, e.g. results/kernels/*.json), the latter tagged kind "kernel_bench" with their ``_path``."""
+    records = load_records(results_dir)
+    for p in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if isinstance(data, list):
+            records += [{"kind": KERNEL_KIND, **e, "_path": str(p)} for e in data if isinstance(e, dict)]
+    return records
+
+
 def write_report(results_dir: str | Path = "results", out_md: str | Path = "docs/RESULTS.md",
                  plots_dir: str | Path = "docs/plots") -> list[Path]:
     """Read every record under ``results_dir``, write the plots and then the markdown (atomically).
     Returns the plot paths (the markdown is at ``out_md``)."""
-    records = load_records(results_dir)
+    records = load_all(results_dir)
     out_md = Path(out_md)
     plots = make_plots(records, plots_dir) if records else []
     rel = [Path(os.path.relpath(p, out_md.parent if str(out_md.parent) else ".")) for p in plots]

@@ -57,7 +57,7 @@ class LayerStepper:
             self.x, self.t = example_x.clone(), example_t.clone()
             try:
                 self._capture()
-            except Exception as e:  # noqa: BLE001 - any capture failure: same maths, eagerly
+            except Exception as e:
                 log(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                     "training this layer eagerly")
                 self.graph = None

@@ -95,7 +95,7 @@ def hadamard(n: int) -> torch.Tensor | None:
     """An n x n Hadamard matrix (entries ±1, H Hᵀ = n I) if we can build one: 2^k · m with m = 1 or a
     Paley order (e.g. 12, 20, 36, 44, ...); otherwise None. 576 = 16·36 and 1536 = 128·12 both work."""
     k = (n & -n).bit_length() - 1  # largest power of two dividing n
-    for extra in range(0, k + 1):
+    for extra in range(k + 1):
         m = n >> (k - extra)  # odd part times 2^extra
         if m > 4096:  # Paley matrices are built in Python: keep them small (they are Kronecker factors)
             break
@@ -265,7 +265,7 @@ class FixedKronecker(Transform):
     @classmethod
     def random_hadamard(cls, n: int, generator: torch.Generator | None = None,
                         factors: tuple[int, int] | None = None, signs: bool = True,
-                        skip_p2_online: bool = False) -> "FixedKronecker":
+                        skip_p2_online: bool = False) -> FixedKronecker:
         """Randomized Hadamard when one of size n can be built, else a random orthogonal matrix;
         either way stored as two Kronecker factors so large sizes stay cheap."""
         n1, n2 = factors if factors is not None else kron_factors(n)

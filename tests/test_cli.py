@@ -167,6 +167,13 @@ def test_report_renders_markdown(env, tmp_path, capsys):
     assert "| Bits | Method | W quantizer | WikiText-2 | C4 (proxy) |" in md
     assert "FlatQuant" in md and "tiny-llama" in md
     assert f"wrote {out}" in stdout
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)  # shared docs, not private temp-file permissions
+    # a second run overwrites the existing report (the usual case: docs/RESULTS.md is committed)
+    out.write_text("stale")
+    rc, stdout, err = run(["report", "--results-dir", env["quantize_results"], "--out", out,
+                           "--plots-dir", tmp_path / "docs" / "plots"], capsys)
+    assert rc == 0, err
+    assert out.read_text() == md
 
 
 def test_default_model_name():

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from flatquant.transforms import (ChannelScale, FactorView, FixedKronecker, KroneckerAffine, hadamard, kron_apply,
-                                  kron_factors)
+from flatquant.transforms import (
+    ChannelScale,
+    FactorView,
+    FixedKronecker,
+    KroneckerAffine,
+    hadamard,
+    kron_apply,
+    kron_factors,
+)
 
 
 @pytest.mark.parametrize("n,expected", [(4096, (64, 64)), (8192, (64, 128)), (11008, (86, 128)),

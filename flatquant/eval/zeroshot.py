@@ -134,7 +134,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_dir=None, limit: 
                       batch_size: int = 32, device=None, seed: int = 1234) -> dict:
     """Zero-shot accuracy of ``model`` (a transformers causal LM object) on ``tasks``.
 
-    Returns ``{task: {"metric", "value" (0-100), "n"}, ..., "average": mean of the values}``. ``limit`` caps the rows per task (lm-eval's ``--limit``).
+    Returns ``{task: {"metric", "value" (0-100), "n"}, ..., "average": mean of the values}``.
+    ``limit`` caps the rows per task (lm-eval's ``--limit``).
     """
     tasks = normalize_tasks(tasks)
     stock_tasks_dir()  # clear error when lm-eval is missing

@@ -21,19 +21,19 @@ from flatquant.kernels.reference import (
 )
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 if HAS_TRITON:
+    from flatquant.kernels.cublas_routes import int_mm_gemm, scaled_mm_gemm, unpack_int4_codes
+    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import (
         fused_transform_quantize,
         unfused_transform_quantize_torch,
     )
-    from flatquant.kernels.cublas_routes import int_mm_gemm, scaled_mm_gemm, unpack_int4_codes
-    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
 __all__ = [

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import (  # noqa: F401
+from flatquant.kernels._triton_utils import (
     _mm,
     _mm_f32rhs,
     _quantize,

@@ -29,7 +29,8 @@ def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[Laye
     for i, layer in enumerate(family.decoder_layers(model)):
         lin = family.linears(layer)
         out.append(LayerTransforms(
-            attn_in=ChannelScale(smooth_scale(stats[i]["attn_in"], [lin[r].weight for r in ("q_proj", "k_proj", "v_proj")])),
+            attn_in=ChannelScale(smooth_scale(stats[i]["attn_in"],
+                                              [lin[r].weight for r in ("q_proj", "k_proj", "v_proj")])),
             mlp_in=ChannelScale(smooth_scale(stats[i]["mlp_in"], [lin[r].weight for r in ("gate_proj", "up_proj")])),
             down_in=ChannelScale(smooth_scale(stats[i]["down_in"], [lin["down_proj"].weight])),
         ))

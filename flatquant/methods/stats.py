@@ -21,8 +21,9 @@ def input_absmax(model, family, windows: torch.Tensor, batch_size: int = 4) -> l
     for i, layer in enumerate(family.decoder_layers(model)):
         stats.append({})
         lin = family.linears(layer)
-        hooks.append(family.norm(layer, "input").register_forward_hook(lambda m, a, o, f=record(i, "attn_in"): f(m, a, o)))
-        hooks.append(family.norm(layer, "post").register_forward_hook(lambda m, a, o, f=record(i, "mlp_in"): f(m, a, o)))
+        for norm, site in (("input", "attn_in"), ("post", "mlp_in")):  # a norm's output is the site's input
+            hooks.append(family.norm(layer, norm).register_forward_hook(
+                lambda m, a, o, f=record(i, site): f(m, a, o)))
         hooks.append(lin["o_proj"].register_forward_pre_hook(record(i, "o_in")))
         hooks.append(lin["down_proj"].register_forward_pre_hook(record(i, "down_in")))
     device = next(model.parameters()).device

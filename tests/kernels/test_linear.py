@@ -115,6 +115,7 @@ def test_route_dispatch_and_weight_cache():
     with pytest.raises(ValueError):
         W4A4Linear(32, 16, gemm_route="cutlass")
     pytest.importorskip("triton")
+    m = m.to(DEVICE)  # the unpack kernel runs where the kernels run (CUDA, or CPU under the interpreter)
     codes = m._weight_codes("int8")
     assert codes is m._weight_codes("int8") and codes.shape == (32, 64)
     m.clear_cache()
