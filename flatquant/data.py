@@ -117,7 +117,7 @@ def _hub_allowed() -> bool:
     if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
         return False
     try:
-        import datasets
+        import datasets  # noqa: F401 - only whether it is installed matters
     except ImportError:
         return False
     return True

@@ -21,7 +21,7 @@ from flatquant.kernels.reference import (
 )
 
 try:
-    import triton
+    import triton  # noqa: F401 - only whether it is installed matters
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover

@@ -40,7 +40,6 @@ from flatquant.kernels._triton_utils import (
     _mm,
     _mm_f32rhs,
     _quantize,
-    _rint,
     _scale,
     interpreting,
     next_pow2,

@@ -208,7 +208,8 @@ class W4A4Linear(nn.Module):
     def extra_repr(self) -> str:
         f = lambda p: None if p is None else tuple(p.shape)
         return (f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.bits}, "
-                f"bias={self.bias is not None}, p1={f(self.p1)}, p2={f(self.p2)}, alpha={float(self.alpha):.4g}, backend={self._backend}")
+                f"bias={self.bias is not None}, p1={f(self.p1)}, p2={f(self.p2)}, "
+                f"alpha={float(self.alpha):.4g}, backend={self._backend}")
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
