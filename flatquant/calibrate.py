@@ -24,7 +24,7 @@ from .errors import CheckpointError
 from .families import Family, family_for
 from .methods.smoothquant import smooth_scale
 from .modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
-from .train_step import LayerStepper, _layer_out, autocast
+from .train_step import LayerStepper, autocast, layer_output
 from .transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 
 
@@ -98,7 +98,7 @@ def _forward_all(layer, inps, kwargs, batch_size, out=None, stats_hooks=None):
     out = torch.empty_like(inps) if out is None else out
     for s in range(0, inps.shape[0], batch_size):
         x = inps[s:s + batch_size].float()
-        out[s:s + batch_size] = _layer_out(layer(x, **kwargs)).to(out.dtype)
+        out[s:s + batch_size] = layer_output(layer(x, **kwargs)).to(out.dtype)
     return out
 
 
@@ -139,7 +139,7 @@ def _mse(layer, inps, targets, kwargs, batch_size, amp) -> float:
     with step_cache(layer):  # the transforms are fixed during the pass: evaluate them once
         for s in range(0, inps.shape[0], batch_size):
             with autocast(amp, inps.device):
-                out = _layer_out(layer(inps[s:s + batch_size].float(), **kwargs))
+                out = layer_output(layer(inps[s:s + batch_size].float(), **kwargs))
             total += torch.sum((out.float() - targets[s:s + batch_size].float()) ** 2)
     return total.item() / targets.numel()
 
@@ -173,7 +173,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     for name, p in layer.named_parameters():
         if "clip_logit" in name:
             clip_params.append(p)
-        elif name.startswith("fq_transforms.") and not name.endswith(".base"):
+        elif name.startswith("fq_transforms."):
             transform_params.append(p)
     if not cfg.learn_transform:
         transform_params = [p for n, p in layer.named_parameters()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .report import _distinct, _num, _save_fig, _short_commit, _table
+from .report_common import _bar_colors, _commands, _distinct, _num, _save_fig, _short_commit, _table
 
 DEFAULT_FUSED = "fused"  # the fused kernel the layer uses by default; other "fused_*" kernels are variants
 LINEAR_AUTO = "w4a4_linear_auto"  # the full linear (quantize + GEMM) with the default route dispatch
@@ -40,7 +40,7 @@ def _x(v) -> str:
 
 
 def _provenance(entries) -> str:
-    cmd = _distinct([e for e in entries if e.get("command")], "command").replace("|", "\\|")
+    cmd = _commands(entries)
     return (f"Device: {_distinct(entries, 'device')}; commit(s): {_distinct(entries, 'git_commit', _short_commit)}; "
             f"command: `{cmd}`.")
 
@@ -240,8 +240,6 @@ def kernel_plots(entries: list[dict], out_dir: str | Path) -> list[Path]:
     if not panels:
         return []
     import matplotlib.pyplot as plt
-
-    from .report import _bar_colors
 
     fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(6.2 * len(panels), 4.6), sharey=True)
     colors = dict(zip(shapes, _bar_colors(len(shapes))))

@@ -26,7 +26,8 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
-def _layer_out(out):
+def layer_output(out):
+    """A decoder layer returns a tensor or a tuple whose first item is the hidden states."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -65,7 +66,7 @@ class LayerStepper:
 
     def _forward_backward_update(self, x: torch.Tensor, t: torch.Tensor) -> None:
         with step_cache(self.layer), autocast(self.amp, self.device):
-            out = _layer_out(self.layer(x.float(), **self.kwargs))
+            out = layer_output(self.layer(x.float(), **self.kwargs))
             loss = torch.mean((out.float() - t.float()) ** 2)
         loss.backward()
         self.opt.step()

@@ -135,3 +135,52 @@ def test_reparameterized_model_matches_training_mode(tiny_model_factory, family)
     assert all(m.in_transform is None and not m.w_quantizer.enabled for m in quant_linears(model))
     assert layer.fq_transforms["attn_in"].channel_scale() is None  # now inside input_layernorm
     assert _rel(folded, train_mode) < 1e-4
+
+
+def test_nan_loss_under_mixed_precision_is_retried_in_float32(tiny_model_factory, monkeypatch):
+    """A non-finite loss under mixed precision restarts the layer in float32, from the same start,
+    and the log says so."""
+    import flatquant.calibrate as cal_mod
+
+    real_train, calls = cal_mod.train_layer, []
+
+    def nan_once_under_amp(layer, inps, targets, kwargs, cfg, amp, gen, **kw):
+        calls.append(amp)
+        if amp:
+            return 1.0, float("nan"), False
+        return real_train(layer, inps, targets, kwargs, cfg, amp, gen, **kw)
+
+    monkeypatch.setattr(cal_mod, "train_layer", nan_once_under_amp)
+    model = tiny_model_factory("llama")
+    layer = model.model.layers[0]
+    ids = _windows(model)
+    from flatquant.modules import install_attention_hook
+
+    install_attention_hook(model)
+    inps, kwargs = cal_mod.capture_layer_inputs(model, cal_mod.family_for(model), ids, torch.float32)
+    logs = []
+    _, _, row = cal_mod.calibrate_layer(layer, cal_mod.family_for(model), model.config, QuantConfig(4, 4, 4),
+                                        calib_preset("tiny"), inps, kwargs, seed=0, amp=True, log=logs.append)
+    assert calls == [True, False]
+    assert row["amp"] is False and row["loss_after"] == row["loss_after"]  # finite, from the float32 run
+    assert any("retrying in float32" in m for m in logs)
+
+
+def test_nonfinite_inputs_are_reported_not_hidden():
+    """train_layer flags a non-finite loss (checked once per epoch) instead of returning a number."""
+    from flatquant.calibrate import train_layer
+    from flatquant.transforms import KroneckerAffine
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fq_transforms = torch.nn.ModuleDict({"t": KroneckerAffine(8, learn_scale=True)})
+
+        def forward(self, x, **_):
+            return self.fq_transforms["t"](x)
+
+    inps = torch.randn(4, 3, 8)
+    inps[1, 0, 0] = float("nan")
+    before, after, finite = train_layer(Toy(), inps, torch.randn(4, 3, 8), {}, calib_preset("tiny"), False,
+                                        torch.Generator().manual_seed(0))
+    assert not finite and after != after

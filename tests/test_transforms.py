@@ -93,3 +93,46 @@ def test_svd_inverse_is_exact_in_low_precision():
     i1, i2 = t.inverse_matrices()
     eye = torch.eye(64)
     assert (torch.kron(p1, p2).half().float() @ torch.kron(i1, i2).half().float() - eye).abs().max() < 1e-2
+
+
+def test_batched_cayley_and_inverse_match_one_by_one():
+    """Matrices of mixed sizes are padded into power-of-two buckets: results equal per-matrix solves."""
+    from flatquant.transforms import cayley, inverse
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 9, 24, 32, 48, 1]
+    skews = [torch.randn(n, n, generator=g, dtype=torch.float64) for n in sizes]
+    for a, q in zip(skews, cayley(*skews)):
+        n = a.shape[0]
+        s, eye = a - a.t(), torch.eye(n, dtype=torch.float64)
+        assert torch.allclose(q, torch.linalg.solve(eye + s, eye - s), atol=1e-12)
+        assert torch.allclose(q @ q.t(), eye, atol=1e-12)  # orthogonal
+    mats = [torch.randn(n, n, generator=g, dtype=torch.float64) + n * torch.eye(n, dtype=torch.float64) for n in sizes]
+    for m, inv in zip(mats, inverse(*mats)):
+        assert torch.allclose(inv, torch.linalg.inv(m), atol=1e-12)
+
+
+@pytest.mark.parametrize("par", ["svd", "direct"])
+def test_step_cache_gives_the_same_values_and_gradients(par):
+    """Inside step_cache a transform is evaluated once; outputs and gradients equal the uncached ones."""
+    from flatquant.transforms import KroneckerAffine, step_cache
+
+    t = KroneckerAffine(24, parameterization=par, learn_scale=True, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # move away from the initial point so every parameter matters
+        for p in t.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    x, w = torch.randn(5, 24), torch.randn(7, 24)
+
+    def loss():
+        return (t(x) ** 2).sum() + (t.transform_weight(w) ** 3).sum()
+
+    plain = loss()
+    g_plain = torch.autograd.grad(plain, list(t.parameters()))
+    with step_cache(t):
+        cached = loss()
+        assert t._step is not None
+    g_cached = torch.autograd.grad(cached, list(t.parameters()))
+    assert t._step is None  # cleared on exit
+    assert torch.allclose(plain, cached)
+    for a, b in zip(g_plain, g_cached):
+        assert torch.allclose(a, b, atol=1e-5)
