@@ -83,8 +83,6 @@ def main(argv=None) -> int:
     ap.add_argument("--check-graph", action="store_true",
                     help="train copies eagerly and from a CUDA graph on 16 samples; report both losses")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the training steps")
-    ap.add_argument("--compile-quantizer", action="store_true",
-                    help="experiment: torch.compile the fake quantizer (fewer, fused kernels per step)")
     args = ap.parse_args(argv)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -97,10 +95,6 @@ def main(argv=None) -> int:
         print("bench_calib_layer: needs a CUDA GPU (use --small for a CPU smoke run)", file=sys.stderr)
         return 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.compile_quantizer:
-        import flatquant.quantizer as fq_quantizer
-
-        fq_quantizer.fake_quantize = torch.compile(fq_quantizer.fake_quantize, dynamic=True)
     register_attention()
     config = LlamaConfig(**sizes)
     config._attn_implementation = ATTN_IMPL
@@ -149,7 +143,7 @@ def main(argv=None) -> int:
     n_layers = sizes["num_hidden_layers"]
     record = {
         **provenance(device), "kind": "calib_cost", "shape": f"{args.shape} decoder layer (random weights)",
-        "recipe": args.recipe, "cuda_graph": cfg.cuda_graph, "compile_quantizer": args.compile_quantizer,
+        "recipe": args.recipe, "cuda_graph": cfg.cuda_graph,
         "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs_run": args.epochs,
         "setup_seconds": round(setup_s, 2), "train_seconds": round(train_s, 2),
         "phase_seconds": {k: (round(v, 3) if isinstance(v, float) else [round(x, 3) for x in v])

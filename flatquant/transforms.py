@@ -152,6 +152,11 @@ class Transform(nn.Module):
         """(matrices, inverse); subclasses whose two share work (one Cayley map for both) override this."""
         return self._compute_matrices(), self._compute_inverse()
 
+    def _evaluate(self) -> dict:
+        """Matrices, inverses and channel scale, each computed once (the dict that freeze and step_cache keep)."""
+        m, i = self._compute_all()
+        return {"m": m, "i": i, "c": self._compute_scale()}
+
     def _cached(self) -> dict | None:
         return self._frozen or self._step
 
@@ -174,8 +179,7 @@ class Transform(nn.Module):
         """Evaluate the parameterisation once (Cayley maps, inverses) and reuse the result,
         stored in `dtype` (computed at the parameters' own precision first)."""
         self._frozen = None
-        self._frozen = {"m": _detach(self._compute_matrices(), dtype), "i": _detach(self._compute_inverse(), dtype),
-                        "c": _detach(self._compute_scale(), dtype)}
+        self._frozen = {k: _detach(v, dtype) for k, v in self._evaluate().items()}
 
     def unfreeze(self) -> None:
         self._frozen = None
@@ -226,8 +230,7 @@ def step_cache(module: nn.Module):
     try:
         factors = _precompute_solves(module)
         for t in transforms:
-            m, i = t._compute_all()
-            t._step = {"m": m, "i": i, "c": t._compute_scale()}
+            t._step = t._evaluate()
         yield
     finally:
         for t in transforms:
