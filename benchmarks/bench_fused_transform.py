@@ -23,6 +23,7 @@ HIDDEN = [4096, 5120, 8192, 11008, 13824, 14336]
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 SEQ = 2048
 QUICK_HIDDEN = [4096, 14336]
+SWEEP_HIDDEN = [4096, 8192, 11008, 14336]
 QUICK_BATCHES = [1, 16, 64]
 DEVICE = "cuda"
 
@@ -33,7 +34,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="hidden 4096/14336, batch 1/16/64")
     ap.add_argument("--rep-ms", type=float, default=30.0)
     ap.add_argument("--warmup-ms", type=float, default=10.0)
-    ap.add_argument("--no-variants", action="store_true", help="skip the tiled / round-once variants")
+    ap.add_argument("--no-variants", action="store_true", help="skip the per-token / tiled kernel variants")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only sweep the block kernel's config (tokens per step, warps, stages) at prefill, batch 16")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -64,6 +67,9 @@ def main() -> int:
                     baseline_median_ms=None, speedup=None, achieved_gbps=copy_gbps,
                     note="bytes read + written by a 2 GiB bf16 device-to-device copy"))
     print(f"copy bandwidth {copy_gbps:.0f} GB/s")
+    if args.sweep:
+        _sweep(writer, SWEEP_HIDDEN, copy_gbps, args)
+        return 0
     print(f"{'hidden':>6} {'phase':>7} {'batch':>5} {'unfused ms':>10} {'fused ms':>9} {'speedup':>7} {'GB/s':>7} {'%copy':>6}")
     for n in hidden:
         n1, n2 = kron_factors(n)
@@ -86,9 +92,12 @@ def main() -> int:
                 except torch.cuda.OutOfMemoryError:
                     t_unf = None
                     torch.cuda.empty_cache()
+                # "fused" is the default dispatch (the block kernel for even n1); the per-token kernel with the
+                # float32 intermediate (the earlier default), per-token rounding T once, and the tiled path.
                 variants = [("fused", {})]
                 if not args.no_variants and phase == "prefill" and b in (1, 16, 64):
-                    variants += [("fused_round_once", {"split_intermediate": False}),
+                    variants += [("fused_token_split", {"kernel": "token", "split_intermediate": True}),
+                                 ("fused_token_round_once", {"kernel": "token"}),
                                  ("fused_tiled", {"tiles": (64, 64, 64)})]
                 for name, kw in variants:
                     t = bench_ms(rot(lambda x, q1=q1, q2=q2, kw=kw: fused_transform_quantize(x, q1, q2, ALPHA, 4, **kw)),
@@ -107,6 +116,72 @@ def main() -> int:
     if args.out:
         print(f"wrote {len(writer.records)} records to {args.out}")
     return 0
+
+
+def _sweep(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
+    """Block-kernel configs around the default (block_config) at prefill: tokens per step x warps x stages."""
+    from flatquant.kernels import fused_transform_quant as ftq
+    from flatquant.kernels.bench_utils import Rotator, bench_ms, rotation_count
+    from flatquant.kernels.reference import kron_factors
+
+    dev = torch.device(DEVICE)
+    for n in hidden:
+        n1, n2 = kron_factors(n)
+        if n1 % 2:
+            continue
+        n1p, n2p = ftq.next_pow2(n1), ftq.next_pow2(n2)
+        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
+        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        tokens = batch * SEQ
+        xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
+        rot = Rotator(xs)
+        moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
+        default = ftq.block_config(n1p, n2p)
+        bts = sorted({max(1, default["BT"] // 2), default["BT"], default["BT"] * 2})
+        results = []
+        cfgs = [dict(BT=bt, num_warps=w, num_stages=st, programs_per_sm=default["programs_per_sm"])
+                for bt in bts if bt * n1p * n2p <= 2 * ftq.BLOCK_MAX_ELEMENTS for w in (4, 8) for st in (2, 3)]
+        cfgs += [{**default, "programs_per_sm": p} for p in (1, 4) if p != default["programs_per_sm"]]
+        if default not in cfgs:
+            cfgs.append(default)
+        for cfg in cfgs:
+            try:
+                t = bench_ms(rot(lambda x, cfg=cfg: ftq.fused_transform_quantize(x, q1, q2, ALPHA, 4, config=cfg)),
+                             args.warmup_ms, args.rep_ms)
+            except Exception as e:  # e.g. out of shared memory / registers for this config
+                writer.add(dict(kernel="fused_block_sweep", shape={"hidden": n, "tokens": tokens}, config=cfg,
+                                median_ms=None, baseline=None, baseline_median_ms=None, speedup=None,
+                                achieved_gbps=None, skipped=f"{type(e).__name__}: {e}"[:200]))
+                print(f"{n:>6} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            gbps = moved / (t * 1e-3) / 1e9
+            results.append((t, cfg))
+            writer.add(dict(kernel="fused_block_sweep", shape={"hidden": n, "n1": n1, "n2": n2, "tokens": tokens,
+                                                               "bits": 4},
+                            config=cfg, is_default=cfg == default, median_ms=t, baseline=None, baseline_median_ms=None,
+                            speedup=None, achieved_gbps=gbps, fraction_of_copy_bw=gbps / copy_gbps))
+            print(f"{n:>6} {cfg}: {t:.4f} ms {gbps:.0f} GB/s ({gbps / copy_gbps:.0%})", flush=True)
+        wgmma = _uses_wgmma(ftq._fused_block_kernel)
+        if results:
+            t, cfg = min(results, key=lambda r: r[0])
+            td = next((r[0] for r in results if r[1] == default), float("nan"))
+            print(f"{n:>6}: best {t:.4f} ms {cfg} ({moved / t / 1e6 / copy_gbps:.0%} of copy); default {td:.4f} ms "
+                  f"{default}; wgmma in PTX: {wgmma}", flush=True)
+        del xs, rot
+        torch.cuda.empty_cache()
+
+
+def _uses_wgmma(jit_fn):
+    """Whether any compiled variant of a Triton kernel uses Hopper's wgmma (PTX), or None if unknown."""
+    try:
+        found = False
+        for cache in getattr(jit_fn, "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for k in kernels.values():
+                found = found or "wgmma" in k.asm.get("ptx", "")
+        return found
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

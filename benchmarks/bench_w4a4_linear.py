@@ -55,6 +55,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4096x11008 and 11008x4096 at M = 1, 16, 4096")
     ap.add_argument("--rep-ms", type=float, default=20.0)
     ap.add_argument("--warmup-ms", type=float, default=5.0)
+    ap.add_argument("--shapes", default=None, help="in x out list, e.g. 4096x11008,11008x4096 (default: all)")
+    ap.add_argument("--ms", default=None, help="token counts, e.g. 1,16,4096 (default: all)")
+    ap.add_argument("--routes", default=None, help="full-linear routes to time, e.g. auto,scaled_mm (default: all)")
+    ap.add_argument("--no-gemm-only", action="store_true", help="skip the GEMM-alone timings")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -83,6 +87,11 @@ def main() -> int:
     bf16 = torch.bfloat16
     shapes = QUICK_SHAPES if args.quick else SHAPES
     ms_list = QUICK_MS if args.quick else MS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.ms:
+        ms_list = [int(v) for v in args.ms.split(",")]
+    only_routes = set(args.routes.split(",")) if args.routes else None
     writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE,
                                      "dispatch": dict(small_m_max=lin_mod.SMALL_M_MAX, large_m_min=lin_mod.LARGE_M_MIN,
                                                       large_m_route=lin_mod.LARGE_M_ROUTE)})
@@ -116,6 +125,8 @@ def main() -> int:
             line = []
             # full W4A4 linear (transform + quantize + GEMM), per route
             for route in _lin_routes(m):
+                if only_routes is not None and route not in only_routes:
+                    continue
                 for l in lins:
                     l.gemm_route = None if route == "auto" else route
                 taken = lin.gemm_route_for(m, bf16, dev)
@@ -140,6 +151,11 @@ def main() -> int:
                                     skipped=f"{type(e).__name__}: {e}"[:300]))
             # GEMM alone on pre-quantized activations (each route in its own activation format)
             packed = [fused_transform_quantize(x, qp1, qp2, 0.9, 4) for x in xs]
+            if args.no_gemm_only:
+                print(f"{k:>5}x{n:<6} {m:>6} {t_bf16:>8.4f}  " + " | ".join(line), flush=True)
+                del xs, packed
+                torch.cuda.empty_cache()
+                continue
             gemms = {r: (packed, lambda a, sa, i, r=r: w4a4_gemm(a, sa, lins[i].qweight, lins[i].weight_scale, None,
                                                                   bf16, 4, route=r)) for r in ROUTES}
             if m <= 16:

@@ -6,6 +6,9 @@ Parts (run in this order, each writes JSON records to --results-dir):
   zeroshot   six lm-eval tasks at W4A4KV4 for fp16, rtn, smoothquant, quarot and the saved flatquant
   ablation   Table 3 rows (+LT, +LT+PS, +LT+LCT, all) with a reduced recipe
   recipes    Table 4: SVD + mixed precision vs direct inverse + float32 (reduced recipe): ppl, time, memory
+  gptq       GPTQ weights at W4A4KV4: FlatQuant with the full recipe (trained with RTN weights, then GPTQ on the
+             same windows; parameters in --work-dir/flatquant_w4a4kv4_gptq) and QuaRot (with the clip search):
+             WikiText-2 and C4 perplexity and the six zero-shot tasks
 Example:
   python benchmarks/run_accuracy.py --model /root/stage/model.gguf --data-dir .data --parts baselines,flatquant
 """
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default="out/accuracy")
     ap.add_argument("--parts", default="baselines,flatquant,zeroshot,ablation,recipes")
     ap.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
+    ap.add_argument("--zeroshot-batch-size", type=int, default=32, help="lm-eval batch size")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run: few windows, tiny recipe")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -84,6 +88,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    def ppl_txt(recs):
+        return [round(r["ppl"], 3) for r in recs if r.get("kind") == "ppl"]
+
     if "baselines" in parts:
         recs = run_config(model, tok, args.model_name, "fp16", QuantConfig(16, 16, 16), spec, **common)
         log(f"fp16: {[round(r['ppl'], 3) for r in recs]}")
@@ -103,7 +110,8 @@ def main(argv=None) -> int:
             f"{[round(r['ppl'], 3) for r in recs]}")
 
     if "zeroshot" in parts:
-        zs = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir)
+        zs = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir,
+                      zeroshot_batch_size=args.zeroshot_batch_size)
         runs = [("fp16", QuantConfig(16, 16, 16))] + [(m, replace(w4a4, w_clip_search=m != "rtn")) for m in BASELINES]
         if (fq_params / "flatquant.json").is_file():
             runs.append(("flatquant", w4a4))
@@ -134,6 +142,30 @@ def main(argv=None) -> int:
                               "wall_seconds": round(time.time() - t, 1)}, args.results_dir)
             log(f"recipe {recipe}: {[round(r['ppl'], 3) for r in recs]} calib {recs[0]['quantize_seconds']:.0f}s "
                 f"peak {_peak_mib()} MiB")
+
+    if "gptq" in parts:
+        gq = replace(w4a4, weight_quantizer="gptq")
+        zs = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir,
+                      zeroshot_batch_size=args.zeroshot_batch_size)
+        gq_params = str(work / "flatquant_w4a4kv4_gptq")
+        _peak_reset()
+        t = time.time()
+        recs = run_config(model, tok, args.model_name, "flatquant", gq, spec, ccfg=full, calib=calib,
+                          params_dir=gq_params, variant="paper-recipe", results_dir=None, progress=True)
+        for r in recs:
+            write_record({**r, "peak_gpu_mib": _peak_mib()}, args.results_dir)
+        log(f"gptq: flatquant W4A4KV4 (paper recipe + GPTQ, {recs[0]['quantize_seconds']:.0f}s calib): "
+            f"{ppl_txt(recs)} (wall {time.time() - t:.0f}s)")
+        t = time.time()  # zero-shot on the saved parameters: their GPTQ weights are loaded, not recomputed
+        recs = run_config(model, tok, args.model_name, "flatquant", gq, zs, ccfg=full, calib=calib,
+                          params_dir=gq_params, variant="paper-recipe", **common)
+        log(f"gptq: zero-shot flatquant: avg {recs[-1]['average']:.2f} (wall {time.time() - t:.0f}s)")
+        t = time.time()  # one GPTQ pass for both: perplexity and zero-shot records of the same quantized model
+        both = replace(spec, tasks=TASKS, limit=limit, zeroshot_batch_size=args.zeroshot_batch_size)
+        recs = run_config(model, tok, args.model_name, "quarot", replace(gq, w_clip_search=True), both, ccfg=full,
+                          calib=calib, **common)
+        log(f"gptq: quarot W4A4KV4 (GPTQ): {ppl_txt(recs)}, zero-shot avg {recs[-1]['average']:.2f} "
+            f"(GPTQ {recs[0]['quantize_seconds']:.0f}s, wall {time.time() - t:.0f}s)")
     return 0
 
 

@@ -17,7 +17,8 @@ def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: 
     """Quantize `model` in place and return it.
 
     method: 'fp16' (nothing), 'rtn', 'smoothquant', 'quarot' or 'flatquant'.
-    calib: calibration windows (nsamples, seqlen) — needed by smoothquant and flatquant.
+    calib: calibration windows (nsamples, seqlen) — needed by smoothquant, flatquant and GPTQ weights
+    (config.weight_quantizer == "gptq"; FlatQuant trains with RTN weights, then runs GPTQ on the same windows).
     artifacts: for flatquant, a folder for the learned parameters and per-layer checkpoints.
     """
     if method not in METHODS:
@@ -25,6 +26,8 @@ def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: 
     family = family_for(model)
     if method == "fp16":
         return model
+    if config.weight_quantizer == "gptq" and calib is None:  # before any change to the model
+        raise ConfigError("weight_quantizer 'gptq' needs calibration windows (calib=...)")
     if method == "flatquant":
         from .calibrate import calibrate
 
@@ -33,6 +36,10 @@ def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: 
     per_layer = BASELINES[method](model, family, config, calib, seed)
     apply_transforms(model, family, config, per_layer)
     finalize(model, config)
+    if config.weight_quantizer == "gptq":  # after the clip search: GPTQ uses the searched grid
+        from .gptq import apply_gptq
+
+        apply_gptq(model, calib, config, progress=progress)
     return model
 
 
@@ -47,7 +54,8 @@ def apply_transforms(model: nn.Module, family, config: QuantConfig, per_layer: l
 
 @torch.no_grad()
 def finalize(model: nn.Module, config: QuantConfig) -> None:
-    """Optional weight clip search, then cache every quantized weight for fast evaluation."""
+    """Optional weight clip search (of the RTN grid, which GPTQ then also uses), then cache every quantized
+    weight for fast evaluation."""
     if config.w_clip_search:
         for m in quant_linears(model):
             m.unfreeze()

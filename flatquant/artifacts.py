@@ -2,7 +2,8 @@
 
 Layout of an output folder:
     flatquant.json            model sizes, QuantConfig, CalibConfig, layers done, per-layer losses
-    layers/layer_000.safetensors ...   transforms, scales and clipping logits of each layer (float32)
+    layers/layer_000.safetensors ...   transforms, scales and clipping logits of each layer (float32), and
+                              with GPTQ its weights: <linear>.gptq_codes (int8), .gptq_scale, .gptq_zero
 Every file is written to a temporary name and renamed, so an interrupted run leaves only whole files,
 and a rerun resumes after the last complete layer.
 """
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CalibConfig, QuantConfig
 from .errors import CheckpointError
+from .modules import QuantLinear
 from .results import atomic_write_text
 
 FORMAT = "flatquant-params-v1"
@@ -53,19 +55,32 @@ def check_model_matches(meta: dict, config) -> None:
         raise CheckpointError(f"saved transforms do not fit this model: {k} is {saved} in the file, {now} in the model")
 
 
+def _is_gptq(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in QuantLinear.GPTQ_BUFFERS
+
+
 def layer_state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The learned tensors of a quantized layer (transforms, scales, clipping logits)."""
-    return {k: v.detach().float().contiguous().cpu() for k, v in layer.state_dict().items()
-            if k.startswith("fq_transforms.") or "clip_logit" in k}
+    """The learned tensors of a quantized layer (transforms, scales, clipping logits; float32) and its GPTQ
+    weights when it has them (codes stay integers)."""
+    out = {}
+    for k, v in layer.state_dict().items():
+        if k.startswith("fq_transforms.") or "clip_logit" in k or _is_gptq(k):
+            v = v.detach()
+            out[k] = (v.float() if v.is_floating_point() else v).contiguous().cpu()
+    return out
 
 
-def load_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: int) -> None:
-    own = layer_state(layer)
+def load_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: int, gptq: bool = False) -> None:
+    """Load saved learned tensors into a freshly quantized layer. gptq: also set the saved GPTQ weights
+    (every enabled weight quantizer must have them); otherwise saved GPTQ weights are ignored (RTN)."""
+    own = {k: v for k, v in layer_state(layer).items() if not _is_gptq(k)}
     missing = [k for k in own if k not in state]
     if missing:
         raise CheckpointError(f"layer {index}: saved parameters lack {missing[0]} (settings mismatch?)")
     usable = {}
     for k, v in state.items():
+        if _is_gptq(k):
+            continue
         if k not in own:
             if "clip_logit" in k:  # that quantizer is disabled (16 bits) in this evaluation
                 continue
@@ -75,6 +90,25 @@ def load_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], ind
                                   f"{tuple(own[k].shape)} in the model")
         usable[k] = v
     layer.load_state_dict(usable, strict=False)
+    if gptq:
+        _load_gptq(layer, {k: v for k, v in state.items() if _is_gptq(k)}, index)
+
+
+def _load_gptq(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: int) -> None:
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    for k in state:
+        if k.rsplit(".", 1)[0] not in linears:
+            raise CheckpointError(f"layer {index}: unexpected saved parameter {k}")
+    for name, m in linears.items():
+        if not m.w_quantizer.enabled:
+            continue
+        codes, scale, zero = (state.get(f"{name}.{b}") for b in QuantLinear.GPTQ_BUFFERS)
+        if codes is None or scale is None or (zero is None) != m.w_quantizer.symmetric:
+            raise CheckpointError(f"layer {index}: saved parameters lack the GPTQ weights of {name}")
+        try:
+            m.set_gptq(codes, scale, zero)
+        except ValueError as e:
+            raise CheckpointError(f"layer {index}: {name}: {e}") from None
 
 
 class LayerStore:
@@ -90,6 +124,8 @@ class LayerStore:
                 a, b = old.get(key), self.meta[key]
                 if key == "calib" and isinstance(a, dict):
                     a, b = CalibConfig.recipe_settings(a), CalibConfig.recipe_settings(b)
+                if key == "quant" and isinstance(a, dict):  # a file from before a field existed compares equal
+                    a, b = QuantConfig.normalized(a), QuantConfig.normalized(b)
                 if a != b:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
@@ -122,7 +158,9 @@ class LayerStore:
         self.meta["layers_done"] = sorted(set(self.meta["layers_done"]) | {i})
         atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")
 
-    def finish(self, report: list[dict]) -> None:
+    def finish(self, report: list[dict], gptq: dict | None = None) -> None:
         self.meta["complete"] = True
         self.meta["report"] = report
+        if gptq is not None:  # how the saved GPTQ weights were computed
+            self.meta["gptq"] = gptq
         atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")

@@ -5,6 +5,9 @@ learnable transforms (P_a, P_o⊗P_v, P_h, P_ug, P_d), channel scales and clippi
 them with AdamW + cosine decay to minimise MSE(full-precision output, quantized output). The next
 layer's inputs are this layer's full-precision outputs. Each finished layer is checkpointed, so an
 interrupted run resumes where it stopped and ends with the same result.
+
+With weight_quantizer "gptq" the training still sees RTN weights (as in the paper); once every layer is
+trained, GPTQ (flatquant/gptq.py) replaces the weights layer by layer on the same calibration windows.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .config import CalibConfig, QuantConfig
+from .config import CalibConfig, ConfigError, QuantConfig
 from .errors import CheckpointError
 from .families import Family, family_for
 from .methods.smoothquant import smooth_scale
@@ -265,6 +268,8 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
 
     install_attention_hook(model)
     t0 = time.time()
+    gptq = qcfg.weight_quantizer == "gptq"
+    states = []  # with GPTQ: each layer's learned float32 tensors, for GPTQ's target weights
     inps, kwargs = capture_layer_inputs(model, family, windows, store_dtype)
     report = []
     bar = tqdm(range(len(layers)), desc="flatquant layers", disable=not progress)
@@ -275,6 +280,8 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
         layers[i] = layer
         if store is not None and saved is None:
             store.save_layer(i, layer)
+        if gptq:
+            states.append(artifacts.layer_state(layer))
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
         report.append(row)
@@ -282,25 +289,47 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
             + (" (resumed)" if saved is not None else ""))
         inps = targets  # full-precision outputs feed the next layer
+    inps = targets = None  # free the activations before GPTQ captures its own
+    gptq_summary = None
+    if gptq:  # an interrupted GPTQ pass reruns whole: each layer's inputs depend on the GPTQ layers before it
+        from .gptq import apply_gptq
+
+        rows = apply_gptq(model, windows, qcfg, batch_size=cfg.batch_size, progress=progress, log=log,
+                          restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j),
+                          on_layer_done=(lambda j, lay: store.save_layer(j, lay)) if store is not None else None)
+        for row, g in zip(report, rows):
+            row["gptq_rtn_err"], row["gptq_err"] = g["rtn_err"], g["gptq_err"]
+        gptq_summary = {k: v for k, v in model.gptq_report.items() if k != "layers"}
     model.flatquant_report = {"layers": report, "seconds": time.time() - t0}
     if store is not None:
-        store.finish(report)
+        store.finish(report, gptq_summary)
     return model
 
 
-def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | None = None) -> nn.Module:
+def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | None = None,
+                    calib: torch.Tensor | None = None, batch_size: int = 4, progress: bool = False,
+                    log=None) -> nn.Module:
     """Quantize `model` with FlatQuant parameters saved by `calibrate` (no recalibration).
 
-    qcfg may change the bit widths used at evaluation; the transforms are reused as learned."""
+    qcfg may change the bit widths used at evaluation; the transforms are reused as learned. Weights:
+    RTN, or with qcfg.weight_quantizer "gptq" the saved GPTQ weights when they were made with the same
+    weight settings (QuantConfig.gptq_settings), else GPTQ runs now on `calib` (post-hoc GPTQ on the
+    learned transforms)."""
     meta = artifacts.read_meta(out_dir)
     saved_q, cfg = QuantConfig.from_dict(meta["quant"]), CalibConfig.from_dict(meta["calib"])
     qcfg = qcfg or saved_q
+    saved_gptq = qcfg.weight_quantizer == "gptq" and saved_q.gptq_settings() == qcfg.gptq_settings()
+    posthoc = qcfg.weight_quantizer == "gptq" and not saved_gptq
+    if posthoc and calib is None:
+        raise ConfigError(f"{out_dir} holds no GPTQ weights for these settings, and GPTQ needs calibration "
+                          "windows to compute them")
     family = family_for(model)
     artifacts.check_model_matches(meta, model.config)
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     install_attention_hook(model)
     store = artifacts.LayerStore(out_dir, model.config, saved_q, cfg, check_existing=False)
+    states = []
     for i, layer in enumerate(family.decoder_layers(model)):
         saved = store.load_layer(i)
         if saved is None:
@@ -309,9 +338,18 @@ def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | N
         transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0))
         quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
         layer.to(device)
-        artifacts.load_layer_state(layer, saved, i)
+        artifacts.load_layer_state(layer, saved, i, gptq=saved_gptq)
+        if posthoc:
+            states.append(saved)
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
+    if posthoc:
+        from .gptq import apply_gptq
+
+        apply_gptq(model, calib, qcfg, batch_size=batch_size, progress=progress, log=log,
+                   restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j))
+    elif saved_gptq:
+        model.gptq_report = {**meta.get("gptq", {}), "loaded_from": str(out_dir)}
     return model
 
 

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESETS, CalibConfig, ConfigError, QuantConfig, calib_preset
+from .config import METHODS, PRESETS, WEIGHT_QUANTIZERS, CalibConfig, ConfigError, QuantConfig, calib_preset
 from .errors import CheckpointError, DataError, FlatQuantError
 
 PRESET_EVAL_WINDOWS = {"cpu-quick": 8, "tiny": 2}  # quick presets also cap the perplexity windows
@@ -50,6 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", type=int, default=4)
     p.add_argument("--w-clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel weight clip-ratio search (default: on for quarot/smoothquant)")
+    p.add_argument("--weight-quantizer", default=None, choices=WEIGHT_QUANTIZERS,
+                   help="rtn (default) or gptq (closed-form updates on the calibration windows; with --params: "
+                        "the saved weights' quantizer)")
     p.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4, or text file paths")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (lm-eval), e.g. arc_easy,piqa")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: at most this many examples per task")
@@ -122,7 +125,8 @@ def _setup(args):
 
     from .models import load_model
 
-    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                       weight_quantizer=args.weight_quantizer or "rtn")
     for name in ("seqlen", "max_windows", "batch_size", "limit"):
         value = getattr(args, name)
         if value is not None and value < (2 if name == "seqlen" else 1):
@@ -178,14 +182,16 @@ def _clip_search(args, method: str) -> bool:
 def _print_table(records: list[dict]) -> None:
     rows = [r for r in records if r.get("kind") == "ppl"]
     if rows:
-        print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}")
+        print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}  weights")
         for r in rows:
             bits = f"W{r['w_bits']}A{r['a_bits']}KV{r['kv_bits']}"
-            print(f"{r['method']:<12} {bits:<12} {r['dataset']:<10} {r['windows']:>7} {r['ppl']:>10.3f}")
+            print(f"{r['method']:<12} {bits:<12} {r['dataset']:<10} {r['windows']:>7} {r['ppl']:>10.3f}  "
+                  f"{r.get('weight_quantizer', '-')}")
     for r in records:
         if r.get("kind") == "zeroshot":
             tasks = ", ".join(f"{k}={v['value']:.1f}" for k, v in r["tasks"].items())
-            print(f"{r['method']:<12} zero-shot avg={r['average']:.2f} ({tasks})")
+            print(f"{r['method']:<12} zero-shot avg={r['average']:.2f} ({tasks}) weights "
+                  f"{r.get('weight_quantizer', '-')}")
 
 
 def _model_name(args) -> str:
@@ -218,10 +224,10 @@ def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: Calib
             or not isinstance(meta.get("quant"), dict):
         raise CheckpointError(f"{folder}/flatquant.json: missing sizes/quant/calib settings")
     check_model_matches(meta, model.config)
-    if ccfg is not None and (meta["quant"] != qcfg.to_dict()
-                             or CalibConfig.recipe_settings(meta["calib"])
+    quant_differs = QuantConfig.normalized(meta["quant"]) != qcfg.to_dict()  # older files lack newer fields
+    if ccfg is not None and (quant_differs or CalibConfig.recipe_settings(meta["calib"])
                              != CalibConfig.recipe_settings(ccfg.to_dict())):
-        key = "bit settings" if meta["quant"] != qcfg.to_dict() else "calibration settings"
+        key = "quantization settings (bits, weight quantizer)" if quant_differs else "calibration settings"
         raise CheckpointError(f"{folder} holds a calibration with other {key}; "
                               "use --no-resume to replace it, or another --output")
     _check_layer_files(folder, meta)
@@ -241,11 +247,19 @@ def cmd_eval(args) -> int:
     if args.method == "fp16":
         qcfg = QuantConfig(16, 16, 16)
     qcfg = replace(qcfg, w_clip_search=_clip_search(args, args.method))
+    calib_cfg = ccfg  # the preset's windows: what GPTQ and smoothquant calibrate on
+    saved_gptq = False
     if args.params is not None:
         meta = _check_saved_calibration(Path(args.params), model, qcfg, None)
         ccfg = CalibConfig.from_dict(meta["calib"])  # the record names the recipe the parameters came from
-    needs_calib = args.method == "smoothquant" or (args.method == "flatquant" and not args.params)
-    calib = calibration_data(tok, ccfg, args.data_dir) if needs_calib else None
+        saved_q = QuantConfig.from_dict(meta["quant"])
+        if args.weight_quantizer in (None, saved_q.weight_quantizer):  # default: the saved weights as they are
+            qcfg = replace(qcfg, weight_quantizer=saved_q.weight_quantizer, gptq_damp=saved_q.gptq_damp,
+                           gptq_block=saved_q.gptq_block, gptq_act_order=saved_q.gptq_act_order)
+        saved_gptq = qcfg.weight_quantizer == "gptq" and saved_q.gptq_settings() == qcfg.gptq_settings()
+    gptq_now = args.method != "fp16" and qcfg.weight_quantizer == "gptq" and not saved_gptq
+    needs_calib = args.method == "smoothquant" or (args.method == "flatquant" and not args.params) or gptq_now
+    calib = calibration_data(tok, calib_cfg, args.data_dir) if needs_calib else None
     records = run_config(model, tok, _model_name(args), args.method, qcfg, spec, ccfg=ccfg, calib=calib,
                          params_dir=args.params, results_dir=args.results_dir or None, seed=args.seed,
                          progress=not args.no_progress)

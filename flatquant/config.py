@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .errors import FlatQuantError
 
 METHODS = ("fp16", "rtn", "smoothquant", "quarot", "flatquant")
-WEIGHT_QUANTIZERS = ("rtn",)  # GPTQ is planned, not implemented yet
+WEIGHT_QUANTIZERS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's closed-form updates (flatquant/gptq.py)
 
 
 class ConfigError(FlatQuantError, ValueError):
@@ -37,12 +37,17 @@ class QuantConfig:
     a_asym: bool = False
     kv_asym: bool = True
     weight_quantizer: str = "rtn"
-    w_clip_search: bool = False  # per-channel clip-ratio grid search for RTN weights
+    w_clip_search: bool = False  # per-channel clip-ratio grid search for the weights (RTN grid, also GPTQ's)
     a_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
     # Bits per linear for mixed precision, e.g. {"down_proj": 8}; keys are projection names.
     w_bits_override: dict[str, int] = field(default_factory=dict)
     a_bits_override: dict[str, int] = field(default_factory=dict)
+    # GPTQ (weight_quantizer == "gptq"): dampening as a fraction of mean(diag H), columns per lazy block,
+    # columns in order of decreasing diag H ("act order").
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = True
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -55,6 +60,13 @@ class QuantConfig:
         for name in ("a_clip_ratio", "kv_clip_ratio"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not 0.0 < self.gptq_damp <= 1.0:
+            raise ConfigError(f"gptq_damp must be in (0, 1], got {self.gptq_damp!r}")
+        if isinstance(self.gptq_block, bool) or not isinstance(self.gptq_block, int) or self.gptq_block < 1:
+            raise ConfigError(f"gptq_block must be a positive integer, got {self.gptq_block!r}")
+        if not isinstance(self.gptq_act_order, bool):
+            raise ConfigError(f"gptq_act_order must be true or false, got {self.gptq_act_order!r}")
 
     def weight_bits(self, proj: str) -> int:
         return self.w_bits_override.get(proj, self.w_bits)
@@ -67,13 +79,26 @@ class QuantConfig:
         """Short name of the bit setting, e.g. W4A4KV4 or W4A16KV16."""
         return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
 
+    def gptq_settings(self) -> dict:
+        """What GPTQ weights depend on besides the transforms and the calibration data: two configs with
+        the same settings can share saved GPTQ codes."""
+        return {"weight_quantizer": self.weight_quantizer, "w_bits": self.w_bits, "w_asym": self.w_asym,
+                "w_bits_override": dict(self.w_bits_override), "damp": self.gptq_damp, "block": self.gptq_block,
+                "act_order": self.gptq_act_order}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
+        """Fields the dict lacks (a file written before they existed) take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        """`d` as a current QuantConfig writes it, so a saved config compares equal to a new one."""
+        return cls.from_dict(d).to_dict()
 
 
 @dataclass

@@ -60,7 +60,11 @@ class QuantLinear(nn.Module):
 
     `in_transform` is the inverse side of the input transform, `out_transform` (P_v, per head) rotates
     the output rows; both are recomputed every call while training and folded away by `fold()`.
+    GPTQ weights (`set_gptq`): integer codes with a scale (and zero) per output row, already in the
+    transformed domain, replace Q_w(T_out · W · T_in⁻ᵀ) while they are set.
     """
+
+    GPTQ_BUFFERS = ("gptq_codes", "gptq_scale", "gptq_zero")
 
     def __init__(self, linear: nn.Linear, w_quantizer: Quantizer, input_site: ActSite | None = None,
                  in_transform: Transform | None = None, out_transform: Transform | None = None):
@@ -72,17 +76,53 @@ class QuantLinear(nn.Module):
         self.input_site = input_site
         self.__dict__["in_transform"] = in_transform
         self.__dict__["out_transform"] = out_transform
+        for name in self.GPTQ_BUFFERS:  # buffers: they follow .to() and land in state_dict once set
+            self.register_buffer(name, None)
         self._cached = None  # (weight, bias) once frozen for evaluation
 
+    @property
+    def has_gptq(self) -> bool:
+        return self.gptq_codes is not None
+
+    @torch.no_grad()
+    def set_gptq(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        """Use GPTQ weights: codes (out, in) integers, scale and zero (out, 1); weight = (codes - zero) * scale."""
+        shape = (self.out_features, self.in_features)
+        if tuple(codes.shape) != shape or tuple(scale.shape) != (shape[0], 1) \
+                or (zero is not None and tuple(zero.shape) != (shape[0], 1)):
+            raise ValueError(f"GPTQ codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit a "
+                             f"{shape} weight")
+        if codes.is_floating_point():
+            raise ValueError("GPTQ codes must be an integer tensor")
+        dev = self.weight.device
+        self.gptq_codes = codes.to(dev)
+        self.gptq_scale = scale.to(dev, torch.float32)
+        self.gptq_zero = None if zero is None else zero.to(dev, torch.float32)
+        self._cached = None
+
+    def clear_gptq(self) -> None:
+        for name in self.GPTQ_BUFFERS:
+            setattr(self, name, None)
+        self._cached = None
+
+    def gptq_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The dequantized GPTQ weight, computed in float32 and returned in `dtype`."""
+        w = self.gptq_codes.float()
+        if self.gptq_zero is not None:
+            w = w - self.gptq_zero.float()
+        return (w * self.gptq_scale.float()).to(dtype)
+
     def effective_weight_and_bias(self, dtype=torch.float32, quantize: bool = True):
-        w = self.weight.to(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
+        if b is not None and self.out_transform is not None:
+            b = transform_rows(b.unsqueeze(-1), self.out_transform).squeeze(-1)
+        if quantize and self.has_gptq:
+            return self.gptq_weight(dtype), b
+        w = self.weight.to(dtype)
         if self.in_transform is not None:
             w = self.in_transform.transform_weight(w)
         if self.out_transform is not None:
             w = transform_rows(w, self.out_transform)
-            if b is not None:
-                b = transform_rows(b.unsqueeze(-1), self.out_transform).squeeze(-1)
         return (self.w_quantizer(w) if quantize else w), b
 
     @torch.no_grad()

@@ -1,10 +1,11 @@
 """Reparameterisation: fold every offline part of the learned transforms into the model's weights.
 
 After calibration the quantized model still recomputes W·P⁻ᵀ from the learnable factors. Folding does,
-in float64: W' = Q(T_out · (W diag(c)) · P⁻ᵀ) for every projection, moves the channel scales c into
-input_layernorm (P_a), post_attention_layernorm (P_ug) and up_proj's rows (P_d), and leaves online only
-the small Kronecker factors, the activation quantizers and the KV-cache transform. Per-row symmetric
-quantization is scale-equivariant, so moving c_d into up_proj's quantized rows is exact.
+in float64: W' = Q(T_out · (W diag(c)) · P⁻ᵀ) for every projection (or its GPTQ weight, already in that
+domain), moves the channel scales c into input_layernorm (P_a), post_attention_layernorm (P_ug) and
+up_proj's rows (P_d), and leaves online only the small Kronecker factors, the activation quantizers and
+the KV-cache transform. Per-row symmetric quantization is scale-equivariant, so moving c_d into up_proj's
+quantized rows is exact.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def reparameterize(model: nn.Module) -> nn.Module:
                 m.__dict__["in_transform"] = None
                 m.__dict__["out_transform"] = None
                 m.w_quantizer = Quantizer(16)  # the weight now holds its quantized values
+                m.clear_gptq()  # GPTQ weights included: they are what `w` holds now
         t = layer.fq_transforms
         lin = family.linears(layer)
         for site, norm in (("attn_in", family.norm(layer, "input")), ("mlp_in", family.norm(layer, "post"))):

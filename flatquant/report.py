@@ -141,11 +141,15 @@ def render_markdown(records: list[dict], plots: list[str | Path] | None = None) 
 
 
 # --------------------------------------------------------------------------------------------- entry
+ARCHIVE_DIR = "archive"
+
 def load_all(results_dir: str | Path = "results") -> list[dict]:
     """The result records (one JSON object per file) and the entries of the kernel-benchmark files (a JSON
     list per file, e.g. results/kernels/*.json), the latter tagged kind "kernel_bench" with their ``_path``."""
-    records = load_records(results_dir)
+    records = [r for r in load_records(results_dir) if not _archived(r["_path"], results_dir)]
     for p in sorted(Path(results_dir).rglob("*.json")):
+        if _archived(p, results_dir):
+            continue
         try:
             data = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
@@ -153,6 +157,16 @@ def load_all(results_dir: str | Path = "results") -> list[dict]:
         if isinstance(data, list):
             records += [{"kind": KERNEL_KIND, **e, "_path": str(p)} for e in data if isinstance(e, dict)]
     return records
+
+
+def _archived(path, results_dir) -> bool:
+    """Files under <results_dir>/archive/ (superseded runs, e.g. another device's kernel timings) are kept
+    for reference but not rendered: a table must not mix two runs' timings."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(results_dir).resolve())
+    except ValueError:
+        return False
+    return bool(rel.parts) and rel.parts[0] == ARCHIVE_DIR
 
 
 def write_report(results_dir: str | Path = "results", out_md: str | Path = "docs/RESULTS.md",

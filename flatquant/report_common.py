@@ -12,6 +12,7 @@ from pathlib import Path
 METHOD_NAMES = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "quarot": "QuaRot",
                 "flatquant": "FlatQuant", "gptq": "GPTQ", "spinquant": "SpinQuant"}
 METHOD_ORDER = ["fp16", "rtn", "smoothquant", "gptq", "quarot", "spinquant", "flatquant"]
+WQ_ORDER = ["rtn", "gptq"]  # within a bit setting: the RTN rows, then the GPTQ rows (the paper's Table 1/2)
 BITS_ORDER = ["W16A16KV16", "W4A16KV16", "W3A16KV16", "W16A4KV16", "W16A16KV4", "W16A16KV3",
               "W4A4KV16", "W4A4KV4", "W4A8KV8", "W8A8KV8", "W4A4KV8"]
 DATASETS = [("wikitext2", "WikiText-2"), ("c4", "C4 (proxy)")]
@@ -60,6 +61,25 @@ def _wq_label(r: dict) -> str:
         return "-"
     wq = str(r.get("weight_quantizer") or "rtn")
     return wq.upper() if len(wq) <= 5 else wq
+
+
+def _wq_suffix(r: dict) -> str:
+    """' (GPTQ)' where the weight quantizer is not the default RTN: labels that have no W-quantizer column."""
+    return "" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})"
+
+
+def _method_wq_label(r: dict) -> str:
+    """'FlatQuant (GPTQ)', 'QuaRot', 'FlatQuant [seed-1]': method, variant and a non-RTN weight quantizer."""
+    return _method_label(r) + _wq_suffix(r)
+
+
+def _is_gptq(r: dict) -> bool:
+    return _wq_label(r) == "GPTQ"
+
+
+def _wq_key(r: dict):
+    wq = "-" if _wq_label(r) == "-" else str(r.get("weight_quantizer") or "rtn").lower()
+    return (WQ_ORDER.index(wq) if wq in WQ_ORDER else (-1 if wq == "-" else len(WQ_ORDER)), wq)
 
 
 def _method_key(r: dict):
@@ -228,7 +248,7 @@ def _ppl_groups(records):
 
 def _ablation_groups(records):
     """{(model, seqlen): {ablation row ('+LT', ...): {dataset: record}}}."""
-    return _variant_groups(records, _is_ablation, lambda r: str(r["variant"])[len(ABLATION):])
+    return _variant_groups(records, _is_ablation, lambda r: str(r["variant"])[len(ABLATION):] + _wq_suffix(r))
 
 
 def _row_records(rows: dict) -> list[dict]:
@@ -253,8 +273,8 @@ def _ablation_key(label: str):
 
 
 def _rec_sort(r):
-    """FP16 first, then by bit setting and method."""
-    return (0 if _is_fp16(r) else 1, _bits_key(_bits(r)), _method_key(r))
+    """FP16 first, then by bit setting, weight quantizer (RTN rows before GPTQ rows) and method."""
+    return (0 if _is_fp16(r) else 1, _bits_key(_bits(r)), _wq_key(r), _method_key(r))
 
 
 def _row_sort(row_key, row):

@@ -21,6 +21,7 @@ from .report_common import (
     _full_windows,
     _group_sort,
     _is_fp16,
+    _is_gptq,
     _method_key,
     _method_label,
     _model_name,
@@ -33,16 +34,11 @@ from .report_common import (
     _save_fig,
     _short_commit,
     _slug,
-    _wq_label,
+    _wq_suffix,
     _zs_groups,
     _zs_tasks,
 )
 from .report_kernels import kernel_plots
-
-
-def _wq_suffix(r) -> str:
-    """' (GPTQ)' for a legend label where the weight quantizer is not the default RTN."""
-    return "" if _wq_label(r) in ("-", "RTN") else f" ({_wq_label(r)})"
 
 
 def _plot_caption(recs, data: str) -> str:
@@ -152,7 +148,7 @@ def _plot_ablation(plt, records, model, seqlen, rows, out_dir) -> Path | None:
         ax.annotate(_fmt_ppl(y), (x, y), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                     textcoords="offset points")
     refs = [r for r in _ppl_records(records) if str(r.get("model")) == model and r.get("seqlen") == seqlen
-            and r.get("dataset") == ds and (_is_fp16(r) or r.get("variant") in MAIN_VARIANTS)]
+            and r.get("dataset") == ds and (_is_fp16(r) or (r.get("variant") in MAIN_VARIANTS and not _is_gptq(r)))]
     for r, style in zip(sorted(refs, key=_method_key), ("--", ":", "-.")):
         lab = "FP16" if _is_fp16(r) else f"{_method_label(r)}, {MAIN_VARIANTS[r['variant']]}"
         ax.axhline(float(r["ppl"]), color="black", ls=style, lw=1, label=f"{lab} = {_fmt_ppl(r['ppl'])}")

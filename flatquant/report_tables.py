@@ -31,10 +31,12 @@ from .report_common import (
     _full_windows,
     _group_sort,
     _is_fp16,
+    _is_gptq,
     _is_other_variant,
     _is_recipe,
     _method_key,
     _method_label,
+    _method_wq_label,
     _model_name,
     _num,
     _ppl_groups,
@@ -44,7 +46,9 @@ from .report_common import (
     _row_sort,
     _table,
     _variant_groups,
+    _wq_key,
     _wq_label,
+    _wq_suffix,
     _zs_groups,
     _zs_tasks,
 )
@@ -85,17 +89,17 @@ def _lead_cells(r, last_bits) -> tuple[list[str], str]:
 def _main_recipe_txt(recs, costs: bool = True) -> str:
     """Caption text for the main-variant rows: what they stand for and (``costs``) calibration time and memory."""
     out, seen = [], set()
-    for r in sorted(recs, key=lambda r: (_method_key(r), str(r.get("dataset")))):
+    for r in sorted(recs, key=lambda r: (_wq_key(r), _method_key(r), str(r.get("dataset")))):
         v = r.get("variant")
-        if v not in MAIN_VARIANTS or (r.get("method"), v) in seen:
+        if v not in MAIN_VARIANTS or (r.get("method"), _wq_label(r), v) in seen:
             continue
-        seen.add((r.get("method"), v))
+        seen.add((r.get("method"), _wq_label(r), v))
         parts = [_calib_txt(r.get("calib"))]
         if costs and _num(r.get("quantize_seconds")):
             parts.append(f"calibration time {_fmt_seconds(r['quantize_seconds'])}")
         if costs and _num(r.get("peak_gpu_mib")):
             parts.append(f"peak GPU memory {_fmt_mib(r['peak_gpu_mib'])}")
-        out.append(f"{_method_label(r)} uses the {MAIN_VARIANTS[v]}: " + ", ".join(p for p in parts if p))
+        out.append(f"{_method_wq_label(r)} uses the {MAIN_VARIANTS[v]}: " + ", ".join(p for p in parts if p))
     return ". ".join(out)
 
 
@@ -153,8 +157,9 @@ def _variant_table(rows: dict, flags: bool = False) -> tuple[str, list[dict]]:
 
 
 def _main_ref(records, model, seqlen) -> str:
-    """'FlatQuant (full paper recipe) in Table 1: WikiText-2 29.51, C4 (proxy) 36.76' for the caption."""
-    main = [r for r in _ppl_records(records) if r.get("variant") in MAIN_VARIANTS
+    """'FlatQuant (full paper recipe) in Table 1: WikiText-2 29.51, C4 (proxy) 36.76' for the caption (the RTN
+    row: ablation and recipe rows use RTN weights)."""
+    main = [r for r in _ppl_records(records) if r.get("variant") in MAIN_VARIANTS and not _is_gptq(r)
             and str(r.get("model")) == model and r.get("seqlen") == seqlen]
     if not main:
         return "The full-recipe row is in Table 1 (not recorded for this model)."
@@ -184,7 +189,7 @@ def ablation_section(records) -> list[str]:
 
 
 def recipe_section(records) -> list[str]:
-    groups = _variant_groups(records, _is_recipe, lambda r: str(r["variant"])[len(RECIPE):])
+    groups = _variant_groups(records, _is_recipe, lambda r: str(r["variant"])[len(RECIPE):] + _wq_suffix(r))
     if not groups:
         return []
     out = ["## Training recipes (Table 4 layout)", "",
@@ -194,10 +199,10 @@ def recipe_section(records) -> list[str]:
         recs = _row_records(rows)
         full_windows = _full_windows(recs)
         table_rows = []
-        for label, row in sorted(rows.items(), key=lambda kv: (list(RECIPE_NOTES) + [kv[0]]).index(kv[0])):
+        for label, row in sorted(rows.items(), key=lambda kv: ((list(RECIPE_NOTES) + [kv[0]]).index(kv[0]), kv[0])):
             r0 = row.get("wikitext2") or next(iter(row.values()))
             secs = r0.get("calib_seconds", r0.get("quantize_seconds"))
-            table_rows.append([f"`{label}`", RECIPE_NOTES.get(label, "-")]
+            table_rows.append([f"`{label}`", RECIPE_NOTES.get(label.split(" (")[0], "-")]
                               + [_ppl_cell(row.get(ds), full_windows) for ds, _ in DATASETS]
                               + [_fmt_seconds(secs), _fmt_mib(r0.get("peak_gpu_mib"))])
         header = ["Recipe", "Parameterisation"] + [lab for _, lab in DATASETS] + ["Calibration time", "Peak GPU memory"]
@@ -209,7 +214,7 @@ def recipe_section(records) -> list[str]:
 
 
 def other_variants_section(records) -> list[str]:
-    groups = _variant_groups(records, _is_other_variant, _method_label)
+    groups = _variant_groups(records, _is_other_variant, _method_wq_label)
     out = ["## Other variants", ""] if groups else []
     for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
         table, recs = _variant_table(dict(sorted(rows.items())))

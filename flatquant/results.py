@@ -89,12 +89,15 @@ def _slug(s: str) -> str:
 
 
 def record_name(record: dict) -> str:
-    """Stable file name for a record: same configuration -> same file (a re-run replaces it)."""
+    """Stable file name for a record: same configuration -> same file (a re-run replaces it). GPTQ weights
+    add "gptq" after the bits; RTN names carry no weight-quantizer part (the names of older records)."""
     model = Path(str(record.get("model", "model"))).name  # not .stem: "Qwen2.5-0.5B" must stay whole
     model = model[: -len(".gguf")] if model.lower().endswith(".gguf") else model
     parts = [record.get("kind", "ppl"), model, record.get("method", "")]
     if "w_bits" in record:
         parts.append(f"W{record['w_bits']}A{record['a_bits']}KV{record['kv_bits']}")
+    if record.get("weight_quantizer") == "gptq":
+        parts.append("gptq")
     if record.get("variant"):
         parts.append(record["variant"])
     if record.get("dataset"):

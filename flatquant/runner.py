@@ -29,6 +29,7 @@ class EvalSpec:
     batch_size: int = 8
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
+    zeroshot_batch_size: int = 32
     data_dir: str | None = None
     tokens: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # dataset -> (1, N), if tokenized
 
@@ -60,7 +61,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
 
         t = time.time()
         zs = evaluate_zeroshot(model, tokenizer, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
-                               device=device)
+                               batch_size=spec.zeroshot_batch_size, device=device)
         average = zs.pop("average", None)
         records.append({**base_record, "kind": "zeroshot", "tasks": zs, "average": average, "limit": spec.limit,
                         "eval_seconds": round(time.time() - t, 2)})
@@ -75,12 +76,13 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
                results_dir: str | Path | None = "results", variant: str | None = None, seed: int = 0,
                progress: bool = True, extra: dict | None = None) -> list[dict]:
     """Quantize a copy of `base_model` with `method` and evaluate it. For flatquant, `params_dir` holding
-    a finished calibration is reused; otherwise it is calibrated (and saved there when given)."""
+    a finished calibration is reused (with qcfg.weight_quantizer "gptq" and no GPTQ weights saved for these
+    settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
     model = copy.deepcopy(base_model)
     t = time.time()
     if method == "flatquant" and params_dir and (Path(params_dir) / "flatquant.json").is_file() \
             and _complete(params_dir):
-        load_calibrated(model, params_dir, qcfg)
+        load_calibrated(model, params_dir, qcfg, calib=calib, progress=progress)
     else:
         quantize(model, qcfg, method=method, calib=calib, calib_config=ccfg, seed=seed, progress=progress,
                  artifacts=params_dir)
@@ -96,6 +98,9 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
                              "ps": ccfg.learn_scale, "lct": ccfg.learn_clip} if method == "flatquant" else {})}
     if hasattr(model, "flatquant_report"):
         base["calib_layers"] = model.flatquant_report["layers"]
+    if getattr(model, "gptq_report", None) is not None and method != "fp16":
+        # windows, settings, per-layer output errors (FlatQuant: in calib_layers), or where it was loaded from
+        base["gptq"] = {k: v for k, v in model.gptq_report.items() if k != "layers" or "calib_layers" not in base}
     base.update(extra or {})
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model

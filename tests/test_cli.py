@@ -158,6 +158,58 @@ def test_quantize_reuses_complete_output(env, tmp_path, capsys, monkeypatch):
     assert "parameters saved to" in stdout
 
 
+def test_eval_gptq_record_next_to_rtn(env, tmp_path, capsys):
+    """--weight-quantizer gptq: calibration windows from the preset, its own record (RTN's name unchanged)."""
+    results = tmp_path / "results"
+    for wq in ("rtn", "gptq"):
+        rc, out, err = run(eval_args(env, results, "--method", "quarot", "--preset", "tiny", "--weight-quantizer", wq),
+                           capsys)
+        assert rc == 0, err
+    by_wq = {r["weight_quantizer"]: r for r in records(results)}
+    assert set(by_wq) == {"rtn", "gptq"}
+    assert sorted(p.name for p in results.glob("*.json")) == ["ppl-tiny-llama-quarot-W4A4KV4-gptq-wikitext2.json",
+                                                              "ppl-tiny-llama-quarot-W4A4KV4-wikitext2.json"]
+    gptq = by_wq["gptq"]["gptq"]
+    assert gptq["nsamples"] == 4 and gptq["seqlen"] == 32 and gptq["act_order"] and len(gptq["layers"]) == 2
+    assert "gptq" not in by_wq["rtn"]
+    assert "gptq" in out.splitlines()[-1]  # the table names the weight quantizer
+
+
+def test_quantize_gptq_and_eval_reuses_saved_gptq_weights(env, tmp_path, capsys, monkeypatch):
+    out_dir, results = tmp_path / "params", tmp_path / "results"
+    rc, _, err = run(["quantize", "--model", env["model"], "--preset", "tiny", "--output", out_dir, "--compare", "",
+                      "--weight-quantizer", "gptq", *common(env["data"], results)], capsys)
+    assert rc == 0, err
+    (calibrated,) = records(results)
+    assert calibrated["weight_quantizer"] == "gptq" and "gptq_err" in calibrated["calib_layers"][0]
+    assert json.loads((out_dir / "flatquant.json").read_text())["quant"]["weight_quantizer"] == "gptq"
+
+    import flatquant.gptq
+
+    monkeypatch.setattr(flatquant.gptq, "apply_gptq", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    results2 = tmp_path / "results2"  # default: the saved weights as they are, GPTQ not rerun
+    rc, _, err = run(eval_args(env, results2, "--method", "flatquant", "--params", out_dir), capsys)
+    assert rc == 0, err
+    (rec,) = records(results2)
+    assert rec["weight_quantizer"] == "gptq" and rec["ppl"] == pytest.approx(calibrated["ppl"], rel=1e-6)
+    assert rec["gptq"]["loaded_from"] == str(out_dir)
+    # an RTN folder is not silently turned into a GPTQ one
+    rc, _, err = run(["quantize", "--model", env["model"], "--preset", "tiny", "--output", env["params"], "--compare",
+                      "", "--weight-quantizer", "gptq", *common(env["data"], tmp_path / "results3")], capsys)
+    assert_user_error(rc, err, "other quantization settings", "--no-resume")
+
+
+def test_eval_params_posthoc_gptq(env, tmp_path, capsys):
+    results = tmp_path / "results"
+    rc, _, err = run(eval_args(env, results, "--method", "flatquant", "--params", env["params"], "--preset", "tiny",
+                               "--weight-quantizer", "gptq"), capsys)
+    assert rc == 0, err
+    (rec,) = records(results)
+    assert rec["weight_quantizer"] == "gptq" and rec["gptq"]["nsamples"] == 4 and len(rec["gptq"]["layers"]) == 2
+    assert rec["calib"]["epochs"] == 2  # the recipe of the saved transforms
+    assert (results / "ppl-tiny-llama-flatquant-W4A4KV4-gptq-wikitext2.json").is_file()
+
+
 def test_report_renders_markdown(env, tmp_path, capsys):
     out = tmp_path / "docs" / "RESULTS.md"
     rc, stdout, err = run(["report", "--results-dir", env["quantize_results"], "--out", out,
@@ -374,6 +426,19 @@ def test_params_misuse(env, tmp_path, capsys):
     assert_user_error(rc, err, "--params only applies")
     rc, _, err = run(eval_args(env, results, "--method", "flatquant", "--params", tmp_path / "none"), capsys)
     assert_user_error(rc, err, "no such folder")
+    assert_nothing_written(results)
+
+
+def test_bad_weight_quantizer_and_gptq_without_calibration_data(env, tmp_path, capsys):
+    results = tmp_path / "results"
+    rc, _, err = run(eval_args(env, results, "--method", "rtn", "--weight-quantizer", "bogus"), capsys)
+    assert_user_error(rc, err, "invalid choice", "bogus", "gptq")
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    (data / "calib" / "wiki_articles.txt").unlink()
+    for argv in (["--method", "rtn"], ["--method", "flatquant", "--params", env["params"]]):
+        rc, _, err = run([*eval_args(env, results, *argv, "--weight-quantizer", "gptq"), "--data-dir", data], capsys)
+        assert_user_error(rc, err, "data file not found", "wiki_articles")
     assert_nothing_written(results)
 
 

@@ -100,3 +100,30 @@ def test_quarot_beats_rtn_at_w4a4kv4_with_outliers(tiny_model_factory):
             quantize(model, QuantConfig(4, 4, 4, w_clip_search=method == "quarot"), method=method, calib=ids)
             errs[method] = _rel(model(ids).logits, ref)
     assert errs["quarot"] < errs["rtn"]
+
+
+def test_quant_linear_holds_gptq_weights():
+    from flatquant.quantizer import Quantizer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=True)
+    m = QuantLinear(lin, Quantizer(4))
+    rtn, b = m.effective_weight_and_bias()
+    assert not m.has_gptq and "gptq_codes" not in m.state_dict()
+    codes = torch.randint(-8, 8, (8, 16), dtype=torch.int8)
+    scale = torch.rand(8, 1) + 0.1
+    m.set_gptq(codes, scale)
+    w, b2 = m.effective_weight_and_bias()
+    assert torch.equal(w, codes.float() * scale) and torch.equal(b, b2)  # bias handling unchanged
+    assert torch.equal(m.effective_weight_and_bias(quantize=False)[0], lin.weight.float())  # the target, as before
+    assert set(m.state_dict()) >= {"gptq_codes", "gptq_scale"} and "gptq_zero" not in m.state_dict()
+    m.freeze()
+    x = torch.randn(3, 16)
+    assert torch.allclose(m(x), x @ w.t() + b, atol=1e-6)
+    m.double()  # .to(): codes stay integers, the weight is unchanged
+    assert m.gptq_codes.dtype == torch.int8 and m.gptq_scale.dtype == torch.float64
+    assert torch.equal(m.gptq_weight(), w)
+    with pytest.raises(ValueError, match="do not fit"):
+        m.set_gptq(codes[:4], scale)
+    m.clear_gptq()
+    assert not m.has_gptq and torch.equal(m.effective_weight_and_bias()[0], rtn)

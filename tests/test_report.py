@@ -280,3 +280,70 @@ def test_make_plots_names_provenance(tmp_path, monkeypatch):
     assert "seqlen 2048" in ppl and "limit 500" in zs
     assert "Ablation" in abl and "32 × 2048" in abl and "5 epochs" in abl and "full paper recipe = 23.90" in abl
     assert "W4A4 linear vs BF16 cuBLAS" in kern and "fedcba9876" in kern and "4096 → 11008" in kern
+
+
+def _gptq_records() -> list[dict]:
+    """QuaRot and FlatQuant (main run) with GPTQ weights, next to their RTN rows of sample_records()."""
+    recs = []
+    for ds, v in zip(("wikitext2", "c4"), (35.5, 47.0)):
+        recs.append({**_ppl("quarot", 4, 4, 4, ds, v), "weight_quantizer": "gptq"})
+    for ds, v in zip(("wikitext2", "c4"), (23.1, 30.2)):
+        recs.append({**_ppl("flatquant", 4, 4, 4, ds, v, variant="paper-recipe", calib=FULL, quantize_seconds=900.0,
+                            peak_gpu_mib=5100.0), "weight_quantizer": "gptq"})
+    tasks = {t: {"metric": "acc", "value": v, "n": 500} for t, v in zip(TASKS, [29.0, 51.0, 38.5, 35.0, 65.0, 52.0])}
+    for method in ("flatquant", "rtn"):
+        recs.append(dict(kind="zeroshot", model=MODEL, method=method, w_bits=4, a_bits=4, kv_bits=4, tasks=tasks,
+                         average=45.08, limit=500, weight_quantizer="gptq", **PROV,
+                         **({"variant": "paper-recipe", "calib": FULL} if method == "flatquant" else {})))
+    return recs
+
+
+def test_gptq_rows_are_separate_rows():
+    md = report.render_markdown(sample_records() + _gptq_records())
+    table1 = _section(md, "## Perplexity (Table 1 layout)")
+    lines = table1.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith("| **W4A4KV4** |"))
+    # as in the paper: the RTN rows of a bit setting, then its GPTQ rows; bold = best of the bit setting
+    assert lines[i:i + 7] == ["| **W4A4KV4** | RTN | RTN | 5600.0 | 7100.0 |",
+                              "|  | SmoothQuant | RTN | 950.0 | 1200.0 |",
+                              "|  | QuaRot | RTN | 41.20 | 55.30 |",
+                              "|  | FlatQuant | RTN | 23.90 | 30.80 |",
+                              "|  | QuaRot | GPTQ | 35.50 | 47.00 |",
+                              "|  | FlatQuant | GPTQ | **23.10** | **30.20** |",
+                              "| **W8A8KV8** | QuaRot | RTN | 17.40 | 22.10 |"]
+    assert "FlatQuant uses the full paper recipe: 128 × 2048-token calibration windows" in table1
+    assert "calibration time 812 s" in table1
+    assert "FlatQuant (GPTQ) uses the full paper recipe: 128 × 2048-token calibration windows" in table1
+    assert "calibration time 900 s" in table1
+    zs = [l for l in _section(md, "## Zero-shot accuracy").splitlines() if l.startswith(("|  |", "| **"))]
+    assert [l.split(" | ")[1:3] for l in zs] == [["FP16", "-"], ["QuaRot", "RTN"], ["FlatQuant", "RTN"],
+                                                 ["RTN", "GPTQ"], ["FlatQuant", "GPTQ"]]
+    # the ablation and recipe tables compare with the RTN main run, whose weights they share
+    assert "is in Table 1: WikiText-2 23.90, C4 (proxy) 30.80." in _section(md, "## Ablation (Table 3 layout)")
+    assert "23.10" not in _section(md, "## Ablation (Table 3 layout)")
+
+
+def test_gptq_records_files_and_plots(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    recs = sample_records() + _gptq_records()
+    results = tmp_path / "results"
+    for r in recs:
+        write_record(r, results)
+    assert len(load_records(results)) == len(recs)  # no GPTQ record overwrote an RTN one
+    texts = {}
+    orig = matplotlib.figure.Figure.savefig
+
+    def spy(self, path, *a, **k):
+        legends = [t.get_text() for leg in self.legends + [ax.get_legend() for ax in self.axes if ax.get_legend()]
+                   for t in leg.get_texts()]
+        texts[str(path)] = legends
+        return orig(self, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    paths = report.make_plots(recs, tmp_path / "plots")
+    assert len(paths) == 3
+    ppl, zs, abl = (next(v for k, v in texts.items() if f"/.{kind}_" in k) for kind in ("ppl", "zeroshot", "ablation"))
+    assert {"QuaRot", "QuaRot (GPTQ)", "FlatQuant", "FlatQuant (GPTQ)"} <= set(ppl)
+    assert "FlatQuant W4A4KV4 (GPTQ)" in zs and "FlatQuant W4A4KV4" in zs and "RTN W4A4KV4 (GPTQ)" in zs
+    assert any("full paper recipe = 23.90" in t for t in abl) and not any("23.10" in t for t in abl)

@@ -68,7 +68,10 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, M, N, 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
     """BLOCK_N / BLOCK_K / SPLIT_K for the GPU: 64-row W tiles, 256-byte K steps, and enough K splits
-    for ~2 programs per SM (each split keeps >= 2 K steps so the loads still pipeline)."""
+    for ~2 programs per SM (each split keeps >= 2 K steps so the loads still pipeline).
+    (Tried once on the H200 and dropped: no split-K with 16/32-row tiles and the epilogue in the kernel
+    took 60 us for the whole 4096x4096 decode layer at M = 1 from a CUDA graph; each program then walks
+    all of K serially. Record: results/archive/kernels-h200-smoke/lin_quick.json.)"""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     bn, bk = 64, 256

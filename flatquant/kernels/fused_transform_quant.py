@@ -40,6 +40,7 @@ from flatquant.kernels._triton_utils import (
     _mm,
     _mm_f32rhs,
     _quantize,
+    _quantize_mul,
     _scale,
     interpreting,
     next_pow2,
@@ -57,6 +58,12 @@ TILED_BLOCK_K = 64
 TILED_BLOCK_R = 64
 # Persistent grid: programs per SM.
 PROGRAMS_PER_SM = 4
+# Block kernel (several tokens per step): X tile at most this many elements, dot M sides at most this
+# many rows (register budget of the float32 intermediates at 8 warps), persistent programs per SM.
+BLOCK_MAX_ELEMENTS = 64 * 128
+BLOCK_MAX_ROWS = 128
+BLOCK_PROGRAMS_PER_SM = 2
+_BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
 
 
 @triton.jit
@@ -221,6 +228,70 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                 tl.store(scale_ptr + t, s, mask=tok_ok)
 
 
+@triton.jit
+def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
+                        NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
+                        N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+                        HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
+                        DT: tl.constexpr, INTERP: tl.constexpr):
+    """BT tokens per step, two large dots instead of per-token small ones (even n1 only):
+      V  = X P2                  on the (BT*N1P, N2P) view of BT tokens (rows = (token, i)), contiguous load
+      Vᵀ = per-token transpose   (BT*N2P, N1P): rows = (token, j), an on-chip layout change
+      Yᵀ_lo = Vᵀ P1[:, :H], Yᵀ_hi = Vᵀ P1[:, H:]   ->  Yᵀ_lo[(t, j), h] = Y_t[h, j], Yᵀ_hi[(t, j), h] = Y_t[H + h, j]
+    Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
+    packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
+    second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    j = tl.arange(0, N2P)
+    a = tl.arange(0, N1P)
+    h = tl.arange(0, HP)
+    if HAS_P2:
+        pm = (j[:, None] < N2) & (j[None, :] < N2)
+        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
+    qm = (a[:, None] < N1) & (h[None, :] < H)
+    P1lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
+    P1hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
+    r = tl.arange(0, BT * N1P)          # X rows: (token r // N1P, factor row r % N1P)
+    rt = r // N1P
+    ri = r % N1P
+    q = tl.arange(0, BT * N2P)          # Yᵀ rows: (token q // N2P, column q % N2P)
+    qt = q // N2P
+    qj = q % N2P
+    tb = tl.arange(0, BT)
+    for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
+        t0 = (pid + it * nprog).to(tl.int64) * BT
+        tok = t0 + rt
+        xm = (tok[:, None] < M) & (ri[:, None] < N1) & (j[None, :] < N2)
+        X = tl.load(x_ptr + tok[:, None] * stride_x + ri[:, None] * N2 + j[None, :], mask=xm, other=0.0).to(DT)
+        if HAS_P2:
+            V = _mm(X, P2, IS_F32, INTERP).to(DT)
+        else:
+            V = X
+        Vt = tl.reshape(tl.permute(tl.reshape(V, (BT, N1P, N2P)), (0, 2, 1)), (BT * N2P, N1P))
+        Ylo = _mm(Vt, P1lo, IS_F32, INTERP)
+        Yhi = _mm(Vt, P1hi, IS_F32, INTERP)
+        # Row maxima in the dot's own layout first; only the (BT*N2P,) vector changes shape.
+        rmax = tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1))
+        amax = tl.max(tl.reshape(rmax, (BT, N2P)), axis=1)
+        s = _scale(amax, alpha, MAXQ)
+        tl.store(scale_ptr + t0 + tb, s, mask=t0 + tb < M)
+        # One IEEE division per token, then products: y * (1/s) differs from y / s by at most one float32
+        # ulp, which can move a code only at an exact .5 tie (as summation order can).
+        inv = tl.reshape(tl.broadcast_to(tl.math.div_rn(tl.full((BT,), 1.0, tl.float32), s)[:, None], (BT, N2P)),
+                         (BT * N2P,))[:, None]
+        qlo = _quantize_mul(Ylo, inv, MAXQ, INTERP)
+        qhi = _quantize_mul(Yhi, inv, MAXQ, INTERP)
+        otok = t0 + qt
+        om = (otok[:, None] < M) & (qj[:, None] < N2) & (h[None, :] < H)
+        ob = out_ptr + otok[:, None] * stride_o + h[None, :] * N2 + qj[:, None]
+        if PACK:
+            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
+        else:
+            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
+            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
+
+
 def _plan(n: int, p1, p2, bits: int, packed: bool = True):
     if p1 is not None:
         n1 = p1.shape[0]
@@ -246,14 +317,34 @@ def _plan(n: int, p1, p2, bits: int, packed: bool = True):
     return n1, n2, pack, h, s, rlo
 
 
+def block_config(n1p: int, n2p: int) -> dict:
+    """Tokens per step and launch shape of `_fused_block_kernel`: as many tokens as keep the X tile at
+    most BLOCK_MAX_ELEMENTS and both dot M sides (BT*N1P, BT*N2P) at most BLOCK_MAX_ROWS."""
+    bt = max(1, min(BLOCK_MAX_ELEMENTS // (n1p * n2p), BLOCK_MAX_ROWS // max(n1p, n2p)))
+    bt = 1 << (bt.bit_length() - 1)  # a power of two (tile sizes are)
+    # 8 warps (two warpgroups) once the first dot has >= 128 rows; 3 load stages where shared memory
+    # allows (the launcher drops to 2, then 1, on an out-of-resources error). Both from the H200 sweep
+    # (benchmarks/bench_fused_transform.py --sweep; results/archive/kernels-h200-smoke/sweep.json).
+    return dict(BT=bt, num_warps=8 if bt * n1p >= 128 else 4, num_stages=3, programs_per_sm=BLOCK_PROGRAMS_PER_SM)
+
+
 def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
-                             alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = True,
+                             alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = False,
                              onchip_max_elements: int | None = None, tiles: tuple[int, int, int] | None = None,
-                             num_programs: int | None = None, out_format: str | None = None):
+                             num_programs: int | None = None, out_format: str | None = None,
+                             kernel: str | None = None, config: dict | None = None):
     """Triton fused transform + quantize. x (..., n) contiguous-able, fp16/bf16/fp32, on CUDA (or any
     device under TRITON_INTERPRET=1). Returns (stored codes, scale) like the reference:
     (..., n/2) uint8 packed int4 (or (..., n) int8 for bits=8) and float32 scale of shape x.shape[:-1].
 
+    split_intermediate: keep T = X P2 in float32 as two half-precision parts for the second product
+    (per-token kernel only, ~float32 accuracy) instead of rounding it once to the half dtype (default;
+    the same rounding as the model's own bf16 matmuls).
+
+    kernel: None picks one: "block" (`_fused_block_kernel`, several tokens per step, big dots) when n1
+    is even, the factors fit on chip and split_intermediate is off; else "token" (per-token on-chip
+    kernel) when the factors fit on chip; else "tiled" (corner cases). config: block-kernel overrides
+    ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`).
     onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
     corner-case path with small values).
 
@@ -286,6 +377,38 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     n1p, n2p = next_pow2(n1), next_pow2(n2)
     limit = ONCHIP_MAX_ELEMENTS if onchip_max_elements is None else onchip_max_elements
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
+    if kernel is None:
+        kernel = "block" if onchip and n1 % 2 == 0 and not split_intermediate else ("token" if onchip else "tiled")
+    if kernel not in ("block", "token", "tiled"):
+        raise ValueError(f"kernel must be 'block', 'token' or 'tiled', got {kernel!r}")
+    if kernel == "block":
+        if n1 % 2 or split_intermediate or n1p * n2p > limit:
+            raise ValueError("the block kernel needs an even n1, split_intermediate=False and on-chip factors")
+        cfg = {**block_config(n1p, n2p), **(config or {})}
+        bt = int(cfg["BT"])
+        if "BT" not in (config or {}):  # few tokens (decode): one token block per SM before fewer programs
+            bt = min(bt, next_pow2(triton.cdiv(m, num_sms(x.device)), minimum=1))
+        nblk = triton.cdiv(m, bt)
+        grid0 = num_programs or min(nblk, num_sms(x.device) * int(cfg["programs_per_sm"]))
+        niter = triton.cdiv(nblk, grid0)
+        launch = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2,
+                      HP=next_pow2(n1 // 2), BT=bt, HAS_P2=p2 is not None, PACK=pack, IS_F32=dd == torch.float32,
+                      MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
+        key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), dd)
+        stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
+        while True:
+            try:
+                _fused_block_kernel[(grid0,)](x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0),
+                                              float(torch.tensor(float(alpha)).float()), niter,
+                                              num_stages=stages, **launch)
+                break
+            except triton.runtime.errors.OutOfResources:
+                if stages <= 1:
+                    raise
+                stages -= 1  # shared memory: fewer pipelined X tiles
+        _BLOCK_STAGES[key] = stages
+        return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
+    onchip = kernel == "token"
     grid0 = num_programs or min(m, num_sms(x.device) * PROGRAMS_PER_SM)
     niter = triton.cdiv(m, grid0)
     alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))

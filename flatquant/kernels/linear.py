@@ -48,7 +48,7 @@ class W4A4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  p1: torch.Tensor | None = None, p2: torch.Tensor | None = None, alpha: float = 1.0,
-                 backend: str = "reference", gemm_route: str | None = None, split_intermediate: bool = True,
+                 backend: str = "reference", gemm_route: str | None = None, split_intermediate: bool = False,
                  out_dtype: torch.dtype | None = None):
         super().__init__()
         if bits not in (4, 8):

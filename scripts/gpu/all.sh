@@ -20,6 +20,7 @@ for step in $STEPS; do
                     --out "$O/results/calib_cost_$s-layer.json" >> "$O/calibcost.log" 2>&1; done ;;
     kernels)    OUT="$O/kernels" bash benchmarks/run_kernels_gpu.sh > "$O/kernels.log" 2>&1 ;;
     ablation)   $ACC --parts ablation,recipes > "$O/ablation.log" 2>&1 ;;
+    gptq)       $ACC --parts gptq --zeroshot-batch-size ${ZS_BATCH:-64} > "$O/gptq.log" 2>&1 ;;
   esac
   echo "[$(date +%T)] end $step rc=$?" >> "$O/steps.log"
 done

@@ -1,0 +1,45 @@
+"""benchmarks/run_accuracy.py --quick on a tiny saved model: the gptq part end to end (CPU smoke run)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_accuracy():
+    spec = importlib.util.spec_from_file_location("_run_accuracy", REPO / "benchmarks" / "run_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    if shared_data_dir is None:
+        pytest.skip("../shared/data (zero-shot files) not present")
+    os.symlink(shared_data_dir / "zeroshot", tiny_data_dir / "zeroshot")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results, work = tmp_path / "results", tmp_path / "work"
+    rc = _run_accuracy().main(["--quick", "--parts", "gptq", "--model", str(tiny_model_dir), "--model-name", "Tiny",
+                               "--data-dir", str(tiny_data_dir), "--results-dir", str(results), "--work-dir", str(work),
+                               "--zeroshot-batch-size", "4"])
+    assert rc == 0
+    names = sorted(p.name for p in results.glob("*.json"))
+    assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-c4.json",
+                     "ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-wikitext2.json",
+                     "ppl-Tiny-quarot-W4A4KV4-gptq-c4.json", "ppl-Tiny-quarot-W4A4KV4-gptq-wikitext2.json",
+                     "zeroshot-Tiny-flatquant-W4A4KV4-gptq-paper-recipe.json", "zeroshot-Tiny-quarot-W4A4KV4-gptq.json"]
+    recs = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
+    for r in recs.values():
+        assert r["weight_quantizer"] == "gptq" and r["w_bits"] == 4
+        assert r["w_clip_search"] is (r["method"] == "quarot")
+    assert json.loads((work / "flatquant_w4a4kv4_gptq" / "flatquant.json").read_text())["complete"]
+    assert len(recs["zeroshot-Tiny-quarot-W4A4KV4-gptq.json"]["tasks"]) == 6
+    log = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+    assert len(log) == 3 and all("gptq:" in l and "wall" in l for l in log)
