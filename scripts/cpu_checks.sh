@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU checks quoted in issue notes (see checks/README.md). Run from the repository root; ~25 min on 2 cores.
+# CPU checks quoted in issue notes (see checks/README.md). Run from the repository root; ~30 min on 2 cores.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=checks/cpu
@@ -20,8 +20,11 @@ for m in fp16 quarot; do
   flatquant eval --model smollm2-135m --method $m --dataset wikitext2 --max-windows 4 \
     --results-dir "$OUT/bit-breakdown" --no-progress
 done
-# 3. GPTQ on the saved (RTN-trained) parameters vs their RTN weights, same 4 windows (~8 min)
+# 3. GPTQ on the saved (RTN-trained) parameters vs their RTN weights, same 4 windows (~14 min)
 for wq in rtn gptq; do
   flatquant eval --model smollm2-135m --method flatquant --params "$PARAMS" --weight-quantizer $wq \
     --calib-samples 32 --calib-seqlen 2048 --dataset wikitext2 --max-windows 4 --results-dir "$OUT/gptq" --no-progress
 done
+flatquant eval --model smollm2-135m --method flatquant --params "$PARAMS" --weight-quantizer gptq --w-bits 4 \
+  --a-bits 16 --kv-bits 16 --calib-samples 32 --calib-seqlen 2048 --dataset wikitext2 --max-windows 4 \
+  --results-dir "$OUT/gptq" --no-progress
