@@ -347,3 +347,19 @@ def test_gptq_records_files_and_plots(tmp_path, monkeypatch):
     assert {"QuaRot", "QuaRot (GPTQ)", "FlatQuant", "FlatQuant (GPTQ)"} <= set(ppl)
     assert "FlatQuant W4A4KV4 (GPTQ)" in zs and "FlatQuant W4A4KV4" in zs and "RTN W4A4KV4 (GPTQ)" in zs
     assert any("full paper recipe = 23.90" in t for t in abl) and not any("23.10" in t for t in abl)
+
+
+def test_archived_runs_are_not_rendered(tmp_path):
+    """results/archive/ keeps superseded runs (another device's kernel timings) out of the tables."""
+    entry = {"kernel": "fused", "shape": {"hidden": 4096, "phase": "prefill", "batch": 1}, "median_ms": 1.0,
+             "baseline": "unfused_pytorch", "baseline_median_ms": 2.0, "speedup": 2.0, "device": "GPU-A"}
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "bench.json").write_text(json.dumps([entry]))
+    (tmp_path / "archive" / "old").mkdir(parents=True)
+    (tmp_path / "archive" / "old" / "bench.json").write_text(json.dumps([{**entry, "device": "GPU-OLD"}]))
+    write_record({"kind": "ppl", "model": "m", "method": "fp16", "dataset": "wikitext2", "ppl": 9.0},
+                 tmp_path / "archive" / "old")
+    recs = report.load_all(tmp_path)
+    assert [r["device"] for r in recs] == ["GPU-A"]
+    md = report.render_markdown(recs, [])
+    assert "GPU-A" in md and "GPU-OLD" not in md
