@@ -27,7 +27,7 @@ from .errors import CheckpointError
 from .families import Family, family_for
 from .methods.smoothquant import smooth_scale
 from .modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
-from .train_step import LayerStepper, autocast, layer_output
+from .train_step import LayerStepper, autocast, layer_output, run_layer
 from .transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 
 
@@ -97,15 +97,6 @@ def capture_layer_inputs(model: nn.Module, family: Family, windows: torch.Tensor
 
 
 @torch.no_grad()
-def _forward_all(layer, inps, kwargs, batch_size, out=None, stats_hooks=None):
-    out = torch.empty_like(inps) if out is None else out
-    for s in range(0, inps.shape[0], batch_size):
-        x = inps[s:s + batch_size].float()
-        out[s:s + batch_size] = layer_output(layer(x, **kwargs)).to(out.dtype)
-    return out
-
-
-@torch.no_grad()
 def _input_absmax(layer, family: Family, inps, kwargs, batch_size) -> tuple[torch.Tensor, dict]:
     """Full-precision outputs of `layer`, and the per-channel max |x| at its three scalable inputs."""
     stats: dict[str, torch.Tensor] = {}
@@ -122,7 +113,7 @@ def _input_absmax(layer, family: Family, inps, kwargs, batch_size) -> tuple[torc
              family.norm(layer, "post").register_forward_hook(lambda m, a, o, f=rec("mlp_in"): f(m, a, o)),
              lin["down_proj"].register_forward_pre_hook(rec("down_in"))]
     try:
-        out = _forward_all(layer, inps, kwargs, batch_size)
+        out = run_layer(layer, inps, kwargs, batch_size, out=torch.empty_like(inps))
     finally:
         for h in hooks:
             h.remove()

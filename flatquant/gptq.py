@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, QuantConfig
 from .errors import FlatQuantError
-from .quantizer import Quantizer, quantize_asymmetric, quantize_symmetric
+from .quantizer import Quantizer, dequantize, quantize_asymmetric, quantize_symmetric
 
 DAMP_RETRIES = 4  # Cholesky attempts; each one multiplies the dampening by 10
 # The four input sites of a decoder layer and the projections that read each one: one Hessian per site.
@@ -65,10 +65,7 @@ class GPTQWeights:
     zero: torch.Tensor | None = None  # (out, 1) float32; None = symmetric
 
     def dequantize(self) -> torch.Tensor:
-        w = self.codes.float()
-        if self.zero is not None:
-            w = w - self.zero
-        return w * self.scale
+        return dequantize(self.codes, self.scale, self.zero)
 
 
 @dataclass
@@ -222,16 +219,6 @@ def _restore_dtypes(module: nn.Module, dtypes: dict) -> None:
 
 
 @torch.no_grad()
-def _run_layer(layer, inps, kwargs, batch_size, dtype, out=None) -> None:
-    from .train_step import layer_output
-
-    for s in range(0, inps.shape[0], batch_size):
-        y = layer_output(layer(inps[s:s + batch_size].to(dtype), **kwargs))
-        if out is not None:
-            out[s:s + batch_size] = y.to(out.dtype)
-
-
-@torch.no_grad()
 def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg: QuantConfig) -> dict:
     """Replace the weight quantization of every enabled QuantLinear of `layer` by GPTQ weights.
 
@@ -279,6 +266,7 @@ def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: Quant
     from .calibrate import capture_layer_inputs
     from .families import family_for
     from .modules import freeze, unfreeze
+    from .train_step import run_layer
 
     if calib_windows is None:
         raise ConfigError("GPTQ needs calibration windows")
@@ -307,7 +295,7 @@ def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: Quant
 
         handles = [q.register_forward_pre_hook(hook(key)) for key, q in _site_quantizers(layer, family).items()]
         try:
-            _run_layer(layer, inps, kwargs, batch_size, model_dtype)
+            run_layer(layer, inps, kwargs, batch_size, model_dtype)
         finally:
             for hd in handles:
                 hd.remove()
@@ -320,7 +308,7 @@ def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: Quant
             on_layer_done(i, layer)
         freeze(layer, dtype=model_dtype)
         _restore_dtypes(layer, dtypes)
-        _run_layer(layer, inps, kwargs, batch_size, model_dtype, out=inps)  # in place: batch by batch
+        run_layer(layer, inps, kwargs, batch_size, model_dtype, out=inps)  # in place: batch by batch
         row["seconds"] = round(time.time() - t, 2)
         rows.append(row)
         log(f"gptq layer {i:3d}: linear output error (relative) rtn {row['rtn_err']:.4g} -> gptq "

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .families import Family
-from .quantizer import Quantizer
+from .quantizer import Quantizer, dequantize
 from .transforms import Transform, kron_apply
 
 ATTN_IMPL = "flatquant"
@@ -107,10 +107,7 @@ class QuantLinear(nn.Module):
 
     def gptq_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The dequantized GPTQ weight, computed in float32 and returned in `dtype`."""
-        w = self.gptq_codes.float()
-        if self.gptq_zero is not None:
-            w = w - self.gptq_zero.float()
-        return (w * self.gptq_scale.float()).to(dtype)
+        return dequantize(self.gptq_codes, self.gptq_scale, self.gptq_zero).to(dtype)
 
     def effective_weight_and_bias(self, dtype=torch.float32, quantize: bool = True):
         b = None if self.bias is None else self.bias.to(dtype)

@@ -50,6 +50,14 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float 
     return codes, scale, zero
 
 
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes - zero) * scale in float32 (zero None = symmetric); the inverse of the code functions above."""
+    w = codes.float()
+    if zero is not None:
+        w = w - zero.float()
+    return w * scale.float()
+
+
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
                   group_size: int | None = None) -> torch.Tensor:
     """Quantize-dequantize `x` over its last dim (in groups); result has x's dtype."""

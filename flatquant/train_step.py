@@ -31,6 +31,19 @@ def layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@torch.no_grad()
+def run_layer(layer, inps: torch.Tensor, kwargs: dict, batch_size: int, dtype: torch.dtype = torch.float32,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Run a decoder layer over `inps` batch by batch (inputs cast to `dtype`); outputs go into `out`
+    (may be `inps` itself: each batch is read before it is overwritten) or are dropped when out is None
+    (a pass run only for its hooks)."""
+    for s in range(0, inps.shape[0], batch_size):
+        y = layer_output(layer(inps[s:s + batch_size].to(dtype), **kwargs))
+        if out is not None:
+            out[s:s + batch_size] = y.to(out.dtype)
+    return out
+
+
 def autocast(amp: bool, device: torch.device):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -77,9 +77,8 @@ def _rint(v, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
-    """clamp(round_half_even(y / s), -MAXQ - 1, MAXQ) as int32 (IEEE division, like torch)."""
-    v = tl.math.div_rn(y, s)
+def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
+    """clamp(round_half_even(v), -MAXQ - 1, MAXQ) as int32 (v pre-clamped so that rint stays exact)."""
     v = tl.minimum(tl.maximum(v, -MAXQ - 2.0), MAXQ + 1.0)
     q = _rint(v, INTERP)
     q = tl.minimum(tl.maximum(q, -MAXQ - 1.0), MAXQ * 1.0)
@@ -87,13 +86,9 @@ def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize_mul(y, inv_s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
-    """`_quantize` with a precomputed 1/s (one multiply per element instead of an IEEE division)."""
-    v = y * inv_s
-    v = tl.minimum(tl.maximum(v, -MAXQ - 2.0), MAXQ + 1.0)
-    q = _rint(v, INTERP)
-    q = tl.minimum(tl.maximum(q, -MAXQ - 1.0), MAXQ * 1.0)
-    return q.to(tl.int32)
+def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
+    """clamp(round_half_even(y / s), -MAXQ - 1, MAXQ) as int32 (IEEE division, like torch)."""
+    return _round_clamp(tl.math.div_rn(y, s), MAXQ, INTERP)
 
 
 @triton.jit

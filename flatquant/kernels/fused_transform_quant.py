@@ -40,7 +40,7 @@ from flatquant.kernels._triton_utils import (
     _mm,
     _mm_f32rhs,
     _quantize,
-    _quantize_mul,
+    _round_clamp,
     _scale,
     interpreting,
     next_pow2,
@@ -280,8 +280,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         # ulp, which can move a code only at an exact .5 tie (as summation order can).
         inv = tl.reshape(tl.broadcast_to(tl.math.div_rn(tl.full((BT,), 1.0, tl.float32), s)[:, None], (BT, N2P)),
                          (BT * N2P,))[:, None]
-        qlo = _quantize_mul(Ylo, inv, MAXQ, INTERP)
-        qhi = _quantize_mul(Yhi, inv, MAXQ, INTERP)
+        qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
+        qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
         otok = t0 + qt
         om = (otok[:, None] < M) & (qj[:, None] < N2) & (h[None, :] < H)
         ob = out_ptr + otok[:, None] * stride_o + h[None, :] * N2 + qj[:, None]
@@ -326,6 +326,35 @@ def block_config(n1p: int, n2p: int) -> dict:
     # allows (the launcher drops to 2, then 1, on an out-of-resources error). Both from the H200 sweep
     # (benchmarks/bench_fused_transform.py --sweep; results/archive/kernels-h200-smoke/sweep.json).
     return dict(BT=bt, num_warps=8 if bt * n1p >= 128 else 4, num_stages=3, programs_per_sm=BLOCK_PROGRAMS_PER_SM)
+
+
+def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool, bits: int,
+                  dd: torch.dtype, interp: bool, num_programs: int | None, config: dict | None) -> None:
+    """Launch `_fused_block_kernel` (config: `block_config` with the caller's overrides)."""
+    m = x2.shape[0]
+    n1p, n2p = next_pow2(n1), next_pow2(n2)
+    cfg = {**block_config(n1p, n2p), **(config or {})}
+    bt = int(cfg["BT"])
+    if "BT" not in (config or {}):  # few tokens (decode): one token block per SM before fewer programs
+        bt = min(bt, next_pow2(triton.cdiv(m, num_sms(x2.device)), minimum=1))
+    nblk = triton.cdiv(m, bt)
+    grid0 = num_programs or min(nblk, num_sms(x2.device) * int(cfg["programs_per_sm"]))
+    niter = triton.cdiv(nblk, grid0)
+    consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2, HP=next_pow2(n1 // 2),
+                  BT=bt, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
+                  DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
+    key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), dd)
+    stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
+    while True:
+        try:
+            _fused_block_kernel[(grid0,)](x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0), alpha32, niter,
+                                          num_stages=stages, **consts)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1  # shared memory: fewer pipelined X tiles
+    _BLOCK_STAGES[key] = stages
 
 
 def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
@@ -381,37 +410,16 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
         kernel = "block" if onchip and n1 % 2 == 0 and not split_intermediate else ("token" if onchip else "tiled")
     if kernel not in ("block", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'token' or 'tiled', got {kernel!r}")
+    alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
     if kernel == "block":
         if n1 % 2 or split_intermediate or n1p * n2p > limit:
             raise ValueError("the block kernel needs an even n1, split_intermediate=False and on-chip factors")
-        cfg = {**block_config(n1p, n2p), **(config or {})}
-        bt = int(cfg["BT"])
-        if "BT" not in (config or {}):  # few tokens (decode): one token block per SM before fewer programs
-            bt = min(bt, next_pow2(triton.cdiv(m, num_sms(x.device)), minimum=1))
-        nblk = triton.cdiv(m, bt)
-        grid0 = num_programs or min(nblk, num_sms(x.device) * int(cfg["programs_per_sm"]))
-        niter = triton.cdiv(nblk, grid0)
-        launch = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2,
-                      HP=next_pow2(n1 // 2), BT=bt, HAS_P2=p2 is not None, PACK=pack, IS_F32=dd == torch.float32,
-                      MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
-        key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), dd)
-        stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
-        while True:
-            try:
-                _fused_block_kernel[(grid0,)](x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0),
-                                              float(torch.tensor(float(alpha)).float()), niter,
-                                              num_stages=stages, **launch)
-                break
-            except triton.runtime.errors.OutOfResources:
-                if stages <= 1:
-                    raise
-                stages -= 1  # shared memory: fewer pipelined X tiles
-        _BLOCK_STAGES[key] = stages
+        _launch_block(x2, p1c, p2c, p2 is not None, out, scale, alpha32, n1, n2, pack, bits, dd, interp,
+                      num_programs, config)
         return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
     onchip = kernel == "token"
     grid0 = num_programs or min(m, num_sms(x.device) * PROGRAMS_PER_SM)
     niter = triton.cdiv(m, grid0)
-    alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
     common = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, RLO=rlo, H=h, S=s,
                   HAS_P2=p2 is not None, PACK=pack, SPLIT=bool(split_intermediate), IS_F32=dd == torch.float32,
                   MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp)
