@@ -9,6 +9,8 @@ Parts (run in this order, each writes JSON records to --results-dir):
   gptq       GPTQ weights at W4A4KV4: FlatQuant with the full recipe (trained with RTN weights, then GPTQ on the
              same windows; parameters in --work-dir/flatquant_w4a4kv4_gptq) and QuaRot (with the clip search):
              WikiText-2 and C4 perplexity and the six zero-shot tasks
+  longcalib  FlatQuant + GPTQ at W4A4KV4 with a larger calibration budget (--long-nsamples windows,
+             --long-epochs epochs; variant "calib-<n>x<seqlen>-e<epochs>"): perplexity and zero-shot
 Example:
   python benchmarks/run_accuracy.py --model /root/stage/model.gguf --data-dir .data --parts baselines,flatquant
 """
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="baselines,flatquant,zeroshot,ablation,recipes")
     ap.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
     ap.add_argument("--zeroshot-batch-size", type=int, default=32, help="lm-eval batch size")
+    ap.add_argument("--long-nsamples", type=int, default=256, help="longcalib: calibration windows")
+    ap.add_argument("--long-epochs", type=int, default=30, help="longcalib: epochs")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run: few windows, tiny recipe")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -143,29 +147,40 @@ def main(argv=None) -> int:
             log(f"recipe {recipe}: {[round(r['ppl'], 3) for r in recs]} calib {recs[0]['quantize_seconds']:.0f}s "
                 f"peak {_peak_mib()} MiB")
 
-    if "gptq" in parts:
-        gq = replace(w4a4, weight_quantizer="gptq")
-        zs = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir,
-                      zeroshot_batch_size=args.zeroshot_batch_size)
-        gq_params = str(work / "flatquant_w4a4kv4_gptq")
+    gq = replace(w4a4, weight_quantizer="gptq")
+    zs_gptq = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir,
+                       zeroshot_batch_size=args.zeroshot_batch_size)
+
+    def flatquant_gptq(ccfg, windows, params, variant, what):
+        """Calibrate FlatQuant (RTN in training, then GPTQ) into `params`; perplexity, then zero-shot on the
+        saved parameters (their GPTQ weights are loaded, not recomputed)."""
         _peak_reset()
         t = time.time()
-        recs = run_config(model, tok, args.model_name, "flatquant", gq, spec, ccfg=full, calib=calib,
-                          params_dir=gq_params, variant="paper-recipe", results_dir=None, progress=True)
+        recs = run_config(model, tok, args.model_name, "flatquant", gq, spec, ccfg=ccfg, calib=windows,
+                          params_dir=params, variant=variant, results_dir=None, progress=True)
         for r in recs:
             write_record({**r, "peak_gpu_mib": _peak_mib()}, args.results_dir)
-        log(f"gptq: flatquant W4A4KV4 (paper recipe + GPTQ, {recs[0]['quantize_seconds']:.0f}s calib): "
-            f"{ppl_txt(recs)} (wall {time.time() - t:.0f}s)")
-        t = time.time()  # zero-shot on the saved parameters: their GPTQ weights are loaded, not recomputed
-        recs = run_config(model, tok, args.model_name, "flatquant", gq, zs, ccfg=full, calib=calib,
-                          params_dir=gq_params, variant="paper-recipe", **common)
-        log(f"gptq: zero-shot flatquant: avg {recs[-1]['average']:.2f} (wall {time.time() - t:.0f}s)")
+        log(f"{what}: flatquant W4A4KV4 ({ccfg.nsamples} x {ccfg.seqlen}, {ccfg.epochs} epochs + GPTQ, "
+            f"{recs[0]['quantize_seconds']:.0f}s calib): {ppl_txt(recs)} (wall {time.time() - t:.0f}s)")
+        t = time.time()
+        recs = run_config(model, tok, args.model_name, "flatquant", gq, zs_gptq, ccfg=ccfg, calib=windows,
+                          params_dir=params, variant=variant, **common)
+        log(f"{what}: zero-shot flatquant: avg {recs[-1]['average']:.2f} (wall {time.time() - t:.0f}s)")
+
+    if "gptq" in parts:
+        flatquant_gptq(full, calib, str(work / "flatquant_w4a4kv4_gptq"), "paper-recipe", "gptq")
         t = time.time()  # one GPTQ pass for both: perplexity and zero-shot records of the same quantized model
         both = replace(spec, tasks=TASKS, limit=limit, zeroshot_batch_size=args.zeroshot_batch_size)
         recs = run_config(model, tok, args.model_name, "quarot", replace(gq, w_clip_search=True), both, ccfg=full,
                           calib=calib, **common)
         log(f"gptq: quarot W4A4KV4 (GPTQ): {ppl_txt(recs)}, zero-shot avg {recs[-1]['average']:.2f} "
             f"(GPTQ {recs[0]['quantize_seconds']:.0f}s, wall {time.time() - t:.0f}s)")
+
+    if "longcalib" in parts:
+        long = replace(full, nsamples=args.long_nsamples, epochs=args.long_epochs)
+        windows = calibration_data(tok, long, args.data_dir)
+        name = f"calib-{long.nsamples}x{long.seqlen}-e{long.epochs}"
+        flatquant_gptq(long, windows, str(work / f"flatquant_w4a4kv4_gptq_{name}"), name, "longcalib")
     return 0
 
 

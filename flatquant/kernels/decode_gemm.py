@@ -8,11 +8,15 @@ beyond M masked to 0: tl.dot on int8 needs >= 16 rows) and
     acc += dot(A_lo, W_loᵀ) + dot(A_hi, W_hiᵀ)     (int8 x int8 -> int32, exact; layout as w4a4_gemm.py)
 
 Grid = N tiles x SPLIT_K. SPLIT_K is chosen so that about 2 programs per SM run even when N / BLOCK_N
-is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the int32 partial sums
-are atomically added into a zeroed int32 (M, N) workspace (integer adds: exact and order independent,
-so the result is deterministic) and one small epilogue pass applies the scales; with SPLIT_K = 1 the
-epilogue runs in the kernel. No autotuning: the config is a function of (N, K, SMs), which also keeps
-the host-side launch cost low (decode is often launch bound).
+is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the splits meet in
+ONE launch: each program atomically adds its int32 partial sums into a workspace tile and then bumps
+that tile's arrival counter; the program that arrives last takes the finished sums out with an atomic
+exchange (which also leaves the workspace zeroed for the next call), applies the scales and writes the
+output, and resets the counter. Integer adds are exact and order independent, so the result is
+deterministic. The workspace and counters persist per (device, stream, N) and are zero between calls,
+so a decode step needs no memset and no separate epilogue launch: at M <= 16 each launch costs about
+as much as the weight read itself. No autotuning: the config is a function of (N, K, SMs), which also
+keeps the host-side launch cost low.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels._triton_utils import interpreting, num_sms
-from flatquant.kernels.cublas_routes import scale_epilogue
 
 MAX_M = 16
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
@@ -29,8 +32,8 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 
 
 @triton.jit
-def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, M, N, KH, stride_am, stride_wn,
-                   stride_cm, K_PER_SPLIT, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
+def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
+                   stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,14 +59,42 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, M, N, 
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(ws_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        ws = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        # Every thread's adds are issued before the counter bump; its acq_rel makes them visible to the
+        # program that sees the last arrival (and that program's exchange reads them through L2).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.atomic_xchg(ws, tl.zeros((16, BLOCK_N), dtype=tl.int32), mask=mask, sem="acq_rel")
+            _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:
-        sa = tl.load(sa_ptr + rm, mask=m_ok, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
-        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]  # the reference's order
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+        _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS: tl.constexpr):
+    sa = tl.load(sa_ptr + rm, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]  # the reference's order
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# (device, stream, N) -> (int32 (MAX_M, N) partial sums, int32 arrival counters per 16 columns), zero between
+# calls (the last program of each tile leaves them so). Per stream: two streams must not share one.
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, n)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros((MAX_M, n), device=device, dtype=torch.int32),
+                            torch.zeros(triton.cdiv(n, 16), device=device, dtype=torch.int32))
+    return _WORKSPACES[key]
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
@@ -109,11 +140,11 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
     atomic = split > 1
-    ws = torch.zeros((m, n), device=a.device, dtype=torch.int32) if atomic else out
+    if bn < 16:
+        raise ValueError(f"BLOCK_N must be >= 16, got {bn}")
+    ws, counters = _workspace(a.device, n) if atomic else (out, out)
     _decode_kernel[(triton.cdiv(n, bn), split)](
-        a8, w8, sa, sw, b, out, ws, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per,
+        a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    if atomic:
-        return scale_epilogue(ws, sa, sw, bias, out_dtype)
     return out

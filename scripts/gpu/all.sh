@@ -21,6 +21,8 @@ for step in $STEPS; do
     kernels)    OUT="$O/kernels" bash benchmarks/run_kernels_gpu.sh > "$O/kernels.log" 2>&1 ;;
     ablation)   $ACC --parts ablation,recipes > "$O/ablation.log" 2>&1 ;;
     gptq)       $ACC --parts gptq --zeroshot-batch-size ${ZS_BATCH:-64} > "$O/gptq.log" 2>&1 ;;
+    longcalib)  $ACC --parts longcalib --zeroshot-batch-size ${ZS_BATCH:-64} --long-nsamples ${LONG_N:-256} \
+                  --long-epochs ${LONG_E:-30} > "$O/longcalib.log" 2>&1 ;;
   esac
   echo "[$(date +%T)] end $step rc=$?" >> "$O/steps.log"
 done

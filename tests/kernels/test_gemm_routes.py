@@ -147,3 +147,18 @@ def test_cublas_routes_gpu(m, n, k):
     f8 = torch.float8_e4m3fn
     _close(scaled_mm_gemm(unpack_int4_codes(a, f8), sa, unpack_int4_codes(qw, f8), sw, b), yr, torch.bfloat16,
            ulps=2.0, bf16_bias=b)
+
+
+def test_decode_gemm_split_k_workspace_left_zero_and_reused():
+    """The one-launch split-K reduction: repeated calls (other M, other operands, same N) stay exact, and the
+    shared workspace and arrival counters are zero again after each call (the next call relies on that)."""
+    from flatquant.kernels import decode_gemm
+
+    n, k = 48, 256
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=4)
+    for m in (3, 16, 1):
+        a, sa, qw, sw, b = _operands(m, n, k)
+        y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 4, config=cfg)
+        _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
+        ws, counters = decode_gemm._workspace(a.device, n)
+        assert int(ws.abs().sum()) == 0 and int(counters.abs().sum()) == 0
