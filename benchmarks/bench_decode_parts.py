@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Decode (M <= 16) W4A4 linear, piece by piece, each timed from a CUDA graph (no launch overhead): the
+BF16 GEMV baseline, the fused transform + quantize alone, the decode GEMM alone (default config and a
+small config sweep), and the whole layer. Says where the decode time goes. JSON list out.
+
+    PYTHONPATH=. python benchmarks/bench_decode_parts.py --out results/kernels/bench_decode_parts.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+SWEEP = dict(BLOCK_N=[32, 64, 128], BLOCK_K=[256, 512], SPLIT_K=[1, 2, 4, 8])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
+
+    require_cuda("bench_decode_parts.py")
+    from flatquant.kernels.decode_gemm import decode_config, w4a4_gemm_decode
+    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+    from flatquant.kernels.linear import W4A4Linear
+    from flatquant.kernels.reference import quantize_weight_reference
+    from flatquant.transforms import kron_factors
+
+    dev = torch.device("cuda")
+    base = base_fields()
+    base["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    out = RecordWriter(args.out, base)
+    sets = 8  # weights rotated so that one does not sit in L2 (50 MB)
+    for (k, n), m in itertools.product(SHAPES, [int(v) for v in args.ms.split(",")]):
+        n1, n2 = kron_factors(k)
+        torch.manual_seed(0)
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(sets)]
+        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        shape = {"in": k, "out": n, "M": m, "n1": n1, "n2": n2, "dtype": "bfloat16", "bits": 4}
+        bf16 = graph_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, ws)])
+        fused = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs])
+        q = [quantize_weight_reference(w.float(), 4) for w in ws]
+        a = [fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs]
+
+        def gemm(cfg):
+            return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
+                                                                  4, config=cfg) for ai, qi in zip(a, q)])
+        default = decode_config(n, k // 2, dev)
+        layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
+        whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+        for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
+                                ("decode_gemm_default", gemm(default), {"config": default}),
+                                ("w4a4_linear_auto", whole, {})]:
+            out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
+                     "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
+                     "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9
+                     if name != "fused_transform_quant" else None, **extra})
+            print(f"{k}x{n} M={m} {name}: {ms * 1e3:.1f} us (bf16 {bf16 * 1e3:.1f} us)", flush=True)
+        if args.no_sweep or m != 1:
+            continue
+        best = None
+        for bn, bk, sk in itertools.product(*SWEEP.values()):
+            cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+            try:
+                ms = gemm(cfg)
+            except Exception as e:  # a config the compiler refuses (shared memory): recorded as such
+                print(f"  {cfg}: {type(e).__name__}", flush=True)
+                continue
+            out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
+                     "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": cfg,
+                     "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
+            best = min(best or (ms, cfg), (ms, cfg), key=lambda t: t[0])
+        print(f"  best GEMM config {best[1]}: {best[0] * 1e3:.1f} us", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
