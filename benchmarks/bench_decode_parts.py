@@ -17,7 +17,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
-SWEEP = dict(BLOCK_N=[32, 64, 128], BLOCK_K=[256, 512], SPLIT_K=[1, 2, 4, 8])
+# M = 1 configs swept: the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) and the CUDA-core "gemv"
+SWEEP = [dict(KERNEL="mma", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64, 128) for bk in (256, 512)
+         for sk in (1, 2, 4, 8)]
+SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn in (8, 16, 32)
+          for bk in (256, 512, 1024) for nw in (4, 8)]
 
 
 def main() -> int:
@@ -29,7 +33,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels.decode_gemm import decode_config, w4a4_gemm_decode
+    from flatquant.kernels.decode_gemm import GEMV_CONFIG, decode_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import quantize_weight_reference
@@ -56,7 +60,7 @@ def main() -> int:
         def gemm(cfg):
             return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
                                                                   4, config=cfg) for ai, qi in zip(a, q)])
-        default = decode_config(n, k // 2, dev)
+        default = {**GEMV_CONFIG, **decode_config(n, k // 2, dev), "KERNEL": "gemv" if m == 1 else "mma"}
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
@@ -69,9 +73,7 @@ def main() -> int:
             print(f"{k}x{n} M={m} {name}: {ms * 1e3:.1f} us (bf16 {bf16 * 1e3:.1f} us)", flush=True)
         if args.no_sweep or m != 1:
             continue
-        best = None
-        for bn, bk, sk in itertools.product(*SWEEP.values()):
-            cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+        for cfg in SWEEP:
             try:
                 ms = gemm(cfg)
             except Exception as e:  # a config the compiler refuses (shared memory): recorded as such
@@ -80,8 +82,10 @@ def main() -> int:
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": cfg,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
-            best = min(best or (ms, cfg), (ms, cfg), key=lambda t: t[0])
-        print(f"  best GEMM config {best[1]}: {best[0] * 1e3:.1f} us", flush=True)
+        for kern in ("mma", "gemv"):
+            ms, cfg = min(((r["median_ms"], r["config"]) for r in out.records if r["kernel"] == "decode_gemm_sweep"
+                           and r["shape"] == shape and r["config"]["KERNEL"] == kern), key=lambda t: t[0])
+            print(f"  best {kern} config {cfg}: {ms * 1e3:.1f} us", flush=True)
     return 0
 
 

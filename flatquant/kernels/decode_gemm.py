@@ -7,7 +7,8 @@ beyond M masked to 0: tl.dot on int8 needs >= 16 rows) and
 
     acc += dot(A_lo, W_loᵀ) + dot(A_hi, W_hiᵀ)     (int8 x int8 -> int32, exact; layout as w4a4_gemm.py)
 
-Grid = N tiles x SPLIT_K. SPLIT_K is chosen so that about 2 programs per SM run even when N / BLOCK_N
+M = 1 takes `_gemv_kernel` instead (CUDA-core multiply-adds, one program per BLOCK_N rows, no padding
+to 16 rows). For 2 <= M <= 16 (and M = 1 with config KERNEL="mma"): grid = N tiles x SPLIT_K. SPLIT_K is chosen so that about 2 programs per SM run even when N / BLOCK_N
 is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the splits meet in
 ONE launch: each program atomically adds its int32 partial sums into a workspace tile and then bumps
 that tile's arrival counter; the program that arrives last takes the finished sums out with an atomic
@@ -28,7 +29,10 @@ from flatquant.kernels._triton_utils import interpreting, num_sms
 
 MAX_M = 16
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
-INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
+INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
+# M = 1 (the gemv kernel): rows of W and bytes of K per program (a config may override either; KERNEL
+# "mma" sends M = 1 to the tensor-core kernel instead).
+GEMV_CONFIG = dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=512)
 
 
 @triton.jit
@@ -83,6 +87,38 @@ def _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, N, KH, stride_wn, ITERS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1: integer multiply-adds on the CUDA cores, no tensor-core tile (which would be 15/16 padding and
+    needs its operands re-laid out). Elementwise products accumulate in a (BLOCK_N, BLOCK_K) int32 tile
+    and are reduced once at the end, so the loop is loads, unpacks and multiply-adds."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn_l = tl.where(n_ok, rn, 0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for it in range(ITERS):
+        kk = it * BLOCK_K + rk
+        k_ok = kk < KH
+        a = tl.load(a_ptr + kk, mask=k_ok, other=0).to(tl.int8, bitcast=True)
+        w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
+        w = w.to(tl.int8, bitcast=True)
+        if PACK:
+            acc += ((w << 4) >> 4).to(tl.int32) * ((a << 4) >> 4).to(tl.int32)[None, :]
+            acc += (w >> 4).to(tl.int32) * (a >> 4).to(tl.int32)[None, :]
+        else:
+            acc += w.to(tl.int32) * a.to(tl.int32)[None, :]
+    tot = tl.sum(acc, axis=1)
+    sa = tl.load(sa_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))  # the one token's scale, broadcast
+    sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+    y = tot.to(tl.float32) * sa * sw  # the reference's order
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
+    tl.store(c_ptr + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
 # (device, stream, N) -> (int32 (MAX_M, N) partial sums, int32 arrival counters per 16 columns), zero between
 # calls (the last program of each tile leaves them so). Per stream: two streams must not share one.
 _WORKSPACES: dict = {}
@@ -131,14 +167,23 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    cfg = dict(config or decode_config(n, kh, a.device))
+    cfg = {**GEMV_CONFIG, **(config or decode_config(n, kh, a.device))}
+    sa = a_scale.reshape(-1).float().contiguous()
+    sw = w_scale.reshape(-1).float().contiguous()
+    b = bias.reshape(-1).float().contiguous() if bias is not None else sw
+    if cfg.get("KERNEL", "gemv" if m == 1 else "mma") == "gemv":
+        if m != 1:
+            raise ValueError(f"the gemv decode kernel takes M = 1, got {m}")
+        bn = cfg["GEMV_BLOCK_N"]
+        _gemv_kernel[(triton.cdiv(n, bn),)](a8, w8, sa, sw, b, out, n, kh, w8.stride(0),
+                                            ITERS=triton.cdiv(kh, cfg["GEMV_BLOCK_K"]), HAS_BIAS=bias is not None,
+                                            PACK=pack, BLOCK_N=bn, BLOCK_K=cfg["GEMV_BLOCK_K"],
+                                            num_warps=cfg.get("num_warps", 4))
+        return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
     # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.
     k_per = triton.cdiv(triton.cdiv(kh, split), bk) * bk
     split = triton.cdiv(kh, k_per)
-    sa = a_scale.reshape(-1).float().contiguous()
-    sw = w_scale.reshape(-1).float().contiguous()
-    b = bias.reshape(-1).float().contiguous() if bias is not None else sw
     atomic = split > 1
     if bn < 16:
         raise ValueError(f"BLOCK_N must be >= 16, got {bn}")

@@ -149,6 +149,21 @@ def test_cublas_routes_gpu(m, n, k):
            ulps=2.0, bf16_bias=b)
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "mma"])
+@pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
+def test_decode_gemm_m1_kernels(kernel, bits, k):
+    """M = 1 through the CUDA-core gemv kernel (the default) and through the tensor-core kernel: both equal
+    the reference; a K not a multiple of the block and 8-bit codes included; gemv refuses M > 1."""
+    a, sa, qw, sw, b = _operands(1, 40, k, bits=bits)
+    cfg = dict(KERNEL=kernel, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
+    y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, bits, config=cfg)
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, bits), torch.float32)
+    a2, sa2, qw2, sw2, _ = _operands(2, 40, k, bits=bits)
+    if kernel == "gemv":
+        with pytest.raises(ValueError, match="M = 1"):
+            w4a4_gemm_decode(a2, sa2, qw2, sw2, None, torch.float32, bits, config=cfg)
+
+
 def test_decode_gemm_split_k_workspace_left_zero_and_reused():
     """The one-launch split-K reduction: repeated calls (other M, other operands, same N) stay exact, and the
     shared workspace and arrival counters are zero again after each call (the next call relies on that)."""
