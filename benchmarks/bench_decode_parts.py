@@ -33,7 +33,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels.decode_gemm import GEMV_CONFIG, decode_config, w4a4_gemm_decode
+    from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import quantize_weight_reference
@@ -60,7 +60,7 @@ def main() -> int:
         def gemm(cfg):
             return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
                                                                   4, config=cfg) for ai, qi in zip(a, q)])
-        default = {**GEMV_CONFIG, **decode_config(n, k // 2, dev), "KERNEL": "gemv" if m == 1 else "mma"}
+        default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),

@@ -151,6 +151,14 @@ def decode_config(n: int, kh: int, device: torch.device) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
 
 
+def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict | None = None) -> dict:
+    """The config a call runs with: `config` (else decode_config) over GEMV_CONFIG, and KERNEL ("gemv"
+    for M = 1, else "mma", unless the config names one)."""
+    cfg = {**GEMV_CONFIG, **(config or decode_config(n, kh, device))}
+    cfg.setdefault("KERNEL", "gemv" if m == 1 else "mma")
+    return cfg
+
+
 def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, bits: int = 4,
                      config: dict | None = None) -> torch.Tensor:
@@ -170,11 +178,11 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    cfg = {**GEMV_CONFIG, **(config or decode_config(n, kh, a.device))}
+    cfg = resolved_config(m, n, kh, a.device, config)
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
-    if cfg.get("KERNEL", "gemv" if m == 1 else "mma") == "gemv":
+    if cfg["KERNEL"] == "gemv":
         if m != 1:
             raise ValueError(f"the gemv decode kernel takes M = 1, got {m}")
         bn = cfg["GEMV_BLOCK_N"]

@@ -18,13 +18,18 @@ def _run_accuracy():
     return mod
 
 
-def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+def _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch):
+    """lm-eval importable, the zero-shot files linked into the tiny data folder, the hub switched off."""
     pytest.importorskip("lm_eval")
     if shared_data_dir is None:
         pytest.skip("../shared/data (zero-shot files) not present")
     os.symlink(shared_data_dir / "zeroshot", tiny_data_dir / "zeroshot")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+    _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch)
     results, work = tmp_path / "results", tmp_path / "work"
     rc = _run_accuracy().main(["--quick", "--parts", "gptq", "--model", str(tiny_model_dir), "--model-name", "Tiny",
                                "--data-dir", str(tiny_data_dir), "--results-dir", str(results), "--work-dir", str(work),
@@ -47,12 +52,7 @@ def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_pat
 
 def test_quick_longcalib_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
     """The larger-calibration part: its own variant name, its recipe in the records, its own parameters."""
-    pytest.importorskip("lm_eval")
-    if shared_data_dir is None:
-        pytest.skip("../shared/data (zero-shot files) not present")
-    os.symlink(shared_data_dir / "zeroshot", tiny_data_dir / "zeroshot")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch)
     results, work = tmp_path / "results", tmp_path / "work"
     rc = _run_accuracy().main(["--quick", "--parts", "longcalib", "--long-nsamples", "6", "--long-epochs", "3",
                                "--model", str(tiny_model_dir), "--model-name", "Tiny", "--data-dir", str(tiny_data_dir),
