@@ -17,17 +17,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
-# M = 1 configs swept: the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) and the CUDA-core "gemv"
-SWEEP = [dict(KERNEL="mma", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64, 128) for bk in (256, 512)
-         for sk in (1, 2, 4, 8)]
-SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn in (8, 16, 32)
-          for bk in (256, 512, 1024) for nw in (4, 8)]
+# Configs swept per M: the CUDA-core dp4a kernel ("gemv": rows, K bytes per step, warps) where it is the
+# default (M <= GEMV_MAX_M), the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) with the weight as
+# the MMA's A operand (SWAP_AB) at M = 16; the defaults of both kernels at M = 4.
+GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn in (8, 16, 32)
+              for bk in (512, 1024, 2048) for nw in (4, 8)]
+MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (64, 128)
+                  for bk in (256, 512) for sk in (1, 2, 4, 8)]
+SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma"), dict(KERNEL="mma", SWAP_AB=True)], 16: MMA_SWAP_SWEEP}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
@@ -71,20 +74,22 @@ def main() -> int:
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9
                      if name != "fused_transform_quant" else None, **extra})
             print(f"{k}x{n} M={m} {name}: {ms * 1e3:.1f} us (bf16 {bf16 * 1e3:.1f} us)", flush=True)
-        if args.no_sweep or m != 1:
+        if args.no_sweep:
             continue
-        for cfg in SWEEP:
+        for cfg in SWEEP.get(m, []):
+            full = resolved_config(m, n, k // 2, dev, {**resolved_config(m, n, k // 2, dev), **cfg})
             try:
-                ms = gemm(cfg)
+                ms = gemm(full)
             except Exception as e:  # a config the compiler refuses (shared memory): recorded as such
                 print(f"  {cfg}: {type(e).__name__}", flush=True)
                 continue
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
-                     "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": cfg,
+                     "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
-        for kern in ("mma", "gemv"):
-            ms, cfg = min(((r["median_ms"], r["config"]) for r in out.records if r["kernel"] == "decode_gemm_sweep"
-                           and r["shape"] == shape and r["config"]["KERNEL"] == kern), key=lambda t: t[0])
+        swept = [r for r in out.records if r["kernel"] == "decode_gemm_sweep" and r["shape"] == shape]
+        for kern in sorted({(r["config"]["KERNEL"], bool(r["config"].get("SWAP_AB"))) for r in swept}):
+            ms, cfg = min(((r["median_ms"], r["config"]) for r in swept
+                           if (r["config"]["KERNEL"], bool(r["config"].get("SWAP_AB"))) == kern), key=lambda t: t[0])
             print(f"  best {kern} config {cfg}: {ms * 1e3:.1f} us", flush=True)
     return 0
 

@@ -31,17 +31,18 @@ import triton.language as tl
 from flatquant.kernels._triton_utils import interpreting, num_sms
 
 MAX_M = 16
+# M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
+GEMV_MAX_M = 4
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
 INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
-# M = 1 (the gemv kernel): rows of W and bytes of K per program (a config may override either; KERNEL
-# "mma" sends M = 1 to the tensor-core kernel instead).
-GEMV_CONFIG = dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=512)
-
+# The gemv kernel: rows of W and bytes of K per program (a config may override either; KERNEL "mma"
+# sends small M to the tensor-core kernel instead). SWAP_AB: the tensor-core kernel's operand order.
+GEMV_CONFIG = dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=512, SWAP_AB=False)
 
 @triton.jit
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-                   ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -51,19 +52,32 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
     k_start = pid_k * K_PER_SPLIT
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
+    else:
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
     for it in range(ITERS):
         kk = k_start + it * BLOCK_K + rk
         k_ok = kk < KH
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
+        a8 = a.to(tl.int8, bitcast=True)
+        w8 = w.to(tl.int8, bitcast=True)
         if PACK:
-            a8 = a.to(tl.int8, bitcast=True)
-            w8 = w.to(tl.int8, bitcast=True)
-            acc = tl.dot((a8 << 4) >> 4, tl.trans((w8 << 4) >> 4), acc, out_dtype=tl.int32)
-            acc = tl.dot(a8 >> 4, tl.trans(w8 >> 4), acc, out_dtype=tl.int32)
+            a_lo, a_hi, w_lo, w_hi = (a8 << 4) >> 4, a8 >> 4, (w8 << 4) >> 4, w8 >> 4
+            if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
+                acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         else:
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            if SWAP_AB:
+                acc = tl.dot(w8, tl.trans(a8), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a8, tl.trans(w8), acc, out_dtype=tl.int32)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         ws = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -91,35 +105,79 @@ def _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, N, KH, stride_wn, ITERS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M = 1: integer multiply-adds on the CUDA cores, no tensor-core tile (which would be 15/16 padding and
-    needs its operands re-laid out). Elementwise products accumulate in a (BLOCK_N, BLOCK_K) int32 tile
-    and are reduced once at the end, so the loop is loads, unpacks and multiply-adds."""
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
+    """c + sum over the 4 bytes j of byte_j(a) * byte_j(b), on int32 words: b's bytes signed, a's signed if
+    SIGNED_A else unsigned. One IDP4A instruction on the GPU; the same sum from shifts in the interpreter."""
+    if EMULATE:
+        for j in tl.static_range(4):
+            bj = (b << (24 - 8 * j)) >> 24
+            if SIGNED_A:
+                aj = (a << (24 - 8 * j)) >> 24
+            else:
+                aj = (a >> (8 * j)) & 0xFF
+            c += aj * bj
+        return c
+    else:
+        if SIGNED_A:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibbles_signed(t):
+    """Bytes holding 4-bit two's-complement codes (0..15) -> the same codes as signed bytes: bit 3 of each
+    byte times 0x1E sets bits 4-7 (0x08 * 0x1E = 0xF0, no carry into the next byte)."""
+    return t | ((t & 0x08080808) * 0x1E)
+
+
+@triton.jit
+def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
+                 ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
+    would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
+    Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
+    a two's-complement nibble to offset binary), then two dp4a against the activation's signed bytes; the
+    offset comes off at the end as 8 * sum(activation codes). That is ~4 integer instructions per 8
+    multiply-adds where a byte-wise unpack needs ~3 per multiply-add (the earlier kernel was ALU bound:
+    0.8-1.2 TB/s at M = 1). Word products accumulate in a (BLOCK_M, BLOCK_N, BLOCK_KW) int32 tile, reduced
+    once at the end. 8-bit codes: one dp4a per word of signed bytes, no offset."""
     pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_KW)
+    m_ok = rm < M
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
+    asum = tl.zeros((BLOCK_M, 1, BLOCK_KW), dtype=tl.int32)
+    ones = tl.full((BLOCK_M, 1, BLOCK_KW), 0x01010101, tl.int32)
     for it in range(ITERS):
-        kk = it * BLOCK_K + rk
-        k_ok = kk < KH
-        a = tl.load(a_ptr + kk, mask=k_ok, other=0).to(tl.int8, bitcast=True)
-        w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
-        w = w.to(tl.int8, bitcast=True)
+        kk = it * BLOCK_KW + rk
+        k_ok = kk < KW
+        a = tl.load(a_ptr + rm[:, None, None] * stride_am + kk[None, None, :],
+                    mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
+        w = tl.load(w_ptr + rn_l[None, :, None] * stride_wn + kk[None, None, :], mask=k_ok[None, None, :], other=0)
         if PACK:
-            acc += ((w << 4) >> 4).to(tl.int32) * ((a << 4) >> 4).to(tl.int32)[None, :]
-            acc += (w >> 4).to(tl.int32) * (a >> 4).to(tl.int32)[None, :]
+            a_lo = _nibbles_signed(a & 0x0F0F0F0F)
+            a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
+            asum = _dp4a(a_hi, ones, _dp4a(a_lo, ones, asum, True, EMULATE), True, EMULATE)
+            u = w ^ -0x77777778  # 0x88888888: every nibble's sign bit flipped
+            w_lo = tl.broadcast_to(u & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
+            w_hi = tl.broadcast_to((u >> 4) & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
+            acc = _dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
+            acc = _dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
         else:
-            acc += w.to(tl.int32) * a.to(tl.int32)[None, :]
-    tot = tl.sum(acc, axis=1)
-    sa = tl.load(sa_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))  # the one token's scale, broadcast
-    sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
-    y = tot.to(tl.float32) * sa * sw  # the reference's order
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
-    tl.store(c_ptr + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
+            acc = _dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BLOCK_KW)),
+                        tl.broadcast_to(a, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, True, EMULATE)
+    tot = tl.sum(acc, axis=2)
+    if PACK:
+        tot -= 8 * tl.sum(asum, axis=2)
+    mask = m_ok[:, None] & n_ok[None, :]
+    _store_scaled(tot, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 # (device, stream, N) -> (int32 (MAX_M, N) partial sums, int32 arrival counters per 16 columns), zero between
@@ -151,11 +209,18 @@ def decode_config(n: int, kh: int, device: torch.device) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
 
 
-def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict | None = None) -> dict:
+def _word_aligned(t: torch.Tensor) -> bool:
+    """Rows of t (uint8 / int8, last dim contiguous) can be read as int32 words."""
+    return t.shape[1] % 4 == 0 and (t.shape[0] <= 1 or t.stride(0) % 4 == 0) and t.data_ptr() % 4 == 0
+
+
+def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict | None = None,
+                    word_aligned: bool = True) -> dict:
     """The config a call runs with: `config` (else decode_config) over GEMV_CONFIG, and KERNEL ("gemv"
-    for M = 1, else "mma", unless the config names one)."""
+    for M <= GEMV_MAX_M when the rows can be read as int32 words, else "mma", unless the config names
+    one)."""
     cfg = {**GEMV_CONFIG, **(config or decode_config(n, kh, device))}
-    cfg.setdefault("KERNEL", "gemv" if m == 1 else "mma")
+    cfg.setdefault("KERNEL", "gemv" if m <= GEMV_MAX_M and word_aligned else "mma")
     return cfg
 
 
@@ -178,18 +243,22 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    cfg = resolved_config(m, n, kh, a.device, config)
+    aligned = _word_aligned(a8) and _word_aligned(w8)
+    cfg = resolved_config(m, n, kh, a.device, config, aligned)
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
     if cfg["KERNEL"] == "gemv":
-        if m != 1:
-            raise ValueError(f"the gemv decode kernel takes M = 1, got {m}")
-        bn = cfg["GEMV_BLOCK_N"]
-        _gemv_kernel[(triton.cdiv(n, bn),)](a8, w8, sa, sw, b, out, n, kh, w8.stride(0),
-                                            ITERS=triton.cdiv(kh, cfg["GEMV_BLOCK_K"]), HAS_BIAS=bias is not None,
-                                            PACK=pack, BLOCK_N=bn, BLOCK_K=cfg["GEMV_BLOCK_K"],
-                                            num_warps=cfg.get("num_warps", 4))
+        if m > GEMV_MAX_M or not aligned:
+            raise ValueError(f"the gemv decode kernel takes M <= {GEMV_MAX_M} and rows of whole int32 words "
+                             f"(K/2 bytes a multiple of 4), got M = {m}, {kh} bytes")
+        bn, bkw = cfg["GEMV_BLOCK_N"], max(1, cfg["GEMV_BLOCK_K"] // 4)
+        a32, w32 = a8.view(torch.int32), w8.view(torch.int32)
+        kw = kh // 4
+        _gemv_kernel[(triton.cdiv(n, bn),)](a32, w32, sa, sw, b, out, m, n, kw, a32.stride(0), w32.stride(0),
+                                            out.stride(0), ITERS=triton.cdiv(kw, bkw), HAS_BIAS=bias is not None,
+                                            PACK=pack, EMULATE=interpreting(), BLOCK_M=triton.next_power_of_2(m),
+                                            BLOCK_N=bn, BLOCK_KW=bkw, num_warps=cfg.get("num_warps", 4))
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
     # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.
@@ -201,6 +270,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     ws, counters = _workspace(a.device, n) if atomic else (out, out)
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
-        ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out

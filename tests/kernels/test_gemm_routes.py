@@ -49,9 +49,11 @@ def _close(y, yr, out_dtype, ulps=1.0, bf16_bias=None):
 @pytest.mark.parametrize("m,n,k,split", [(1, 32, 64, 1), (1, 70, 96, 2), (5, 40, 576, 3), (16, 96, 1536, 4),
                                          (3, 33, 200, 8)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-def test_decode_gemm_int4(m, n, k, split, out_dtype):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab):
+    """The tensor-core decode kernel (pinned: KERNEL "mma"), both operand orders, split-K 1-8."""
     a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
-    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, out_dtype, 4, config=cfg)
     assert y.shape == (m, n) and y.dtype == out_dtype
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
@@ -71,7 +73,7 @@ def test_decode_gemm_extreme_codes_exact():
     a = pack_int4(torch.full((m, k), -8, dtype=torch.int8)).to(DEVICE)
     w = pack_int4(torch.full((n, k), -8, dtype=torch.int8)).to(DEVICE)
     y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None, torch.float32,
-                         config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=3))
+                         config=dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3))
     assert torch.all(y == 64.0 * k)
 
 
@@ -149,19 +151,44 @@ def test_cublas_routes_gpu(m, n, k):
            ulps=2.0, bf16_bias=b)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "mma"])
+@pytest.mark.parametrize("kernel", ["gemv", "mma", "mma_swap"])
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
-def test_decode_gemm_m1_kernels(kernel, bits, k):
-    """M = 1 through the CUDA-core gemv kernel (the default) and through the tensor-core kernel: both equal
-    the reference; a K not a multiple of the block and 8-bit codes included; gemv refuses M > 1."""
-    a, sa, qw, sw, b = _operands(1, 40, k, bits=bits)
-    cfg = dict(KERNEL=kernel, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
+    """Small M through the CUDA-core dp4a kernel (the default up to GEMV_MAX_M) and through the tensor-core
+    kernel in both operand orders: all equal the reference; a K not a multiple of the block, an odd M and
+    8-bit codes included."""
+    a, sa, qw, sw, b = _operands(m, 40, k, bits=bits)
+    cfg = dict(KERNEL=kernel[:3] if kernel != "gemv" else "gemv", SWAP_AB=kernel == "mma_swap", BLOCK_N=32,
+               BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, bits, config=cfg)
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, bits), torch.float32)
-    a2, sa2, qw2, sw2, _ = _operands(2, 40, k, bits=bits)
-    if kernel == "gemv":
-        with pytest.raises(ValueError, match="M = 1"):
-            w4a4_gemm_decode(a2, sa2, qw2, sw2, None, torch.float32, bits, config=cfg)
+
+
+def test_decode_gemv_extreme_codes_limits_and_default():
+    """The dp4a kernel's offset arithmetic at the extreme codes (-8 x -8 and 7 x -8, exact); it is the
+    default up to GEMV_MAX_M; it refuses M > GEMV_MAX_M and rows that are not whole int32 words, and the
+    default then falls back to the tensor-core kernel."""
+    from flatquant.kernels import decode_gemm
+
+    n, k = 24, 520
+    for m, av, wv in [(1, -8, -8), (4, 7, -8), (2, -8, 7)]:
+        a = pack_int4(torch.full((m, k), av, dtype=torch.int8)).to(DEVICE)
+        w = pack_int4(torch.full((n, k), wv, dtype=torch.int8)).to(DEVICE)
+        y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None, torch.float32)
+        assert torch.all(y == float(av * wv * k))
+    assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M, n, k // 2, torch.device(DEVICE))["KERNEL"] == "gemv"
+    assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M + 1, n, k // 2, torch.device(DEVICE))["KERNEL"] == "mma"
+    assert decode_gemm.resolved_config(1, n, 150, torch.device(DEVICE), word_aligned=False)["KERNEL"] == "mma"
+    gemv = dict(KERNEL="gemv", GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
+    a, sa, qw, sw, b = _operands(decode_gemm.GEMV_MAX_M + 1, n, 64)
+    with pytest.raises(ValueError, match="gemv"):
+        w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, config=gemv)
+    a, sa, qw, sw, b = _operands(1, n, 300)  # 150 bytes per row: not whole words
+    with pytest.raises(ValueError, match="int32 words"):
+        w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, config=gemv)
+    _close(w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32), w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4),
+           torch.float32)
 
 
 def test_decode_gemm_split_k_workspace_left_zero_and_reused():
@@ -170,7 +197,7 @@ def test_decode_gemm_split_k_workspace_left_zero_and_reused():
     from flatquant.kernels import decode_gemm
 
     n, k = 48, 256
-    cfg = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=4)
+    cfg = dict(KERNEL="mma", BLOCK_N=16, BLOCK_K=32, SPLIT_K=4)
     for m in (3, 16, 1):
         a, sa, qw, sw, b = _operands(m, n, k)
         y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 4, config=cfg)
