@@ -19,12 +19,16 @@ import torch
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 # Configs swept per M: the CUDA-core dp4a kernel ("gemv": rows, K bytes per step, warps) where it is the
 # default (M <= GEMV_MAX_M), the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) with the weight as
-# the MMA's A operand (SWAP_AB) at M = 16; the defaults of both kernels at M = 4.
-GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn in (8, 16, 32)
-              for bk in (512, 1024, 2048) for nw in (4, 8)]
-MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (64, 128)
-                  for bk in (256, 512) for sk in (1, 2, 4, 8)]
-SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma"), dict(KERNEL="mma", SWAP_AB=True)], 16: MMA_SWAP_SWEEP}
+# the MMA's A operand (SWAP_AB) at M = 16, and the other operand order's default for comparison.
+GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
+              [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4)]]
+MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64)
+                  for bk in (128, 256) for sk in (2, 4, 8)]
+SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
+         16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)]}
+# Fused transform + quantize launch variants at M = 1 (one program: its latency is the cost).
+TRANSFORM_SWEEP = [dict(kernel="block", config=dict(num_warps=nw, num_stages=st)) for nw in (4, 8) for st in (1, 2)]
+TRANSFORM_SWEEP += [dict(kernel="token")]
 
 
 def main() -> int:
@@ -86,6 +90,16 @@ def main() -> int:
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
+        for tcfg in TRANSFORM_SWEEP if m == 1 else []:
+            try:
+                ms = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4, **tcfg) for x in xs])
+            except Exception as e:
+                print(f"  transform {tcfg}: {type(e).__name__}", flush=True)
+                continue
+            out.add({"kernel": "fused_transform_quant_sweep", "shape": shape, "median_ms": ms, "config": tcfg,
+                     "baseline": "bf16_gemv_cudagraph", "baseline_median_ms": bf16, "speedup": bf16 / ms,
+                     "timing": "cuda_graph", "achieved_gbps": None})
+            print(f"  transform {tcfg}: {ms * 1e3:.1f} us", flush=True)
         swept = [r for r in out.records if r["kernel"] == "decode_gemm_sweep" and r["shape"] == shape]
         for kern in sorted({(r["config"]["KERNEL"], bool(r["config"].get("SWAP_AB"))) for r in swept}):
             ms, cfg = min(((r["median_ms"], r["config"]) for r in swept

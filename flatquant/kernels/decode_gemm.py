@@ -35,14 +35,20 @@ MAX_M = 16
 GEMV_MAX_M = 4
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
 INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
-# The gemv kernel: rows of W and bytes of K per program (a config may override either; KERNEL "mma"
-# sends small M to the tensor-core kernel instead). SWAP_AB: the tensor-core kernel's operand order.
-GEMV_CONFIG = dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=512, SWAP_AB=False)
+# The gemv kernel: rows of W and bytes of K per step, by M (a config may override either; KERNEL "mma"
+# sends small M to the tensor-core kernel instead). From the H200 sweep (bench_decode_parts.py, 5aea87e):
+# 8 rows x 1024 bytes was within 5 % of the best config on all three shapes at M = 1; at M = 4 the
+# (BLOCK_M, rows, words) accumulator must stay small (larger tiles spill), 8 x 512 had no bad case.
+# SWAP_AB: the tensor-core kernel's operand order (weight as the MMA's A operand: 1.3-1.5x faster at
+# M = 16 in the same sweep).
+GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
+               GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
 
 @triton.jit
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -56,6 +62,7 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
         acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
     else:
         acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+    asum = tl.zeros((16,), dtype=tl.int32)
     for it in range(ITERS):
         kk = k_start + it * BLOCK_K + rk
         k_ok = kk < KH
@@ -64,7 +71,11 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
         a8 = a.to(tl.int8, bitcast=True)
         w8 = w.to(tl.int8, bitcast=True)
         if PACK:
-            a_lo, a_hi, w_lo, w_hi = (a8 << 4) >> 4, a8 >> 4, (w8 << 4) >> 4, w8 >> 4
+            a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
+            # Weight nibbles as offset codes (code + 8, 0..15: still valid int8 MMA operands), 4 bytes per
+            # instruction; the offset comes off below as 8 * sum(activation codes) per row.
+            w_lo, w_hi = _offset_nibbles(w8, EMULATE)
+            asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=1)
             if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
                 acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
@@ -78,6 +89,8 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
                 acc = tl.dot(a8, tl.trans(w8), acc, out_dtype=tl.int32)
     if SWAP_AB:
         acc = tl.trans(acc)
+    if PACK:
+        acc -= 8 * asum[:, None]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         ws = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -92,6 +105,26 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:
         _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _offset_nibbles(w8, EMULATE: tl.constexpr):
+    """Packed int4 bytes (int8 tensor) -> (low, high) nibbles as offset codes code + 8 in 0..15: XOR 0x8
+    turns a two's-complement nibble into offset binary. On the GPU each instruction handles four bytes in
+    one 32-bit register (inline PTX, pack=4; ptxas fuses xor/and into one LOP3) instead of a shift pair
+    per byte; the interpreter runs the same arithmetic per byte."""
+    if EMULATE:
+        u = w8.to(tl.uint8, bitcast=True)
+        lo = ((u & 0x0F) ^ 0x08).to(tl.int8, bitcast=True)
+        hi = ((u >> 4) ^ 0x08).to(tl.int8, bitcast=True)
+        return lo, hi
+    else:
+        lo = tl.inline_asm_elementwise("xor.b32 $0, $1, 0x88888888;\n\tand.b32 $0, $0, 0x0F0F0F0F;", "=r,r",
+                                       [w8], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise("shr.u32 $0, $1, 4;\n\tand.b32 $0, $0, 0x0F0F0F0F;\n\t"
+                                       "xor.b32 $0, $0, 0x08080808;", "=r,r", [w8], dtype=tl.int8, is_pure=True,
+                                       pack=4)
+        return lo, hi
 
 
 @triton.jit
@@ -216,10 +249,10 @@ def _word_aligned(t: torch.Tensor) -> bool:
 
 def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict | None = None,
                     word_aligned: bool = True) -> dict:
-    """The config a call runs with: `config` (else decode_config) over GEMV_CONFIG, and KERNEL ("gemv"
+    """The config a call runs with: `config` (else decode_config) over GEMV_CONFIG (by M), and KERNEL ("gemv"
     for M <= GEMV_MAX_M when the rows can be read as int32 words, else "mma", unless the config names
     one)."""
-    cfg = {**GEMV_CONFIG, **(config or decode_config(n, kh, device))}
+    cfg = {**GEMV_CONFIG[1 if m <= 1 else GEMV_MAX_M], **(config or decode_config(n, kh, device))}
     cfg.setdefault("KERNEL", "gemv" if m <= GEMV_MAX_M and word_aligned else "mma")
     return cfg
 
@@ -271,5 +304,5 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        EMULATE=interpreting(), BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out
