@@ -40,6 +40,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("bench_decode_parts.py")
+    from flatquant.kernels import decode_gemm
     from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
@@ -70,9 +71,13 @@ def main() -> int:
         default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+        decode_gemm.PDL = False  # the same layer with the GEMM launched plainly, side by side
+        whole_nopdl = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+        decode_gemm.PDL = True
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
-                                ("w4a4_linear_auto", whole, {})]:
+                                ("decode_gemm_default_nopdl", gemm({**default, "PDL": False}), {"config": {**default, "PDL": False}}),
+                                ("w4a4_linear_auto", whole, {}), ("w4a4_linear_auto_nopdl", whole_nopdl, {})]:
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9

@@ -19,6 +19,28 @@ except ImportError:  # pragma: no cover
     from triton.language.math import libdevice  # type: ignore
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (a kernel launched while the previous one finishes; it waits in
+    `gdc_wait` before reading that kernel's output): Hopper (sm_90) and newer, never in the interpreter."""
+    return (device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def gdc_wait():
+    """Wait until the grids this one depends on have finished and their writes are visible (PTX
+    griddepcontrol.wait; returns at once when the kernel was not launched as a dependent)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def gdc_launch_dependents():
+    """Let the next kernel in the stream, if launched as a programmatic dependent, start now (PTX
+    griddepcontrol.launch_dependents); it still waits for this grid's writes in gdc_wait."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

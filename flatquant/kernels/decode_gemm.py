@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import interpreting, num_sms
+from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl_supported
 
 MAX_M = 16
 # M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
@@ -41,13 +41,17 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # (BLOCK_M, rows, words) accumulator must stay small (larger tiles spill), 8 x 512 had no bad case.
 # SWAP_AB: the tensor-core kernel's operand order (weight as the MMA's A operand: 1.3-1.5x faster at
 # M = 16 in the same sweep).
+# Launch the decode GEMM as a programmatic dependent of the previous kernel on sm_90+ (config key "PDL"
+# overrides per call): its launch and first weight loads overlap the fused transform's tail.
+PDL = True
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
                GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
 
 @triton.jit
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
-                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
+                   BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -58,6 +62,8 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
     k_start = pid_k * K_PER_SPLIT
+    if USE_GDC:  # launched as a programmatic dependent: its launch overlaps the previous kernel's tail
+        gdc_wait()
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
     else:
@@ -169,7 +175,7 @@ def _nibbles_signed(t):
 @triton.jit
 def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
     would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
     Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
@@ -188,12 +194,20 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
     asum = tl.zeros((BLOCK_M, 1, BLOCK_KW), dtype=tl.int32)
     ones = tl.full((BLOCK_M, 1, BLOCK_KW), 0x01010101, tl.int32)
+    w_rows = w_ptr + rn_l[None, :, None] * stride_wn
+    # The weight does not depend on the previous kernel: its first tile is requested before waiting for
+    # that kernel (USE_GDC: launched as a programmatic dependent of the fused transform), and each step
+    # requests the next tile before computing on this one.
+    w_next = tl.load(w_rows + rk[None, None, :], mask=(rk < KW)[None, None, :], other=0)
+    if USE_GDC:
+        gdc_wait()
     for it in range(ITERS):
         kk = it * BLOCK_KW + rk
         k_ok = kk < KW
         a = tl.load(a_ptr + rm[:, None, None] * stride_am + kk[None, None, :],
                     mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
-        w = tl.load(w_ptr + rn_l[None, :, None] * stride_wn + kk[None, None, :], mask=k_ok[None, None, :], other=0)
+        w = w_next
+        w_next = tl.load(w_rows + (kk + BLOCK_KW)[None, None, :], mask=(kk + BLOCK_KW < KW)[None, None, :], other=0)
         if PACK:
             a_lo = _nibbles_signed(a & 0x0F0F0F0F)
             a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
@@ -281,6 +295,8 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
+    pdl = bool(cfg.get("PDL", PDL)) and pdl_supported(a.device)
+    launch = dict(launch_pdl=True) if pdl else {}
     if cfg["KERNEL"] == "gemv":
         if m > GEMV_MAX_M or not aligned:
             raise ValueError(f"the gemv decode kernel takes M <= {GEMV_MAX_M} and rows of whole int32 words "
@@ -290,8 +306,9 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         kw = kh // 4
         _gemv_kernel[(triton.cdiv(n, bn),)](a32, w32, sa, sw, b, out, m, n, kw, a32.stride(0), w32.stride(0),
                                             out.stride(0), ITERS=triton.cdiv(kw, bkw), HAS_BIAS=bias is not None,
-                                            PACK=pack, EMULATE=interpreting(), BLOCK_M=triton.next_power_of_2(m),
-                                            BLOCK_N=bn, BLOCK_KW=bkw, num_warps=cfg.get("num_warps", 4))
+                                            PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
+                                            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
+                                            num_warps=cfg.get("num_warps", 4), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
     # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.
@@ -304,5 +321,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        EMULATE=interpreting(), BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        EMULATE=interpreting(), USE_GDC=pdl, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3), **launch)
     return out

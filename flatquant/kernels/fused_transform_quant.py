@@ -42,6 +42,7 @@ from flatquant.kernels._triton_utils import (
     _quantize,
     _round_clamp,
     _scale,
+    gdc_launch_dependents,
     interpreting,
     next_pow2,
     num_sms,
@@ -83,6 +84,8 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                          S: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
                          IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
+    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -154,6 +157,8 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
+    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -241,6 +246,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
     packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
     second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros."""
+    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)

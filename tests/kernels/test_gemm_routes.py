@@ -204,3 +204,34 @@ def test_decode_gemm_split_k_workspace_left_zero_and_reused():
         _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
         ws, counters = decode_gemm._workspace(a.device, n)
         assert int(ws.abs().sum()) == 0 and int(counters.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: GPU only")
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_decode_layer_pdl_in_cuda_graph(m):
+    """The decode GEMM launched as a programmatic dependent of the fused transform (it may start before the
+    transform has finished and must wait before reading the codes), replayed from a CUDA graph on fresh
+    inputs: bitwise equal to the plain launch each time (same codes, exact integer sums)."""
+    from flatquant.kernels import decode_gemm
+    from flatquant.kernels.linear import W4A4Linear
+
+    k, n = 4096, 4096
+    p1 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
+    p2 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
+    layer = W4A4Linear.from_float(torch.randn(n, k, device=DEVICE) / 64, None, p1, p2, backend="triton")
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    layer(x)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x) * 3)
+        graph.replay()
+        decode_gemm.PDL = False
+        try:
+            y_plain = layer(x)
+        finally:
+            decode_gemm.PDL = True
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_plain)
