@@ -23,7 +23,9 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
               [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4)]]
 MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64)
-                  for bk in (128, 256) for sk in (2, 4, 8)]
+                  for bk in (128, 256) for sk in (2, 4, 8, 16)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (4, 8)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_stages=4) for sk in (4, 8)]
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)]}
 # Fused transform + quantize launch variants at M = 1 (one program: its latency is the cost).
@@ -71,13 +73,20 @@ def main() -> int:
         default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-        decode_gemm.PDL = False  # the same layer with the GEMM launched plainly, side by side
-        whole_nopdl = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-        decode_gemm.PDL = True
+        # The same layer with the GEMM launched as a programmatic dependent (PDL) everywhere / nowhere.
+        default_pdl = decode_gemm.PDL
+        wholes = {}
+        for tag, on in (("pdl_on", True), ("pdl_off", False)):
+            decode_gemm.PDL = {kern: on for kern in default_pdl}
+            try:
+                wholes[tag] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+            finally:
+                decode_gemm.PDL = default_pdl
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
-                                ("decode_gemm_default_nopdl", gemm({**default, "PDL": False}), {"config": {**default, "PDL": False}}),
-                                ("w4a4_linear_auto", whole, {}), ("w4a4_linear_auto_nopdl", whole_nopdl, {})]:
+                                ("w4a4_linear_auto", whole, {}),
+                                ("w4a4_linear_auto_pdl_on", wholes["pdl_on"], {}),
+                                ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {})]:
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9

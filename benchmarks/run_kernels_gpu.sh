@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU driver for the W4A4 kernels (issue 5): tests on CUDA, then both benchmarks -> JSON under $OUT.
 # Run from the repo root on the GPU machine:   OUT=/some/dir bash benchmarks/run_kernels_gpu.sh
-# Budget: at most ~8.5 minutes (step limits 180 + 120 + 210 s, plus start-up); the JSON files are
-# rewritten after every record, so a step cut short still leaves its finished records.
+# Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep).
+# All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s): more than one device call allows, so
+# run them as two calls. The JSON files are rewritten after every record, so a step cut short still
+# leaves its finished records.
 set -u
 : "${OUT:?set OUT to an output folder}"
 mkdir -p "$OUT"
@@ -13,10 +15,10 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } | tee "$OUT/kernels_env.txt"
 
-STEPS="${KERNEL_STEPS:-tests fused linear}"  # any subset, e.g. KERNEL_STEPS="fused linear"
+STEPS="${KERNEL_STEPS:-tests fused linear decode}"  # any subset, e.g. KERNEL_STEPS="fused linear"
 if [[ " $STEPS " == *" tests "* ]]; then
 echo "== kernel tests (cuda) =="
-timeout 180 python -m pytest -q tests/kernels -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/kernels_pytest.txt" | tail -25
+timeout 300 python -m pytest -q ${TEST_ARGS:-tests/kernels} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/kernels_pytest.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$OUT/kernels_pytest.txt"
 fi
 
@@ -35,5 +37,11 @@ timeout 210 python benchmarks/bench_w4a4_linear.py --routes auto,decode,int_mm,s
   --out "$OUT/bench_w4a4_linear.json" 2>&1 \
   | tee "$OUT/bench_w4a4_linear.txt"
 echo "w4a4 bench rc=${PIPESTATUS[0]}"
+fi
+if [[ " $STEPS " == *" decode "* ]]; then
+echo "== decode (M <= 16) breakdown =="
+timeout 240 python benchmarks/bench_decode_parts.py ${DECODE_ARGS:-} --out "$OUT/bench_decode_parts.json" 2>&1 \
+  | tee "$OUT/bench_decode_parts.txt"
+echo "decode bench rc=${PIPESTATUS[0]}"
 fi
 ls -la "$OUT"

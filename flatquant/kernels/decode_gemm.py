@@ -41,9 +41,12 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # (BLOCK_M, rows, words) accumulator must stay small (larger tiles spill), 8 x 512 had no bad case.
 # SWAP_AB: the tensor-core kernel's operand order (weight as the MMA's A operand: 1.3-1.5x faster at
 # M = 16 in the same sweep).
-# Launch the decode GEMM as a programmatic dependent of the previous kernel on sm_90+ (config key "PDL"
-# overrides per call): its launch and first weight loads overlap the fused transform's tail.
-PDL = True
+# Which decode kernels launch as a programmatic dependent of the previous kernel on sm_90+ (config key
+# "PDL" overrides per call): the launch and first weight loads overlap the fused transform's tail. On
+# the H200 (611ba33, bench_decode_parts.py) that saved 1.3-2.4 us per layer at M = 1 and 4 (gemv), but
+# at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was slower on two
+# of three shapes (14336x4096: 32.5 vs 28.3 us), so it is off there.
+PDL = {"gemv": True, "mma": False}
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
                GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
 
@@ -295,7 +298,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
-    pdl = bool(cfg.get("PDL", PDL)) and pdl_supported(a.device)
+    pdl = bool(cfg.get("PDL", PDL[cfg["KERNEL"]])) and pdl_supported(a.device)
     launch = dict(launch_pdl=True) if pdl else {}
     if cfg["KERNEL"] == "gemv":
         if m > GEMV_MAX_M or not aligned:

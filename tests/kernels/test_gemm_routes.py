@@ -220,18 +220,21 @@ def test_decode_layer_pdl_in_cuda_graph(m):
     p2 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
     layer = W4A4Linear.from_float(torch.randn(n, k, device=DEVICE) / 64, None, p1, p2, backend="triton")
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-    layer(x)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer(x)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x) * 3)
-        graph.replay()
-        decode_gemm.PDL = False
-        try:
-            y_plain = layer(x)
-        finally:
-            decode_gemm.PDL = True
+    default_pdl = decode_gemm.PDL
+    try:
+        decode_gemm.PDL = {kern: True for kern in default_pdl}  # whichever kernel M picks
+        layer(x)  # compile outside the capture
         torch.cuda.synchronize()
-        assert torch.equal(y, y_plain)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x) * 3)
+            graph.replay()
+            decode_gemm.PDL = {kern: False for kern in default_pdl}
+            y_plain = layer(x)
+            decode_gemm.PDL = {kern: True for kern in default_pdl}
+            torch.cuda.synchronize()
+            assert torch.equal(y, y_plain)
+    finally:
+        decode_gemm.PDL = default_pdl
