@@ -19,15 +19,19 @@ import torch
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 # Configs swept per M: the CUDA-core dp4a kernel ("gemv": rows, K bytes per step, warps) where it is the
 # default (M <= GEMV_MAX_M), the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) with the weight as
-# the MMA's A operand (SWAP_AB) at M = 16, and the other operand order's default for comparison.
+# the MMA's A operand (SWAP_AB) at M = 16, the other operand order's default and the dp4a kernel pinned,
+# for comparison.
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
               [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4)]]
 MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64)
                   for bk in (128, 256) for sk in (2, 4, 8, 16)]
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (4, 8)]
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_stages=4) for sk in (4, 8)]
+# The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
+GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
+                  [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
-         16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)]}
+         16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants at M = 1 (one program: its latency is the cost).
 TRANSFORM_SWEEP = [dict(kernel="block", config=dict(num_warps=nw, num_stages=st)) for nw in (4, 8) for st in (1, 2)]
 TRANSFORM_SWEEP += [dict(kernel="token")]

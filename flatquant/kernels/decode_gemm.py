@@ -1,26 +1,27 @@
-"""Small-M (decode, M <= 16) W4A4 GEMM: reads the PACKED int4 weight directly, split-K over the SMs.
+"""Small-M (decode, M <= 16) W4A4 GEMM: reads the PACKED int4 weight directly, at weight bandwidth.
 
 At M <= 16 the GEMM is bound by reading the weight: packed int4 is 4x fewer bytes than bf16, so the
-kernel must stream W at full bandwidth with the unpack done in registers. Per program: one N tile
-(BLOCK_N rows of W) and one K slice; the M <= 16 activation rows are loaded as one 16-row tile (rows
-beyond M masked to 0: tl.dot on int8 needs >= 16 rows) and
+kernels stream W with the unpack done in registers. Two kernels, picked by M (`resolved_config`):
 
-    acc += dot(A_lo, W_loᵀ) + dot(A_hi, W_hiᵀ)     (int8 x int8 -> int32, exact; layout as w4a4_gemm.py)
+- M <= GEMV_MAX_M (4): `_gemv_kernel`, on the CUDA cores, no tensor-core tile (which would be mostly
+  padding at M = 1). Rows are read as int32 words (8 int4 codes); weight nibbles become offset-binary
+  bytes in two logic ops and meet the activation's signed bytes in dp4a (4 multiply-adds per
+  instruction); the offset comes off at the end. One program per GEMV_BLOCK_N rows of W walks all of K.
+- otherwise (and for rows that are not whole int32 words): `_decode_kernel`, int8 tensor-core dots
+  against a 16-row activation tile (rows beyond M masked to 0: tl.dot on int8 needs >= 16 rows), weight
+  nibbles unpacked four bytes per instruction (`_offset_nibbles`), the weight as the MMA's A operand
+  (SWAP_AB). Grid = N tiles x SPLIT_K, SPLIT_K chosen so that about 2 programs per SM run even when
+  N / BLOCK_N is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the
+  splits meet in ONE launch: each program atomically adds its int32 partial sums into a workspace tile
+  and bumps that tile's arrival counter; the program that arrives last takes the finished sums out with
+  an atomic exchange (which also leaves the workspace zeroed for the next call), applies the scales,
+  writes the output and resets the counter. Integer adds are exact and order independent, so the result
+  is deterministic, and a decode step needs no memset and no separate epilogue launch.
 
-M = 1 takes `_gemv_kernel` instead (CUDA-core multiply-adds, one program per BLOCK_N rows, no padding
-to 16 rows): on the H200, at M = 1, it took 0.42-0.51x the time of this tensor-core kernel's default
-config and 0.51-0.63x that of its best swept config (results/kernels/bench_decode_parts.json and
-results/archive/decode-parts-67a6937/). For 2 <= M <= 16 (and M = 1 with config KERNEL="mma"):
-grid = N tiles x SPLIT_K. SPLIT_K is chosen so that about 2 programs per SM run even when N / BLOCK_N
-is below the SM count (N = 4096 -> 64 tiles of 64 on 132 SMs). With SPLIT_K > 1 the splits meet in
-ONE launch: each program atomically adds its int32 partial sums into a workspace tile and then bumps
-that tile's arrival counter; the program that arrives last takes the finished sums out with an atomic
-exchange (which also leaves the workspace zeroed for the next call), applies the scales and writes the
-output, and resets the counter. Integer adds are exact and order independent, so the result is
-deterministic. The workspace and counters persist per (device, stream, N) and are zero between calls,
-so a decode step needs no memset and no separate epilogue launch (measured: that saved <= 2 us per
-layer; the GEMM itself is the cost). No autotuning: the config is a function of (N, K, SMs), which also
-keeps the host-side launch cost low.
+On sm_90+ the gemv kernel is launched as a programmatic dependent (PDL) of the kernel before it (the
+fused transform): it requests its first weight tile before waiting for the activation codes. No
+autotuning: the config is a function of (M, N, K, SMs), which keeps the host-side launch cost low; the
+tile choices come from the H200 sweeps of benchmarks/bench_decode_parts.py (results/kernels/).
 """
 from __future__ import annotations
 
@@ -301,9 +302,9 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     pdl = bool(cfg.get("PDL", PDL[cfg["KERNEL"]])) and pdl_supported(a.device)
     launch = dict(launch_pdl=True) if pdl else {}
     if cfg["KERNEL"] == "gemv":
-        if m > GEMV_MAX_M or not aligned:
-            raise ValueError(f"the gemv decode kernel takes M <= {GEMV_MAX_M} and rows of whole int32 words "
-                             f"(K/2 bytes a multiple of 4), got M = {m}, {kh} bytes")
+        if not aligned:  # (any M <= MAX_M runs; by default only M <= GEMV_MAX_M comes here)
+            raise ValueError(f"the gemv decode kernel takes rows of whole int32 words (K/2 bytes a multiple "
+                             f"of 4), got {kh} bytes")
         bn, bkw = cfg["GEMV_BLOCK_N"], max(1, cfg["GEMV_BLOCK_K"] // 4)
         a32, w32 = a8.view(torch.int32), w8.view(torch.int32)
         kw = kh // 4
