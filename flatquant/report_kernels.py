@@ -21,13 +21,20 @@ from .report_common import _bar_colors, _commands, _distinct, _num, _save_fig, _
 DEFAULT_FUSED = "fused"  # the fused kernel the layer uses by default; other "fused_*" kernels are variants
 LINEAR_AUTO = "w4a4_linear_auto"  # the full linear (quantize + GEMM) with the default route dispatch
 LINEAR_GRAPH = "w4a4_linear_auto_cudagraph"
+DECODE_PARTS_BASELINE = "bf16_gemv_cudagraph"
+# bench_decode_parts.py's pieces, in the order of the decode breakdown table.
+DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), ("decode_gemm_default", "GEMM"),
+                ("w4a4_linear_auto", "layer"), ("w4a4_linear_auto_pdl_on", "layer, PDL on"),
+                ("w4a4_linear_auto_pdl_off", "layer, PDL off")]
 GEMM_PREFIX = "w4a4_gemm_"
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 
 
 def classify(e: dict) -> str | None:
-    """'fused', 'linear' or None (not a kernel entry this module knows: listed generically)."""
+    """'fused', 'linear', 'decode_parts' or None (not a kernel entry this module knows: listed generically)."""
     shape = e.get("shape")
+    if e.get("baseline") == DECODE_PARTS_BASELINE:  # bench_decode_parts.py: its own table, timed differently
+        return "decode_parts"
     if e.get("kernel") == "device_copy" or (isinstance(shape, dict) and {"hidden", "phase"} <= set(shape)):
         return "fused"
     if e.get("kernel") == "route_choice" or (isinstance(shape, dict) and {"M", "in", "out"} <= set(shape)):
@@ -221,8 +228,32 @@ def _linear_section(entries) -> list[str]:
     return out
 
 
+def _decode_parts_section(entries) -> list[str]:
+    parts = [e for e in entries if classify(e) == "decode_parts" and isinstance(e.get("shape"), dict)]
+    cells = {(e["shape"]["in"], e["shape"]["out"], e["shape"]["M"], e["kernel"]): e for e in parts}
+    keys = sorted({(i, o, m) for i, o, m, _ in cells}, key=lambda t: (t[0], t[1], t[2]))
+    if not keys:
+        return []
+    rows = []
+    for i, o, m in keys:
+        row = [_shape_label({"in": i, "out": o}), str(m)]
+        for name, _ in DECODE_PARTS:
+            e = cells.get((i, o, m, name))
+            row.append("-" if e is None else f"{1e3 * e['median_ms']:.1f}")
+        whole = cells.get((i, o, m, "w4a4_linear_auto"))
+        row.append(_x(whole["speedup"]) if whole else "-")
+        rows.append(row)
+    head = ["Layer (in → out)", "M"] + [f"{label} µs" for _, label in DECODE_PARTS] + ["layer vs BF16"]
+    return ["### Decode, piece by piece", "",
+            ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over 8 rotated weight "
+             "sets (no launch overhead): the BF16 GEMV, the fused transform + quantize alone, the decode GEMM alone "
+             "(default config), and the whole W4A4 layer with the default PDL setting and with the GEMM launched as "
+             "a programmatic dependent everywhere / nowhere. Median µs."), "",
+            _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
+
+
 def kernels_section(entries: list[dict]) -> list[str]:
-    body = _fused_section(entries) + _linear_section(entries)
+    body = _fused_section(entries) + _linear_section(entries) + _decode_parts_section(entries)
     if not body:
         return []
     return ["## Kernels", "",

@@ -363,3 +363,19 @@ def test_archived_runs_are_not_rendered(tmp_path):
     assert [r["device"] for r in recs] == ["GPU-A"]
     md = report.render_markdown(recs, [])
     assert "GPU-A" in md and "GPU-OLD" not in md
+
+
+def test_decode_parts_table_is_separate_from_the_linear_tables():
+    """bench_decode_parts.py records (graph-timed pieces, baseline bf16_gemv_cudagraph) get their own table;
+    its whole-layer record shares the kernel name of the eager linear but must not land in that table."""
+    base = dict(kind="kernel_bench", baseline="bf16_gemv_cudagraph", baseline_median_ms=0.014, device="NVIDIA H200",
+                git_commit="abc1234", command="python benchmarks/bench_decode_parts.py", timing="cuda_graph")
+    shape = {"in": 4096, "out": 4096, "M": 4, "dtype": "bfloat16", "bits": 4}
+    parts = [dict(base, kernel=k, shape=shape, median_ms=ms, speedup=0.014 / ms)
+             for k, ms in [("bf16_gemv", 0.014), ("fused_transform_quant", 0.007), ("decode_gemm_default", 0.0061),
+                           ("w4a4_linear_auto", 0.008)]]
+    md = report.render_markdown(sample_records() + _kernel_entries() + parts)
+    k = _section(md, "## Kernels")
+    assert "### Decode, piece by piece" in k
+    assert "| 4096 → 4096 | 4 | 14.0 | 7.0 | 6.1 | 8.0 | - | - | 1.75× |" in k
+    assert "M=4" not in k  # no M = 4 column in the eager linear table
