@@ -44,9 +44,9 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # M = 16 in the same sweep).
 # Which decode kernels launch as a programmatic dependent of the previous kernel on sm_90+ (config key
 # "PDL" overrides per call): the launch and first weight loads overlap the fused transform's tail. On
-# the H200 (611ba33, bench_decode_parts.py) that saved 1.3-2.4 us per layer at M = 1 and 4 (gemv), but
-# at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was slower on two
-# of three shapes (14336x4096: 32.5 vs 28.3 us), so it is off there.
+# the H200 (results/kernels/bench_decode_parts.json, a02c88b) that saved 1.2-2.4 us per layer at M = 1
+# and 4 (gemv), but at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was
+# slower on two of three shapes (14336x4096: 32.7 vs 28.0 us), so it is off there.
 PDL = {"gemv": True, "mma": False}
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
                GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
