@@ -78,14 +78,10 @@ def main() -> int:
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
         # The same layer with the GEMM launched as a programmatic dependent (PDL) everywhere / nowhere.
-        default_pdl = decode_gemm.PDL
         wholes = {}
         for tag, on in (("pdl_on", True), ("pdl_off", False)):
-            decode_gemm.PDL = {kern: on for kern in default_pdl}
-            try:
+            with decode_gemm.pdl_for_all(on):
                 wholes[tag] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-            finally:
-                decode_gemm.PDL = default_pdl
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
                                 ("w4a4_linear_auto", whole, {}),

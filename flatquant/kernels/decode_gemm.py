@@ -25,6 +25,8 @@ tile choices come from the H200 sweeps of benchmarks/bench_decode_parts.py (resu
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,18 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # and 4 (gemv), but at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was
 # slower on two of three shapes (14336x4096: 32.7 vs 28.0 us), so it is off there.
 PDL = {"gemv": True, "mma": False}
+
+
+@contextlib.contextmanager
+def pdl_for_all(on: bool):
+    """PDL on (or off) for every decode kernel inside the block, then the defaults again (benchmarks and
+    tests compare the two launches)."""
+    global PDL
+    saved, PDL = PDL, {kern: on for kern in PDL}
+    try:
+        yield
+    finally:
+        PDL = saved
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
                GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
 

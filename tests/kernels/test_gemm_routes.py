@@ -217,21 +217,27 @@ def test_decode_layer_pdl_in_cuda_graph(m):
     p2 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
     layer = W4A4Linear.from_float(torch.randn(n, k, device=DEVICE) / 64, None, p1, p2, backend="triton")
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-    default_pdl = decode_gemm.PDL
-    try:
-        decode_gemm.PDL = {kern: True for kern in default_pdl}  # whichever kernel M picks
+    with decode_gemm.pdl_for_all(True):  # whichever kernel M picks
         layer(x)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = layer(x)
-        for _ in range(3):
-            x.copy_(torch.randn_like(x) * 3)
-            graph.replay()
-            decode_gemm.PDL = {kern: False for kern in default_pdl}
+    for _ in range(3):
+        x.copy_(torch.randn_like(x) * 3)
+        graph.replay()
+        with decode_gemm.pdl_for_all(False):
             y_plain = layer(x)
-            decode_gemm.PDL = {kern: True for kern in default_pdl}
-            torch.cuda.synchronize()
-            assert torch.equal(y, y_plain)
-    finally:
-        decode_gemm.PDL = default_pdl
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_plain)
+
+
+def test_pdl_for_all_restores_the_defaults():
+    from flatquant.kernels import decode_gemm
+
+    default = dict(decode_gemm.PDL)
+    with pytest.raises(RuntimeError):
+        with decode_gemm.pdl_for_all(True):
+            assert all(decode_gemm.PDL.values()) and set(decode_gemm.PDL) == set(default)
+            raise RuntimeError
+    assert decode_gemm.PDL == default
