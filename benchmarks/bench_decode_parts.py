@@ -32,8 +32,11 @@ GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warp
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
-# Fused transform + quantize launch variants at M = 1 (one program: its latency is the cost).
-TRANSFORM_SWEEP = [dict(kernel="block", config=dict(num_warps=nw, num_stages=st)) for nw in (4, 8) for st in (1, 2)]
+# Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
+# default at M <= 16: Y columns per program, warps), the block kernel (one token per program at these M)
+# and the per-token kernel.
+TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
+TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=st)) for nw in (4, 8) for st in (1, 2)]
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
 
@@ -104,7 +107,7 @@ def main() -> int:
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
-        for tcfg in TRANSFORM_SWEEP if m == 1 else []:
+        for tcfg in TRANSFORM_SWEEP:
             try:
                 ms = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4, **tcfg) for x in xs])
             except Exception as e:

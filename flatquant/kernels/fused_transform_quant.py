@@ -65,6 +65,11 @@ BLOCK_MAX_ELEMENTS = 64 * 128
 BLOCK_MAX_ROWS = 128
 BLOCK_PROGRAMS_PER_SM = 2
 _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
+# Split kernel (decode): calls with at most this many tokens, Y columns per program (>= 16, the dot's
+# minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
+# spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
+SPLIT_MAX_M = 16
+SPLIT_BLOCK_C = 16
 
 
 @triton.jit
@@ -299,6 +304,77 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
             tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
 
 
+@triton.jit
+def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot_ptr, stride_x, stride_o, alpha,
+                        N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, H: tl.constexpr,
+                        HP: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                        HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
+                        DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr):
+    """Decode (few tokens): one token's transform spread over G programs, program g owning the Y columns
+    [g*CB, (g+1)*CB). Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
+    there is no redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come
+    out of the same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
+
+    The per-token scale needs the max over all G programs. Each program publishes (generation + 1,
+    its partial max) as ONE 64-bit store into its slot, then polls the G slots of its token until all
+    carry that generation: one write and (when the others are done) one load, instead of a chain of
+    dependent atomics. The generation is a per-token counter read at the start and bumped by program 0
+    once it has seen all slots (every program read it before publishing). The G programs of a token
+    must be resident together: the launcher keeps G * tokens <= SMs. PHASE 0 is that one launch. The
+    CPU interpreter runs programs one after another, so there a poll would never end: it launches
+    PHASE 1 (compute, publish) and then PHASE 2 (compute again, read the slots, quantize, store)."""
+    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
+        gdc_launch_dependents()
+    g = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    gen = tl.load(gen_ptr + t, volatile=True)
+    i = tl.arange(0, N1P)
+    j = tl.arange(0, N2P)
+    c = g * CB + tl.arange(0, CB)
+    h = tl.arange(0, HP)
+    xb = x_ptr + t * stride_x
+    if HAS_P2:
+        X = tl.load(xb + i[:, None] * N2 + j[None, :], mask=(i[:, None] < N1) & (j[None, :] < N2), other=0.0).to(DT)
+        P2c = tl.load(p2_ptr + j[:, None] * N2 + c[None, :], mask=(j[:, None] < N2) & (c[None, :] < N2),
+                      other=0.0).to(DT)
+        V = _mm(X, P2c, IS_F32, INTERP).to(DT)
+    else:
+        V = tl.load(xb + i[:, None] * N2 + c[None, :], mask=(i[:, None] < N1) & (c[None, :] < N2), other=0.0).to(DT)
+    qm = (h[:, None] < H) & (i[None, :] < N1)
+    P1lo_t = tl.load(p1_ptr + i[None, :] * N1 + h[:, None], mask=qm, other=0.0).to(DT)  # [h, a] = P1[a, h]
+    P1hi_t = tl.load(p1_ptr + i[None, :] * N1 + (H + h)[:, None], mask=qm, other=0.0).to(DT)
+    Ylo = _mm(P1lo_t, V, IS_F32, INTERP)  # (HP, CB): Y[h, c]       -> low nibbles (elements h*n2 + c)
+    Yhi = _mm(P1hi_t, V, IS_F32, INTERP)  # (HP, CB): Y[H + h, c]   -> high nibbles (element + n/2)
+    part = tl.max(tl.max(tl.maximum(tl.abs(Ylo), tl.abs(Yhi)), axis=1), axis=0)  # padding is exact zeros
+    slots = slot_ptr + t * GP
+    gp = tl.arange(0, GP)
+    tag = (gen + 1) & 0xFFFFFFFF  # 32 bits: after 2**32 calls it wraps, still unequal to the previous tag
+    if PHASE != 2:
+        word = (tag << 32) | (part.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+        tl.atomic_xchg(slots + g, word, sem="relaxed")  # an atomic: a strong 64-bit write, never torn
+    if PHASE != 1:  # (PHASE 1 only publishes)
+        v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
+        if PHASE == 0:
+            while tl.sum(((gp < G) & (((v >> 32) & 0xFFFFFFFF) != tag)).to(tl.int32), axis=0) > 0:
+                v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
+        if g == 0:
+            tl.store(gen_ptr + t, gen + 1)  # every program of this token has read gen: it has published
+        amax = tl.max(tl.where(gp < G, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
+        s = _scale(amax, alpha, MAXQ)
+        if g == 0:
+            tl.store(scale_ptr + t, s)
+        inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), s)  # as in the block kernel: y * (1/s)
+        qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
+        qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
+        om = (h[:, None] < H) & (c[None, :] < N2)
+        ob = out_ptr + t * stride_o + h[:, None] * N2 + c[None, :]
+        if PACK:
+            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
+        else:
+            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
+            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
+
+
 def _plan(n: int, p1, p2, bits: int, packed: bool = True):
     if p1 is not None:
         n1 = p1.shape[0]
@@ -364,6 +440,48 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     _BLOCK_STAGES[key] = stages
 
 
+# (device, stream) -> (int64 generation per token, int64 slots (token, program)): state of the split
+# kernel's cross-program maximum, kept between calls (per stream: two streams must not share one).
+_SPLIT_STATE: dict = {}
+
+
+def _split_state(device: torch.device, gp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    st = _SPLIT_STATE.get(key)
+    if st is None or st[1].shape[1] < gp:
+        st = (torch.zeros(SPLIT_MAX_M, device=device, dtype=torch.int64),
+              torch.zeros((SPLIT_MAX_M, max(gp, 16)), device=device, dtype=torch.int64))
+        _SPLIT_STATE[key] = st
+    return st
+
+
+def split_programs(n2: int, m: int, config: dict | None = None) -> tuple[int, int]:
+    """(columns per program CB, programs per token G) of the split kernel."""
+    cb = next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C)))
+    cb = min(cb, next_pow2(n2))
+    return cb, triton.cdiv(n2, cb)
+
+
+def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool, bits: int,
+                  dd: torch.dtype, interp: bool, config: dict | None) -> None:
+    """Launch `_fused_split_kernel`: grid (G, tokens), one launch on the GPU, two in the interpreter."""
+    m = x2.shape[0]
+    if m > SPLIT_MAX_M:
+        raise ValueError(f"the split kernel takes at most {SPLIT_MAX_M} tokens, got {m}")
+    cb, g = split_programs(n2, m, config)
+    gp = triton.next_power_of_2(g)
+    if not interp and g * m > num_sms(x2.device):
+        raise ValueError(f"the split kernel needs its {g * m} programs resident together, more than the SMs")
+    gen, slots = _split_state(x2.device, gp)
+    consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
+                  GP=slots.shape[1], HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
+                  DT=triton_dtype(dd), INTERP=interp, num_warps=int((config or {}).get("num_warps", 4)))
+    args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
+    for phase in ((1, 2) if interp else (0,)):
+        _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
+
+
 def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
                              alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = False,
                              onchip_max_elements: int | None = None, tiles: tuple[int, int, int] | None = None,
@@ -377,10 +495,12 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     (per-token kernel only, ~float32 accuracy) instead of rounding it once to the half dtype (default;
     the same rounding as the model's own bf16 matmuls).
 
-    kernel: None picks one: "block" (`_fused_block_kernel`, several tokens per step, big dots) when n1
-    is even, the factors fit on chip and split_intermediate is off; else "token" (per-token on-chip
-    kernel) when the factors fit on chip; else "tiled" (corner cases). config: block-kernel overrides
-    ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`).
+    kernel: None picks one. When n1 is even, the factors fit on chip and split_intermediate is off:
+    "split" (`_fused_split_kernel`, each token over several programs) for at most SPLIT_MAX_M tokens
+    (decode), else "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
+    (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
+    block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`),
+    split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
     onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
     corner-case path with small values).
 
@@ -413,11 +533,18 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     n1p, n2p = next_pow2(n1), next_pow2(n2)
     limit = ONCHIP_MAX_ELEMENTS if onchip_max_elements is None else onchip_max_elements
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
+    even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
-        kernel = "block" if onchip and n1 % 2 == 0 and not split_intermediate else ("token" if onchip else "tiled")
-    if kernel not in ("block", "token", "tiled"):
-        raise ValueError(f"kernel must be 'block', 'token' or 'tiled', got {kernel!r}")
+        few = m <= SPLIT_MAX_M and (interp or m * split_programs(n2, m, config)[1] <= num_sms(x.device))
+        kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
+    if kernel not in ("block", "split", "token", "tiled"):
+        raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")
     alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
+    if kernel == "split":
+        if n1 % 2 or split_intermediate or n1p * n2p > limit:
+            raise ValueError("the split kernel needs an even n1, split_intermediate=False and on-chip factors")
+        _launch_split(x2, p1c, p2c, p2 is not None, out, scale, alpha32, n1, n2, pack, bits, dd, interp, config)
+        return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
     if kernel == "block":
         if n1 % 2 or split_intermediate or n1p * n2p > limit:
             raise ValueError("the block kernel needs an even n1, split_intermediate=False and on-chip factors")

@@ -236,3 +236,87 @@ def test_block_kernel_model_sizes_gpu(n, single, dtype):
         near_tie = (frac - 0.5).abs() < 1e-3 + 2 * 2.0 ** -8 * (2 ** (bits - 1) - 1) / 0.9
         assert not (diff.bool() & ~near_tie).any()
         assert int(diff.sum()) <= 1e-3 * x.numel()
+
+
+# ------------------------------------------------------- split kernel (decode: one token over programs) ---
+# The same rounding as the block kernel (T = X P2 rounded once to the half dtype): fp32 and fp16 on the CPU.
+@pytest.mark.parametrize("n1,n2,has_p1,has_p2", BLOCK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_kernel_matches_reference(n1, n2, has_p1, has_p2, dtype, bits):
+    x = _inputs(5, n1 * n2, dtype, DEVICE)
+    p1 = _factor(n1, DEVICE) if has_p1 else None
+    p2 = _factor(n2, DEVICE) if has_p2 else None
+    _check(x, p1, p2, 0.85, bits, split=False, kernel="split")
+
+
+@pytest.mark.parametrize("cb", [16, 32, 64])
+def test_split_kernel_column_blocks_and_repeated_calls(cb):
+    """Any number of programs per token (48 columns: 3, 2 or 1 programs, the last one part padding), and
+    the cross-program state (generation per token, published maxima) carried correctly over calls: each
+    call on fresh inputs equals the reference, and the generation moves by one per call and token."""
+    from flatquant.kernels import fused_transform_quant as ftq
+
+    p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
+    for m in (3, 1, 16):
+        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        before = gen.clone()
+        x = _inputs(m, 8 * 48, torch.float16, DEVICE)
+        q, s = _check(x, p1, p2, 0.9, 4, split=False, kernel="split", config={"CB": cb})
+        assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
+        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long())
+
+
+def test_split_kernel_is_the_default_for_few_tokens_only():
+    from flatquant.kernels import fused_transform_quant as ftq
+
+    p1, p2 = _factor(16, DEVICE), _factor(16, DEVICE)
+    for m, used in ((ftq.SPLIT_MAX_M, True), (ftq.SPLIT_MAX_M + 1, False)):
+        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        before = int(gen.sum())
+        x = _inputs(m, 256, torch.float16, DEVICE)
+        _check(x, p1, p2, 0.9, 4, split=False)
+        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        assert (int(gen.sum()) > before) == used
+    x = _inputs(ftq.SPLIT_MAX_M + 1, 256, torch.float16, DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        fused_transform_quantize(x, p1, p2, kernel="split")
+    with pytest.raises(ValueError, match="even n1"):
+        fused_transform_quantize(x[:2, :96], _factor(3, DEVICE), _factor(32, DEVICE), kernel="split")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model-sized shapes and the cross-program wait: GPU only")
+@pytest.mark.parametrize("n", [576, 1536, 4096, 5120, 8192, 11008, 14336])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_split_kernel_model_sizes_gpu(n, m):
+    """bf16 at decode sizes, the same bounds as the block kernel's GPU test; three calls in a row, the
+    third one replayed from a CUDA graph (the cross-program state lives on the device)."""
+    from flatquant.kernels.reference import kron_factors
+
+    n1, n2 = kron_factors(n)
+    p1 = _factor(n1, DEVICE).to(torch.bfloat16)
+    p2 = _factor(n2, DEVICE).to(torch.bfloat16)
+    x = _inputs(m, n, torch.bfloat16, DEVICE)
+    calls = [lambda: fused_transform_quantize(x, p1, p2, 0.9, 4, kernel="split")] * 2
+    calls[0]()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_transform_quantize(x, p1, p2, 0.9, 4, kernel="split")
+
+    def replay():
+        graph.replay()
+        return captured
+    for call in calls + [replay]:
+        x.copy_(_inputs(m, n, torch.bfloat16, DEVICE))
+        q, s = call()
+        torch.cuda.synchronize()
+        qr, sr = transform_quantize_reference(x, p1, p2, 0.9, 4, round_intermediate=True)
+        torch.testing.assert_close(s, sr, rtol=2.0 ** -9, atol=0)
+        pre = (kron_transform_reference(x, p1, p2, round_intermediate=True).float() / sr.unsqueeze(-1)).cpu()
+        diff = (unpack_codes(q, 4).int().cpu() - unpack_codes(qr, 4).int().cpu()).abs()
+        assert int(diff.max()) <= 1
+        frac = pre.abs() - pre.abs().floor()
+        near_tie = (frac - 0.5).abs() < 1e-3 + 2 * 2.0 ** -8 * 7 / 0.9
+        assert not (diff.bool() & ~near_tie).any()
