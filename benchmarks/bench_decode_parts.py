@@ -22,7 +22,8 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 # the MMA's A operand (SWAP_AB) at M = 16, the other operand order's default and the dp4a kernel pinned,
 # for comparison.
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
-              [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4)]]
+              [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4), (4, 1024, 2)]]
+GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=8, GEMV_BLOCK_K=bk, GEMV_PREFETCH=2) for bk in (512, 1024)]
 MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64)
                   for bk in (128, 256) for sk in (2, 4, 8, 16)]
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (4, 8)]
@@ -85,11 +86,22 @@ def main() -> int:
         for tag, on in (("pdl_on", True), ("pdl_off", False)):
             with decode_gemm.pdl_for_all(on):
                 wholes[tag] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+        # The layer with the gemv kernel requesting two weight tiles ahead (more of W in flight while it
+        # waits for the transform under PDL).
+        saved = {key: dict(val) for key, val in decode_gemm.GEMV_CONFIG.items()}
+        try:
+            for val in decode_gemm.GEMV_CONFIG.values():
+                val["GEMV_PREFETCH"] = 2
+            wholes["prefetch2"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+        finally:
+            decode_gemm.GEMV_CONFIG.clear()
+            decode_gemm.GEMV_CONFIG.update(saved)
         for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
                                 ("w4a4_linear_auto", whole, {}),
                                 ("w4a4_linear_auto_pdl_on", wholes["pdl_on"], {}),
-                                ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {})]:
+                                ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {}),
+                                ("w4a4_linear_auto_gemv_prefetch2", wholes["prefetch2"], {})]:
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9

@@ -25,7 +25,8 @@ DECODE_PARTS_BASELINE = "bf16_gemv_cudagraph"
 # bench_decode_parts.py's pieces, in the order of the decode breakdown table.
 DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), ("decode_gemm_default", "GEMM"),
                 ("w4a4_linear_auto", "layer"), ("w4a4_linear_auto_pdl_on", "layer, PDL on"),
-                ("w4a4_linear_auto_pdl_off", "layer, PDL off")]
+                ("w4a4_linear_auto_pdl_off", "layer, PDL off"),
+                ("w4a4_linear_auto_gemv_prefetch2", "layer, gemv 2 tiles ahead")]
 GEMM_PREFIX = "w4a4_gemm_"
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 

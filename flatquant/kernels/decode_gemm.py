@@ -193,7 +193,8 @@ def _nibbles_signed(t):
 @triton.jit
 def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
-                 USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
     would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
     Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
@@ -213,10 +214,12 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
     asum = tl.zeros((BLOCK_M, 1, BLOCK_KW), dtype=tl.int32)
     ones = tl.full((BLOCK_M, 1, BLOCK_KW), 0x01010101, tl.int32)
     w_rows = w_ptr + rn_l[None, :, None] * stride_wn
-    # The weight does not depend on the previous kernel: its first tile is requested before waiting for
-    # that kernel (USE_GDC: launched as a programmatic dependent of the fused transform), and each step
-    # requests the next tile before computing on this one.
+    # The weight does not depend on the previous kernel: its first PREFETCH (1 or 2) tiles are requested
+    # before waiting for that kernel (USE_GDC: launched as a programmatic dependent of the fused
+    # transform), and each step requests the tile PREFETCH steps ahead before computing on this one.
     w_next = tl.load(w_rows + rk[None, None, :], mask=(rk < KW)[None, None, :], other=0)
+    if PREFETCH == 2:
+        w_next2 = tl.load(w_rows + (rk + BLOCK_KW)[None, None, :], mask=(rk + BLOCK_KW < KW)[None, None, :], other=0)
     if USE_GDC:
         gdc_wait()
     for it in range(ITERS):
@@ -225,7 +228,13 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
         a = tl.load(a_ptr + rm[:, None, None] * stride_am + kk[None, None, :],
                     mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
         w = w_next
-        w_next = tl.load(w_rows + (kk + BLOCK_KW)[None, None, :], mask=(kk + BLOCK_KW < KW)[None, None, :], other=0)
+        ahead = kk + PREFETCH * BLOCK_KW
+        w_ahead = tl.load(w_rows + ahead[None, None, :], mask=(ahead < KW)[None, None, :], other=0)
+        if PREFETCH == 2:
+            w_next = w_next2
+            w_next2 = w_ahead
+        else:
+            w_next = w_ahead
         if PACK:
             a_lo = _nibbles_signed(a & 0x0F0F0F0F)
             a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
@@ -326,6 +335,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                                             out.stride(0), ITERS=triton.cdiv(kw, bkw), HAS_BIAS=bias is not None,
                                             PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
+                                            PREFETCH=int(cfg.get("GEMV_PREFETCH", 1)),
                                             num_warps=cfg.get("num_warps", 4), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))

@@ -151,16 +151,16 @@ def test_cublas_routes_gpu(m, n, k):
            ulps=2.0, bf16_bias=b)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "mma", "mma_swap"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_prefetch2", "mma", "mma_swap"])
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
-    """Small M through the CUDA-core dp4a kernel (the default up to GEMV_MAX_M, any M <= 16 when pinned) and
-    through the tensor-core kernel in both operand orders: all equal the reference; a K not a multiple of
-    the block, an odd M and 8-bit codes included."""
+    """Small M through the CUDA-core dp4a kernel (the default up to GEMV_MAX_M, any M <= 16 when pinned; its
+    weight tiles requested one or two steps ahead) and through the tensor-core kernel in both operand
+    orders: all equal the reference; a K not a multiple of the block, an odd M and 8-bit codes included."""
     a, sa, qw, sw, b = _operands(m, 40, k, bits=bits)
-    cfg = dict(KERNEL=kernel[:3] if kernel != "gemv" else "gemv", SWAP_AB=kernel == "mma_swap", BLOCK_N=32,
-               BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
+    cfg = dict(KERNEL="gemv" if kernel.startswith("gemv") else "mma", SWAP_AB=kernel == "mma_swap", BLOCK_N=32,
+               BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64, GEMV_PREFETCH=2 if "2" in kernel else 1)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, bits, config=cfg)
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, bits), torch.float32)
 
