@@ -15,6 +15,7 @@ from flatquant.kernels.reference import kron_transform_reference, transform_quan
 from flatquant.kernels.testing import (
     DEVICE,
     ON_GPU,
+    TIE_TOL,
     assert_codes_match,
 )
 
@@ -44,7 +45,13 @@ def _check(x, p1, p2, alpha, bits, split=True, **kw):
     torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=rtol, atol=0)
     y = kron_transform_reference(x, p1, p2, round_intermediate=not split)
     pre = (y.float() / sr.unsqueeze(-1)).cpu()
-    assert_codes_match(unpack_codes(q, bits), unpack_codes(qr, bits), pre)
+    tie_tol = TIE_TOL
+    if ON_GPU and not split and x.dtype != torch.float32:
+        # T = X P2 rounded once to the half dtype: the GPU's float32 summation order can flip that rounding
+        # (see test_block_kernel_model_sizes_gpu for the bound), which moves a code near a tie; rarely.
+        tie_tol = TIE_TOL + 2 * 2.0 ** -8 * (2 ** (bits - 1) - 1) / alpha
+    flips = assert_codes_match(unpack_codes(q, bits), unpack_codes(qr, bits), pre, tie_tol)
+    assert flips <= max(1, 1e-3 * x.numel())
     return q, s
 
 
