@@ -62,8 +62,10 @@ def pdl_for_all(on: bool):
         yield
     finally:
         PDL = saved
-GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=1024, SWAP_AB=True),
-               GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, SWAP_AB=True)}
+# M = 1: 4 rows x 1024 bytes on 2 warps was the best of the 52b9cb8 sweep on all three shapes (5.8 / 11.1 /
+# 11.1 us against 6.1 / 12.3 / 11.1 for 8 rows on 4 warps; results/kernels/bench_decode_parts.json).
+GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=True),
+               GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, GEMV_WARPS=4, SWAP_AB=True)}
 
 @triton.jit
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
@@ -336,7 +338,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                                             PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
                                             PREFETCH=int(cfg.get("GEMV_PREFETCH", 1)),
-                                            num_warps=cfg.get("num_warps", 4), **launch)
+                                            num_warps=cfg.get("num_warps", cfg.get("GEMV_WARPS", 4)), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
     # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.

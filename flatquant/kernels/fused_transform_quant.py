@@ -70,6 +70,10 @@ _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared m
 # spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
 SPLIT_MAX_M = 16
 SPLIT_BLOCK_C = 16
+# ... and only for padded factor tiles of at least this many elements: on the H200 (52b9cb8,
+# results/kernels/bench_decode_parts.json) the split kernel beat the block kernel at 14336 = 112 x 128
+# (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not at 4096 = 64 x 64 (7.8 vs 7.4 us).
+SPLIT_MIN_TILE = 128 * 128
 
 
 @triton.jit
@@ -340,11 +344,12 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         V = _mm(X, P2c, IS_F32, INTERP).to(DT)
     else:
         V = tl.load(xb + i[:, None] * N2 + c[None, :], mask=(i[:, None] < N1) & (c[None, :] < N2), other=0.0).to(DT)
-    qm = (h[:, None] < H) & (i[None, :] < N1)
-    P1lo_t = tl.load(p1_ptr + i[None, :] * N1 + h[:, None], mask=qm, other=0.0).to(DT)  # [h, a] = P1[a, h]
-    P1hi_t = tl.load(p1_ptr + i[None, :] * N1 + (H + h)[:, None], mask=qm, other=0.0).to(DT)
-    Ylo = _mm(P1lo_t, V, IS_F32, INTERP)  # (HP, CB): Y[h, c]       -> low nibbles (elements h*n2 + c)
-    Yhi = _mm(P1hi_t, V, IS_F32, INTERP)  # (HP, CB): Y[H + h, c]   -> high nibbles (element + n/2)
+    qm = (i[:, None] < N1) & (h[None, :] < H)
+    # P1's column halves, loaded row-major (coalesced) and transposed on chip: Y = P1ᵀ V.
+    P1lo = tl.load(p1_ptr + i[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
+    P1hi = tl.load(p1_ptr + i[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
+    Ylo = _mm(tl.trans(P1lo), V, IS_F32, INTERP)  # (HP, CB): Y[h, c]      -> low nibbles (elements h*n2 + c)
+    Yhi = _mm(tl.trans(P1hi), V, IS_F32, INTERP)  # (HP, CB): Y[H + h, c]  -> high nibbles (element + n/2)
     part = tl.max(tl.max(tl.maximum(tl.abs(Ylo), tl.abs(Yhi)), axis=1), axis=0)  # padding is exact zeros
     slots = slot_ptr + t * GP
     gp = tl.arange(0, GP)
@@ -446,6 +451,9 @@ _SPLIT_STATE: dict = {}
 
 
 def _split_state(device: torch.device, gp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one state
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     key = (device, stream)
     st = _SPLIT_STATE.get(key)
@@ -535,7 +543,8 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
     even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
-        few = m <= SPLIT_MAX_M and (interp or m * split_programs(n2, m, config)[1] <= num_sms(x.device))
+        few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
+               and (interp or m * split_programs(n2, m, config)[1] <= num_sms(x.device)))
         kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
     if kernel not in ("block", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")

@@ -275,11 +275,13 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
         assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long())
 
 
-def test_split_kernel_is_the_default_for_few_tokens_only():
+def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monkeypatch):
     from flatquant.kernels import fused_transform_quant as ftq
 
     p1, p2 = _factor(16, DEVICE), _factor(16, DEVICE)
-    for m, used in ((ftq.SPLIT_MAX_M, True), (ftq.SPLIT_MAX_M + 1, False)):
+    for min_tile, m, used in ((16 * 16, ftq.SPLIT_MAX_M, True), (16 * 16, ftq.SPLIT_MAX_M + 1, False),
+                              (ftq.SPLIT_MIN_TILE, 2, False)):
+        monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
         gen, _ = ftq._split_state(torch.device(DEVICE), 16)
         before = int(gen.sum())
         x = _inputs(m, 256, torch.float16, DEVICE)
