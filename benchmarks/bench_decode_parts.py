@@ -37,7 +37,7 @@ SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
 # default at M <= 16: Y columns per program, warps), the block kernel (one token per program at these M)
 # and the per-token kernel.
 TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
-TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=st)) for nw in (4, 8) for st in (1, 2)]
+TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
 

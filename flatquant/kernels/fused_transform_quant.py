@@ -69,7 +69,10 @@ _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared m
 # minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
 # spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
 SPLIT_MAX_M = 16
-SPLIT_BLOCK_C = 16
+# 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
+# against 10.0-10.6 us for 16 columns on 4 warps).
+SPLIT_BLOCK_C = 32
+SPLIT_WARPS = 8
 # ... and only for padded factor tiles of at least this many elements: on the H200 (52b9cb8,
 # results/kernels/bench_decode_parts.json) the split kernel beat the block kernel at 14336 = 112 x 128
 # (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not at 4096 = 64 x 64 (7.8 vs 7.4 us).
@@ -484,7 +487,7 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     gen, slots = _split_state(x2.device, gp)
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
                   GP=slots.shape[1], HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, num_warps=int((config or {}).get("num_warps", 4)))
+                  DT=triton_dtype(dd), INTERP=interp, num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
     for phase in ((1, 2) if interp else (0,)):
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
