@@ -36,6 +36,8 @@ def classify(e: dict) -> str | None:
     shape = e.get("shape")
     if e.get("baseline") == DECODE_PARTS_BASELINE:  # bench_decode_parts.py: its own table, timed differently
         return "decode_parts"
+    if e.get("baseline") is None and e.get("kernel") not in ("device_copy", "route_choice"):
+        return None  # e.g. probe_decode_latency.py: absolute kernel-node times, no baseline to compare with
     if e.get("kernel") == "device_copy" or (isinstance(shape, dict) and {"hidden", "phase"} <= set(shape)):
         return "fused"
     if e.get("kernel") == "route_choice" or (isinstance(shape, dict) and {"M", "in", "out"} <= set(shape)):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from flatquant import report
+from flatquant import report, report_kernels
 from flatquant.results import load_records, write_record
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -379,3 +379,13 @@ def test_decode_parts_table_is_separate_from_the_linear_tables():
     assert "### Decode, piece by piece" in k
     assert "| 4096 → 4096 | 4 | 14.0 | 7.0 | 6.1 | 8.0 | - | - | - | 1.75× |" in k
     assert "M=4" not in k  # no M = 4 column in the eager linear table
+
+
+def test_baseline_free_probe_records_stay_out_of_the_kernel_tables():
+    """probe_decode_latency.py records (absolute times, no baseline) must not become linear-table columns."""
+    probe = dict(kind="kernel_bench", kernel="transform_split", baseline=None, baseline_median_ms=None, speedup=None,
+                 shape={"in": 4096, "out": 4096, "M": 7, "n1": 64, "n2": 64}, median_ms=0.0079,
+                 device="NVIDIA H200", git_commit="abc1234", command="python benchmarks/probe_decode_latency.py")
+    assert report_kernels.classify(probe) is None
+    md = report.render_markdown(sample_records() + _kernel_entries() + [probe])
+    assert "M=7" not in _section(md, "## Kernels")

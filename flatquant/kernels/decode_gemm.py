@@ -63,7 +63,8 @@ def pdl_for_all(on: bool):
     finally:
         PDL = saved
 # M = 1: 4 rows x 1024 bytes on 2 warps was the best of the 52b9cb8 sweep on all three shapes (5.8 / 11.1 /
-# 11.1 us against 6.1 / 12.3 / 11.1 for 8 rows on 4 warps; results/kernels/bench_decode_parts.json).
+# 11.1 us against 6.1 / 12.3 / 11.1 for 8 rows on 4 warps;
+# results/archive/kernels-h200-52b9cb8/bench_decode_parts.json).
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=True),
                GEMV_MAX_M: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, GEMV_WARPS=4, SWAP_AB=True)}
 

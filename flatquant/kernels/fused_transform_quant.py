@@ -13,9 +13,13 @@ With H = (n/2) // n2 and S = (n/2) % n2 (S is 0 when n1 is even, n2/2 when n1 is
 So both nibble tiles come out of dots with row slices of P1ᵀ and (rolled) column slices of P2, in the
 same (r, c) positions, and byte (r, c) = lo | hi << 4 is stored at r * n2 + c (masked b < n/2).
 
-Two kernels:
-- `_fused_onchip_kernel` (default design, paper Fig. 8a): P1, P2 loaded once per program and kept on
-  chip; a persistent grid walks the tokens; one pass (load, 2-3 dots, amax, quantize, store).
+Kernels (`fused_transform_quantize` picks one):
+- `_fused_block_kernel` (default for even n1): several tokens per step, two large dots.
+- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens with 128 x 128 factor tiles): one
+  token's Y columns spread over several programs, the per-token max met through tagged slots.
+- `_fused_onchip_kernel` (per-token design, paper Fig. 8a; odd n1 and split_intermediate=True): P1, P2
+  loaded once per program and kept on chip; a persistent grid walks the tokens; one pass (load, 2-3
+  dots, amax, quantize, store).
 - `_fused_tiled_kernel` (corner cases, Fig. 8b/c): when the factors are too large to sit on chip, the
   n2 reduction and the output columns / rows are tiled (BK, BN, BR) and P1/P2 tiles stream from L2.
   The per-token max needs the whole row, so the kernel runs two passes over the tiles (amax, then
@@ -70,12 +74,12 @@ _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared m
 # spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
 SPLIT_MAX_M = 16
 # 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
-# against 10.0-10.6 us for 16 columns on 4 warps).
+# against 10.0-10.6 us for 16 columns on 4 warps; results/archive/kernels-h200-52b9cb8/).
 SPLIT_BLOCK_C = 32
 SPLIT_WARPS = 8
-# ... and only for padded factor tiles of at least this many elements: on the H200 (52b9cb8,
-# results/kernels/bench_decode_parts.json) the split kernel beat the block kernel at 14336 = 112 x 128
-# (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not at 4096 = 64 x 64 (7.8 vs 7.4 us).
+# ... and only for padded factor tiles of at least this many elements: in the same sweep the split kernel
+# beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
+# at 4096 = 64 x 64 (7.8 vs 7.4 us).
 SPLIT_MIN_TILE = 128 * 128
 
 
