@@ -41,6 +41,23 @@ def gdc_launch_dependents():
                               is_pure=False, pack=1)
 
 
+_STREAM_STATE: dict = {}
+
+
+def stream_state(name: str, device: torch.device, extra, make):
+    """Device buffers a kernel keeps between calls (zeroed workspaces, counters), one set per (device,
+    stream, extra): two streams must not share one. `make(device)` builds them on first use; "cuda"
+    and "cuda:<current>" are the same device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (name, device, stream, extra)
+    if key not in _STREAM_STATE:
+        _STREAM_STATE[key] = make(device)
+    return _STREAM_STATE[key]
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

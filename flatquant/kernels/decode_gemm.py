@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl_supported
+from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl_supported, stream_state
 
 MAX_M = 16
 # M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
@@ -257,18 +257,12 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
     _store_scaled(tot, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
-# (device, stream, N) -> (int32 (MAX_M, N) partial sums, int32 arrival counters per 16 columns), zero between
-# calls (the last program of each tile leaves them so). Per stream: two streams must not share one.
-_WORKSPACES: dict = {}
-
-
 def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream, n)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.zeros((MAX_M, n), device=device, dtype=torch.int32),
-                            torch.zeros(triton.cdiv(n, 16), device=device, dtype=torch.int32))
-    return _WORKSPACES[key]
+    """int32 (MAX_M, n) partial sums and int32 arrival counters per 16 columns, per (device, stream, n); zero
+    between calls (the last program of each tile leaves them so)."""
+    return stream_state("decode_gemm", device, n, lambda d: (
+        torch.zeros((MAX_M, n), device=d, dtype=torch.int32),
+        torch.zeros(triton.cdiv(n, 16), device=d, dtype=torch.int32)))
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:

@@ -50,6 +50,7 @@ from flatquant.kernels._triton_utils import (
     interpreting,
     next_pow2,
     num_sms,
+    stream_state,
     triton_dtype,
 )
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
@@ -452,26 +453,20 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     _BLOCK_STAGES[key] = stages
 
 
-# (device, stream) -> (int64 generation per token, int64 slots (token, program)): state of the split
-# kernel's cross-program maximum, kept between calls (per stream: two streams must not share one).
-_SPLIT_STATE: dict = {}
+# Slots per token of the split kernel's cross-program maximum (>= its programs per token: at most
+# 128 / 16 = 8 for on-chip factors).
+SPLIT_SLOTS = 16
 
 
-def _split_state(device: torch.device, gp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one state
-        device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream)
-    st = _SPLIT_STATE.get(key)
-    if st is None or st[1].shape[1] < gp:
-        st = (torch.zeros(SPLIT_MAX_M, device=device, dtype=torch.int64),
-              torch.zeros((SPLIT_MAX_M, max(gp, 16)), device=device, dtype=torch.int64))
-        _SPLIT_STATE[key] = st
-    return st
+def _split_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 generation per token and int64 slots (token, program): the split kernel's state, kept on the
+    device between calls, per (device, stream)."""
+    return stream_state("fused_split", device, None, lambda d: (
+        torch.zeros(SPLIT_MAX_M, device=d, dtype=torch.int64),
+        torch.zeros((SPLIT_MAX_M, SPLIT_SLOTS), device=d, dtype=torch.int64)))
 
 
-def split_programs(n2: int, m: int, config: dict | None = None) -> tuple[int, int]:
+def split_programs(n2: int, config: dict | None = None) -> tuple[int, int]:
     """(columns per program CB, programs per token G) of the split kernel."""
     cb = next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C)))
     cb = min(cb, next_pow2(n2))
@@ -484,13 +479,14 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     m = x2.shape[0]
     if m > SPLIT_MAX_M:
         raise ValueError(f"the split kernel takes at most {SPLIT_MAX_M} tokens, got {m}")
-    cb, g = split_programs(n2, m, config)
-    gp = triton.next_power_of_2(g)
+    cb, g = split_programs(n2, config)
+    if g > SPLIT_SLOTS:
+        raise ValueError(f"the split kernel takes at most {SPLIT_SLOTS} programs per token, got {g}")
     if not interp and g * m > num_sms(x2.device):
         raise ValueError(f"the split kernel needs its {g * m} programs resident together, more than the SMs")
-    gen, slots = _split_state(x2.device, gp)
+    gen, slots = _split_state(x2.device)
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
-                  GP=slots.shape[1], HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
+                  GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
                   DT=triton_dtype(dd), INTERP=interp, num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
     for phase in ((1, 2) if interp else (0,)):
@@ -512,7 +508,7 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
 
     kernel: None picks one. When n1 is even, the factors fit on chip and split_intermediate is off:
     "split" (`_fused_split_kernel`, each token over several programs) for at most SPLIT_MAX_M tokens
-    (decode), else "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
+    (decode) with padded factor tiles of at least SPLIT_MIN_TILE elements, else "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
     (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
     block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`),
     split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
@@ -551,7 +547,7 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
         few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
-               and (interp or m * split_programs(n2, m, config)[1] <= num_sms(x.device)))
+               and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device)))
         kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
     if kernel not in ("block", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")

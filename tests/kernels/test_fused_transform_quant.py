@@ -266,12 +266,12 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
 
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
     for m in (3, 1, 16):
-        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        gen, _ = ftq._split_state(torch.device(DEVICE))
         before = gen.clone()
         x = _inputs(m, 8 * 48, torch.float16, DEVICE)
         q, s = _check(x, p1, p2, 0.9, 4, split=False, kernel="split", config={"CB": cb})
         assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
-        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        gen, _ = ftq._split_state(torch.device(DEVICE))
         assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long())
 
 
@@ -282,11 +282,11 @@ def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monke
     for min_tile, m, used in ((16 * 16, ftq.SPLIT_MAX_M, True), (16 * 16, ftq.SPLIT_MAX_M + 1, False),
                               (ftq.SPLIT_MIN_TILE, 2, False)):
         monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
-        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        gen, _ = ftq._split_state(torch.device(DEVICE))
         before = int(gen.sum())
         x = _inputs(m, 256, torch.float16, DEVICE)
         _check(x, p1, p2, 0.9, 4, split=False)
-        gen, _ = ftq._split_state(torch.device(DEVICE), 16)
+        gen, _ = ftq._split_state(torch.device(DEVICE))
         assert (int(gen.sum()) > before) == used
     x = _inputs(ftq.SPLIT_MAX_M + 1, 256, torch.float16, DEVICE)
     with pytest.raises(ValueError, match="at most"):
