@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU driver for the W4A4 kernels (issue 5): tests on CUDA, then both benchmarks -> JSON under $OUT.
 # Run from the repo root on the GPU machine:   OUT=/some/dir bash benchmarks/run_kernels_gpu.sh
-# Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep).
+# Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep),
+# ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set).
 # All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s): more than one device call allows, so
 # run them as two calls. The JSON files are rewritten after every record, so a step cut short still
 # leaves its finished records.
@@ -43,5 +44,17 @@ echo "== decode (M <= 16) breakdown =="
 timeout 240 python benchmarks/bench_decode_parts.py ${DECODE_ARGS:-} --out "$OUT/bench_decode_parts.json" 2>&1 \
   | tee "$OUT/bench_decode_parts.txt"
 echo "decode bench rc=${PIPESTATUS[0]}"
+fi
+if [[ " $STEPS " == *" ncu "* ]]; then
+echo "== ncu: the decode transform kernels' per-instruction stalls (diagnostic, not a benchmark) =="
+# Source counters with per-SASS-line warp stall samples for the block and split transforms at M = 1 and 16
+# (benchmarks/probe_decode_latency.py --eager runs each piece 3 times). Printed as CSV for offline reading.
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+timeout 240 "$NCU" --section WarpStateStats --section SourceCounters --section LaunchStats -k "regex:_fused_(block|split)_kernel" \
+  --launch-count 12 -f -o "$OUT/ncu_transform" python benchmarks/probe_decode_latency.py --eager > "$OUT/ncu_transform_log.txt" 2>&1
+echo "ncu rc=$?"
+"$NCU" -i "$OUT/ncu_transform.ncu-rep" --page details > "$OUT/ncu_transform_details.txt" 2>&1 || true
+"$NCU" -i "$OUT/ncu_transform.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_transform_source.csv" 2>&1 || true
+ls -la "$OUT"/ncu_transform* | tail -5
 fi
 ls -la "$OUT"
