@@ -115,14 +115,14 @@ def main() -> int:
                 decode_gemm.MMA_PREFETCH = saved_pf
                 decode_gemm.PDL.clear()
                 decode_gemm.PDL.update(saved_pdl)
-        for name, ms, extra in [("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
+        for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
                                 ("w4a4_linear_auto", whole, {}),
                                 ("w4a4_linear_auto_pdl_on", wholes["pdl_on"], {}),
                                 ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {}),
                                 ("w4a4_linear_auto_gemv_prefetch2", wholes["prefetch2"], {})]
                                 + [(f"w4a4_linear_auto_{tag}", ms, {}) for tag, ms in wholes.items()
-                                   if tag.startswith("mma_")]:
+                                   if tag.startswith("mma_")]):
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9
