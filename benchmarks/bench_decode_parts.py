@@ -24,17 +24,13 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
               [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4), (4, 1024, 2)]]
 GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=8, GEMV_BLOCK_K=bk, GEMV_PREFETCH=2) for bk in (512, 1024)]
-MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn in (32, 64)
-                  for bk in (128, 256) for sk in (2, 4, 8, 16)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (4, 8)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_stages=4) for sk in (4, 8)]
-# Tiles requested ahead (MMA_PREFETCH 0 = the plain loop, 1 = the default, 2), with K steps and splits.
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=sk, MMA_PREFETCH=pf)
-                   for pf in (0, 2) for bk in (128, 256) for sk in (2, 4, 8)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=512, SPLIT_K=sk, MMA_PREFETCH=pf)
-                   for pf in (1, 2) for sk in (1, 2, 4)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8, MMA_PREFETCH=pf)
-                   for pf in (1, 2) for sk in (2, 4, 8)]
+MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=sk, num_stages=st)
+                  for bk in (128, 256, 512) for sk in (1, 2, 4, 8) for st in (2, 3)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_stages=1) for sk in (1, 4, 8)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=sk, num_stages=4)
+                   for bk in (128, 256) for sk in (2, 4)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (1, 2, 4)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=32, BLOCK_K=256, SPLIT_K=sk) for sk in (2, 4, 8)]
 # The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
 GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
@@ -103,18 +99,15 @@ def main() -> int:
         finally:
             decode_gemm.GEMV_CONFIG.clear()
             decode_gemm.GEMV_CONFIG.update(saved)
-        # The tensor-core kernel (M > GEMV_MAX_M) requesting 0 / 1 / 2 tiles ahead, with and without PDL.
+        # The tensor-core kernel (M > GEMV_MAX_M) with its K loop not pipelined (synchronous loads, as
+        # before MMA_STAGES), for the side-by-side comparison in the layer.
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
-            saved_pf, saved_pdl = decode_gemm.MMA_PREFETCH, dict(decode_gemm.PDL)
+            saved_stages = decode_gemm.MMA_STAGES
             try:
-                for pf, pdl in itertools.product((0, 1, 2), (False, True)):
-                    decode_gemm.MMA_PREFETCH, decode_gemm.PDL["mma"] = pf, pdl
-                    wholes[f"mma_prefetch{pf}_pdl_{'on' if pdl else 'off'}"] = graph_ms(
-                        [lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+                decode_gemm.MMA_STAGES = 1
+                wholes["mma_stages1"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
             finally:
-                decode_gemm.MMA_PREFETCH = saved_pf
-                decode_gemm.PDL.clear()
-                decode_gemm.PDL.update(saved_pdl)
+                decode_gemm.MMA_STAGES = saved_stages
         for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
                                 ("decode_gemm_default", gemm(default), {"config": default}),
                                 ("w4a4_linear_auto", whole, {}),

@@ -50,8 +50,8 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # and 4 (gemv), but at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was
 # slower on two of three shapes (14336x4096: 32.7 vs 28.0 us), so it is off there.
 PDL = {"gemv": True, "mma": False}
-# Tiles the tensor-core kernel requests ahead (`_decode_kernel`'s PREFETCH; config key "MMA_PREFETCH").
-MMA_PREFETCH = 1
+# Pipeline depth of the tensor-core kernel's K loop (config key "num_stages"; 1 = synchronous loads).
+MMA_STAGES = 3
 
 
 @contextlib.contextmanager
@@ -74,13 +74,7 @@ GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """PREFETCH (0, 1, 2): tiles requested ahead of the one being multiplied. Triton's software pipeliner
-    does not take these loads (the weight goes through the unpack before the dot, so the loop's loads
-    stay synchronous: one tile's full memory latency per step, sm_90 TTGIR at 38a3875), hence registers:
-    the weight's first PREFETCH tiles are requested before waiting for the previous kernel (it does not
-    depend on it), the activation's first tile right after, and each step requests the tiles PREFETCH
-    steps ahead (masked off beyond this split's K slice, so no byte is read twice). 0: the plain loop."""
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -90,41 +84,21 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
     k_start = pid_k * K_PER_SPLIT
-    a_rows = a_ptr + rm[:, None] * stride_am
-    w_rows = w_ptr + rn_l[:, None] * stride_wn
-    if PREFETCH > 0:
-        w_next = tl.load(w_rows + (k_start + rk)[None, :], mask=(k_start + rk < KH)[None, :], other=0)
-    if PREFETCH > 1:
-        k1 = k_start + BLOCK_K + rk
-        w_next2 = tl.load(w_rows + k1[None, :], mask=((k1 < KH) & (ITERS > 1))[None, :], other=0)
     if USE_GDC:  # launched as a programmatic dependent: its launch overlaps the previous kernel's tail
         gdc_wait()
-    if PREFETCH > 0:
-        a_next = tl.load(a_rows + (k_start + rk)[None, :], mask=m_ok[:, None] & (k_start + rk < KH)[None, :], other=0)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
     else:
         acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
     asum = tl.zeros((16,), dtype=tl.int32)
-    for it in range(ITERS):
+    # tl.range with explicit stages: without it Triton's pipeliner leaves these loads synchronous (the
+    # weight passes through the unpack before the dot; sm_90 TTGIR at 38a3875: one tile's full memory
+    # latency per step); with it both tiles stream into shared memory by cp.async, STAGES deep.
+    for it in tl.range(ITERS, num_stages=STAGES):
         kk = k_start + it * BLOCK_K + rk
-        if PREFETCH == 0:
-            k_ok = kk < KH
-            a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-            w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0)
-        else:
-            a = a_next
-            w = w_next
-            ka = kk + BLOCK_K  # the activation: one tile ahead
-            a_next = tl.load(a_rows + ka[None, :], mask=m_ok[:, None] & ((ka < KH) & (it + 1 < ITERS))[None, :],
-                             other=0)
-            kw = kk + PREFETCH * BLOCK_K
-            w_ahead = tl.load(w_rows + kw[None, :], mask=((kw < KH) & (it + PREFETCH < ITERS))[None, :], other=0)
-            if PREFETCH > 1:
-                w_next = w_next2
-                w_next2 = w_ahead
-            else:
-                w_next = w_ahead
+        k_ok = kk < KH
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
         a8 = a.to(tl.int8, bitcast=True)
         w8 = w.to(tl.int8, bitcast=True)
         if PACK:
@@ -349,10 +323,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
-    ahead = {"gemv": (int(cfg.get("GEMV_PREFETCH", 1)), (1, 2)),
-             "mma": (int(cfg.get("MMA_PREFETCH", MMA_PREFETCH)), (0, 1, 2))}[cfg["KERNEL"]]
-    if ahead[0] not in ahead[1]:
-        raise ValueError(f"{cfg['KERNEL']} prefetch depth must be one of {ahead[1]}, got {ahead[0]}")
     pdl = bool(cfg.get("PDL", PDL[cfg["KERNEL"]])) and pdl_supported(a.device)
     launch = dict(launch_pdl=True) if pdl else {}
     if cfg["KERNEL"] == "gemv":
@@ -366,7 +336,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                                             out.stride(0), ITERS=triton.cdiv(kw, bkw), HAS_BIAS=bias is not None,
                                             PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
-                                            PREFETCH=ahead[0],
+                                            PREFETCH=int(cfg.get("GEMV_PREFETCH", 1)),
                                             num_warps=cfg.get("num_warps", cfg.get("GEMV_WARPS", 4)), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
@@ -380,7 +350,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        EMULATE=interpreting(), USE_GDC=pdl, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=ahead[0],
-        num_warps=cfg.get("num_warps", 4),
-        num_stages=cfg.get("num_stages", 3), **launch)
+        EMULATE=interpreting(), USE_GDC=pdl, BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
+        num_warps=cfg.get("num_warps", 4), **launch)
     return out
