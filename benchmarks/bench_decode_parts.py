@@ -24,13 +24,13 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
               [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4), (4, 1024, 2)]]
 GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=8, GEMV_BLOCK_K=bk, GEMV_PREFETCH=2) for bk in (512, 1024)]
-MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=sk, num_stages=st)
-                  for bk in (128, 256, 512) for sk in (1, 2, 4, 8) for st in (2, 3)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=sk, num_stages=1) for sk in (1, 4, 8)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=sk, num_stages=4)
-                   for bk in (128, 256) for sk in (2, 4)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8) for sk in (1, 2, 4)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=32, BLOCK_K=256, SPLIT_K=sk) for sk in (2, 4, 8)]
+MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=256, SPLIT_K=sk, num_warps=bn // 16)
+                  for bn in (64, 128) for sk in (1, 2, 4, 8)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=sk, num_warps=8)
+                   for bk in (128, 512) for sk in (1, 4)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8, num_stages=st)
+                   for st in (2, 4) for sk in (1, 4)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=256, BLOCK_K=128, SPLIT_K=sk, num_warps=8) for sk in (1, 4)]
 # The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
 GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
@@ -74,13 +74,17 @@ def main() -> int:
         p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
         shape = {"in": k, "out": n, "M": m, "n1": n1, "n2": n2, "dtype": "bfloat16", "bits": 4}
         bf16 = graph_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, ws)])
-        fused = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs])
+        # The activation codes as the layer hands them to the decode GEMM (packed, or one per byte for the
+        # tensor-core kernel); the GEMM is also timed on packed codes for the comparison.
+        fmt = {"int8": "int8", "packed": None}[decode_gemm.activation_format(m, n, k // 2, dev)]
+        fused = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs])
         q = [quantize_weight_reference(w.float(), 4) for w in ws]
-        a = [fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs]
+        a = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs]
+        a_packed = [fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs]
 
-        def gemm(cfg):
+        def gemm(cfg, acts=a):
             return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
-                                                                  4, config=cfg) for ai, qi in zip(a, q)])
+                                                                  4, config=cfg) for ai, qi in zip(acts, q)])
         default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
         whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
@@ -101,15 +105,19 @@ def main() -> int:
             decode_gemm.GEMV_CONFIG.update(saved)
         # The tensor-core kernel (M > GEMV_MAX_M) with its K loop not pipelined (synchronous loads, as
         # before MMA_STAGES), for the side-by-side comparison in the layer.
+        # And with the activation codes packed (unpacked in the GEMM's registers) instead of one per byte.
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
-            saved_stages = decode_gemm.MMA_STAGES
+            saved = decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS
             try:
                 decode_gemm.MMA_STAGES = 1
                 wholes["mma_stages1"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+                decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS = saved[0], False
+                wholes["mma_packed_activations"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
             finally:
-                decode_gemm.MMA_STAGES = saved_stages
-        for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {}),
-                                ("decode_gemm_default", gemm(default), {"config": default}),
+                decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS = saved
+        for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {"out_format": fmt or "packed"}),
+                                ("decode_gemm_default", gemm(default), {"config": default, "activations": fmt or "packed"}),
+                                ("decode_gemm_default_packed_activations", gemm(default, a_packed), {"config": default}),
                                 ("w4a4_linear_auto", whole, {}),
                                 ("w4a4_linear_auto_pdl_on", wholes["pdl_on"], {}),
                                 ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {}),
@@ -126,12 +134,13 @@ def main() -> int:
         for cfg in SWEEP.get(m, []):
             full = resolved_config(m, n, k // 2, dev, {**resolved_config(m, n, k // 2, dev), **cfg})
             try:
-                ms = gemm(full)
+                ms = gemm(full, a_packed if full["KERNEL"] == "gemv" else a)  # (the dp4a kernel reads packed codes)
             except Exception as e:  # a config the compiler refuses (shared memory): recorded as such
                 print(f"  {cfg}: {type(e).__name__}", flush=True)
                 continue
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
+                     "activations": "packed" if full["KERNEL"] == "gemv" else fmt or "packed",
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
         for tcfg in TRANSFORM_SWEEP:
             try:

@@ -52,6 +52,11 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 PDL = {"gemv": True, "mma": False}
 # Pipeline depth of the tensor-core kernel's K loop (config key "num_stages"; 1 = synchronous loads).
 MMA_STAGES = 3
+# Rows of at most this many packed bytes (K <= 4096) are not split over K by default (`decode_config`).
+SHORT_K_BYTES = 2048
+# The fused transform writes 4-bit activation codes one per byte (out_format "int8") for the tensor-core
+# kernel (`activation_format`): its activation tiles then go from cp.async straight into the MMA.
+MMA_UNPACKED_ACTIVATIONS = True
 
 
 @contextlib.contextmanager
@@ -74,7 +79,7 @@ GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                   A_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -97,22 +102,38 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     for it in tl.range(ITERS, num_stages=STAGES):
         kk = k_start + it * BLOCK_K + rk
         k_ok = kk < KH
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        am = m_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
-        a8 = a.to(tl.int8, bitcast=True)
         w8 = w.to(tl.int8, bitcast=True)
+        if A_CODES:  # 4-bit codes one per byte, natural order: element kk meets the low nibbles, kk + K/2 the high
+            a_lo = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0)
+            a_hi = tl.load(a_ptr + rm[:, None] * stride_am + (KH + kk)[None, :], mask=am, other=0)
+        else:
+            a8 = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0).to(tl.int8, bitcast=True)
+            if PACK:
+                a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
         if PACK:
-            a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
             # Weight nibbles as offset codes (code + 8, 0..15: still valid int8 MMA operands), 4 bytes per
-            # instruction; the offset comes off below as 8 * sum(activation codes) per row.
+            # instruction. The offset comes off as 8 * sum(activation codes) per row: summed from the
+            # unpacked tile, or (A_CODES: the activation tiles then go from cp.async straight to the MMA,
+            # never through registers) by two more MMAs against a constant -8 tile.
             w_lo, w_hi = _offset_nibbles(w8, EMULATE)
-            asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=1)
             if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
                 acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+                if A_CODES:
+                    minus8 = tl.full((BLOCK_N, BLOCK_K), -8, tl.int8)
+                    acc = tl.dot(minus8, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                    acc = tl.dot(minus8, tl.trans(a_hi), acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+                if A_CODES:
+                    minus8 = tl.full((BLOCK_K, BLOCK_N), -8, tl.int8)
+                    acc = tl.dot(a_lo, minus8, acc, out_dtype=tl.int32)
+                    acc = tl.dot(a_hi, minus8, acc, out_dtype=tl.int32)
+            if not A_CODES:
+                asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=1)
         else:
             if SWAP_AB:
                 acc = tl.dot(w8, tl.trans(a8), acc, out_dtype=tl.int32)
@@ -120,7 +141,7 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
                 acc = tl.dot(a8, tl.trans(w8), acc, out_dtype=tl.int32)
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PACK:
+    if PACK and not A_CODES:
         acc -= 8 * asum[:, None]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -270,18 +291,24 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
-    """BLOCK_N / BLOCK_K / SPLIT_K for the GPU: 64-row W tiles, 256-byte K steps, and enough K splits
-    for ~2 programs per SM (each split keeps >= 2 K steps so the loads still pipeline).
-    (Tried once on the H200 and dropped: no split-K with 16/32-row tiles and the epilogue in the kernel
-    took 60 us for the whole 4096x4096 decode layer at M = 1 from a CUDA graph; each program then walks
-    all of K serially. Record: results/archive/kernels-h200-smoke/lin_quick.json.)"""
+    """BLOCK_N / BLOCK_K / SPLIT_K (and warps) of the tensor-core kernel on the GPU, from the 0590d4a sweep
+    at M = 16 (results/kernels/bench_decode_parts.json): the one-launch split-K reduction costs ~1.5-2 us
+    (its atomics), so a short K (<= SHORT_K_BYTES per row) is not split, with 128-row W tiles on 8 warps
+    once N gives >= SMs / 2 such tiles, else 64 rows on 4 (4096 x 4096: 11.7 us against 13.2 us split
+    4 ways; 4096 -> 14336: 14.8 against 17.4 us); a long K takes 128-row tiles split about SMs / tiles
+    ways (14336 -> 4096: 19.6 against 21.4 us). 256-byte K steps throughout.
+    (Tried once on the H200 and dropped: no split-K with 16/32-row tiles; each program then walks all
+    of K serially. Record: results/archive/kernels-h200-smoke/lin_quick.json.)"""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
-    bn, bk = 64, 256
-    tiles = triton.cdiv(n, bn)
+    bk, sms = 256, num_sms(device)
     ksteps = triton.cdiv(kh, bk)
-    split = max(1, min(ksteps // 2, round(2 * num_sms(device) / tiles)))
-    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+    if kh <= SHORT_K_BYTES:
+        bn = 128 if triton.cdiv(n, 128) >= sms // 2 else 64
+        return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=bn // 16)
+    tiles = triton.cdiv(n, 128)
+    split = max(1, min(ksteps // 2, round(sms / tiles)))
+    return dict(BLOCK_N=128, BLOCK_K=bk, SPLIT_K=split, num_warps=8)
 
 
 def _word_aligned(t: torch.Tensor) -> bool:
@@ -299,27 +326,43 @@ def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict 
     return cfg
 
 
+def activation_format(m: int, n: int, kh: int, device: torch.device, bits: int = 4) -> str:
+    """The activation layout `w4a4_gemm_decode` wants for a default call: "int8" (4-bit codes one per byte,
+    the fused transform's out_format "int8") where the tensor-core kernel runs and MMA_UNPACKED_ACTIVATIONS
+    is on, else "packed"."""
+    if bits == 4 and MMA_UNPACKED_ACTIVATIONS and resolved_config(m, n, kh, device)["KERNEL"] == "mma":
+        return "int8"
+    return "packed"
+
+
 def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, bits: int = 4,
                      config: dict | None = None) -> torch.Tensor:
-    """Same contract as `w4a4_gemm.w4a4_gemm` for M <= 16 (a (M, K/2) packed or (M, K) int8 codes)."""
+    """Same contract as `w4a4_gemm.w4a4_gemm` for M <= 16: w (N, K/2) packed int4 (or (N, K) int8 codes for
+    bits=8); a (M, K/2) packed int4, or, for bits=4, (M, K) int8 holding the 4-bit codes one per byte
+    (tensor-core kernel only; see `activation_format`), or (M, K) int8 codes for bits=8."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+    pack = bits == 4
+    a_codes = pack and a.dim() == 2 and w.dim() == 2 and a.dtype == torch.int8 and a.shape[1] == 2 * w.shape[1]
+    if a.dim() != 2 or w.dim() != 2 or (a.shape[1] != w.shape[1] and not a_codes):
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, w {tuple(w.shape)}")
-    m, kh = a.shape
-    n = w.shape[0]
+    m, n, kh = a.shape[0], w.shape[0], w.shape[1]
     if m > MAX_M:
         raise ValueError(f"the decode GEMM takes M <= {MAX_M}, got {m}")
-    pack = bits == 4
     a = a if a.stride(-1) == 1 else a.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    a8, w8 = (a.view(torch.uint8), w.view(torch.uint8)) if pack else (a.view(torch.int8), w.view(torch.int8))
+    if a_codes:
+        a8, w8 = a, w.view(torch.uint8)
+    else:
+        a8, w8 = (a.view(torch.uint8), w.view(torch.uint8)) if pack else (a.view(torch.int8), w.view(torch.int8))
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    aligned = _word_aligned(a8) and _word_aligned(w8)
+    aligned = (not a_codes) and _word_aligned(a8) and _word_aligned(w8)
     cfg = resolved_config(m, n, kh, a.device, config, aligned)
+    if a_codes and cfg["KERNEL"] != "mma":
+        raise ValueError("one-code-per-byte activations take the tensor-core decode kernel (KERNEL 'mma')")
     sa = a_scale.reshape(-1).float().contiguous()
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
@@ -350,6 +393,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        EMULATE=interpreting(), USE_GDC=pdl, BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
+        EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
         num_warps=cfg.get("num_warps", 4), **launch)
     return out

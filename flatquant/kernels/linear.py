@@ -187,6 +187,7 @@ class W4A4Linear(nn.Module):
             y = ref.w4a4_gemm_reference(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
         else:
             from flatquant.kernels import cublas_routes as cb
+            from flatquant.kernels import decode_gemm
             from flatquant.kernels.decode_gemm import w4a4_gemm_decode
             from flatquant.kernels.fused_transform_quant import fused_transform_quantize
             from flatquant.kernels.w4a4_gemm import w4a4_gemm
@@ -194,13 +195,16 @@ class W4A4Linear(nn.Module):
             route = self.gemm_route_for(x2.shape[0], out_dtype, x.device)
             # cuBLAS routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
             fmt = {"int_mm": "int8", "scaled_mm": "fp8"}.get(route)
+            if route == "decode":  # the tensor-core decode kernel takes the codes one per byte (no unpack)
+                fmt = {"int8": "int8", "packed": None}[decode_gemm.activation_format(
+                    x2.shape[0], self.out_features, self.in_features // 2, x.device, self.bits)]
             a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits,
                                              split_intermediate=self.split_intermediate, out_format=fmt)
-            if fmt is not None:
+            if route == "decode":
+                y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
+            elif fmt is not None:
                 gemm = cb.int_mm_gemm if route == "int_mm" else cb.scaled_mm_gemm
                 y = gemm(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
-            elif route == "decode":
-                y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
             else:
                 y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits, route=route)
         return y.reshape(*shape[:-1], self.out_features)

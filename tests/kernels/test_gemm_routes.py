@@ -59,6 +59,25 @@ def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab):
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
 
 
+@pytest.mark.parametrize("m,n,k,split", [(5, 40, 576, 1), (16, 96, 1536, 4), (3, 33, 200, 8), (16, 64, 64, 1)])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab):
+    """The tensor-core kernel on 4-bit activation codes one per byte ((M, K) int8, natural order, as the
+    fused transform writes with out_format="int8"; the offset of the weight nibbles then comes off by MMAs
+    against a constant tile): equal to the packed call and to the reference. Pinned to the dp4a kernel such
+    activations are refused."""
+    a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
+    codes = unpack_int4(a)
+    assert codes.dtype == torch.int8 and codes.shape == (m, k)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    y = w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=cfg)
+    yr = w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4)
+    _close(y, yr, torch.float32)
+    assert torch.equal(y, w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 4, config=cfg))
+    with pytest.raises(ValueError, match="tensor-core"):
+        w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=dict(KERNEL="gemv"))
+
+
 def test_decode_gemm_int8_codes_and_limits():
     a, sa, qw, sw, b = _operands(7, 48, 128, bits=8)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 8, config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2))

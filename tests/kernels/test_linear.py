@@ -73,9 +73,10 @@ def test_o_proj_head_mixing_9_heads():
 
 
 @pytest.mark.parametrize("route", ["auto", "int8", "fp8", "decode", "int_mm", "scaled_mm"])
-@pytest.mark.parametrize("tokens", [3, 20])
+@pytest.mark.parametrize("tokens", [3, 9, 20])
 def test_every_gemm_route_matches_reference(route, tokens):
-    """Each route (pinned) on fresh inputs, decode-sized and larger M, odd factor sizes (96 = 8 x 12).
+    """Each route (pinned) on fresh inputs, decode-sized (3: the dp4a kernel on packed codes; 9: the
+    tensor-core kernel on codes one per byte) and larger M, odd factor sizes (96 = 8 x 12).
     The reference GEMM runs on the fused kernel's own activation codes: bf16 inputs may flip a code at a
     .5 tie between kernel and reference transform (allowed and tested in test_fused_transform_quant),
     which is not what this test is about."""
@@ -83,10 +84,15 @@ def test_every_gemm_route_matches_reference(route, tokens):
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.reference import w4a4_gemm_reference
 
+    from flatquant.kernels.decode_gemm import activation_format
+
     m, *_ = _layer(96, 40, transform="both")
     m.gemm_route = route
     m.backend = "triton"
     x = (torch.randn(tokens, 96) * 2).to(torch.bfloat16).to(DEVICE)
+    want = {3: "packed", 9: "int8", 20: None}[tokens]
+    if want is not None:
+        assert activation_format(tokens, 40, 48, x.device) == want
     a, sa = fused_transform_quantize(x, *m._factors(x.dtype), m._alpha(), 4)
     y_ref = w4a4_gemm_reference(a, sa, m.qweight, m.weight_scale, m.bias, torch.bfloat16, 4)
     y = m(x)
