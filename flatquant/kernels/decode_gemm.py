@@ -46,10 +46,11 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 # M = 16 in the same sweep).
 # Which decode kernels launch as a programmatic dependent of the previous kernel on sm_90+ (config key
 # "PDL" overrides per call): the launch and first weight loads overlap the fused transform's tail. On
-# the H200 (results/kernels/bench_decode_parts.json, a02c88b) that saved 1.2-2.4 us per layer at M = 1
-# and 4 (gemv), but at M = 16 (tensor-core kernel, grid of N tiles x SPLIT_K waiting on the SMs) it was
-# slower on two of three shapes (14336x4096: 32.7 vs 28.0 us), so it is off there.
-PDL = {"gemv": True, "mma": False}
+# the H200 that saved 1.2-2.4 us per layer at M = 1 and 4 (gemv; a02c88b). The tensor-core kernel (M = 16)
+# was slower with it at a02c88b (14336x4096: 32.7 vs 28.0 us; synchronous loads then), faster once its
+# loads were pipelined and took codes one per byte (ca6806c: 12.8 / 17.4 / 24.9 against 13.7 / 18.3 /
+# 25.6 us on the three decode shapes; results/archive/kernels-h200-ca6806c/).
+PDL = {"gemv": True, "mma": True}
 # Pipeline depth of the tensor-core kernel's K loop (config key "num_stages"; 1 = synchronous loads).
 MMA_STAGES = 3
 # Rows of at most this many packed bytes (K <= 4096) are not split over K by default (`decode_config`).
@@ -291,24 +292,22 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
-    """BLOCK_N / BLOCK_K / SPLIT_K (and warps) of the tensor-core kernel on the GPU, from the 0590d4a sweep
-    at M = 16 (results/kernels/bench_decode_parts.json): the one-launch split-K reduction costs ~1.5-2 us
-    (its atomics), so a short K (<= SHORT_K_BYTES per row) is not split, with 128-row W tiles on 8 warps
-    once N gives >= SMs / 2 such tiles, else 64 rows on 4 (4096 x 4096: 11.7 us against 13.2 us split
-    4 ways; 4096 -> 14336: 14.8 against 17.4 us); a long K takes 128-row tiles split about SMs / tiles
-    ways (14336 -> 4096: 19.6 against 21.4 us). 256-byte K steps throughout.
+    """BLOCK_N / BLOCK_K / SPLIT_K of the tensor-core kernel on the GPU: 64-row W tiles on 4 warps, 256-byte
+    K steps; a short K (<= SHORT_K_BYTES per row) is not split, a longer one is split for ~2 programs per
+    SM (each split keeps >= 2 K steps). From the ca6806c sweep at M = 16 on codes one per byte
+    (results/archive/kernels-h200-ca6806c/bench_decode_parts.json): the one-launch split-K reduction costs
+    ~2 us of atomics, so 4096 x 4096 took 10.2 us unsplit against 12.7 us split 4 ways and 4096 -> 14336
+    13.0 against 22.0 us split 2 ways, while 14336 -> 4096 took 17.9 us split 4 ways against 20.5 (2) and
+    20.9 (8); 128-row tiles on 8 warps were 1.5-3.3 us slower on all three.
     (Tried once on the H200 and dropped: no split-K with 16/32-row tiles; each program then walks all
     of K serially. Record: results/archive/kernels-h200-smoke/lin_quick.json.)"""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
-    bk, sms = 256, num_sms(device)
+    bn, bk = 64, 256
+    tiles = triton.cdiv(n, bn)
     ksteps = triton.cdiv(kh, bk)
-    if kh <= SHORT_K_BYTES:
-        bn = 128 if triton.cdiv(n, 128) >= sms // 2 else 64
-        return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=bn // 16)
-    tiles = triton.cdiv(n, 128)
-    split = max(1, min(ksteps // 2, round(sms / tiles)))
-    return dict(BLOCK_N=128, BLOCK_K=bk, SPLIT_K=split, num_warps=8)
+    split = 1 if kh <= SHORT_K_BYTES else max(1, min(ksteps // 2, round(2 * num_sms(device) / tiles)))
+    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
 
 
 def _word_aligned(t: torch.Tensor) -> bool:
