@@ -24,6 +24,9 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
               [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8), (8, 2048, 4), (4, 1024, 2)]]
 GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=8, GEMV_BLOCK_K=bk, GEMV_PREFETCH=2) for bk in (512, 1024)]
+# The dp4a kernel's loop pipelined through shared memory (GEMV_PREFETCH 0, GEMV_STAGES deep) instead.
+GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw, GEMV_PREFETCH=0, GEMV_STAGES=st)
+               for bn, bk, nw in [(4, 1024, 2), (8, 1024, 4), (8, 512, 4), (4, 512, 2), (16, 1024, 8)] for st in (2, 3, 4)]
 MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=256, SPLIT_K=sk, num_warps=bn // 16)
                   for bn in (64, 128) for sk in (1, 2, 4, 8)]
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=sk, num_warps=8)
@@ -100,6 +103,9 @@ def main() -> int:
             for val in decode_gemm.GEMV_CONFIG.values():
                 val["GEMV_PREFETCH"] = 2
             wholes["prefetch2"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+            for val in decode_gemm.GEMV_CONFIG.values():  # ... and pipelined through shared memory instead
+                val["GEMV_PREFETCH"], val["GEMV_STAGES"] = 0, 3
+            wholes["gemv_pipelined"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
         finally:
             decode_gemm.GEMV_CONFIG.clear()
             decode_gemm.GEMV_CONFIG.update(saved)
@@ -123,7 +129,7 @@ def main() -> int:
                                 ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {}),
                                 ("w4a4_linear_auto_gemv_prefetch2", wholes["prefetch2"], {})]
                                 + [(f"w4a4_linear_auto_{tag}", ms, {}) for tag, ms in wholes.items()
-                                   if tag.startswith("mma_")]):
+                                   if tag.startswith("mma_") or tag == "gemv_pipelined"]):
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9

@@ -223,7 +223,7 @@ def _nibbles_signed(t):
 def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
                  USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
     would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
     Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
@@ -246,24 +246,30 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
     # The weight does not depend on the previous kernel: its first PREFETCH (1 or 2) tiles are requested
     # before waiting for that kernel (USE_GDC: launched as a programmatic dependent of the fused
     # transform), and each step requests the tile PREFETCH steps ahead before computing on this one.
-    w_next = tl.load(w_rows + rk[None, None, :], mask=(rk < KW)[None, None, :], other=0)
+    # PREFETCH 0: no register prefetch; the loop is pipelined through shared memory instead (cp.async,
+    # STAGES deep, as in `_decode_kernel`), its first weight tiles then requested after the wait.
+    if PREFETCH > 0:
+        w_next = tl.load(w_rows + rk[None, None, :], mask=(rk < KW)[None, None, :], other=0)
     if PREFETCH == 2:
         w_next2 = tl.load(w_rows + (rk + BLOCK_KW)[None, None, :], mask=(rk + BLOCK_KW < KW)[None, None, :], other=0)
     if USE_GDC:
         gdc_wait()
-    for it in range(ITERS):
+    for it in tl.range(ITERS, num_stages=STAGES if PREFETCH == 0 else 1):
         kk = it * BLOCK_KW + rk
         k_ok = kk < KW
         a = tl.load(a_ptr + rm[:, None, None] * stride_am + kk[None, None, :],
                     mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
-        w = w_next
-        ahead = kk + PREFETCH * BLOCK_KW
-        w_ahead = tl.load(w_rows + ahead[None, None, :], mask=(ahead < KW)[None, None, :], other=0)
-        if PREFETCH == 2:
-            w_next = w_next2
-            w_next2 = w_ahead
+        if PREFETCH == 0:
+            w = tl.load(w_rows + kk[None, None, :], mask=k_ok[None, None, :], other=0)
         else:
-            w_next = w_ahead
+            w = w_next
+            ahead = kk + PREFETCH * BLOCK_KW
+            w_ahead = tl.load(w_rows + ahead[None, None, :], mask=(ahead < KW)[None, None, :], other=0)
+            if PREFETCH == 2:
+                w_next = w_next2
+                w_next2 = w_ahead
+            else:
+                w_next = w_ahead
         if PACK:
             a_lo = _nibbles_signed(a & 0x0F0F0F0F)
             a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
@@ -372,13 +378,16 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
             raise ValueError(f"the gemv decode kernel takes rows of whole int32 words (K/2 bytes a multiple "
                              f"of 4), got {kh} bytes")
         bn, bkw = cfg["GEMV_BLOCK_N"], max(1, cfg["GEMV_BLOCK_K"] // 4)
+        ahead = int(cfg.get("GEMV_PREFETCH", 1))
+        if ahead not in (0, 1, 2):
+            raise ValueError(f"GEMV_PREFETCH must be 0 (pipelined loop), 1 or 2, got {ahead}")
         a32, w32 = a8.view(torch.int32), w8.view(torch.int32)
         kw = kh // 4
         _gemv_kernel[(triton.cdiv(n, bn),)](a32, w32, sa, sw, b, out, m, n, kw, a32.stride(0), w32.stride(0),
                                             out.stride(0), ITERS=triton.cdiv(kw, bkw), HAS_BIAS=bias is not None,
                                             PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
-                                            PREFETCH=int(cfg.get("GEMV_PREFETCH", 1)),
+                                            PREFETCH=ahead, STAGES=int(cfg.get("GEMV_STAGES", 3)),
                                             num_warps=cfg.get("num_warps", cfg.get("GEMV_WARPS", 4)), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))

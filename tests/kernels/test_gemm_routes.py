@@ -85,6 +85,9 @@ def test_decode_gemm_int8_codes_and_limits():
     a, sa, qw, sw, _ = _operands(17, 32, 64)
     with pytest.raises(ValueError):
         w4a4_gemm_decode(a, sa, qw, sw)
+    a, sa, qw, sw, _ = _operands(2, 32, 64)
+    with pytest.raises(ValueError, match="GEMV_PREFETCH"):
+        w4a4_gemm_decode(a, sa, qw, sw, config=dict(KERNEL="gemv", GEMV_PREFETCH=3))
 
 
 def test_decode_gemm_extreme_codes_exact():
@@ -170,19 +173,20 @@ def test_cublas_routes_gpu(m, n, k):
            ulps=2.0, bf16_bias=b)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemv_prefetch2", "mma", "mma_swap", "mma_swap_stages1",
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_prefetch2", "gemv_pipelined", "mma", "mma_swap", "mma_swap_stages1",
                                     "mma_swap_stages4"])
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
     """Small M through the CUDA-core dp4a kernel (the default up to GEMV_MAX_M, any M <= 16 when pinned; its
-    weight tiles requested one or two steps ahead) and through the tensor-core kernel in both operand
+    weight tiles requested one or two steps ahead, or its loop pipelined through shared memory) and
+    through the tensor-core kernel in both operand
     orders, its K loop pipelined MMA_STAGES (3) deep, 4 deep or not at all: all equal the reference; a K
     not a multiple of the block, an odd M and 8-bit codes included."""
     a, sa, qw, sw, b = _operands(m, 40, k, bits=bits)
     cfg = dict(KERNEL="gemv" if kernel.startswith("gemv") else "mma", SWAP_AB=kernel.startswith("mma_swap"),
                BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=64,
-               GEMV_PREFETCH=2 if "2" in kernel else 1)
+               GEMV_PREFETCH=2 if "2" in kernel else 0 if "pipelined" in kernel else 1)
     if "stages" in kernel:
         cfg["num_stages"] = int(kernel[-1])
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, bits, config=cfg)
