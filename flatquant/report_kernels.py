@@ -26,7 +26,10 @@ DECODE_PARTS_BASELINE = "bf16_gemv_cudagraph"
 DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), ("decode_gemm_default", "GEMM"),
                 ("w4a4_linear_auto", "layer"), ("w4a4_linear_auto_pdl_on", "layer, PDL on"),
                 ("w4a4_linear_auto_pdl_off", "layer, PDL off"),
-                ("w4a4_linear_auto_gemv_prefetch2", "layer, gemv 2 tiles ahead")]
+                ("w4a4_linear_auto_gemv_prefetch2", "layer, gemv 2 tiles ahead"),
+                ("w4a4_linear_auto_gemv_pipelined", "layer, gemv pipelined via shared memory"),
+                ("w4a4_linear_auto_mma_stages1", "layer, tensor-core K loop unpipelined"),
+                ("w4a4_linear_auto_mma_packed_activations", "layer, tensor-core on packed activations")]
 GEMM_PREFIX = "w4a4_gemm_"
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 
@@ -251,7 +254,9 @@ def _decode_parts_section(entries) -> list[str]:
             ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over 8 rotated weight "
              "sets (no launch overhead): the BF16 GEMV, the fused transform + quantize alone, the decode GEMM alone "
              "(default config), and the whole W4A4 layer with the default PDL setting and with the GEMM launched as "
-             "a programmatic dependent everywhere / nowhere. Median µs."), "",
+             "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
+             "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
+             "loop unpipelined, or fed packed activation codes); '-' where a variant does not apply. Median µs."), "",
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
 
 
