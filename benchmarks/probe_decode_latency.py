@@ -39,7 +39,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("probe_decode_latency.py")
-    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
+    from flatquant.kernels.decode_gemm import activation_format, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.reference import quantize_weight_reference
     from flatquant.transforms import kron_factors
@@ -65,7 +65,9 @@ def main() -> int:
                     pieces.append((f"transform_{kern}", shape,
                                    lambda x=x, p1=p1, p2=p2, kern=kern: fused_transform_quantize(x, p1, p2, 1.0, 4,
                                                                                                  kernel=kern)))
-            a, sa = fused_transform_quantize(x, p1, p2, 1.0, 4)
+            # the codes in the layout the layer hands the decode GEMM (packed, or one per byte for the tensor cores)
+            fmt = {"int8": "int8", "packed": None}[activation_format(m, n, k // 2, dev)]
+            a, sa = fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt)
             pieces.append(("decode_gemm", shape, lambda a=a, sa=sa, w=w: w4a4_gemm_decode(a, sa, w[0], w[1])))
     for name, shape, fn in pieces:
         if args.eager:
