@@ -8,6 +8,7 @@ small config sweep), and the whole layer. Says where the decode time goes. JSON 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -47,6 +48,19 @@ TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
 
+@contextlib.contextmanager
+def _patched(module, **values):
+    """Module attributes set to `values` inside the block (read at call time by the decode GEMM), then restored."""
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -79,7 +93,7 @@ def main() -> int:
         bf16 = graph_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, ws)])
         # The activation codes as the layer hands them to the decode GEMM (packed, or one per byte for the
         # tensor-core kernel); the GEMM is also timed on packed codes for the comparison.
-        fmt = {"int8": "int8", "packed": None}[decode_gemm.activation_format(m, n, k // 2, dev)]
+        fmt = decode_gemm.activation_format(m, n, k // 2, dev)  # an out_format value
         fused = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs])
         q = [quantize_weight_reference(w.float(), 4) for w in ws]
         a = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs]
@@ -90,46 +104,33 @@ def main() -> int:
                                                                   4, config=cfg) for ai, qi in zip(acts, q)])
         default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
-        whole = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-        # The same layer with the GEMM launched as a programmatic dependent (PDL) everywhere / nowhere.
+
+        def layer_ms():
+            return graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
+
+        whole = layer_ms()
+        # The same layer with the GEMM launched as a programmatic dependent (PDL) everywhere / nowhere, then
+        # with one decode option changed at a time: the gemv kernel requesting two weight tiles ahead, or its
+        # loop pipelined through shared memory; the tensor-core kernel (M > GEMV_MAX_M) with its K loop not
+        # pipelined (synchronous loads), or fed packed activation codes (unpacked in its registers).
         wholes = {}
         for tag, on in (("pdl_on", True), ("pdl_off", False)):
             with decode_gemm.pdl_for_all(on):
-                wholes[tag] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-        # The layer with the gemv kernel requesting two weight tiles ahead (more of W in flight while it
-        # waits for the transform under PDL).
-        saved = {key: dict(val) for key, val in decode_gemm.GEMV_CONFIG.items()}
-        try:
-            for val in decode_gemm.GEMV_CONFIG.values():
-                val["GEMV_PREFETCH"] = 2
-            wholes["prefetch2"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-            for val in decode_gemm.GEMV_CONFIG.values():  # ... and pipelined through shared memory instead
-                val["GEMV_PREFETCH"], val["GEMV_STAGES"] = 0, 3
-            wholes["gemv_pipelined"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-        finally:
-            decode_gemm.GEMV_CONFIG.clear()
-            decode_gemm.GEMV_CONFIG.update(saved)
-        # The tensor-core kernel (M > GEMV_MAX_M) with its K loop not pipelined (synchronous loads, as
-        # before MMA_STAGES), for the side-by-side comparison in the layer.
-        # And with the activation codes packed (unpacked in the GEMM's registers) instead of one per byte.
+                wholes[tag] = layer_ms()
+        gemv = decode_gemm.GEMV_CONFIG
+        variants = {"gemv_prefetch2": dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 2} for m_, c in gemv.items()}),
+                    "gemv_pipelined": dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 0, "GEMV_STAGES": 3}
+                                                        for m_, c in gemv.items()})}
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
-            saved = decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS
-            try:
-                decode_gemm.MMA_STAGES = 1
-                wholes["mma_stages1"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-                decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS = saved[0], False
-                wholes["mma_packed_activations"] = graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
-            finally:
-                decode_gemm.MMA_STAGES, decode_gemm.MMA_UNPACKED_ACTIVATIONS = saved
-        for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {"out_format": fmt or "packed"}),
-                                ("decode_gemm_default", gemm(default), {"config": default, "activations": fmt or "packed"}),
+            variants.update(mma_stages1=dict(MMA_STAGES=1), mma_packed_activations=dict(MMA_UNPACKED_ACTIVATIONS=False))
+        for tag, values in variants.items():
+            with _patched(decode_gemm, **values):
+                wholes[tag] = layer_ms()
+        for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {"out_format": fmt}),
+                                ("decode_gemm_default", gemm(default), {"config": default, "activations": fmt}),
                                 ("decode_gemm_default_packed_activations", gemm(default, a_packed), {"config": default}),
-                                ("w4a4_linear_auto", whole, {}),
-                                ("w4a4_linear_auto_pdl_on", wholes["pdl_on"], {}),
-                                ("w4a4_linear_auto_pdl_off", wholes["pdl_off"], {}),
-                                ("w4a4_linear_auto_gemv_prefetch2", wholes["prefetch2"], {})]
-                                + [(f"w4a4_linear_auto_{tag}", ms, {}) for tag, ms in wholes.items()
-                                   if tag.startswith("mma_") or tag == "gemv_pipelined"]):
+                                ("w4a4_linear_auto", whole, {})]
+                                + [(f"w4a4_linear_auto_{tag}", ms, {}) for tag, ms in wholes.items()]):
             out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph",
                      "achieved_gbps": (n * k / 2 if name.startswith("decode") else n * k * 2) / (ms * 1e-3) / 1e9
@@ -146,7 +147,7 @@ def main() -> int:
                 continue
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
-                     "activations": "packed" if full["KERNEL"] == "gemv" else fmt or "packed",
+                     "activations": "packed" if full["KERNEL"] == "gemv" else fmt,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
         for tcfg in TRANSFORM_SWEEP:
             try:

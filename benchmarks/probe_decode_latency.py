@@ -66,7 +66,7 @@ def main() -> int:
                                    lambda x=x, p1=p1, p2=p2, kern=kern: fused_transform_quantize(x, p1, p2, 1.0, 4,
                                                                                                  kernel=kern)))
             # the codes in the layout the layer hands the decode GEMM (packed, or one per byte for the tensor cores)
-            fmt = {"int8": "int8", "packed": None}[activation_format(m, n, k // 2, dev)]
+            fmt = activation_format(m, n, k // 2, dev)
             a, sa = fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt)
             pieces.append(("decode_gemm", shape, lambda a=a, sa=sa, w=w: w4a4_gemm_decode(a, sa, w[0], w[1])))
     for name, shape, fn in pieces:

@@ -335,10 +335,10 @@ def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict 
 
 
 def activation_format(m: int, n: int, kh: int, device: torch.device, bits: int = 4) -> str:
-    """The activation layout `w4a4_gemm_decode` wants for a default call: "int8" (4-bit codes one per byte,
-    the fused transform's out_format "int8") where the tensor-core kernel runs and MMA_UNPACKED_ACTIVATIONS
-    is on, else "packed"."""
-    if bits == 4 and MMA_UNPACKED_ACTIVATIONS and resolved_config(m, n, kh, device)["KERNEL"] == "mma":
+    """The activation layout `w4a4_gemm_decode` wants for a default call, as the fused transform's out_format:
+    "int8" (codes one per byte: always for 8 bits; for 4 bits where the tensor-core kernel runs and
+    MMA_UNPACKED_ACTIVATIONS is on), else "packed"."""
+    if bits == 8 or (MMA_UNPACKED_ACTIVATIONS and resolved_config(m, n, kh, device)["KERNEL"] == "mma"):
         return "int8"
     return "packed"
 

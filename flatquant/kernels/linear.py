@@ -196,8 +196,8 @@ class W4A4Linear(nn.Module):
             # cuBLAS routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
             fmt = {"int_mm": "int8", "scaled_mm": "fp8"}.get(route)
             if route == "decode":  # the tensor-core decode kernel takes the codes one per byte (no unpack)
-                fmt = {"int8": "int8", "packed": None}[decode_gemm.activation_format(
-                    x2.shape[0], self.out_features, self.in_features // 2, x.device, self.bits)]
+                fmt = decode_gemm.activation_format(x2.shape[0], self.out_features, self.in_features // 2,
+                                                    x.device, self.bits)
             a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits,
                                              split_intermediate=self.split_intermediate, out_format=fmt)
             if route == "decode":
