@@ -35,6 +35,9 @@ MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=bk, SPL
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8, num_stages=st)
                    for st in (2, 4) for sk in (1, 4)]
 MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=256, BLOCK_K=128, SPLIT_K=sk, num_warps=8) for sk in (1, 4)]
+# Narrow tiles (more programs over the SMs at N = 4096): 32 rows on 2 warps, 16 rows on 1 warp.
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=bn // 16)
+                   for bn in (16, 32) for bk in (256, 512) for sk in (1, 2, 4)]
 # The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
 GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
