@@ -44,9 +44,10 @@ GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warp
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
-# default at M <= 16: Y columns per program, warps), the block kernel (one token per program at these M)
+# default at M <= 16: one program per token, or Y columns per program; warps), the block kernel (one token per program at these M)
 # and the per-token kernel.
-TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
+TRANSFORM_SWEEP = [dict(kernel="split", config=dict(num_warps=nw)) for nw in (4, 8)]  # one program per token
+TRANSFORM_SWEEP += [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
@@ -73,7 +74,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels import decode_gemm
+    from flatquant.kernels import decode_gemm, fused_transform_quant
     from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
@@ -121,13 +122,19 @@ def main() -> int:
             with decode_gemm.pdl_for_all(on):
                 wholes[tag] = layer_ms()
         gemv = decode_gemm.GEMV_CONFIG
-        variants = {"gemv_prefetch2": dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 2} for m_, c in gemv.items()}),
-                    "gemv_pipelined": dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 0, "GEMV_STAGES": 3}
-                                                        for m_, c in gemv.items()})}
+        # tag -> (module, attribute values); the last one: the transform on the block kernel (one token per
+        # program at these M, as before the split kernel's one-program-per-token default).
+        variants = {"gemv_prefetch2": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 2}
+                                                                      for m_, c in gemv.items()})),
+                    "gemv_pipelined": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 0, "GEMV_STAGES": 3}
+                                                                      for m_, c in gemv.items()}))}
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
-            variants.update(mma_stages1=dict(MMA_STAGES=1), mma_packed_activations=dict(MMA_UNPACKED_ACTIVATIONS=False))
-        for tag, values in variants.items():
-            with _patched(decode_gemm, **values):
+            variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
+                            mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
+                            mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
+        variants["transform_block"] = (fused_transform_quant, dict(SPLIT_MAX_M=0))
+        for tag, (module, values) in variants.items():
+            with _patched(module, **values):
                 wholes[tag] = layer_ms()
         for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {"out_format": fmt}),
                                 ("decode_gemm_default", gemm(default), {"config": default, "activations": fmt}),

@@ -29,7 +29,9 @@ DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), (
                 ("w4a4_linear_auto_gemv_prefetch2", "layer, gemv 2 tiles ahead"),
                 ("w4a4_linear_auto_gemv_pipelined", "layer, gemv pipelined via shared memory"),
                 ("w4a4_linear_auto_mma_stages1", "layer, tensor-core K loop unpipelined"),
-                ("w4a4_linear_auto_mma_packed_activations", "layer, tensor-core on packed activations")]
+                ("w4a4_linear_auto_mma_packed_activations", "layer, tensor-core on packed activations"),
+                ("w4a4_linear_auto_mma_offset_weight", "layer, tensor-core on offset weight codes"),
+                ("w4a4_linear_auto_transform_block", "layer, transform on the block kernel")]
 GEMM_PREFIX = "w4a4_gemm_"
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 
@@ -256,7 +258,9 @@ def _decode_parts_section(entries) -> list[str]:
              "(default config), and the whole W4A4 layer with the default PDL setting and with the GEMM launched as "
              "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
              "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
-             "loop unpipelined, or fed packed activation codes); '-' where a variant does not apply. Median µs."), "",
+             "loop unpipelined, fed packed activation codes, or on offset weight codes (+8, two more MMAs); the "
+             "transform on the block kernel instead of one program per token); '-' where a variant does not "
+             "apply. Median µs."), "",
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
 
 

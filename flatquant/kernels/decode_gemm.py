@@ -61,6 +61,10 @@ SHORT_K_BYTES = 2048
 # The fused transform writes 4-bit activation codes one per byte (out_format "int8") for the tensor-core
 # kernel (`activation_format`): its activation tiles then go from cp.async straight into the MMA.
 MMA_UNPACKED_ACTIVATIONS = True
+# The tensor-core kernel sign-extends the weight nibbles (config key "SIGNED_W"): two MMAs per K step. Off,
+# they become offset codes (code + 8), and with codes one per byte two more MMAs against a -8 tile remove
+# the offset.
+MMA_SIGNED_WEIGHT = True
 
 
 @contextlib.contextmanager
@@ -83,7 +87,8 @@ GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
-                   A_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                   A_CODES: tl.constexpr, SIGNED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -116,7 +121,17 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
             a8 = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0).to(tl.int8, bitcast=True)
             if PACK:
                 a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
-        if PACK:
+        if PACK and SIGNED_W:
+            # Weight nibbles sign-extended to int8, 4 bytes per instruction sequence: two dots, nothing to
+            # correct afterwards.
+            w_lo, w_hi = _signed_nibbles(w8, EMULATE)
+            if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
+                acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        elif PACK:
             # Weight nibbles as offset codes (code + 8, 0..15: still valid int8 MMA operands), 4 bytes per
             # instruction. The offset comes off as 8 * sum(activation codes) per row: summed from the
             # unpacked tile, or (A_CODES: the activation tiles then go from cp.async straight to the MMA,
@@ -145,7 +160,7 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
                 acc = tl.dot(a8, tl.trans(w8), acc, out_dtype=tl.int32)
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PACK and not A_CODES:
+    if PACK and not A_CODES and not SIGNED_W:
         acc -= 8 * asum[:, None]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -180,6 +195,25 @@ def _offset_nibbles(w8, EMULATE: tl.constexpr):
         hi = tl.inline_asm_elementwise("shr.u32 $0, $1, 4;\n\tand.b32 $0, $0, 0x0F0F0F0F;\n\t"
                                        "xor.b32 $0, $0, 0x08080808;", "=r,r", [w8], dtype=tl.int8, is_pure=True,
                                        pack=4)
+        return lo, hi
+
+
+@triton.jit
+def _signed_nibbles(w8, EMULATE: tl.constexpr):
+    """Packed int4 bytes (int8 tensor) -> (low, high) nibbles sign-extended to int8 codes -8..7. On the GPU,
+    four bytes per 32-bit register (inline PTX, pack=4) without carries between bytes: (nibble ^ 0x88)
+    is 0x80 + code + 8, minus 0x08 per byte is 0x80 + code (never below zero, so no borrow), and XOR 0x80
+    leaves the code's two's-complement byte. The interpreter shifts per byte."""
+    if EMULATE:
+        return (w8 << 4) >> 4, w8 >> 4
+    else:
+        lo = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;\n\txor.b32 $0, $0, 0x88888888;\n\t"
+                                       "sub.u32 $0, $0, 0x08080808;\n\txor.b32 $0, $0, 0x80808080;", "=r,r",
+                                       [w8], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise("shr.u32 $0, $1, 4;\n\tand.b32 $0, $0, 0x0F0F0F0F;\n\t"
+                                       "xor.b32 $0, $0, 0x88888888;\n\tsub.u32 $0, $0, 0x08080808;\n\t"
+                                       "xor.b32 $0, $0, 0x80808080;", "=r,r", [w8], dtype=tl.int8,
+                                       is_pure=True, pack=4)
         return lo, hi
 
 
@@ -404,6 +438,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
+        EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, SIGNED_W=bool(cfg.get("SIGNED_W", MMA_SIGNED_WEIGHT)),
+        BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
         num_warps=cfg.get("num_warps", 4), **launch)
     return out

@@ -15,8 +15,8 @@ same (r, c) positions, and byte (r, c) = lo | hi << 4 is stored at r * n2 + c (m
 
 Kernels (`fused_transform_quantize` picks one):
 - `_fused_block_kernel` (default for even n1): several tokens per step, two large dots.
-- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens with 128 x 128 factor tiles): one
-  token's Y columns spread over several programs, the per-token max met through tagged slots.
+- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens): one program per token (or, on
+  request, one token's Y columns over several programs, the per-token max met through tagged slots).
 - `_fused_onchip_kernel` (per-token design, paper Fig. 8a; odd n1 and split_intermediate=True): P1, P2
   loaded once per program and kept on chip; a persistent grid walks the tokens; one pass (load, 2-3
   dots, amax, quantize, store).
@@ -70,18 +70,21 @@ BLOCK_MAX_ELEMENTS = 64 * 128
 BLOCK_MAX_ROWS = 128
 BLOCK_PROGRAMS_PER_SM = 2
 _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
-# Split kernel (decode): calls with at most this many tokens, Y columns per program (>= 16, the dot's
-# minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
-# spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
+# Split kernel (decode): calls with at most this many tokens. Each token's Y columns go to G programs of
+# SPLIT_BLOCK_C columns (>= 16, the dot's minimum); None = all columns, G = 1: one program per token, with
+# no cross-program maximum to meet. On the H200 (benchmarks/probe_transform_stages.py, 88dff8e,
+# results/kernels/probe_transform_stages.json) one program per token took 3.5 us at 4096 (64 x 64) and
+# 6.1 us at 14336 (112 x 128) per call, against 8.8 / 9.1 us for 32 columns per program (G = 2 / 4: the
+# slot publication and polling) and 7.5 / 10.3 us for the block kernel, at M = 1 and M = 16 alike.
 SPLIT_MAX_M = 16
-# 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
-# against 10.0-10.6 us for 16 columns on 4 warps; results/archive/kernels-h200-52b9cb8/).
-SPLIT_BLOCK_C = 32
-SPLIT_WARPS = 8
-# ... and only for padded factor tiles of at least this many elements: in the same sweep the split kernel
-# beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
-# at 4096 = 64 x 64 (7.8 vs 7.4 us).
-SPLIT_MIN_TILE = 128 * 128
+SPLIT_BLOCK_C = None
+# Warps by padded factor tile: 4 up to 64 x 64 (3.5 against 3.7 us at 4096 in the same probe), else 8
+# (6.1 against 6.2 us at 14336).
+SPLIT_WARPS_SMALL_TILE = 64 * 64
+
+
+def split_warps(n1p: int, n2p: int) -> int:
+    return 4 if n1p * n2p <= SPLIT_WARPS_SMALL_TILE else 8
 
 
 @triton.jit
@@ -322,12 +325,13 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
                         HP: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
                         DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr):
-    """Decode (few tokens): one token's transform spread over G programs, program g owning the Y columns
-    [g*CB, (g+1)*CB). Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
+    """Decode (few tokens): one token's transform on G programs, program g owning the Y columns
+    [g*CB, (g+1)*CB). By default G = 1 (one program per token, CB = all columns): the cheapest call at
+    decode, a single chain of loads, two dots and a store, with no cross-program wait. Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
     there is no redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come
     out of the same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
 
-    The per-token scale needs the max over all G programs. Each program publishes (generation + 1,
+    With G > 1 the per-token scale needs the max over all G programs. Each program publishes (generation + 1,
     its partial max) as ONE 64-bit store into its slot, then polls the G slots of its token until all
     carry that generation: one write and (when the others are done) one load, instead of a chain of
     dependent atomics. The generation is a per-token counter read at the start and bumped by program 0
@@ -339,7 +343,8 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         gdc_launch_dependents()
     g = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    gen = tl.load(gen_ptr + t, volatile=True)
+    if G > 1:
+        gen = tl.load(gen_ptr + t, volatile=True)
     i = tl.arange(0, N1P)
     j = tl.arange(0, N2P)
     c = g * CB + tl.arange(0, CB)
@@ -359,20 +364,25 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
     Ylo = _mm(tl.trans(P1lo), V, IS_F32, INTERP)  # (HP, CB): Y[h, c]      -> low nibbles (elements h*n2 + c)
     Yhi = _mm(tl.trans(P1hi), V, IS_F32, INTERP)  # (HP, CB): Y[H + h, c]  -> high nibbles (element + n/2)
     part = tl.max(tl.max(tl.maximum(tl.abs(Ylo), tl.abs(Yhi)), axis=1), axis=0)  # padding is exact zeros
-    slots = slot_ptr + t * GP
-    gp = tl.arange(0, GP)
-    tag = (gen + 1) & 0xFFFFFFFF  # 32 bits: after 2**32 calls it wraps, still unequal to the previous tag
-    if PHASE != 2:
-        word = (tag << 32) | (part.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-        tl.atomic_xchg(slots + g, word, sem="relaxed")  # an atomic: a strong 64-bit write, never torn
-    if PHASE != 1:  # (PHASE 1 only publishes)
-        v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
-        if PHASE == 0:
-            while tl.sum(((gp < G) & (((v >> 32) & 0xFFFFFFFF) != tag)).to(tl.int32), axis=0) > 0:
-                v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
-        if g == 0:
-            tl.store(gen_ptr + t, gen + 1)  # every program of this token has read gen: it has published
-        amax = tl.max(tl.where(gp < G, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
+    if G == 1:  # one program per token: its maximum is the token's
+        amax = part
+    else:
+        slots = slot_ptr + t * GP
+        gp = tl.arange(0, GP)
+        tag = (gen + 1) & 0xFFFFFFFF  # 32 bits: after 2**32 calls it wraps, still unequal to the previous tag
+        if PHASE != 2:
+            word = (tag << 32) | (part.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+            tl.atomic_xchg(slots + g, word, sem="relaxed")  # an atomic: a strong 64-bit write, never torn
+        amax = part
+        if PHASE != 1:  # (PHASE 1 only publishes)
+            v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
+            if PHASE == 0:
+                while tl.sum(((gp < G) & (((v >> 32) & 0xFFFFFFFF) != tag)).to(tl.int32), axis=0) > 0:
+                    v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
+            if g == 0:
+                tl.store(gen_ptr + t, gen + 1)  # every program of this token has read gen: it has published
+            amax = tl.max(tl.where(gp < G, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
+    if PHASE != 1:
         s = _scale(amax, alpha, MAXQ)
         if g == 0:
             tl.store(scale_ptr + t, s)
@@ -468,8 +478,8 @@ def _split_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_programs(n2: int, config: dict | None = None) -> tuple[int, int]:
     """(columns per program CB, programs per token G) of the split kernel."""
-    cb = next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C)))
-    cb = min(cb, next_pow2(n2))
+    cb = (config or {}).get("CB", SPLIT_BLOCK_C)
+    cb = next_pow2(n2) if cb is None else min(next_pow2(int(cb)), next_pow2(n2))
     return cb, triton.cdiv(n2, cb)
 
 
@@ -487,9 +497,10 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     gen, slots = _split_state(x2.device)
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
                   GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
+                  DT=triton_dtype(dd), INTERP=interp,
+                  num_warps=int((config or {}).get("num_warps", split_warps(next_pow2(n1), next_pow2(n2)))))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
-    for phase in ((1, 2) if interp else (0,)):
+    for phase in ((1, 2) if interp and g > 1 else (0,)):  # one program per token: no wait, one launch
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
 
 
@@ -507,8 +518,9 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     the same rounding as the model's own bf16 matmuls).
 
     kernel: None picks one. When n1 is even, the factors fit on chip and split_intermediate is off:
-    "split" (`_fused_split_kernel`, each token over several programs) for at most SPLIT_MAX_M tokens
-    (decode) with padded factor tiles of at least SPLIT_MIN_TILE elements, else "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
+    "split" (`_fused_split_kernel`: one program per token by default, or each token over several
+    programs) for at most SPLIT_MAX_M tokens (decode), else "block" (`_fused_block_kernel`, several
+    tokens per step, big dots). Otherwise "token"
     (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
     block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`),
     split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
@@ -546,8 +558,7 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
     even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
-        few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
-               and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device)))
+        few = m <= SPLIT_MAX_M and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device))
         kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
     if kernel not in ("block", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")

@@ -261,7 +261,8 @@ def test_split_kernel_matches_reference(n1, n2, has_p1, has_p2, dtype, bits):
 def test_split_kernel_column_blocks_and_repeated_calls(cb):
     """Any number of programs per token (48 columns: 3, 2 or 1 programs, the last one part padding), and
     the cross-program state (generation per token, published maxima) carried correctly over calls: each
-    call on fresh inputs equals the reference, and the generation moves by one per call and token."""
+    call on fresh inputs equals the reference, and the generation moves by one per call and token when a
+    token has several programs (one program per token needs no state)."""
     from flatquant.kernels import fused_transform_quant as ftq
 
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
@@ -272,23 +273,34 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
         q, s = _check(x, p1, p2, 0.9, 4, split=False, kernel="split", config={"CB": cb})
         assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
         gen, _ = ftq._split_state(torch.device(DEVICE))
-        assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long())
+        several = ftq.split_programs(48, {"CB": cb})[1] > 1
+        assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long() * several)
 
 
-def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monkeypatch):
+def test_split_kernel_is_the_default_for_few_tokens_one_program_each(monkeypatch):
+    """At most SPLIT_MAX_M tokens take the split kernel with one program per token (no cross-program state
+    touched), more take the block kernel; a column block asked for spreads a token over programs again."""
     from flatquant.kernels import fused_transform_quant as ftq
 
-    p1, p2 = _factor(16, DEVICE), _factor(16, DEVICE)
-    for min_tile, m, used in ((16 * 16, ftq.SPLIT_MAX_M, True), (16 * 16, ftq.SPLIT_MAX_M + 1, False),
-                              (ftq.SPLIT_MIN_TILE, 2, False)):
-        monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
+    p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
+    assert ftq.split_programs(48) == (64, 1) and ftq.split_programs(48, {"CB": 16}) == (16, 3)
+    launched = []
+    real_split, real_block = ftq._launch_split, ftq._launch_block
+    monkeypatch.setattr(ftq, "_launch_split", lambda *a, **k: (launched.append("split"), real_split(*a, **k)))
+    monkeypatch.setattr(ftq, "_launch_block", lambda *a, **k: (launched.append("block"), real_block(*a, **k)))
+    for m, config, used in ((1, None, "split"), (ftq.SPLIT_MAX_M, None, "split"), (ftq.SPLIT_MAX_M + 1, None, "block"),
+                            (2, {"CB": 16}, "split")):
+        launched.clear()
         gen, _ = ftq._split_state(torch.device(DEVICE))
-        before = int(gen.sum())
-        x = _inputs(m, 256, torch.float16, DEVICE)
-        _check(x, p1, p2, 0.9, 4, split=False)
+        before = gen.clone()
+        x = _inputs(m, 8 * 48, torch.float16, DEVICE)
+        _check(x, p1, p2, 0.9, 4, split=False, config=config)
+        assert launched == [used]
         gen, _ = ftq._split_state(torch.device(DEVICE))
-        assert (int(gen.sum()) > before) == used
+        # the generation counters move only when a token is spread over several programs
+        assert torch.equal(gen != before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m) & (config is not None))
     x = _inputs(ftq.SPLIT_MAX_M + 1, 256, torch.float16, DEVICE)
+    p1, p2 = _factor(16, DEVICE), _factor(16, DEVICE)
     with pytest.raises(ValueError, match="at most"):
         fused_transform_quantize(x, p1, p2, kernel="split")
     with pytest.raises(ValueError, match="even n1"):

@@ -50,10 +50,12 @@ def _close(y, yr, out_dtype, ulps=1.0, bf16_bias=None):
                                          (3, 33, 200, 8)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("swap_ab", [False, True])
-def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab):
-    """The tensor-core decode kernel (pinned: KERNEL "mma"), both operand orders, split-K 1-8."""
+@pytest.mark.parametrize("signed_w", [False, True])
+def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab, signed_w):
+    """The tensor-core decode kernel (pinned: KERNEL "mma"), both operand orders, split-K 1-8, weight
+    nibbles sign-extended or as offset codes."""
     a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
-    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SIGNED_W=signed_w)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, out_dtype, 4, config=cfg)
     assert y.shape == (m, n) and y.dtype == out_dtype
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
@@ -61,15 +63,16 @@ def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab):
 
 @pytest.mark.parametrize("m,n,k,split", [(5, 40, 576, 1), (16, 96, 1536, 4), (3, 33, 200, 8), (16, 64, 64, 1)])
 @pytest.mark.parametrize("swap_ab", [False, True])
-def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab):
+@pytest.mark.parametrize("signed_w", [False, True])
+def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab, signed_w):
     """The tensor-core kernel on 4-bit activation codes one per byte ((M, K) int8, natural order, as the
-    fused transform writes with out_format="int8"; the offset of the weight nibbles then comes off by MMAs
-    against a constant tile): equal to the packed call and to the reference. Pinned to the dp4a kernel such
-    activations are refused."""
+    fused transform writes with out_format="int8"; with offset weight codes the offset then comes off by
+    MMAs against a constant tile): equal to the packed call and to the reference. Pinned to the dp4a
+    kernel such activations are refused."""
     a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
     codes = unpack_int4(a)
     assert codes.dtype == torch.int8 and codes.shape == (m, k)
-    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SIGNED_W=signed_w)
     y = w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=cfg)
     yr = w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4)
     _close(y, yr, torch.float32)
@@ -90,13 +93,18 @@ def test_decode_gemm_int8_codes_and_limits():
         w4a4_gemm_decode(a, sa, qw, sw, config=dict(KERNEL="gemv", GEMV_PREFETCH=3))
 
 
-def test_decode_gemm_extreme_codes_exact():
+@pytest.mark.parametrize("signed_w", [False, True])
+def test_decode_gemm_extreme_codes_exact(signed_w):
+    """-8 x -8 everywhere and -8 x 7 (the code range's ends), packed and one code per byte."""
     m, n, k = 2, 32, 512
-    a = pack_int4(torch.full((m, k), -8, dtype=torch.int8)).to(DEVICE)
-    w = pack_int4(torch.full((n, k), -8, dtype=torch.int8)).to(DEVICE)
-    y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None, torch.float32,
-                         config=dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3))
-    assert torch.all(y == 64.0 * k)
+    cfg = dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, SIGNED_W=signed_w)
+    for wv, want in ((-8, 64.0 * k), (7, -56.0 * k)):
+        codes = torch.full((m, k), -8, dtype=torch.int8)
+        w = pack_int4(torch.full((n, k), wv, dtype=torch.int8)).to(DEVICE)
+        for a in (pack_int4(codes).to(DEVICE), codes.to(DEVICE)):
+            y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None,
+                                 torch.float32, config=cfg)
+            assert torch.all(y == want)
 
 
 @pytest.mark.parametrize("rows,k", [(1, 2), (5, 64), (33, 300)])
