@@ -133,6 +133,9 @@ def main() -> int:
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
                             mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
         variants["transform_block"] = (fused_transform_quant, dict(SPLIT_MAX_M=0))
+        # the transform's PDL trigger (letting the GEMM start) after its stores, or never
+        variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))
+        variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
         for tag, (module, values) in variants.items():
             with _patched(module, **values):
                 wholes[tag] = layer_ms()

@@ -3,7 +3,9 @@
 stage, each timed from a CUDA graph, next to the library's block and split kernels and the floor of a
 kernel node (an empty kernel). Stages: 0 = load X, P1, P2; 1 = + V = X P2; 2 = + Y = P1ᵀ V (both nibble
 halves); 3 = + per-token max and scale; 4 = + quantize, pack and store (the whole transform). A stage
-keeps its results alive with stores predicated off by a run-time value (no reduction added). Diagnostic,
+keeps its results alive with stores predicated off by a run-time value (no reduction added). The whole
+kernel is also timed with PDL's early trigger (griddepcontrol.launch_dependents at its start), and the
+library kernels with that trigger at their start (default), their end, or not at all. Diagnostic,
 JSON list out; `--eager` runs each piece a few times without timing, for a profiler.
 
     PYTHONPATH=. python benchmarks/probe_transform_stages.py --out results/kernels/probe_transform_stages.json
@@ -21,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flatquant.kernels._triton_utils import gdc_launch_dependents
+
 
 @triton.jit
 def _empty_kernel(x_ptr):
@@ -30,7 +34,9 @@ def _empty_kernel(x_ptr):
 @triton.jit
 def _stage_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, sink_ptr, never, alpha, N1: tl.constexpr,
                   N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                  STAGE: tl.constexpr):
+                  STAGE: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # PDL's early trigger, as the library kernels issue it
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N1P)
     j = tl.arange(0, N2P)
@@ -73,6 +79,17 @@ def _stage_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, sink_ptr, never, al
              ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
 
 
+def _with_trigger(trigger, fn):
+    """fn() with the library kernels' PDL trigger at `trigger` ("start", "end", None)."""
+    from flatquant.kernels import fused_transform_quant
+
+    saved, fused_transform_quant.PDL_TRIGGER = fused_transform_quant.PDL_TRIGGER, trigger
+    try:
+        return fn()
+    finally:
+        fused_transform_quant.PDL_TRIGGER = saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -107,14 +124,21 @@ def main() -> int:
                     pieces.append((f"stage{stage}_w{nw}", shape, lambda x=x, p1=p1, p2=p2, codes=codes, scale=scale,
                                    stage=stage, nw=nw, n1=n1, n2=n2, n1p=n1p, n2p=n2p, hp=hp, m=m:
                                    _stage_kernel[(m,)](x, p1, p2, codes, scale, sink, 0, 1.0, N1=n1, N2=n2, N1P=n1p,
-                                                       N2P=n2p, H=n1 // 2, HP=hp, STAGE=stage, num_warps=nw)))
+                                                       N2P=n2p, H=n1 // 2, HP=hp, STAGE=stage, TRIGGER=False,
+                                                       num_warps=nw)))
+            pieces.append(("stage4_w4_pdl_trigger", shape, lambda x=x, p1=p1, p2=p2, codes=codes, scale=scale, n1=n1,
+                           n2=n2, n1p=n1p, n2p=n2p, hp=hp, m=m:
+                           _stage_kernel[(m,)](x, p1, p2, codes, scale, sink, 0, 1.0, N1=n1, N2=n2, N1P=n1p, N2P=n2p,
+                                               H=n1 // 2, HP=hp, STAGE=4, TRIGGER=True, num_warps=4)))
             for name, kw in [("block_default", dict(kernel="block")),
                              ("block_w4_s1", dict(kernel="block", config=dict(num_warps=4, num_stages=1))),
                              ("block_w8_s1", dict(kernel="block", config=dict(num_warps=8, num_stages=1))),
                              ("split_default", dict(kernel="split")),
                              ("library_default", {})]:
-                pieces.append((name, shape, lambda x=x, p1=p1, p2=p2, kw=kw: fused_transform_quantize(x, p1, p2, 1.0, 4,
-                                                                                                      **kw)))
+                for trig in ("start", "end", None):
+                    pieces.append((name if trig == "start" else f"{name}_trigger_{trig}", shape,
+                                   lambda x=x, p1=p1, p2=p2, kw=kw, trig=trig: _with_trigger(
+                                       trig, lambda: fused_transform_quantize(x, p1, p2, 1.0, 4, **kw))))
     for name, shape, fn in pieces:
         if args.only and not re.search(args.only, name):
             continue

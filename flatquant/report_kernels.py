@@ -31,7 +31,9 @@ DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), (
                 ("w4a4_linear_auto_mma_stages1", "layer, tensor-core K loop unpipelined"),
                 ("w4a4_linear_auto_mma_packed_activations", "layer, tensor-core on packed activations"),
                 ("w4a4_linear_auto_mma_offset_weight", "layer, tensor-core on offset weight codes"),
-                ("w4a4_linear_auto_transform_block", "layer, transform on the block kernel")]
+                ("w4a4_linear_auto_transform_block", "layer, transform on the block kernel"),
+                ("w4a4_linear_auto_trigger_end", "layer, PDL trigger after the transform's stores"),
+                ("w4a4_linear_auto_trigger_none", "layer, no PDL trigger")]
 GEMM_PREFIX = "w4a4_gemm_"
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 
@@ -259,8 +261,8 @@ def _decode_parts_section(entries) -> list[str]:
              "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
              "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
              "loop unpipelined, fed packed activation codes, or on offset weight codes (+8, two more MMAs); the "
-             "transform on the block kernel instead of one program per token); '-' where a variant does not "
-             "apply. Median µs."), "",
+             "transform on the block kernel instead of one program per token, its PDL trigger after its stores or "
+             "never); '-' where a variant does not apply. Median µs."), "",
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
 
 

@@ -56,8 +56,6 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GE
 PDL = {"gemv": True, "mma": True}
 # Pipeline depth of the tensor-core kernel's K loop (config key "num_stages"; 1 = synchronous loads).
 MMA_STAGES = 3
-# Rows of at most this many packed bytes (K <= 4096) are not split over K by default (`decode_config`).
-SHORT_K_BYTES = 2048
 # The fused transform writes 4-bit activation codes one per byte (out_format "int8") for the tensor-core
 # kernel (`activation_format`): its activation tiles then go from cp.async straight into the MMA.
 MMA_UNPACKED_ACTIVATIONS = True
@@ -335,22 +333,19 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
-    """BLOCK_N / BLOCK_K / SPLIT_K of the tensor-core kernel on the GPU: 64-row W tiles on 4 warps, 256-byte
-    K steps; a short K (<= SHORT_K_BYTES per row) is not split, a longer one is split for ~2 programs per
-    SM (each split keeps >= 2 K steps). From the ca6806c sweep at M = 16 on codes one per byte
-    (results/archive/kernels-h200-ca6806c/bench_decode_parts.json): the one-launch split-K reduction costs
-    ~2 us of atomics, so 4096 x 4096 took 10.2 us unsplit against 12.7 us split 4 ways and 4096 -> 14336
-    13.0 against 22.0 us split 2 ways, while 14336 -> 4096 took 17.9 us split 4 ways against 20.5 (2) and
-    20.9 (8); 128-row tiles on 8 warps were 1.5-3.3 us slower on all three.
-    (Tried once on the H200 and dropped: no split-K with 16/32-row tiles; each program then walks all
-    of K serially. Record: results/archive/kernels-h200-smoke/lin_quick.json.)"""
+    """BLOCK_N / BLOCK_K / SPLIT_K / MMA_WARPS of the tensor-core kernel on the GPU: 32-row W tiles on 2 warps,
+    no split over K, 512-byte K steps while the tiles fit in one wave over the SMs, else 256 (a 512-byte
+    step's pipeline needs ~80 KB of shared memory per program, so more than one wave of such programs
+    runs 2 per SM). From the cf09cdb sweep at M = 16 (signed weight nibbles, codes one per byte;
+    results/archive/kernels-h200-cf09cdb/bench_decode_parts.json): 8.0 / 12.1 / 16.3 us on 4096 x 4096,
+    4096 -> 14336 and 14336 -> 4096, against 9.2 / 12.4 / 17.5 us for the earlier default (64-row tiles
+    on 4 warps, 256-byte steps, split 4 ways on 14336 -> 4096). The one-launch split-K reduction costs
+    ~3-4 us of atomics here; it stays available through the config (SPLIT_K)."""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
-    bn, bk = 64, 256
-    tiles = triton.cdiv(n, bn)
-    ksteps = triton.cdiv(kh, bk)
-    split = 1 if kh <= SHORT_K_BYTES else max(1, min(ksteps // 2, round(2 * num_sms(device) / tiles)))
-    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+    bn = 32
+    bk = 512 if triton.cdiv(n, bn) <= num_sms(device) else 256
+    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MMA_WARPS=2)
 
 
 def _word_aligned(t: torch.Tensor) -> bool:
@@ -440,5 +435,5 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
         EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, SIGNED_W=bool(cfg.get("SIGNED_W", MMA_SIGNED_WEIGHT)),
         BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
-        num_warps=cfg.get("num_warps", 4), **launch)
+        num_warps=cfg.get("num_warps", cfg.get("MMA_WARPS", 4)), **launch)
     return out

@@ -83,6 +83,19 @@ SPLIT_BLOCK_C = None
 SPLIT_WARPS_SMALL_TILE = 64 * 64
 
 
+# Where the kernels let a programmatic dependent (the decode GEMM, launched with PDL) start: "start" (at
+# once: its launch and first weight loads overlap this kernel), "end" (after the stores are issued) or
+# None (never: it starts when this grid completes). The dependent waits for this grid's writes either way.
+PDL_TRIGGER = "start"
+
+
+def pdl_trigger() -> int:
+    """PDL_TRIGGER as the kernels' TRIGGER constexpr (0 none, 1 start, 2 end)."""
+    if PDL_TRIGGER not in (None, "start", "end"):
+        raise ValueError(f"PDL_TRIGGER must be None, 'start' or 'end', got {PDL_TRIGGER!r}")
+    return {None: 0, "start": 1, "end": 2}[PDL_TRIGGER]
+
+
 def split_warps(n1p: int, n2p: int) -> int:
     return 4 if n1p * n2p <= SPLIT_WARPS_SMALL_TILE else 8
 
@@ -102,10 +115,10 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                          NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                          N2P: tl.constexpr, RP: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr,
                          S: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
-    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
-        gdc_launch_dependents()
+    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
+        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -167,6 +180,8 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
             tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
         else:
             tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
+    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -175,10 +190,10 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         RTOT: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr, S: tl.constexpr,
                         BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-                        IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                        IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
-    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
-        gdc_launch_dependents()
+    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
+        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -251,6 +266,8 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
             if ps == 0:
                 s = _scale(amax, alpha, MAXQ)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
+    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -258,7 +275,7 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                         N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
-                        DT: tl.constexpr, INTERP: tl.constexpr):
+                        DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     """BT tokens per step, two large dots instead of per-token small ones (even n1 only):
       V  = X P2                  on the (BT*N1P, N2P) view of BT tokens (rows = (token, i)), contiguous load
       Vᵀ = per-token transpose   (BT*N2P, N1P): rows = (token, j), an on-chip layout change
@@ -266,8 +283,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
     packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
     second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros."""
-    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
-        gdc_launch_dependents()
+    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
+        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)
@@ -317,6 +334,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         else:
             tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
             tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
+    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -324,7 +343,7 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
                         N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, H: tl.constexpr,
                         HP: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
-                        DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr):
+                        DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     """Decode (few tokens): one token's transform on G programs, program g owning the Y columns
     [g*CB, (g+1)*CB). By default G = 1 (one program per token, CB = all columns): the cheapest call at
     decode, a single chain of loads, two dots and a store, with no cross-program wait. Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
@@ -339,8 +358,8 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
     must be resident together: the launcher keeps G * tokens <= SMs. PHASE 0 is that one launch. The
     CPU interpreter runs programs one after another, so there a poll would never end: it launches
     PHASE 1 (compute, publish) and then PHASE 2 (compute again, read the slots, quantize, store)."""
-    if not INTERP:  # a decode GEMM launched as a programmatic dependent may start now (it waits for our writes)
-        gdc_launch_dependents()
+    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
+        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
     g = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     if G > 1:
@@ -396,6 +415,8 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         else:
             tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
             tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
+    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
+        gdc_launch_dependents()
 
 
 def _plan(n: int, p1, p2, bits: int, packed: bool = True):
@@ -448,7 +469,7 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     niter = triton.cdiv(nblk, grid0)
     consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2, HP=next_pow2(n1 // 2),
                   BT=bt, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
+                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(), num_warps=int(cfg["num_warps"]))
     key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), dd)
     stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
     while True:
@@ -497,7 +518,7 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     gen, slots = _split_state(x2.device)
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
                   GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp,
+                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(),
                   num_warps=int((config or {}).get("num_warps", split_warps(next_pow2(n1), next_pow2(n2)))))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
     for phase in ((1, 2) if interp and g > 1 else (0,)):  # one program per token: no wait, one launch
@@ -579,7 +600,7 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     niter = triton.cdiv(m, grid0)
     common = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, RLO=rlo, H=h, S=s,
                   HAS_P2=p2 is not None, PACK=pack, SPLIT=bool(split_intermediate), IS_F32=dd == torch.float32,
-                  MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp)
+                  MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger())
     args = (x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0), alpha32, niter)
     if onchip:
         rp = next_pow2(rlo)
