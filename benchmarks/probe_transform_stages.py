@@ -5,7 +5,9 @@ kernel node (an empty kernel). Stages: 0 = load X, P1, P2; 1 = + V = X P2; 2 = +
 halves); 3 = + per-token max and scale; 4 = + quantize, pack and store (the whole transform). A stage
 keeps its results alive with stores predicated off by a run-time value (no reduction added). The whole
 kernel is also timed with PDL's early trigger (griddepcontrol.launch_dependents at its start), and the
-library kernels with that trigger at their start (default), their end, or not at all. Diagnostic,
+library kernels with that trigger at their start (default), their end, or not at all; and with the
+scale and its inverse from float32 '/' (approximate), libdevice's IEEE division (div_rn: a range check
+and a slow-path call) or the library's inline IEEE division (`_div_rn`). Diagnostic,
 JSON list out; `--eager` runs each piece a few times without timing, for a profiler.
 
     PYTHONPATH=. python benchmarks/probe_transform_stages.py --out results/kernels/probe_transform_stages.json
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import gdc_launch_dependents
+from flatquant.kernels._triton_utils import _div_rn, gdc_launch_dependents
 
 
 @triton.jit
@@ -34,7 +36,7 @@ def _empty_kernel(x_ptr):
 @triton.jit
 def _stage_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, sink_ptr, never, alpha, N1: tl.constexpr,
                   N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                  STAGE: tl.constexpr, TRIGGER: tl.constexpr):
+                  STAGE: tl.constexpr, TRIGGER: tl.constexpr, DIV: tl.constexpr):
     if TRIGGER:  # PDL's early trigger, as the library kernels issue it
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -66,13 +68,23 @@ def _stage_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, sink_ptr, never, al
         tl.store(sink_ptr + h[:, None] * N2P + j[None, :], Ylo + Yhi, mask=om & (never > 0))
         return
     amax = tl.max(tl.max(tl.maximum(tl.abs(Ylo), tl.abs(Yhi)), axis=1), axis=0)
-    s = tl.maximum(amax * alpha / 7.0, 1e-8)
+    if DIV == 0:  # float32 '/' (approximate division)
+        s = tl.maximum(amax * alpha / 7.0, 1e-8)
+    elif DIV == 1:  # libdevice's IEEE division (range check, slow-path call)
+        s = tl.maximum(tl.math.div_rn(amax * alpha, 7.0), 1e-8)
+    else:  # the library's inline IEEE division
+        s = tl.maximum(_div_rn(amax * alpha, 7.0, False), 1e-8)
     if STAGE == 3:
         tl.store(scale_ptr + t, s)
         tl.store(sink_ptr + h[:, None] * N2P + j[None, :], Ylo + Yhi, mask=om & (never > 0))
         return
     tl.store(scale_ptr + t, s)
-    inv = 1.0 / s
+    if DIV == 0:
+        inv = 1.0 / s
+    elif DIV == 1:
+        inv = tl.math.div_rn(1.0, s)
+    else:
+        inv = _div_rn(1.0, s, False)
     qlo = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(Ylo * inv), -8.0), 7.0).to(tl.int32)
     qhi = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(Yhi * inv), -8.0), 7.0).to(tl.int32)
     tl.store(out_ptr + t * (N1 * N2 // 2) + h[:, None] * N2 + j[None, :],
@@ -125,11 +137,17 @@ def main() -> int:
                                    stage=stage, nw=nw, n1=n1, n2=n2, n1p=n1p, n2p=n2p, hp=hp, m=m:
                                    _stage_kernel[(m,)](x, p1, p2, codes, scale, sink, 0, 1.0, N1=n1, N2=n2, N1P=n1p,
                                                        N2P=n2p, H=n1 // 2, HP=hp, STAGE=stage, TRIGGER=False,
-                                                       num_warps=nw)))
+                                                       DIV=0, num_warps=nw)))
+            for div, tag in ((1, "libdevice_div"), (2, "inline_div")):
+                pieces.append((f"stage4_w4_{tag}", shape, lambda x=x, p1=p1, p2=p2, codes=codes, scale=scale, n1=n1,
+                               n2=n2, n1p=n1p, n2p=n2p, hp=hp, m=m, div=div:
+                               _stage_kernel[(m,)](x, p1, p2, codes, scale, sink, 0, 1.0, N1=n1, N2=n2, N1P=n1p,
+                                                   N2P=n2p, H=n1 // 2, HP=hp, STAGE=4, TRIGGER=False, DIV=div,
+                                                   num_warps=4)))
             pieces.append(("stage4_w4_pdl_trigger", shape, lambda x=x, p1=p1, p2=p2, codes=codes, scale=scale, n1=n1,
                            n2=n2, n1p=n1p, n2p=n2p, hp=hp, m=m:
                            _stage_kernel[(m,)](x, p1, p2, codes, scale, sink, 0, 1.0, N1=n1, N2=n2, N1P=n1p, N2P=n2p,
-                                               H=n1 // 2, HP=hp, STAGE=4, TRIGGER=True, num_warps=4)))
+                                               H=n1 // 2, HP=hp, STAGE=4, TRIGGER=True, DIV=0, num_warps=4)))
             for name, kw in [("block_default", dict(kernel="block")),
                              ("block_w4_s1", dict(kernel="block", config=dict(num_warps=4, num_stages=1))),
                              ("block_w8_s1", dict(kernel="block", config=dict(num_warps=8, num_stages=1))),

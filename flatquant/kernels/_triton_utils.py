@@ -125,13 +125,31 @@ def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
-    """clamp(round_half_even(y / s), -MAXQ - 1, MAXQ) as int32 (IEEE division, like torch)."""
-    return _round_clamp(tl.math.div_rn(y, s), MAXQ, INTERP)
+def _div_rn(a, b, INTERP: tl.constexpr):
+    """a / b in float32, rounded to nearest even like torch's division. On the GPU written out as the
+    hardware division's fast path: reciprocal estimate, one Newton step, quotient, one residual
+    correction (each residual an exact FMA), correctly rounded for operands in the normal range away from
+    overflow (here: scales, their inverses and activations over a scale; a denormal quotient can only
+    round to code 0). libdevice's div_rn adds a range check and a slow-path subroutine call, which gives
+    the kernel a stack frame (see benchmarks/probe_transform_stages.py for the cost at decode)."""
+    if INTERP:
+        return tl.math.div_rn(a, b)
+    else:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        y = tl.fma(y, tl.fma(-b, y, 1.0), y)
+        q = a * y
+        return tl.fma(tl.fma(-b, q, a), y, q)
 
 
 @triton.jit
-def _scale(amax, alpha, MAXQ: tl.constexpr):
+def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
+    """clamp(round_half_even(y / s), -MAXQ - 1, MAXQ) as int32 (IEEE division, like torch)."""
+    return _round_clamp(_div_rn(y, s, INTERP), MAXQ, INTERP)
+
+
+@triton.jit
+def _scale(amax, alpha, MAXQ: tl.constexpr, INTERP: tl.constexpr):
     """max(alpha * amax / MAXQ, 1e-8) in the order of flatquant.quantizer.quantize_symmetric."""
-    s = tl.math.div_rn(amax * alpha, MAXQ * 1.0)
+    s = _div_rn(amax * alpha, MAXQ * 1.0, INTERP)
     return tl.maximum(s, 1e-8)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels._triton_utils import (
+    _div_rn,
     _mm,
     _mm_f32rhs,
     _quantize,
@@ -170,7 +171,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                 YB = _mm_f32rhs(P1B, Tr, DT, IS_F32, SPLIT, INTERP)
                 Yhi = tl.where(c < N2 - S, YA, YB)
             amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(Yhi), 0.0), axis=1), axis=0))
-        s = _scale(amax, alpha, MAXQ)
+        s = _scale(amax, alpha, MAXQ, INTERP)
         tl.store(scale_ptr + t, s, mask=tok_ok)
         qlo = _quantize(Ylo, s, MAXQ, INTERP)
         ob = out_ptr + t * stride_o
@@ -264,7 +265,7 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         else:
                             tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
             if ps == 0:
-                s = _scale(amax, alpha, MAXQ)
+                s = _scale(amax, alpha, MAXQ, INTERP)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
     if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
         gdc_launch_dependents()
@@ -318,11 +319,11 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         # Row maxima in the dot's own layout first; only the (BT*N2P,) vector changes shape.
         rmax = tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1))
         amax = tl.max(tl.reshape(rmax, (BT, N2P)), axis=1)
-        s = _scale(amax, alpha, MAXQ)
+        s = _scale(amax, alpha, MAXQ, INTERP)
         tl.store(scale_ptr + t0 + tb, s, mask=t0 + tb < M)
         # One IEEE division per token, then products: y * (1/s) differs from y / s by at most one float32
         # ulp, which can move a code only at an exact .5 tie (as summation order can).
-        inv = tl.reshape(tl.broadcast_to(tl.math.div_rn(tl.full((BT,), 1.0, tl.float32), s)[:, None], (BT, N2P)),
+        inv = tl.reshape(tl.broadcast_to(_div_rn(tl.full((BT,), 1.0, tl.float32), s, INTERP)[:, None], (BT, N2P)),
                          (BT * N2P,))[:, None]
         qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
         qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
@@ -402,10 +403,10 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
                 tl.store(gen_ptr + t, gen + 1)  # every program of this token has read gen: it has published
             amax = tl.max(tl.where(gp < G, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
     if PHASE != 1:
-        s = _scale(amax, alpha, MAXQ)
+        s = _scale(amax, alpha, MAXQ, INTERP)
         if g == 0:
             tl.store(scale_ptr + t, s)
-        inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), s)  # as in the block kernel: y * (1/s)
+        inv = _div_rn(tl.full((), 1.0, tl.float32), s, INTERP)  # as in the block kernel: y * (1/s)
         qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
         qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
         om = (h[:, None] < H) & (c[None, :] < N2)
