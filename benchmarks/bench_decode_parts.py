@@ -91,8 +91,10 @@ def main() -> int:
         torch.manual_seed(0)
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(sets)]
         xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        # Row-major factors, as the layer caches them: QR returns a column-major Q, and a strided factor would
+        # cost the fused kernel a copy per call (two extra kernels at decode).
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
         shape = {"in": k, "out": n, "M": m, "n1": n1, "n2": n2, "dtype": "bfloat16", "bits": 4}
         bf16 = graph_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, ws)])
         # The activation codes as the layer hands them to the decode GEMM (packed, or one per byte for the

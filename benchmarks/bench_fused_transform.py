@@ -73,8 +73,10 @@ def main() -> int:
     print(f"{'hidden':>6} {'phase':>7} {'batch':>5} {'unfused ms':>10} {'fused ms':>9} {'speedup':>7} {'GB/s':>7} {'%copy':>6}")
     for n in hidden:
         n1, n2 = kron_factors(n)
-        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev, dtype=torch.float32))[0].to(dtype)
-        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev, dtype=torch.float32))[0].to(dtype)
+        # Row-major factors, as the layer caches them: QR returns a column-major Q, and a strided factor would
+        # cost the fused kernel a copy per call (two extra kernels at decode).
+        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev, dtype=torch.float32))[0].to(dtype).contiguous()
+        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev, dtype=torch.float32))[0].to(dtype).contiguous()
 
         for phase in ("prefill", "decode"):
             for b in batches:
@@ -130,8 +132,8 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
         if n1 % 2:
             continue
         n1p, n2p = ftq.next_pow2(n1), ftq.next_pow2(n2)
-        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
         tokens = batch * SEQ
         xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
         rot = Rotator(xs)

@@ -54,8 +54,8 @@ def main() -> int:
               ("copy_8kb_one_program", {}, lambda: _copy_kernel[(1,)](x8k, y8k, N=4096))]
     for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
         n1, n2 = kron_factors(k)
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
         w = quantize_weight_reference(torch.randn(n, k, device=dev) / k ** 0.5, 4)
         for m in (1, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)

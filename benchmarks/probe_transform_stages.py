@@ -124,8 +124,8 @@ def main() -> int:
     for n in (4096, 14336):
         n1, n2 = kron_factors(n)
         n1p, n2p, hp = triton.next_power_of_2(n1), triton.next_power_of_2(n2), triton.next_power_of_2(n1 // 2)
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
         for m in (1, 16):
             x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
             codes = torch.empty(m, n // 2, device=dev, dtype=torch.uint8)

@@ -15,8 +15,9 @@ same (r, c) positions, and byte (r, c) = lo | hi << 4 is stored at r * n2 + c (m
 
 Kernels (`fused_transform_quantize` picks one):
 - `_fused_block_kernel` (default for even n1): several tokens per step, two large dots.
-- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens): one program per token (or, on
-  request, one token's Y columns over several programs, the per-token max met through tagged slots).
+- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens with 128 x 128 factor tiles): one
+  token's Y columns spread over several programs, the per-token max met through tagged slots (or, with
+  CB >= n2, one program per token and no wait).
 - `_fused_onchip_kernel` (per-token design, paper Fig. 8a; odd n1 and split_intermediate=True): P1, P2
   loaded once per program and kept on chip; a persistent grid walks the tokens; one pass (load, 2-3
   dots, amax, quantize, store).
@@ -71,17 +72,22 @@ BLOCK_MAX_ELEMENTS = 64 * 128
 BLOCK_MAX_ROWS = 128
 BLOCK_PROGRAMS_PER_SM = 2
 _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
-# Split kernel (decode): calls with at most this many tokens. Each token's Y columns go to G programs of
-# SPLIT_BLOCK_C columns (>= 16, the dot's minimum); None = all columns, G = 1: one program per token, with
-# no cross-program maximum to meet. On the H200 (benchmarks/probe_transform_stages.py, 88dff8e,
-# results/kernels/probe_transform_stages.json) one program per token took 3.5 us at 4096 (64 x 64) and
-# 6.1 us at 14336 (112 x 128) per call, against 8.8 / 9.1 us for 32 columns per program (G = 2 / 4: the
-# slot publication and polling) and 7.5 / 10.3 us for the block kernel, at M = 1 and M = 16 alike.
+# Split kernel (decode): calls with at most this many tokens, Y columns per program (>= 16, the dot's
+# minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
+# spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
 SPLIT_MAX_M = 16
-SPLIT_BLOCK_C = None
-# Warps by padded factor tile: 4 up to 64 x 64 (3.5 against 3.7 us at 4096 in the same probe), else 8
-# (6.1 against 6.2 us at 14336).
-SPLIT_WARPS_SMALL_TILE = 64 * 64
+# 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
+# against 10.0-10.6 us for 16 columns on 4 warps; results/archive/kernels-h200-52b9cb8/). A config with
+# CB >= n2 gives one program per token (G = 1), which skips the cross-program maximum; on the H200 at
+# 01c52dd that layout was slower inside the layer (transform + PDL-launched GEMM) than the block kernel
+# at 4096 (8.7 against 7.4 us at 4096 x 4096, M = 1) and no faster at 14336
+# (results/archive/kernels-h200-01c52dd/bench_decode_parts.json), so it is not the default.
+SPLIT_BLOCK_C = 32
+SPLIT_WARPS = 8
+# ... and only for padded factor tiles of at least this many elements: in the same sweep the split kernel
+# beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
+# at 4096 = 64 x 64 (7.8 vs 7.4 us).
+SPLIT_MIN_TILE = 128 * 128
 
 
 # Where the kernels let a programmatic dependent (the decode GEMM, launched with PDL) start: "start" (at
@@ -95,10 +101,6 @@ def pdl_trigger() -> int:
     if PDL_TRIGGER not in (None, "start", "end"):
         raise ValueError(f"PDL_TRIGGER must be None, 'start' or 'end', got {PDL_TRIGGER!r}")
     return {None: 0, "start": 1, "end": 2}[PDL_TRIGGER]
-
-
-def split_warps(n1p: int, n2p: int) -> int:
-    return 4 if n1p * n2p <= SPLIT_WARPS_SMALL_TILE else 8
 
 
 @triton.jit
@@ -346,8 +348,7 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
                         DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     """Decode (few tokens): one token's transform on G programs, program g owning the Y columns
-    [g*CB, (g+1)*CB). By default G = 1 (one program per token, CB = all columns): the cheapest call at
-    decode, a single chain of loads, two dots and a store, with no cross-program wait. Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
+    [g*CB, (g+1)*CB). With CB >= n2, G = 1: one program per token, and no cross-program wait. Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
     there is no redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come
     out of the same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
 
@@ -500,8 +501,7 @@ def _split_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_programs(n2: int, config: dict | None = None) -> tuple[int, int]:
     """(columns per program CB, programs per token G) of the split kernel."""
-    cb = (config or {}).get("CB", SPLIT_BLOCK_C)
-    cb = next_pow2(n2) if cb is None else min(next_pow2(int(cb)), next_pow2(n2))
+    cb = min(next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C))), next_pow2(n2))
     return cb, triton.cdiv(n2, cb)
 
 
@@ -520,7 +520,7 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
                   GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
                   DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(),
-                  num_warps=int((config or {}).get("num_warps", split_warps(next_pow2(n1), next_pow2(n2)))))
+                  num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
     for phase in ((1, 2) if interp and g > 1 else (0,)):  # one program per token: no wait, one launch
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
@@ -540,9 +540,9 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     the same rounding as the model's own bf16 matmuls).
 
     kernel: None picks one. When n1 is even, the factors fit on chip and split_intermediate is off:
-    "split" (`_fused_split_kernel`: one program per token by default, or each token over several
-    programs) for at most SPLIT_MAX_M tokens (decode), else "block" (`_fused_block_kernel`, several
-    tokens per step, big dots). Otherwise "token"
+    "split" (`_fused_split_kernel`, each token over several programs; one with config CB >= n2) for at
+    most SPLIT_MAX_M tokens (decode) with padded factor tiles of at least SPLIT_MIN_TILE elements, else
+    "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
     (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
     block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`),
     split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
@@ -580,7 +580,8 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
     even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
-        few = m <= SPLIT_MAX_M and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device))
+        few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
+               and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device)))
         kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
     if kernel not in ("block", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")

@@ -277,30 +277,27 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
         assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long() * several)
 
 
-def test_split_kernel_is_the_default_for_few_tokens_one_program_each(monkeypatch):
-    """At most SPLIT_MAX_M tokens take the split kernel with one program per token (no cross-program state
-    touched), more take the block kernel; a column block asked for spreads a token over programs again."""
+def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monkeypatch):
     from flatquant.kernels import fused_transform_quant as ftq
 
-    p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
-    assert ftq.split_programs(48) == (64, 1) and ftq.split_programs(48, {"CB": 16}) == (16, 3)
-    launched = []
-    real_split, real_block = ftq._launch_split, ftq._launch_block
-    monkeypatch.setattr(ftq, "_launch_split", lambda *a, **k: (launched.append("split"), real_split(*a, **k)))
-    monkeypatch.setattr(ftq, "_launch_block", lambda *a, **k: (launched.append("block"), real_block(*a, **k)))
-    for m, config, used in ((1, None, "split"), (ftq.SPLIT_MAX_M, None, "split"), (ftq.SPLIT_MAX_M + 1, None, "block"),
-                            (2, {"CB": 16}, "split")):
-        launched.clear()
+    p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)  # tiles 16 x 64: two 32-column programs per token
+    for min_tile, m, used in ((16 * 64, ftq.SPLIT_MAX_M, True), (16 * 64, ftq.SPLIT_MAX_M + 1, False),
+                              (ftq.SPLIT_MIN_TILE, 2, False)):
+        monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
         gen, _ = ftq._split_state(torch.device(DEVICE))
-        before = gen.clone()
+        before = int(gen.sum())
         x = _inputs(m, 8 * 48, torch.float16, DEVICE)
-        _check(x, p1, p2, 0.9, 4, split=False, config=config)
-        assert launched == [used]
+        _check(x, p1, p2, 0.9, 4, split=False)
         gen, _ = ftq._split_state(torch.device(DEVICE))
-        # the generation counters move only when a token is spread over several programs
-        assert torch.equal(gen != before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m) & (config is not None))
-    x = _inputs(ftq.SPLIT_MAX_M + 1, 256, torch.float16, DEVICE)
-    p1, p2 = _factor(16, DEVICE), _factor(16, DEVICE)
+        assert (int(gen.sum()) > before) == used
+    # a column block of at least n2: one program per token, the cross-program state left alone
+    assert ftq.split_programs(48) == (32, 2) and ftq.split_programs(48, {"CB": 64}) == (64, 1)
+    gen, _ = ftq._split_state(torch.device(DEVICE))
+    before = gen.clone()
+    _check(_inputs(3, 8 * 48, torch.float16, DEVICE), _factor(8, DEVICE), _factor(48, DEVICE), 0.9, 4, split=False,
+           kernel="split", config={"CB": 64})
+    assert torch.equal(ftq._split_state(torch.device(DEVICE))[0], before)
+    x = _inputs(ftq.SPLIT_MAX_M + 1, 8 * 48, torch.float16, DEVICE)
     with pytest.raises(ValueError, match="at most"):
         fused_transform_quantize(x, p1, p2, kernel="split")
     with pytest.raises(ValueError, match="even n1"):
