@@ -44,9 +44,9 @@ GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warp
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
-# default at M <= 16: one program per token, or Y columns per program; warps), the block kernel (one token per program at these M)
+# default at M <= 16 for 128 x 128 factor tiles: Y columns per program, or one program per token; warps), the block kernel (one token per program at these M)
 # and the per-token kernel.
-TRANSFORM_SWEEP = [dict(kernel="split", config=dict(num_warps=nw)) for nw in (4, 8)]  # one program per token
+TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=256, num_warps=nw)) for nw in (4, 8)]  # CB >= n2: one program per token
 TRANSFORM_SWEEP += [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="token")]
@@ -124,8 +124,8 @@ def main() -> int:
             with decode_gemm.pdl_for_all(on):
                 wholes[tag] = layer_ms()
         gemv = decode_gemm.GEMV_CONFIG
-        # tag -> (module, attribute values); the last one: the transform on the block kernel (one token per
-        # program at these M, as before the split kernel's one-program-per-token default).
+        # tag -> (module, attribute values); then the transform on the block kernel at every size (by default
+        # 128 x 128 factor tiles take the split kernel at these M).
         variants = {"gemv_prefetch2": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 2}
                                                                       for m_, c in gemv.items()})),
                     "gemv_pipelined": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 0, "GEMV_STAGES": 3}

@@ -261,8 +261,8 @@ def _decode_parts_section(entries) -> list[str]:
              "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
              "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
              "loop unpipelined, fed packed activation codes, or on offset weight codes (+8, two more MMAs); the "
-             "transform on the block kernel instead of one program per token, its PDL trigger after its stores or "
-             "never); '-' where a variant does not apply. Median µs."), "",
+             "transform on the block kernel at every size (by default 14336-type sizes take the split kernel), its "
+             "PDL trigger after its stores or never); '-' where a variant does not apply. Median µs."), "",
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
 
 

@@ -9,16 +9,16 @@ kernels stream W with the unpack done in registers. Two kernels, picked by M (`r
   instruction); the offset comes off at the end. One program per GEMV_BLOCK_N rows of W walks all of K.
 - otherwise (and for rows that are not whole int32 words): `_decode_kernel`, int8 tensor-core dots
   against a 16-row activation tile (rows beyond M masked to 0: tl.dot on int8 needs >= 16 rows), weight
-  nibbles unpacked four bytes per instruction (`_offset_nibbles`), the weight as the MMA's A operand
-  (SWAP_AB), the K loop pipelined through shared memory (cp.async, MMA_STAGES deep). By default it takes
-  the activation codes one per byte (`activation_format`), so their tiles go from cp.async straight
-  into the MMA. Grid = N tiles x SPLIT_K (`decode_config`: no split for short rows, else about 2
-  programs per SM). With SPLIT_K > 1 the splits meet in ONE launch: each program atomically adds its
-  int32 partial sums into a workspace tile and bumps that tile's arrival counter; the program that
-  arrives last takes the finished sums out with an atomic exchange (which also leaves the workspace
-  zeroed for the next call), applies the scales, writes the output and resets the counter. Integer adds
-  are exact and order independent, so the result is deterministic, and a decode step needs no memset and
-  no separate epilogue launch.
+  nibbles sign-extended four bytes per instruction sequence (`_signed_nibbles`; offset codes with a
+  correction as an option, `MMA_SIGNED_WEIGHT`), the weight as the MMA's A operand (SWAP_AB), the K loop
+  pipelined through shared memory (cp.async, MMA_STAGES deep). By default it takes the activation codes
+  one per byte (`activation_format`), so their tiles go from cp.async straight into the MMA. Grid = N
+  tiles x SPLIT_K (`decode_config`: 32-row tiles, no split by default). With SPLIT_K > 1 the splits
+  meet in ONE launch: each program atomically adds its int32 partial sums into a workspace tile and
+  bumps that tile's arrival counter; the program that arrives last takes the finished sums out with an
+  atomic exchange (which also leaves the workspace zeroed for the next call), applies the scales, writes
+  the output and resets the counter. Integer adds are exact and order independent, so the result is
+  deterministic, and a decode step needs no memset and no separate epilogue launch.
 
 On sm_90+ both kernels are launched as programmatic dependents (PDL) of the kernel before it (the fused
 transform); the gemv requests its first weight tile before waiting for the activation codes. No
