@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--eager", action="store_true", help="run each piece 3 times, no timing (for ncu)")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
+    from flatquant.kernels.bench_utils import RecordWriter, base_fields, require_cuda, time_pieces
 
     require_cuda("probe_decode_latency.py")
     from flatquant.kernels.decode_gemm import activation_format, w4a4_gemm_decode
@@ -69,16 +69,7 @@ def main() -> int:
             fmt = activation_format(m, n, k // 2, dev)
             a, sa = fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt)
             pieces.append(("decode_gemm", shape, lambda a=a, sa=sa, w=w: w4a4_gemm_decode(a, sa, w[0], w[1])))
-    for name, shape, fn in pieces:
-        if args.eager:
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            continue
-        ms = graph_ms([fn] * 8)
-        out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": None, "baseline_median_ms": None,
-                 "speedup": None, "timing": "cuda_graph", "achieved_gbps": None})
-        print(f"{name} {shape}: {ms * 1e3:.2f} us", flush=True)
+    time_pieces(pieces, out, args.eager, None)
     return 0
 
 

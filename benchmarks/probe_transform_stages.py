@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -108,7 +107,7 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="run each piece 3 times, no timing (for ncu)")
     ap.add_argument("--only", default=None, help="a regex: run only the pieces whose name matches")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
+    from flatquant.kernels.bench_utils import RecordWriter, base_fields, require_cuda, time_pieces
 
     require_cuda("probe_transform_stages.py")
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
@@ -157,22 +156,7 @@ def main() -> int:
                     pieces.append((name if trig == "start" else f"{name}_trigger_{trig}", shape,
                                    lambda x=x, p1=p1, p2=p2, kw=kw, trig=trig: _with_trigger(
                                        trig, lambda: fused_transform_quantize(x, p1, p2, 1.0, 4, **kw))))
-    for name, shape, fn in pieces:
-        if args.only and not re.search(args.only, name):
-            continue
-        if args.eager:
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            continue
-        try:
-            ms = graph_ms([fn] * 8)
-        except Exception as exc:  # a variant that does not compile must not stop the probe
-            print(f"{name} {shape}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
-            continue
-        out.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": None, "baseline_median_ms": None,
-                 "speedup": None, "timing": "cuda_graph", "achieved_gbps": None})
-        print(f"{name} {shape}: {ms * 1e3:.2f} us", flush=True)
+    time_pieces(pieces, out, args.eager, args.only)
     return 0
 
 

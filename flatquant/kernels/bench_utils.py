@@ -105,3 +105,27 @@ def graph_ms(fns, warmup_ms: float = 10, rep_ms: float = 40) -> float:
             f()
     torch.cuda.synchronize()
     return bench_ms(g.replay, warmup_ms, rep_ms) / len(fns)
+
+
+def time_pieces(pieces, writer, eager: bool = False, only: str | None = None) -> None:
+    """The probes' loop: each (name, shape, fn) replayed 8 times from one CUDA graph, recorded as a
+    baseline-free record and printed; `eager` only runs each fn 3 times (for a profiler), `only` (a
+    regex) keeps the matching names. A piece that fails (e.g. does not compile) is reported and skipped."""
+    import re
+
+    for name, shape, fn in pieces:
+        if only and not re.search(only, name):
+            continue
+        if eager:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            continue
+        try:
+            ms = graph_ms([fn] * 8)
+        except Exception as exc:  # one broken variant must not stop the probe
+            print(f"{name} {shape}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
+            continue
+        writer.add({"kernel": name, "shape": shape, "median_ms": ms, "baseline": None, "baseline_median_ms": None,
+                    "speedup": None, "timing": "cuda_graph", "achieved_gbps": None})
+        print(f"{name} {shape}: {ms * 1e3:.2f} us", flush=True)

@@ -9,7 +9,7 @@ kernels stream W with the unpack done in registers. Two kernels, picked by M (`r
   instruction); the offset comes off at the end. One program per GEMV_BLOCK_N rows of W walks all of K.
 - otherwise (and for rows that are not whole int32 words): `_decode_kernel`, int8 tensor-core dots
   against a 16-row activation tile (rows beyond M masked to 0: tl.dot on int8 needs >= 16 rows), weight
-  nibbles sign-extended four bytes per instruction sequence (`_signed_nibbles`; offset codes with a
+  nibbles sign-extended four bytes per instruction sequence (`_sign_extend_nibbles`; offset codes with a
   correction as an option, `MMA_SIGNED_WEIGHT`), the weight as the MMA's A operand (SWAP_AB), the K loop
   pipelined through shared memory (cp.async, MMA_STAGES deep). By default it takes the activation codes
   one per byte (`activation_format`), so their tiles go from cp.async straight into the MMA. Grid = N
@@ -119,37 +119,32 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
             a8 = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0).to(tl.int8, bitcast=True)
             if PACK:
                 a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
-        if PACK and SIGNED_W:
-            # Weight nibbles sign-extended to int8, 4 bytes per instruction sequence: two dots, nothing to
-            # correct afterwards.
-            w_lo, w_hi = _signed_nibbles(w8, EMULATE)
-            if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
-                acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
-                acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+        if PACK:
+            # Weight nibbles, 4 bytes per instruction sequence: sign-extended to int8 (two dots, nothing to
+            # correct), or as offset codes (code + 8, 0..15: still valid int8 MMA operands) whose offset
+            # comes off as 8 * sum(activation codes) per row: summed from the unpacked tile, or (A_CODES:
+            # the activation tiles then go from cp.async straight to the MMA, never through registers) by
+            # two more MMAs against a constant -8 tile.
+            if SIGNED_W:
+                w_lo, w_hi = _sign_extend_nibbles(w8, EMULATE)
             else:
-                acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-                acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-        elif PACK:
-            # Weight nibbles as offset codes (code + 8, 0..15: still valid int8 MMA operands), 4 bytes per
-            # instruction. The offset comes off as 8 * sum(activation codes) per row: summed from the
-            # unpacked tile, or (A_CODES: the activation tiles then go from cp.async straight to the MMA,
-            # never through registers) by two more MMAs against a constant -8 tile.
-            w_lo, w_hi = _offset_nibbles(w8, EMULATE)
+                w_lo, w_hi = _offset_nibbles(w8, EMULATE)
+            correct_by_mma = A_CODES and not SIGNED_W
             if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
                 acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
-                if A_CODES:
+                if correct_by_mma:
                     minus8 = tl.full((BLOCK_N, BLOCK_K), -8, tl.int8)
                     acc = tl.dot(minus8, tl.trans(a_lo), acc, out_dtype=tl.int32)
                     acc = tl.dot(minus8, tl.trans(a_hi), acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-                if A_CODES:
+                if correct_by_mma:
                     minus8 = tl.full((BLOCK_K, BLOCK_N), -8, tl.int8)
                     acc = tl.dot(a_lo, minus8, acc, out_dtype=tl.int32)
                     acc = tl.dot(a_hi, minus8, acc, out_dtype=tl.int32)
-            if not A_CODES:
+            if not A_CODES and not SIGNED_W:
                 asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=1)
         else:
             if SWAP_AB:
@@ -197,7 +192,7 @@ def _offset_nibbles(w8, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _signed_nibbles(w8, EMULATE: tl.constexpr):
+def _sign_extend_nibbles(w8, EMULATE: tl.constexpr):
     """Packed int4 bytes (int8 tensor) -> (low, high) nibbles sign-extended to int8 codes -8..7. On the GPU,
     four bytes per 32-bit register (inline PTX, pack=4) without carries between bytes: (nibble ^ 0x88)
     is 0x80 + code + 8, minus 0x08 per byte is 0x80 + code (never below zero, so no borrow), and XOR 0x80
