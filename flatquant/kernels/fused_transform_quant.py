@@ -31,8 +31,8 @@ product; P1 = None uses an identity P1.
 
 Precision: the dots multiply in the activation dtype (fp16/bf16 on tensor cores; float32 inputs use
 exact IEEE float32 dots). The intermediate T is float32; for the second product it is split into
-hi + lo half-precision parts (two dots: ~float32 accuracy, `split_intermediate=True`, default) or
-rounded once to the half dtype (`split_intermediate=False`: faster, matches the reference with
+hi + lo half-precision parts (two dots: ~float32 accuracy, `split_intermediate=True`) or rounded
+once to the half dtype (`split_intermediate=False`, the default: faster, matches the reference with
 `round_intermediate=True` except where T's rounding flips).
 """
 from __future__ import annotations
