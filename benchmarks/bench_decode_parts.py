@@ -44,9 +44,10 @@ GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warp
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
-# default at M <= 16 for 128 x 128 factor tiles: Y columns per program, or one program per token; warps), the block kernel (one token per program at these M)
-# and the per-token kernel.
-TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=256, num_warps=nw)) for nw in (4, 8)]  # CB >= n2: one program per token
+# default at M <= 16 for 128 x 128 factor tiles; first with CB >= n2, one program per token, then Y
+# columns per program; warps), the block kernel (one token per program at these M) and the per-token
+# kernel.
+TRANSFORM_SWEEP = [dict(kernel="split", config=dict(CB=256, num_warps=nw)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for cb in (16, 32, 64) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="token")]

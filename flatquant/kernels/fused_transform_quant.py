@@ -118,7 +118,8 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                          NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                          N2P: tl.constexpr, RP: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr,
                          S: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
+                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                         TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
     if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
         gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
@@ -193,7 +194,8 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         RTOT: tl.constexpr, RLO: tl.constexpr, H: tl.constexpr, S: tl.constexpr,
                         BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-                        IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
+                        IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
+                        TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
     if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
         gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
@@ -348,12 +350,13 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
                         HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
                         DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     """Decode (few tokens): one token's transform on G programs, program g owning the Y columns
-    [g*CB, (g+1)*CB). With CB >= n2, G = 1: one program per token, and no cross-program wait. Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so
-    there is no redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come
-    out of the same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
+    [g*CB, (g+1)*CB). With CB >= n2, G = 1: one program per token, and no cross-program wait.
+    Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so there is no
+    redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come out of the
+    same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
 
-    With G > 1 the per-token scale needs the max over all G programs. Each program publishes (generation + 1,
-    its partial max) as ONE 64-bit store into its slot, then polls the G slots of its token until all
+    With G > 1 the per-token scale needs the max over all G programs. Each program publishes
+    (generation + 1, its partial max) as ONE 64-bit store into its slot, then polls the G slots of its token until all
     carry that generation: one write and (when the others are done) one load, instead of a chain of
     dependent atomics. The generation is a per-token counter read at the start and bumped by program 0
     once it has seen all slots (every program read it before publishing). The G programs of a token
