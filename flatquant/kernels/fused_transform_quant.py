@@ -537,6 +537,9 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     """Triton fused transform + quantize. x (..., n) contiguous-able, fp16/bf16/fp32, on CUDA (or any
     device under TRITON_INTERPRET=1). Returns (stored codes, scale) like the reference:
     (..., n/2) uint8 packed int4 (or (..., n) int8 for bits=8) and float32 scale of shape x.shape[:-1].
+    P1 / P2 are read row-major in the activation's dot dtype; others (another dtype, or a column-major Q
+    from torch.linalg.qr) are converted on every call, one extra kernel each, which at decode costs as
+    much as the transform itself. `W4A4Linear` caches converted factors; direct callers should too.
 
     split_intermediate: keep T = X P2 in float32 as two half-precision parts for the second product
     (per-token kernel only, ~float32 accuracy) instead of rounding it once to the half dtype (default;
