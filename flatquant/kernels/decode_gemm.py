@@ -330,12 +330,14 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
     """BLOCK_N / BLOCK_K / SPLIT_K / MMA_WARPS of the tensor-core kernel on the GPU: 32-row W tiles on 2 warps,
     no split over K, 512-byte K steps while the tiles fit in one wave over the SMs, else 256 (a 512-byte
-    step's pipeline needs ~80 KB of shared memory per program, so more than one wave of such programs
-    runs 2 per SM). From the cf09cdb sweep at M = 16 (signed weight nibbles, codes one per byte;
+    step's pipeline needs more shared memory per program, so more than one wave of such programs
+    runs fewer per SM). From the cf09cdb sweep at M = 16 (signed weight nibbles, codes one per byte;
     results/archive/kernels-h200-cf09cdb/bench_decode_parts.json): 8.0 / 12.1 / 16.3 us on 4096 x 4096,
     4096 -> 14336 and 14336 -> 4096, against 9.2 / 12.4 / 17.5 us for the earlier default (64-row tiles
-    on 4 warps, 256-byte steps, split 4 ways on 14336 -> 4096). The one-launch split-K reduction costs
-    ~3-4 us of atomics here; it stays available through the config (SPLIT_K)."""
+    on 4 warps, 256-byte steps, split 4 ways on 14336 -> 4096). In that sweep a split over K cost
+    3.5-8.6 us on the two 4096-input shapes (e.g. 4096 x 4096, 64-row tiles: 12.7 us split 2 ways against
+    9.2 unsplit); on 14336 -> 4096 a 4-way split beat the unsplit call at 256-byte steps but not the
+    512-byte unsplit default (17.9 against 16.3 us). It stays available through the config (SPLIT_K)."""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     bn = 32
