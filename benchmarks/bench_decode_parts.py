@@ -135,6 +135,9 @@ def main() -> int:
             variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
                             mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
+        # both decode kernels asking L2 for their weight slice before the PDL wait, on and off
+        variants["l2_prefetch_on"] = (decode_gemm, dict(L2_PREFETCH={kern: True for kern in decode_gemm.L2_PREFETCH}))
+        variants["l2_prefetch_off"] = (decode_gemm, dict(L2_PREFETCH={kern: False for kern in decode_gemm.L2_PREFETCH}))
         variants["transform_block"] = (fused_transform_quant, dict(SPLIT_MAX_M=0))
         # the transform's PDL trigger (letting the GEMM start) after its stores, or never
         variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))

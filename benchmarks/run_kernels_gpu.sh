@@ -2,7 +2,8 @@
 # GPU driver for the W4A4 kernels (issue 5): tests on CUDA, then both benchmarks -> JSON under $OUT.
 # Run from the repo root on the GPU machine:   OUT=/some/dir bash benchmarks/run_kernels_gpu.sh
 # Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep),
-# ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set).
+# ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set), ncu_cases
+# (benchmarks/profile_cases.py under Nsight Compute: decode GEMMs and the prefill transform, diagnostic).
 # All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s): more than one device call allows, so
 # run them as two calls. The JSON files are rewritten after every record, so a step cut short still
 # leaves its finished records.
@@ -56,5 +57,16 @@ echo "ncu rc=$?"
 "$NCU" -i "$OUT/ncu_transform.ncu-rep" --page details > "$OUT/ncu_transform_details.txt" 2>&1 || true
 "$NCU" -i "$OUT/ncu_transform.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_transform_source.csv" 2>&1 || true
 ls -la "$OUT"/ncu_transform* | tail -5
+fi
+if [[ " $STEPS " == *" ncu_cases "* ]]; then
+echo "== ncu: which unit limits the decode GEMMs and the prefill transform (diagnostic, not a benchmark) =="
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+timeout 240 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+  --section SchedulerStats -f -o "$OUT/ncu_cases" python benchmarks/profile_cases.py ${PROFILE_ARGS:-} \
+  > "$OUT/ncu_cases_log.txt" 2>&1
+echo "ncu rc=$?"
+"$NCU" -i "$OUT/ncu_cases.ncu-rep" --page details > "$OUT/ncu_cases_details.txt" 2>&1 || true
+rm -f "$OUT/ncu_cases.ncu-rep"
 fi
 ls -la "$OUT"

@@ -41,6 +41,15 @@ def gdc_launch_dependents():
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines that hold `ptrs` (PTX prefetch.global.L2): no register is written and
+    nothing waits for it, so a kernel can have its weight on the way while it waits in `gdc_wait`. GPU
+    only (callers skip it in the interpreter)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 _STREAM_STATE: dict = {}
 
 

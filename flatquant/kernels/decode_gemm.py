@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl_supported, stream_state
+from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl_supported, prefetch_l2, stream_state
 
 MAX_M = 16
 # M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
@@ -63,6 +63,10 @@ MMA_UNPACKED_ACTIVATIONS = True
 # they become offset codes (code + 8), and with codes one per byte two more MMAs against a -8 tile remove
 # the offset.
 MMA_SIGNED_WEIGHT = True
+# Which decode kernels ask L2 for their whole weight slice (prefetch.global.L2, one request per 128-byte
+# line) before the PDL wait (config key "L2_PREFETCH"): the weight does not depend on the transform, so
+# its read from HBM can overlap the transform instead of following it.
+L2_PREFETCH = {"gemv": False, "mma": False}
 
 
 @contextlib.contextmanager
@@ -86,7 +90,7 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
                    A_CODES: tl.constexpr, SIGNED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STAGES: tl.constexpr):
+                   STAGES: tl.constexpr, L2_LINES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -96,6 +100,8 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
     k_start = pid_k * K_PER_SPLIT
+    if L2_LINES > 0:  # this program's weight slice, one request per 128-byte line, before the wait
+        _prefetch_rows(w_ptr + rn_l * stride_wn, k_start, tl.minimum(k_start + K_PER_SPLIT, KH), 128, L2_LINES)
     if USE_GDC:  # launched as a programmatic dependent: its launch overlaps the previous kernel's tail
         gdc_wait()
     if SWAP_AB:
@@ -221,6 +227,15 @@ def _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr
 
 
 @triton.jit
+def _prefetch_rows(row_ptrs, start, stop, LINE: tl.constexpr, LINES: tl.constexpr):
+    """L2 prefetch of elements [start, stop) of each row (row_ptrs: one pointer per row), one request per
+    LINE elements (128 bytes), LINES requests per row (>= the span / LINE; the excess repeats the last
+    element, so nothing outside the rows is touched)."""
+    off = tl.minimum(start + tl.arange(0, LINES) * LINE, stop - 1)
+    prefetch_l2(row_ptrs[:, None] + off[None, :])
+
+
+@triton.jit
 def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
     """c + sum over the 4 bytes j of byte_j(a) * byte_j(b), on int32 words: b's bytes signed, a's signed if
     SIGNED_A else unsigned. One IDP4A instruction on the GPU; the same sum from shifts in the interpreter."""
@@ -253,7 +268,7 @@ def _nibbles_signed(t):
 def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
                  USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                 PREFETCH: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr):
     """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
     would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
     Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
@@ -282,6 +297,8 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
         w_next = tl.load(w_rows + rk[None, None, :], mask=(rk < KW)[None, None, :], other=0)
     if PREFETCH == 2:
         w_next2 = tl.load(w_rows + (rk + BLOCK_KW)[None, None, :], mask=(rk + BLOCK_KW < KW)[None, None, :], other=0)
+    if L2_LINES > 0:  # the rest of this program's rows (32 words = 128 bytes per request), before the wait
+        _prefetch_rows(w_ptr + rn_l * stride_wn, PREFETCH * BLOCK_KW, KW, 32, L2_LINES)
     if USE_GDC:
         gdc_wait()
     for it in tl.range(ITERS, num_stages=STAGES if PREFETCH == 0 else 1):
@@ -345,6 +362,12 @@ def decode_config(n: int, kh: int, device: torch.device) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MMA_WARPS=2)
 
 
+def _lines(span: int, line: int) -> int:
+    """Prefetch requests per row for `span` elements, `line` elements per request (a power of two; 0 for
+    an empty span)."""
+    return triton.next_power_of_2(triton.cdiv(span, line)) if span > 0 else 0
+
+
 def _word_aligned(t: torch.Tensor) -> bool:
     """Rows of t (uint8 / int8, last dim contiguous) can be read as int32 words."""
     return t.shape[1] % 4 == 0 and (t.shape[0] <= 1 or t.stride(0) % 4 == 0) and t.data_ptr() % 4 == 0
@@ -402,6 +425,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
     pdl = bool(cfg.get("PDL", PDL[cfg["KERNEL"]])) and pdl_supported(a.device)
     launch = dict(launch_pdl=True) if pdl else {}
+    l2 = bool(cfg.get("L2_PREFETCH", L2_PREFETCH[cfg["KERNEL"]])) and not interpreting()
     if cfg["KERNEL"] == "gemv":
         if not aligned:  # (any M <= MAX_M runs; by default only M <= GEMV_MAX_M comes here)
             raise ValueError(f"the gemv decode kernel takes rows of whole int32 words (K/2 bytes a multiple "
@@ -417,6 +441,7 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                                             PACK=pack, EMULATE=interpreting(), USE_GDC=pdl,
                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_KW=bkw,
                                             PREFETCH=ahead, STAGES=int(cfg.get("GEMV_STAGES", 3)),
+                                            L2_LINES=_lines(kw - ahead * bkw, 32) if l2 else 0,
                                             num_warps=cfg.get("num_warps", cfg.get("GEMV_WARPS", 4)), **launch)
         return out
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
@@ -432,5 +457,6 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
         EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, SIGNED_W=bool(cfg.get("SIGNED_W", MMA_SIGNED_WEIGHT)),
         BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
+        L2_LINES=_lines(k_per, 128) if l2 else 0,
         num_warps=cfg.get("num_warps", cfg.get("MMA_WARPS", 4)), **launch)
     return out

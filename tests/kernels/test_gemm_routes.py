@@ -169,6 +169,29 @@ def test_decode_gemm_gpu_default_config(m, n, k):
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.bfloat16, 4), torch.bfloat16)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="L2 prefetch: GPU only (the interpreter skips it)")
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (40, 1000), (33, 264)])
+def test_decode_l2_prefetch_same_result(m, n, k):
+    """Both decode kernels with and without the L2 prefetch of their weight slice (a hint: the results must
+    be bitwise equal), over default tiles, a K that is not a whole number of steps and rows that end
+    inside a 128-byte line; and equal to the reference."""
+    from flatquant.kernels import decode_gemm
+
+    a, sa, qw, sw, b = _operands(m, n, k)
+    base = decode_gemm.decode_config(n, k // 2, torch.device(DEVICE))
+    ys = [w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 4, config={**base, "L2_PREFETCH": on})
+          for on in (False, True)]
+    assert torch.equal(ys[0], ys[1])
+    _close(ys[1], w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
+
+
+def test_prefetch_lines_per_row():
+    from flatquant.kernels.decode_gemm import _lines
+
+    assert [_lines(s, 128) for s in (0, -5, 1, 128, 129, 2048, 7168)] == [0, 0, 1, 1, 2, 16, 64]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuBLASLt: GPU only")
 @pytest.mark.parametrize("m", [32, 300, 2048])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
@@ -240,14 +263,17 @@ def test_decode_gemm_split_k_workspace_left_zero_and_reused():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: GPU only")
+@pytest.mark.parametrize("l2", [False, True])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_decode_layer_pdl_in_cuda_graph(m):
+def test_decode_layer_pdl_in_cuda_graph(m, l2, monkeypatch):
     """The decode GEMM launched as a programmatic dependent of the fused transform (it may start before the
-    transform has finished and must wait before reading the codes), replayed from a CUDA graph on fresh
-    inputs: bitwise equal to the plain launch each time (same codes, exact integer sums)."""
+    transform has finished and must wait before reading the codes; with and without its weight's L2
+    prefetch before that wait), replayed from a CUDA graph on fresh inputs: bitwise equal to the plain
+    launch each time (same codes, exact integer sums)."""
     from flatquant.kernels import decode_gemm
     from flatquant.kernels.linear import W4A4Linear
 
+    monkeypatch.setattr(decode_gemm, "L2_PREFETCH", {kern: l2 for kern in decode_gemm.L2_PREFETCH})
     k, n = 4096, 4096
     p1 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
     p2 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
