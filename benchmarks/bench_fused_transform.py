@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--no-variants", action="store_true", help="skip the per-token / tiled kernel variants")
     ap.add_argument("--sweep", action="store_true",
                     help="only sweep the block kernel's config (tokens per step, warps, stages) at prefill, batch 16")
+    ap.add_argument("--sweep-occupancy", action="store_true",
+                    help="only sweep pipeline stages x register caps x programs per SM around the default, batch 16")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -67,8 +69,8 @@ def main() -> int:
                     baseline_median_ms=None, speedup=None, achieved_gbps=copy_gbps,
                     note="bytes read + written by a 2 GiB bf16 device-to-device copy"))
     print(f"copy bandwidth {copy_gbps:.0f} GB/s")
-    if args.sweep:
-        _sweep(writer, SWEEP_HIDDEN, copy_gbps, args)
+    if args.sweep or args.sweep_occupancy:
+        _sweep(writer, SWEEP_HIDDEN, copy_gbps, args, occupancy=args.sweep_occupancy)
         return 0
     print(f"{'hidden':>6} {'phase':>7} {'batch':>5} {'unfused ms':>10} {'fused ms':>9} {'speedup':>7} {'GB/s':>7} {'%copy':>6}")
     for n in hidden:
@@ -120,8 +122,10 @@ def main() -> int:
     return 0
 
 
-def _sweep(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
-    """Block-kernel configs around the default (block_config) at prefill: tokens per step x warps x stages."""
+def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = False) -> None:
+    """Block-kernel configs around the default (block_config) at prefill: tokens per step x warps x stages,
+    or (occupancy) pipeline stages x a register cap (maxnreg) x programs per SM, e.g. two programs of
+    128 x 128 tiles per SM with one stage and at most 128 registers per thread."""
     from flatquant.kernels import fused_transform_quant as ftq
     from flatquant.kernels.bench_utils import Rotator, bench_ms, rotation_count
     from flatquant.kernels.reference import kron_factors
@@ -141,9 +145,13 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
         default = ftq.block_config(n1p, n2p)
         bts = sorted({max(1, default["BT"] // 2), default["BT"], default["BT"] * 2})
         results = []
-        cfgs = [dict(BT=bt, num_warps=w, num_stages=st, programs_per_sm=default["programs_per_sm"])
-                for bt in bts if bt * n1p * n2p <= 2 * ftq.BLOCK_MAX_ELEMENTS for w in (4, 8) for st in (2, 3)]
-        cfgs += [{**default, "programs_per_sm": p} for p in (1, 4) if p != default["programs_per_sm"]]
+        if occupancy:
+            cfgs = [{**default, "num_stages": st, "maxnreg": reg, "programs_per_sm": 3 if reg and reg < 128 else 2}
+                    for st in (1, 2, 3) for reg in (None, 128, 96)]
+        else:
+            cfgs = [dict(BT=bt, num_warps=w, num_stages=st, programs_per_sm=default["programs_per_sm"])
+                    for bt in bts if bt * n1p * n2p <= 2 * ftq.BLOCK_MAX_ELEMENTS for w in (4, 8) for st in (2, 3)]
+            cfgs += [{**default, "programs_per_sm": p} for p in (1, 4) if p != default["programs_per_sm"]]
         if default not in cfgs:
             cfgs.append(default)
         for cfg in cfgs:

@@ -46,7 +46,7 @@ from flatquant.kernels._triton_utils import (
     _mm,
     _mm_f32rhs,
     _quantize,
-    _round_clamp,
+    _round_clamp_product,
     _scale,
     gdc_launch_dependents,
     interpreting,
@@ -329,8 +329,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         # ulp, which can move a code only at an exact .5 tie (as summation order can).
         inv = tl.reshape(tl.broadcast_to(_div_rn(tl.full((BT,), 1.0, tl.float32), s, INTERP)[:, None], (BT, N2P)),
                          (BT * N2P,))[:, None]
-        qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
-        qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
+        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
+        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         otok = t0 + qt
         om = (otok[:, None] < M) & (qj[:, None] < N2) & (h[None, :] < H)
         ob = out_ptr + otok[:, None] * stride_o + h[None, :] * N2 + qj[:, None]
@@ -411,8 +411,8 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         if g == 0:
             tl.store(scale_ptr + t, s)
         inv = _div_rn(tl.full((), 1.0, tl.float32), s, INTERP)  # as in the block kernel: y * (1/s)
-        qlo = _round_clamp(Ylo * inv, MAXQ, INTERP)
-        qhi = _round_clamp(Yhi * inv, MAXQ, INTERP)
+        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
+        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         om = (h[:, None] < H) & (c[None, :] < N2)
         ob = out_ptr + t * stride_o + h[:, None] * N2 + c[None, :]
         if PACK:
@@ -475,12 +475,13 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2, HP=next_pow2(n1 // 2),
                   BT=bt, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
                   DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(), num_warps=int(cfg["num_warps"]))
-    key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), dd)
+    regs = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
+    key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), regs.get("maxnreg"), dd)
     stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
     while True:
         try:
             _fused_block_kernel[(grid0,)](x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0), alpha32, niter,
-                                          num_stages=stages, **consts)
+                                          num_stages=stages, **regs, **consts)
             break
         except triton.runtime.errors.OutOfResources:
             if stages <= 1:
@@ -550,7 +551,8 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     most SPLIT_MAX_M tokens (decode) with padded factor tiles of at least SPLIT_MIN_TILE elements, else
     "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
     (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
-    block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm"}; see `block_config`),
+    block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm", "maxnreg"}; see
+    `block_config`; maxnreg caps the registers per thread, e.g. so that two programs fit on an SM),
     split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
     onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
     corner-case path with small values).

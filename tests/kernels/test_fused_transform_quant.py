@@ -10,6 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flatquant.kernels._triton_utils import _round_clamp
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize
 from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
 from flatquant.kernels.testing import (
@@ -18,6 +22,13 @@ from flatquant.kernels.testing import (
     TIE_TOL,
     assert_codes_match,
 )
+
+
+@triton.jit
+def _round_kernel(v_ptr, q_ptr, N: tl.constexpr, MAXQ: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < N
+    tl.store(q_ptr + r, _round_clamp(tl.load(v_ptr + r, mask=ok, other=0.0), MAXQ, INTERP), mask=ok)
 
 
 def _factor(n, device, dtype=torch.float32):
@@ -178,12 +189,14 @@ def test_block_kernel_matches_reference(n1, n2, has_p1, has_p2, dtype, bits):
     _check(x, p1, p2, 0.85, bits, split=False, kernel="block")
 
 
-@pytest.mark.parametrize("bt,programs", [(1, 3), (2, 2), (4, 1), (8, 2)])
-def test_block_kernel_configs_cover_all_tokens(bt, programs):
-    """Every tokens-per-step and a persistent grid smaller than the number of blocks."""
+@pytest.mark.parametrize("bt,programs,extra", [(1, 3, {}), (2, 2, {}), (4, 1, {}), (8, 2, {}),
+                                               (1, 2, {"num_stages": 1, "maxnreg": 128})])
+def test_block_kernel_configs_cover_all_tokens(bt, programs, extra):
+    """Every tokens-per-step, a persistent grid smaller than the number of blocks, one pipeline stage with a
+    register cap."""
     x = _inputs(13, 16 * 32, torch.float16, DEVICE)
     q, s = _check(x, _factor(16, DEVICE), _factor(32, DEVICE), 1.0, 4, split=False, kernel="block",
-                  num_programs=programs, config={"BT": bt})
+                  num_programs=programs, config={"BT": bt, **extra})
     assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
 
 
@@ -371,3 +384,31 @@ def test_inline_ieee_division_matches_torch_bit_for_bit():
         q = torch.empty_like(a)
         _div_kernel[(triton.cdiv(n, 1024),)](a, b, q, N=n, BLOCK=1024)
         assert torch.equal(q.view(torch.int32), (a / b).view(torch.int32))
+
+
+@pytest.mark.parametrize("maxq", [7, 127])
+def test_round_clamp_matches_torch_round_and_clamp(maxq):
+    """`_round_clamp` (on the GPU: one addition of 1.5 * 2**23, a clamp of the sum and the bits; in the
+    interpreter: clamp, rint, clamp) equals torch.round(v).clamp(-maxq - 1, maxq) on ties (±0.5 … ±8.5,
+    ±126.5), values near and far beyond the bounds, 2**22 and up, ±inf, denormals, and random floats over
+    many magnitudes. On the GPU a NaN gives -maxq - 1 (min/max return the non-NaN operand; the kernels
+    never produce a NaN from finite inputs); numpy's, in the interpreter, propagate it."""
+    from flatquant.kernels._triton_utils import interpreting
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.arange(-130, 131, dtype=torch.float32) + 0.5
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 2.0 ** 22, -2.0 ** 22, 2.0 ** 22 + 1, 2.0 ** 23 + 1, -2.0 ** 24,
+                            1.5 * 2.0 ** 23, -1.5 * 2.0 ** 23, 3e38, -3e38, float("inf"), float("-inf"),
+                            maxq + 0.4999999, maxq + 0.5, -maxq - 1.5, -maxq - 1.4999999])
+    rand = torch.randn(1 << 14, generator=g) * (2.0 ** (torch.rand(1 << 14, generator=g) * 40 - 20))
+    v = torch.cat([ties, -ties, special, rand, ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(1e9))])
+    v = v.float().to(DEVICE)
+    q = torch.empty(v.shape, dtype=torch.int32, device=DEVICE)
+    _round_kernel[(triton.cdiv(v.numel(), 1024),)](v, q, N=v.numel(), MAXQ=maxq, INTERP=interpreting(), BLOCK=1024)
+    assert torch.equal(q.cpu(), torch.round(v).clamp(-maxq - 1, maxq).int().cpu())
+    if interpreting():
+        return
+    nan = torch.full((16,), float("nan"), device=DEVICE)
+    qn = torch.empty(16, dtype=torch.int32, device=DEVICE)
+    _round_kernel[(1,)](nan, qn, N=16, MAXQ=maxq, INTERP=interpreting(), BLOCK=16)
+    assert torch.all(qn.cpu() == -maxq - 1)
