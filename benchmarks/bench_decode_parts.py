@@ -41,6 +41,12 @@ MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLI
 # The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
 GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
+# Warps per tile of the tensor-core kernel at M = 16 (--sweep-set mma_warps): with 2 warps per 32-row tile each
+# SM runs one warp on each of two schedulers (ncu at 1bd4ca1: one instruction every 2.8 cycles per warp,
+# 1.0 TB/s), so 4 or 8 warps per tile trade duplicated weight unpacking for latency hiding.
+MMA_WARPS_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw)
+                   for bn, nw in [(32, 2), (32, 4), (32, 8), (16, 1), (16, 2), (16, 4)] for bk in (256, 512)]
+SWEEP_SETS = {"all": None, "mma_warps": {16: MMA_WARPS_SWEEP}}
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
@@ -71,6 +77,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-set", default="all", choices=sorted(SWEEP_SETS),
+                    help="which config sweep: all, or mma_warps (M = 16 tensor-core tiles x warps, no transform sweep)")
     args = ap.parse_args()
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
@@ -157,7 +165,8 @@ def main() -> int:
             print(f"{k}x{n} M={m} {name}: {ms * 1e3:.1f} us (bf16 {bf16 * 1e3:.1f} us)", flush=True)
         if args.no_sweep:
             continue
-        for cfg in SWEEP.get(m, []):
+        sweep = SWEEP_SETS[args.sweep_set] or SWEEP
+        for cfg in sweep.get(m, []):
             full = resolved_config(m, n, k // 2, dev, {**resolved_config(m, n, k // 2, dev), **cfg})
             try:
                 ms = gemm(full, a_packed if full["KERNEL"] == "gemv" else a)  # (the dp4a kernel reads packed codes)
@@ -168,7 +177,7 @@ def main() -> int:
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
                      "activations": "packed" if full["KERNEL"] == "gemv" else fmt,
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
-        for tcfg in TRANSFORM_SWEEP:
+        for tcfg in TRANSFORM_SWEEP if args.sweep_set == "all" else []:
             try:
                 ms = graph_ms([lambda x=x: fused_transform_quantize(x, p1, p2, 1.0, 4, **tcfg) for x in xs])
             except Exception as e:

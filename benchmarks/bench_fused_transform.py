@@ -2,6 +2,9 @@
 """Paper Table 6 on this GPU: fused Kronecker transform + int4 quantize vs the unfused PyTorch sequence
 (matmul, matmul, quantize + pack), prefill (seq 2048) and decode (1 token), batch 1..64.
 
+Calls of at most GRAPH_MAX_TOKENS tokens (decode, and prefill at b <= 4) are also timed with both sides
+replayed from one CUDA graph ("fused_graph" records): eager calls that small are host bound.
+
 Achieved bandwidth counts the bytes the fused kernel must move (activations read once in bf16, packed
 int4 + float32 scale written once) over its median time, against the device's measured copy bandwidth
 (a large device-to-device copy, bytes read + written).
@@ -25,6 +28,8 @@ SEQ = 2048
 QUICK_HIDDEN = [4096, 14336]
 SWEEP_HIDDEN = [4096, 8192, 11008, 14336]
 QUICK_BATCHES = [1, 16, 64]
+# Sizes (tokens per call) also timed from CUDA graphs, both sides: where eager calls are host bound.
+GRAPH_MAX_TOKENS = 8192
 DEVICE = "cuda"
 
 
@@ -50,6 +55,7 @@ def main() -> int:
         base_fields,
         bench_ms,
         copy_bandwidth_gbps,
+        graph_ms,
         rotation_count,
     )
     from flatquant.kernels.fused_transform_quant import (
@@ -115,6 +121,18 @@ def main() -> int:
                         print(f"{n:>6} {phase:>7} {b:>5} {t_unf or float('nan'):>10.4f} {t:>9.4f} "
                               f"{(t_unf or float('nan')) / t:>6.2f}x {gbps:>7.0f} {100 * gbps / copy_gbps:>5.0f}%",
                               flush=True)
+                if tokens <= GRAPH_MAX_TOKENS:
+                    # Eager calls this small are host bound (Python + launches, 0.05-0.2 ms, varying from run to
+                    # run); both sides replayed from one CUDA graph give the kernels' own times.
+                    t_unf_g = graph_ms([lambda x=x: unfused_transform_quantize_torch(x, q1, q2, ALPHA, 4) for x in xs])
+                    t_g = graph_ms([lambda x=x: fused_transform_quantize(x, q1, q2, ALPHA, 4) for x in xs])
+                    gbps = moved / (t_g * 1e-3) / 1e9
+                    writer.add(dict(kernel="fused_graph", shape=shape, median_ms=t_g, baseline="unfused_pytorch_graph",
+                                    baseline_median_ms=t_unf_g, speedup=t_unf_g / t_g, timing="cuda_graph",
+                                    achieved_gbps=gbps, copy_gbps=copy_gbps, fraction_of_copy_bw=gbps / copy_gbps,
+                                    bytes_moved=moved, rotated_input_sets=nset))
+                    print(f"{n:>6} {phase:>7} {b:>5} {t_unf_g:>10.4f} {t_g:>9.4f} {t_unf_g / t_g:>6.2f}x "
+                          f"{gbps:>7.0f} {100 * gbps / copy_gbps:>5.0f}%  (CUDA graph)", flush=True)
                 del xs, rot
                 torch.cuda.empty_cache()
     if args.out:

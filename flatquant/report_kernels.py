@@ -70,7 +70,8 @@ def _variant_name(kernel: str) -> str:
 def _fused_data(entries):
     fused = [e for e in entries if classify(e) == "fused"]
     copy = next((e for e in fused if e.get("kernel") == "device_copy"), None)
-    runs = [e for e in fused if e.get("kernel") != "device_copy" and _num(e.get("speedup"))]
+    runs = [e for e in fused if e.get("kernel") != "device_copy" and _num(e.get("speedup"))
+            and e.get("timing") != "cuda_graph"]
     kernels = Counter(e["kernel"] for e in runs)
     default = DEFAULT_FUSED if DEFAULT_FUSED in kernels else (kernels.most_common(1)[0][0] if kernels else None)
     return fused, copy, runs, default
@@ -142,7 +143,24 @@ def _fused_section(entries) -> list[str]:
         names = " / ".join(f"`{k}`" for k in kernels)
         out += ["Kernel variants at prefill: speedup over unfused PyTorch of " + names + " (**bold**: fastest).", "",
                 _table(["Hidden (n1×n2)"] + [f"b={b}" for b in vbatches], vrows, ["l"] + ["r"] * len(vbatches)), ""]
-    return out
+    return out + _fused_graph_table(fused, hiddens, factors)
+
+
+def _fused_graph_table(fused, hiddens, factors) -> list[str]:
+    """The small calls timed from CUDA graphs on both sides (bench_fused_transform.py: eager calls that small
+    are host bound): speedup and fused-kernel µs per (phase, batch)."""
+    graph = {(e["shape"]["hidden"], e["shape"]["phase"], e["shape"].get("batch")): e for e in fused
+             if e.get("timing") == "cuda_graph" and _num(e.get("speedup"))}
+    if not graph:
+        return []
+    cols = sorted({(p, b) for _, p, b in graph}, key=lambda pb: (pb[0] != "prefill", pb[0], pb[1]))
+    rows = [[f"{h} ({factors.get(h, '?')})"]
+            + [(f"{graph[(h, p, b)]['speedup']:.2f}× ({graph[(h, p, b)]['median_ms'] * 1e3:.1f} µs)"
+                if (h, p, b) in graph else "-") for p, b in cols]
+            for h in sorted({h for h, _, _ in graph} | set(hiddens)) if any((h, p, b) in graph for p, b in cols)]
+    return ["Small calls, both sides replayed from one CUDA graph (eager calls this small are host bound): speedup "
+            "of the fused kernel over the unfused PyTorch sequence (fused µs per call). " + _provenance(graph.values()),
+            "", _table(["Hidden (n1×n2)"] + [f"{p} b={b}" for p, b in cols], rows, ["l"] + ["r"] * len(cols)), ""]
 
 
 # --------------------------------------------------------------------------------------------- linear

@@ -389,3 +389,18 @@ def test_baseline_free_probe_records_stay_out_of_the_kernel_tables():
     assert report_kernels.classify(probe) is None
     md = report.render_markdown(sample_records() + _kernel_entries() + [probe])
     assert "M=7" not in _section(md, "## Kernels")
+
+
+def test_fused_graph_timings_get_their_own_table():
+    """bench_fused_transform.py's CUDA-graph records (small calls, both sides from graphs) stay out of the main
+    table, the variants and the best-bandwidth column, and get a table of their own."""
+    files = sample_kernel_files()
+    graph = [{**_fused("fused_graph", 4096, phase, 1, ms, base, 9999.0), "timing": "cuda_graph",
+              "baseline": "unfused_pytorch_graph"} for phase, ms, base in [("prefill", 0.01, 0.05), ("decode", 0.004, 0.02)]]
+    entries = [{"kind": report.KERNEL_KIND, **e, "_path": f"results/kernels/{f}"}
+               for f, es in files.items() for e in es + (graph if "fused" in f else [])]
+    k = _section(report.render_markdown(sample_records() + entries), "## Kernels")
+    assert "| 4096 (64×64) | prefill | 1.25× | 2.50× | 900 GB/s (30%), round-once, b=1 |" in k  # unchanged
+    assert "graph" not in k.split("Small calls")[0].split("Kernel variants")[1]
+    assert "| Hidden (n1×n2) | prefill b=1 | decode b=1 |" in k
+    assert "| 4096 (64×64) | 5.00× (10.0 µs) | 5.00× (4.0 µs) |" in k
