@@ -83,7 +83,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels import decode_gemm, fused_transform_quant
+    from flatquant.kernels import decode_gemm, fused_decode, fused_transform_quant
     from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
@@ -143,6 +143,13 @@ def main() -> int:
             variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
                             mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
+        # M <= FUSED_MAX_M: the one-launch kernel (fused_decode.py) off (transform + GEMM, two kernels), without its
+        # L2 prefetch, and with other rows per program
+        if m <= fused_decode.FUSED_MAX_M:
+            variants["fused_decode_off"] = (fused_decode, dict(FUSED_MAX_M=0))
+            variants["fused_decode_no_l2"] = (fused_decode, dict(L2_PREFETCH=False))
+            for rows in (16, 32, 64, 128):
+                variants[f"fused_decode_rows{rows}"] = (fused_decode, dict(ROWS=rows))
         # both decode kernels asking L2 for their weight slice before the PDL wait, on and off
         variants["l2_prefetch_on"] = (decode_gemm, dict(L2_PREFETCH={kern: True for kern in decode_gemm.L2_PREFETCH}))
         variants["l2_prefetch_off"] = (decode_gemm, dict(L2_PREFETCH={kern: False for kern in decode_gemm.L2_PREFETCH}))

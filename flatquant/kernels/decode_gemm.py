@@ -265,6 +265,29 @@ def _nibbles_signed(t):
 
 
 @triton.jit
+def gemv_step(a, w, acc, asum, PACK: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """One K step of the dp4a gemv: activation words a (BLOCK_M, 1, BLOCK_KW) x weight words w (1, BLOCK_N,
+    BLOCK_KW) into acc (BLOCK_M, BLOCK_N, BLOCK_KW); for packed int4 also the activation code sums asum
+    (BLOCK_M, 1, BLOCK_KW) that take the weights' +8 offset off at the end (see `_gemv_kernel`). Also used by
+    `fused_decode.py`."""
+    if PACK:
+        ones = tl.full((BLOCK_M, 1, BLOCK_KW), 0x01010101, tl.int32)
+        a_lo = _nibbles_signed(a & 0x0F0F0F0F)
+        a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
+        asum = _dp4a(a_hi, ones, _dp4a(a_lo, ones, asum, True, EMULATE), True, EMULATE)
+        u = w ^ -0x77777778  # 0x88888888: every nibble's sign bit flipped
+        w_lo = tl.broadcast_to(u & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
+        w_hi = tl.broadcast_to((u >> 4) & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
+        acc = _dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
+        acc = _dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
+    else:
+        acc = _dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BLOCK_KW)),
+                    tl.broadcast_to(a, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, True, EMULATE)
+    return acc, asum
+
+
+@triton.jit
 def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_am, stride_wn, stride_cm,
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
                  USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
@@ -286,7 +309,6 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
     asum = tl.zeros((BLOCK_M, 1, BLOCK_KW), dtype=tl.int32)
-    ones = tl.full((BLOCK_M, 1, BLOCK_KW), 0x01010101, tl.int32)
     w_rows = w_ptr + rn_l[None, :, None] * stride_wn
     # The weight does not depend on the previous kernel: its first PREFETCH (1 or 2) tiles are requested
     # before waiting for that kernel (USE_GDC: launched as a programmatic dependent of the fused
@@ -317,18 +339,7 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
                 w_next2 = w_ahead
             else:
                 w_next = w_ahead
-        if PACK:
-            a_lo = _nibbles_signed(a & 0x0F0F0F0F)
-            a_hi = _nibbles_signed((a >> 4) & 0x0F0F0F0F)
-            asum = _dp4a(a_hi, ones, _dp4a(a_lo, ones, asum, True, EMULATE), True, EMULATE)
-            u = w ^ -0x77777778  # 0x88888888: every nibble's sign bit flipped
-            w_lo = tl.broadcast_to(u & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
-            w_hi = tl.broadcast_to((u >> 4) & 0x0F0F0F0F, (BLOCK_M, BLOCK_N, BLOCK_KW))
-            acc = _dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
-            acc = _dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, False, EMULATE)
-        else:
-            acc = _dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BLOCK_KW)),
-                        tl.broadcast_to(a, (BLOCK_M, BLOCK_N, BLOCK_KW)), acc, True, EMULATE)
+        acc, asum = gemv_step(a, w, acc, asum, PACK, EMULATE, BLOCK_M, BLOCK_N, BLOCK_KW)
     tot = tl.sum(acc, axis=2)
     if PACK:
         tot -= 8 * tl.sum(asum, axis=2)

@@ -276,6 +276,31 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
 
 
 @triton.jit
+def block_codes(X, P2, P1lo, P1hi, alpha, BT: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr,
+                HAS_P2: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr,
+                INTERP: tl.constexpr):
+    """The block kernel's math for BT tokens X ((BT*N1P, N2P), rows = (token, i)): codes Yᵀ_lo / Yᵀ_hi
+    ((BT*N2P, HP) int32, rows = (token, j): element (j, h) is the low / high nibble of packed byte h*n2 + j)
+    and the (BT,) scales (see `_fused_block_kernel`). Also used by `fused_decode.py`."""
+    if HAS_P2:
+        V = _mm(X, P2, IS_F32, INTERP).to(DT)
+    else:
+        V = X
+    Vt = tl.reshape(tl.permute(tl.reshape(V, (BT, N1P, N2P)), (0, 2, 1)), (BT * N2P, N1P))
+    Ylo = _mm(Vt, P1lo, IS_F32, INTERP)
+    Yhi = _mm(Vt, P1hi, IS_F32, INTERP)
+    # Row maxima in the dot's own layout first; only the (BT*N2P,) vector changes shape.
+    rmax = tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1))
+    amax = tl.max(tl.reshape(rmax, (BT, N2P)), axis=1)
+    s = _scale(amax, alpha, MAXQ, INTERP)
+    # One IEEE division per token, then products: y * (1/s) differs from y / s by at most one float32
+    # ulp, which can move a code only at an exact .5 tie (as summation order can).
+    inv = tl.reshape(tl.broadcast_to(_div_rn(tl.full((BT,), 1.0, tl.float32), s, INTERP)[:, None], (BT, N2P)),
+                     (BT * N2P,))[:, None]
+    return _round_clamp_product(Ylo, inv, MAXQ, INTERP), _round_clamp_product(Yhi, inv, MAXQ, INTERP), s
+
+
+@triton.jit
 def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
                         NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                         N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
@@ -295,12 +320,14 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     j = tl.arange(0, N2P)
     a = tl.arange(0, N1P)
     h = tl.arange(0, HP)
-    if HAS_P2:
-        pm = (j[:, None] < N2) & (j[None, :] < N2)
-        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
     qm = (a[:, None] < N1) & (h[None, :] < H)
     P1lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
     P1hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
+    if HAS_P2:
+        pm = (j[:, None] < N2) & (j[None, :] < N2)
+        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
+    else:
+        P2 = P1lo  # unused (block_codes skips the first product)
     r = tl.arange(0, BT * N1P)          # X rows: (token r // N1P, factor row r % N1P)
     rt = r // N1P
     ri = r % N1P
@@ -313,24 +340,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         tok = t0 + rt
         xm = (tok[:, None] < M) & (ri[:, None] < N1) & (j[None, :] < N2)
         X = tl.load(x_ptr + tok[:, None] * stride_x + ri[:, None] * N2 + j[None, :], mask=xm, other=0.0).to(DT)
-        if HAS_P2:
-            V = _mm(X, P2, IS_F32, INTERP).to(DT)
-        else:
-            V = X
-        Vt = tl.reshape(tl.permute(tl.reshape(V, (BT, N1P, N2P)), (0, 2, 1)), (BT * N2P, N1P))
-        Ylo = _mm(Vt, P1lo, IS_F32, INTERP)
-        Yhi = _mm(Vt, P1hi, IS_F32, INTERP)
-        # Row maxima in the dot's own layout first; only the (BT*N2P,) vector changes shape.
-        rmax = tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1))
-        amax = tl.max(tl.reshape(rmax, (BT, N2P)), axis=1)
-        s = _scale(amax, alpha, MAXQ, INTERP)
+        qlo, qhi, s = block_codes(X, P2, P1lo, P1hi, alpha, BT, N1P, N2P, HAS_P2, IS_F32, MAXQ, DT, INTERP)
         tl.store(scale_ptr + t0 + tb, s, mask=t0 + tb < M)
-        # One IEEE division per token, then products: y * (1/s) differs from y / s by at most one float32
-        # ulp, which can move a code only at an exact .5 tie (as summation order can).
-        inv = tl.reshape(tl.broadcast_to(_div_rn(tl.full((BT,), 1.0, tl.float32), s, INTERP)[:, None], (BT, N2P)),
-                         (BT * N2P,))[:, None]
-        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
-        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         otok = t0 + qt
         om = (otok[:, None] < M) & (qj[:, None] < N2) & (h[None, :] < H)
         ob = out_ptr + otok[:, None] * stride_o + h[None, :] * N2 + qj[:, None]

@@ -12,6 +12,8 @@ Two backends with the same semantics (`flatquant.kernels.reference`):
 Switch with `module.backend = "triton"` or `set_backend(model, "triton")`.
 
 GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in_features:
+- M <= fused_decode.FUSED_MAX_M (1) where that kernel takes the case (`uses_fused_decode`): transform,
+  quantize and GEMV in one launch (fused_decode.py);
 - M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
 - M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
   INT8 + scale epilogue; cublas_routes.py) when cuBLASLt accepts the sizes / output dtype, else the
@@ -169,6 +171,17 @@ class W4A4Linear(nn.Module):
                 return r
         return DEFAULT_GEMM_ROUTE
 
+    def uses_fused_decode(self, x2: torch.Tensor) -> bool:
+        """Whether the Triton backend runs `x2` ((M, in)) through the one-launch decode kernel
+        (`fused_decode.py`: M <= FUSED_MAX_M, route auto/decode, a case that kernel takes)."""
+        from flatquant.kernels import fused_decode
+
+        p1, p2 = self._factors(x2.dtype)
+        return (self._backend == "triton" and x2.shape[0] <= fused_decode.FUSED_MAX_M and not self.split_intermediate
+                and (self.gemm_route or "auto") in ("auto", "decode")
+                and fused_decode.supported(x2.shape[0], self.in_features, self.out_features, p1, p2, self.bits, x2,
+                                           self.qweight))
+
     def dequantized_weight(self) -> torch.Tensor:
         return ref.unpack_codes(self.qweight, self.bits).float() * self.weight_scale[:, None]
 
@@ -185,6 +198,10 @@ class W4A4Linear(nn.Module):
             a, sa = ref.transform_quantize_reference(x2, p1, p2, alpha, self.bits,
                                                      round_intermediate=not self.split_intermediate)
             y = ref.w4a4_gemm_reference(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
+        elif self.uses_fused_decode(x2):
+            from flatquant.kernels import fused_decode
+
+            y = fused_decode.fused_decode_linear(x2, p1, p2, alpha, self.qweight, self.weight_scale, self.bias, out_dtype)
         else:
             from flatquant.kernels import cublas_routes as cb
             from flatquant.kernels import decode_gemm
