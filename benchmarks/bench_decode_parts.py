@@ -143,13 +143,10 @@ def main() -> int:
             variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
                             mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
-        # M <= FUSED_MAX_M: the one-launch kernel (fused_decode.py) off (transform + GEMM, two kernels), without its
-        # L2 prefetch, and with other rows per program
-        if m <= fused_decode.FUSED_MAX_M:
-            variants["fused_decode_off"] = (fused_decode, dict(FUSED_MAX_M=0))
-            variants["fused_decode_no_l2"] = (fused_decode, dict(L2_PREFETCH=False))
-            for rows in (16, 32, 64, 128):
-                variants[f"fused_decode_rows{rows}"] = (fused_decode, dict(ROWS=rows))
+        # M = 1: the one-launch kernel (fused_decode.py; off by default), with and without its L2 prefetch
+        if m == 1:
+            variants["fused_decode_on"] = (fused_decode, dict(FUSED_MAX_M=1))
+            variants["fused_decode_on_l2"] = (fused_decode, dict(FUSED_MAX_M=1, L2_PREFETCH=True))
         # both decode kernels asking L2 for their weight slice before the PDL wait, on and off
         variants["l2_prefetch_on"] = (decode_gemm, dict(L2_PREFETCH={kern: True for kern in decode_gemm.L2_PREFETCH}))
         variants["l2_prefetch_off"] = (decode_gemm, dict(L2_PREFETCH={kern: False for kern in decode_gemm.L2_PREFETCH}))

@@ -25,7 +25,7 @@ DECODE_PARTS_BASELINE = "bf16_gemv_cudagraph"
 # bench_decode_parts.py's pieces, in the order of the decode breakdown table.
 DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), ("decode_gemm_default", "GEMM"),
                 ("w4a4_linear_auto", "layer"),
-                ("w4a4_linear_auto_fused_decode_off", "layer, two launches (transform, then GEMM)"),
+                ("w4a4_linear_auto_fused_decode_on", "layer, one launch (fused_decode.py)"),
                 ("w4a4_linear_auto_pdl_on", "layer, PDL on"),
                 ("w4a4_linear_auto_pdl_off", "layer, PDL off"),
                 ("w4a4_linear_auto_gemv_prefetch2", "layer, gemv 2 tiles ahead"),
@@ -277,8 +277,8 @@ def _decode_parts_section(entries) -> list[str]:
     return ["### Decode, piece by piece", "",
             ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over 8 rotated weight "
              "sets (no launch overhead): the BF16 GEMV, the fused transform + quantize alone, the decode GEMM alone "
-             "(default config), and the whole W4A4 layer (at M = 1 one launch: transform, quantize and GEMV in "
-             "`fused_decode.py`; next to it the two-launch path) with the default PDL setting and with the GEMM launched as "
+             "(default config), and the whole W4A4 layer (at M = 1 also as one launch: transform, quantize and GEMV in "
+             "`fused_decode.py`, off by default) with the default PDL setting and with the GEMM launched as "
              "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
              "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
              "loop unpipelined, fed packed activation codes, or on offset weight codes (+8, two more MMAs); the "

@@ -18,7 +18,8 @@ does all of it for its own rows of W, with nothing to wait for:
 Same semantics as `fused_transform_quantize` followed by `w4a4_gemm_decode` (the same codes, exact
 integer sums, the same float32 epilogue order). Packed int4 only; even n1 with factor tiles on chip (the
 block kernel's case); rows of whole int32 words. `supported` says whether a call qualifies;
-`W4A4Linear` takes this path for M <= FUSED_MAX_M when it does.
+`W4A4Linear` takes this path for M <= FUSED_MAX_M when it does. Off by default: measured slower than
+the two launches it replaces (see FUSED_MAX_M).
 """
 from __future__ import annotations
 
@@ -37,11 +38,17 @@ from flatquant.kernels.decode_gemm import _prefetch_rows, gemv_step
 from flatquant.kernels.fused_transform_quant import ONCHIP_MAX_ELEMENTS, block_codes
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
 
-# Tokens per call this path takes in W4A4Linear (each program transforms every token itself, so the
-# redundant work grows with M; the two-kernel path takes larger M).
-FUSED_MAX_M = 1
-# Ask L2 for each program's weight rows before the transform (one request per 128-byte line).
-L2_PREFETCH = True
+# Tokens per call this path takes in W4A4Linear: 0, i.e. off. On the H200 at 2f62032 it was slower than the
+# two-launch path at M = 1 on every decode shape (bench_decode_parts.py, CUDA graphs; 4096 x 4096, 4096 ->
+# 14336, 14336 -> 4096): 8.7 / 16.2 / 19.0 us against 7.3 / 12.5 / 15.8 us, and 8.2 / 14.1 / 16.0 us at best
+# without the L2 prefetch (results/archive/kernels-h200-2f62032/). With about one program per SM the gemv
+# part has one 16-32 KB weight tile in flight per SM, where the separate gemv kernel keeps ~8 programs'
+# tiles in flight, and the transform it repeats per program is not shorter than the dependent launch it
+# saves. Set it to 1 (or pass through `fused_decode_linear`) to use the path.
+FUSED_MAX_M = 0
+# Ask L2 for each program's weight rows before the transform (one request per 128-byte line); at 2f62032
+# the kernel was faster without (above).
+L2_PREFETCH = False
 # int32 weight words per thread in one K step (per register buffer; two buffers are live).
 WORDS_PER_THREAD = 32
 # Rows of W per program; None: about one program per SM (`decode_linear_config`).

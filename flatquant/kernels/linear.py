@@ -12,8 +12,8 @@ Two backends with the same semantics (`flatquant.kernels.reference`):
 Switch with `module.backend = "triton"` or `set_backend(model, "triton")`.
 
 GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in_features:
-- M <= fused_decode.FUSED_MAX_M (1) where that kernel takes the case (`uses_fused_decode`): transform,
-  quantize and GEMV in one launch (fused_decode.py);
+- M <= fused_decode.FUSED_MAX_M (0 by default: off, measured slower) where that kernel takes the case
+  (`uses_fused_decode`): transform, quantize and GEMV in one launch (fused_decode.py);
 - M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
 - M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
   INT8 + scale epilogue; cublas_routes.py) when cuBLASLt accepts the sizes / output dtype, else the

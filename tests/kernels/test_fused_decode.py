@@ -78,7 +78,10 @@ def test_fused_decode_edge_tokens_and_refusals():
 @pytest.mark.parametrize("m", [1, 2])
 def test_layer_takes_the_fused_decode_path(m, monkeypatch):
     """W4A4Linear (Triton backend) at M <= FUSED_MAX_M runs the one-launch kernel and gives the same output
-    as the two-kernel path (FUSED_MAX_M = 0)."""
+    as the two-kernel path (FUSED_MAX_M = 0, the default)."""
+    from flatquant.kernels import fused_decode as fd
+
+    assert fd.FUSED_MAX_M == 0
     from flatquant.kernels import fused_decode, linear
 
     n1, n2, n_out = 16, 32, 48
@@ -101,7 +104,7 @@ def test_layer_takes_the_fused_decode_path(m, monkeypatch):
 @pytest.mark.parametrize("n_in,n_out", [(4096, 4096), (4096, 14336), (14336, 4096), (11008, 4096), (4096, 11008),
                                         (576, 1536), (1536, 576)])
 def test_fused_decode_model_shapes_gpu(n_in, n_out):
-    """Default config (rows per program from the SM count, L2 prefetch on) at Llama/Qwen/SmolLM2 shapes:
+    """Default config (rows per program from the SM count) at Llama/Qwen/SmolLM2 shapes:
     bitwise equal to the block transform + decode GEMM, on fresh inputs three times (scratch reuse)."""
     from flatquant.kernels.reference import kron_factors
 
