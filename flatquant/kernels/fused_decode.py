@@ -35,7 +35,7 @@ from flatquant.kernels._triton_utils import (
     triton_dtype,
 )
 from flatquant.kernels.decode_gemm import _prefetch_rows, gemv_step
-from flatquant.kernels.fused_transform_quant import ONCHIP_MAX_ELEMENTS, block_codes
+from flatquant.kernels.fused_transform_quant import ONCHIP_MAX_ELEMENTS, block_codes, load_block_factors
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
 
 # Tokens per call this path takes in W4A4Linear: 0, i.e. off. On the H200 at 2f62032 it was slower than the
@@ -106,14 +106,7 @@ def _fused_decode_kernel(x_ptr, p1_ptr, p2_ptr, w_ptr, sw_ptr, bias_ptr, c_ptr, 
     j = tl.arange(0, N2P)
     a = tl.arange(0, N1P)
     h = tl.arange(0, HP)
-    qm = (a[:, None] < N1) & (h[None, :] < H)
-    P1lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
-    P1hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
-    if HAS_P2:
-        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=(j[:, None] < N2) & (j[None, :] < N2),
-                     other=0.0).to(DT)
-    else:
-        P2 = P1lo  # unused (block_codes skips the first product)
+    P1lo, P1hi, P2 = load_block_factors(p1_ptr, p2_ptr, N1, N2, N1P, N2P, H, HP, HAS_P2, DT)
     xm = (a[:, None] < N1) & (j[None, :] < N2)
     om = (j[:, None] < N2) & (h[None, :] < H)
     sa = tl.zeros((BLOCK_M,), dtype=tl.float32)

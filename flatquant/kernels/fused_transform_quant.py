@@ -276,6 +276,25 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
 
 
 @triton.jit
+def load_block_factors(p1_ptr, p2_ptr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr,
+                       H: tl.constexpr, HP: tl.constexpr, HAS_P2: tl.constexpr, DT: tl.constexpr):
+    """The block kernel's factor tiles, zero-padded, in the dot dtype: P1[:, :H] and P1[:, H:] ((N1P, HP)
+    each) and P2 ((N2P, N2P); P1lo as a placeholder when there is none: `block_codes` then skips it)."""
+    j = tl.arange(0, N2P)
+    a = tl.arange(0, N1P)
+    h = tl.arange(0, HP)
+    qm = (a[:, None] < N1) & (h[None, :] < H)
+    P1lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
+    P1hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
+    if HAS_P2:
+        pm = (j[:, None] < N2) & (j[None, :] < N2)
+        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
+    else:
+        P2 = P1lo
+    return P1lo, P1hi, P2
+
+
+@triton.jit
 def block_codes(X, P2, P1lo, P1hi, alpha, BT: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr,
                 HAS_P2: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr,
                 INTERP: tl.constexpr):
@@ -318,16 +337,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)
-    a = tl.arange(0, N1P)
     h = tl.arange(0, HP)
-    qm = (a[:, None] < N1) & (h[None, :] < H)
-    P1lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
-    P1hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
-    if HAS_P2:
-        pm = (j[:, None] < N2) & (j[None, :] < N2)
-        P2 = tl.load(p2_ptr + j[:, None] * N2 + j[None, :], mask=pm, other=0.0).to(DT)
-    else:
-        P2 = P1lo  # unused (block_codes skips the first product)
+    P1lo, P1hi, P2 = load_block_factors(p1_ptr, p2_ptr, N1, N2, N1P, N2P, H, HP, HAS_P2, DT)
     r = tl.arange(0, BT * N1P)          # X rows: (token r // N1P, factor row r % N1P)
     rt = r // N1P
     ri = r % N1P
