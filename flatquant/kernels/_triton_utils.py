@@ -13,11 +13,6 @@ if not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-try:  # Triton >= 3.0
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover
-    from triton.language.math import libdevice  # type: ignore
-
 
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (a kernel launched while the previous one finishes; it waits in
@@ -114,42 +109,36 @@ def _mm_f32rhs(p, t, DT: tl.constexpr, IS_F32: tl.constexpr, SPLIT: tl.constexpr
             return _mm(p, hi, IS_F32, INTERP)
 
 
-@triton.jit
-def _rint(v, INTERP: tl.constexpr):
-    """Round half to even (torch.round). |v| must be < 2**22 (callers clamp first)."""
-    if INTERP:
-        # libdevice is unavailable in the interpreter; the 1.5 * 2**23 trick rounds ties to even.
-        return (v + 12582912.0) - 12582912.0
-    else:
-        return libdevice.rint(v)
-
-
 # 1.5 * 2**23: adding it to a float32 of magnitude < 2**22 rounds that float to an integer (half to even),
 # which then sits in the low mantissa bits (the sum's bits are 0x4B400000 + the integer).
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
-    """clamp(round_half_even(v), -MAXQ - 1, MAXQ) as int32 (NaN gives -MAXQ - 1).
-
-    On the GPU in four full-rate instructions and no conversion unit: one IEEE addition of 1.5 * 2**23
-    (add.rn: kept apart from the product before it, so the rounding is that of fl(v)), a clamp of the sum
+def _codes_of_rounded_sum(t, MAXQ: tl.constexpr):
+    """Codes from t = v + 1.5 * 2**23 (v rounded to an integer in the sum's mantissa): a clamp of the sum
     to [magic - MAXQ - 1, magic + MAXQ] (clamping to integer bounds before or after rounding is the same;
-    values too large to round exactly land beyond the bounds), and an integer subtraction of the bits.
-    The low nibble / byte of the result are those of the sum's bits, so callers' packing masks fold the
-    subtraction away. The earlier form (clamp, rint, clamp, convert) cost two conversions per element
-    (FRND and F2I, 16 per cycle per SM on sm_90) and four min/max."""
+    values too large to round exactly land beyond the bounds), then the sum's bits minus the magic's. The
+    low nibble / byte of the result are those of the bits, so callers' packing masks fold the subtraction
+    away."""
+    t = tl.minimum(tl.maximum(t, _ROUND_MAGIC - MAXQ - 1.0), _ROUND_MAGIC + MAXQ)
+    return t.to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
+    """clamp(round_half_even(v), -MAXQ - 1, MAXQ) as int32 (on the GPU a NaN gives -MAXQ - 1).
+
+    Four full-rate instructions and no conversion unit: one IEEE addition of 1.5 * 2**23 (on the GPU
+    add.rn, kept apart from the product before it, so the rounding is that of fl(v)), then
+    `_codes_of_rounded_sum`. The earlier form (clamp, rint, clamp, convert) cost two conversions per
+    element (FRND and F2I, 16 per cycle per SM on sm_90) and four min/max."""
     if INTERP:
-        v = tl.minimum(tl.maximum(v, -MAXQ - 2.0), MAXQ + 1.0)  # pre-clamped so that _rint stays exact
-        q = _rint(v, INTERP)
-        q = tl.minimum(tl.maximum(q, -MAXQ - 1.0), MAXQ * 1.0)
-        return q.to(tl.int32)
+        t = v + _ROUND_MAGIC  # numpy: one IEEE float32 addition
     else:
         t = tl.inline_asm_elementwise("add.rn.f32 $0, $1, 0f4B400000;", "=f,f", [v], dtype=tl.float32,
                                       is_pure=True, pack=1)
-        t = tl.minimum(tl.maximum(t, _ROUND_MAGIC - MAXQ - 1.0), _ROUND_MAGIC + MAXQ)
-        return t.to(tl.int32, bitcast=True) - 0x4B400000
+    return _codes_of_rounded_sum(t, MAXQ)
 
 
 @triton.jit
@@ -162,9 +151,7 @@ def _round_clamp_product(y, inv, MAXQ: tl.constexpr, INTERP: tl.constexpr):
     if INTERP:
         return _round_clamp(y * inv, MAXQ, INTERP)
     else:
-        t = tl.fma(y, inv, _ROUND_MAGIC)
-        t = tl.minimum(tl.maximum(t, _ROUND_MAGIC - MAXQ - 1.0), _ROUND_MAGIC + MAXQ)
-        return t.to(tl.int32, bitcast=True) - 0x4B400000
+        return _codes_of_rounded_sum(tl.fma(y, inv, _ROUND_MAGIC), MAXQ)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from flatquant.kernels._triton_utils import (
     stream_state,
     triton_dtype,
 )
-from flatquant.kernels.decode_gemm import _prefetch_rows, gemv_step
+from flatquant.kernels.decode_gemm import _lines, _prefetch_rows, gemv_step
 from flatquant.kernels.fused_transform_quant import ONCHIP_MAX_ELEMENTS, block_codes, load_block_factors
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
 
@@ -119,7 +119,7 @@ def _fused_decode_kernel(x_ptr, p1_ptr, p2_ptr, w_ptr, sw_ptr, bias_ptr, c_ptr, 
         sa = tl.where(rm == t, tl.sum(s, axis=0), sa)
     # 3. the codes as int32 words: written by this program's threads, visible to all of them after the barrier
     tl.debug_barrier()
-    a_words = sw32_ptr + pid.to(tl.int64) * (BLOCK_M * KW // 1) + rm[:, None, None] * KW
+    a_words = sw32_ptr + pid.to(tl.int64) * (BLOCK_M * KW) + rm[:, None, None] * KW
     m_ok = rm < M
     # 4. the gemv, the next weight tile requested before each step's arithmetic
     acc = tl.zeros((BLOCK_M, ROWS, BLOCK_KW), dtype=tl.int32)
@@ -159,8 +159,9 @@ def fused_decode_linear(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tens
     m, n_in = x.shape
     n_out = w.shape[0]
     if not supported(m, n_in, n_out, p1, p2, 4, x, w):
+        shapes = [None if p is None else tuple(p.shape) for p in (p1, p2)]
         raise ValueError(f"fused_decode_linear does not take M={m}, in={n_in}, out={n_out}, dtype={x.dtype}, "
-                         f"factors {None if p1 is None else tuple(p1.shape)} x {None if p2 is None else tuple(p2.shape)}")
+                         f"factors {shapes[0]} x {shapes[1]}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     n1 = p1.shape[0] if p1 is not None else (n_in // p2.shape[0] if p2 is not None else kron_factors(n_in)[0])
     n2 = n_in // n1
@@ -179,7 +180,7 @@ def fused_decode_linear(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tens
     out = torch.empty((m, n_out), device=x.device, dtype=out_dtype or x.dtype)
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
-    lines = triton.next_power_of_2(triton.cdiv(kw - bkw, 32)) if cfg["L2_PREFETCH"] and kw > bkw else 0
+    lines = _lines(kw - bkw, 32) if cfg["L2_PREFETCH"] else 0
     interp = interpreting()
     _fused_decode_kernel[(grid,)](
         x, p1c, p2c, w.view(torch.int32), sw, b, out, scratch.view(torch.uint8), scratch, n_out, x.stride(0),

@@ -176,11 +176,12 @@ class W4A4Linear(nn.Module):
         (`fused_decode.py`: M <= FUSED_MAX_M, route auto/decode, a case that kernel takes)."""
         from flatquant.kernels import fused_decode
 
+        if (self._backend != "triton" or x2.shape[0] > fused_decode.FUSED_MAX_M or self.split_intermediate
+                or (self.gemm_route or "auto") not in ("auto", "decode")):
+            return False  # (the cheap checks first: this runs on every forward)
         p1, p2 = self._factors(x2.dtype)
-        return (self._backend == "triton" and x2.shape[0] <= fused_decode.FUSED_MAX_M and not self.split_intermediate
-                and (self.gemm_route or "auto") in ("auto", "decode")
-                and fused_decode.supported(x2.shape[0], self.in_features, self.out_features, p1, p2, self.bits, x2,
-                                           self.qweight))
+        return fused_decode.supported(x2.shape[0], self.in_features, self.out_features, p1, p2, self.bits, x2,
+                                      self.qweight)
 
     def dequantized_weight(self) -> torch.Tensor:
         return ref.unpack_codes(self.qweight, self.bits).float() * self.weight_scale[:, None]
@@ -201,7 +202,8 @@ class W4A4Linear(nn.Module):
         elif self.uses_fused_decode(x2):
             from flatquant.kernels import fused_decode
 
-            y = fused_decode.fused_decode_linear(x2, p1, p2, alpha, self.qweight, self.weight_scale, self.bias, out_dtype)
+            y = fused_decode.fused_decode_linear(x2, p1, p2, alpha, self.qweight, self.weight_scale, self.bias,
+                                                 out_dtype)
         else:
             from flatquant.kernels import cublas_routes as cb
             from flatquant.kernels import decode_gemm

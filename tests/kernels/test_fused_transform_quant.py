@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 from flatquant.kernels._triton_utils import _round_clamp
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize

@@ -81,10 +81,9 @@ def test_every_gemm_route_matches_reference(route, tokens):
     .5 tie between kernel and reference transform (allowed and tested in test_fused_transform_quant),
     which is not what this test is about."""
     pytest.importorskip("triton")
+    from flatquant.kernels.decode_gemm import activation_format
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.reference import w4a4_gemm_reference
-
-    from flatquant.kernels.decode_gemm import activation_format
 
     m, *_ = _layer(96, 40, transform="both")
     m.gemm_route = route
