@@ -92,7 +92,6 @@ def main() -> int:
 
     dev = torch.device("cuda")
     base = base_fields()
-    base["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     out = RecordWriter(args.out, base)
     sets = 8  # weights rotated so that one does not sit in L2 (50 MB)
     for (k, n), m in itertools.product(SHAPES, [int(v) for v in args.ms.split(",")]):

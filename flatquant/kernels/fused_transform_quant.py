@@ -104,6 +104,15 @@ def pdl_trigger() -> int:
 
 
 @triton.jit
+def _pdl_trigger(TRIGGER: tl.constexpr, HERE: tl.constexpr, INTERP: tl.constexpr):
+    """Let a decode GEMM launched as a programmatic dependent start (griddepcontrol.launch_dependents) if
+    this is the point TRIGGER names (`pdl_trigger`: 1 start, 2 end); it still waits for all our writes in
+    gdc_wait."""
+    if TRIGGER == HERE and not INTERP:
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _code_cast(q, OUT_T: tl.constexpr):
     """Unpacked codes as the output wants them: int8, or float8 e4m3 (|q| <= 8 is exact there) so that
     the cuBLASLt FP8 GEMM can read them without a conversion pass."""
@@ -121,8 +130,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                          IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
                          TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
-    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
-        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
+    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -184,8 +192,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
             tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
         else:
             tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
-    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
-        gdc_launch_dependents()
+    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
 @triton.jit
@@ -197,8 +204,7 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr,
                         TRIGGER: tl.constexpr):
     NH: tl.constexpr = (N1 * N2) // 2
-    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
-        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
+    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     i = tl.arange(0, N1P)
@@ -271,8 +277,7 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
             if ps == 0:
                 s = _scale(amax, alpha, MAXQ, INTERP)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
-    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
-        gdc_launch_dependents()
+    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
 @triton.jit
@@ -332,8 +337,7 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
     packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
     second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros."""
-    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
-        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
+    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)
@@ -361,8 +365,7 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
         else:
             tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
             tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
-    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
-        gdc_launch_dependents()
+    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
 @triton.jit
@@ -385,8 +388,7 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
     must be resident together: the launcher keeps G * tokens <= SMs. PHASE 0 is that one launch. The
     CPU interpreter runs programs one after another, so there a poll would never end: it launches
     PHASE 1 (compute, publish) and then PHASE 2 (compute again, read the slots, quantize, store)."""
-    if TRIGGER == 1 and not INTERP:  # a decode GEMM launched as a programmatic dependent may start now
-        gdc_launch_dependents()        # (it waits for all our writes in gdc_wait)
+    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     g = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     if G > 1:
@@ -442,8 +444,7 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         else:
             tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
             tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
-    if TRIGGER == 2 and not INTERP:  # ... or only once our stores are issued
-        gdc_launch_dependents()
+    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
 def _plan(n: int, p1, p2, bits: int, packed: bool = True):
