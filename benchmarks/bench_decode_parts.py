@@ -28,25 +28,21 @@ GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=8, GEMV_BLOCK_K=bk, GEMV_PREFETC
 # The dp4a kernel's loop pipelined through shared memory (GEMV_PREFETCH 0, GEMV_STAGES deep) instead.
 GEMV_SWEEP += [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw, GEMV_PREFETCH=0, GEMV_STAGES=st)
                for bn, bk, nw in [(4, 1024, 2), (8, 1024, 4), (8, 512, 4), (4, 512, 2), (16, 1024, 8)] for st in (2, 3, 4)]
-MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=256, SPLIT_K=sk, num_warps=bn // 16)
-                  for bn in (64, 128) for sk in (1, 2, 4, 8)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=sk, num_warps=8)
-                   for bk in (128, 512) for sk in (1, 4)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=128, BLOCK_K=256, SPLIT_K=sk, num_warps=8, num_stages=st)
-                   for st in (2, 4) for sk in (1, 4)]
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=256, BLOCK_K=128, SPLIT_K=sk, num_warps=8) for sk in (1, 4)]
-# Narrow tiles (more programs over the SMs at N = 4096): 32 rows on 2 warps, 16 rows on 1 warp.
-MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=bn // 16)
-                   for bn in (16, 32) for bk in (256, 512) for sk in (1, 2, 4)]
+# The tensor-core kernel, weight as the MMA's A operand: rows per program (BLOCK_N) x K sub-ranges per program
+# (SUB, one warp each) x bytes per sub-range and step (BLOCK_K), 256-1024 bytes per step; then splits over
+# programs (SPLIT_K) and the two other weight-nibble forms on one tile.
+MMA_SWAP_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, SUB=sub, BLOCK_K=bk, SPLIT_K=1, num_warps=sub)
+                  for bn in (16, 32, 64) for sub in (2, 4, 8) for bk in (64, 128, 256) if 256 <= sub * bk <= 1024]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, SUB=4, BLOCK_K=128, SPLIT_K=sk, num_warps=4)
+                   for bn in (32, 64) for sk in (2, 4)]
+MMA_SWAP_SWEEP += [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=32, SUB=sub, BLOCK_K=bk, SPLIT_K=1, num_warps=sub,
+                        W_NIBBLES=nib) for sub, bk in ((2, 256), (4, 128)) for nib in ("signed", "offset")]
 # The dp4a kernel pinned at M = 16, with tiles small enough for its (16, rows, words) accumulator.
 GEMV_M16_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
                   [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 128, 4), (16, 128, 8), (2, 512, 4)]]
-# Warps per tile of the tensor-core kernel at M = 16 (--sweep-set mma_warps): with 2 warps per 32-row tile each
-# SM runs one warp on each of two schedulers (ncu at 1bd4ca1: one instruction every 2.8 cycles per warp,
-# 1.0 TB/s), so 4 or 8 warps per tile trade duplicated weight unpacking for latency hiding.
-MMA_WARPS_SWEEP = [dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw)
-                   for bn, nw in [(32, 2), (32, 4), (32, 8), (16, 1), (16, 2), (16, 4)] for bk in (256, 512)]
-SWEEP_SETS = {"all": None, "mma_warps": {16: MMA_WARPS_SWEEP}}
+# --sweep-set sub: only the tensor-core tiles above, at M = 1 as well (where the dp4a kernel is the default), and
+# no transform sweep.
+SWEEP_SETS = {"all": None, "sub": {1: MMA_SWAP_SWEEP, 16: MMA_SWAP_SWEEP}}
 SWEEP = {1: GEMV_SWEEP, 4: GEMV_SWEEP + [dict(KERNEL="mma", SWAP_AB=True)],
          16: MMA_SWAP_SWEEP + [dict(KERNEL="mma", SWAP_AB=False)] + GEMV_M16_SWEEP}
 # Fused transform + quantize launch variants (at decode its latency is the cost): the split kernel (the
@@ -78,7 +74,7 @@ def main() -> int:
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-set", default="all", choices=sorted(SWEEP_SETS),
-                    help="which config sweep: all, or mma_warps (M = 16 tensor-core tiles x warps, no transform sweep)")
+                    help="which config sweep: all, or sub (tensor-core tiles x K sub-ranges at M = 1 and 16, no transform sweep)")
     args = ap.parse_args()
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda
 
@@ -112,6 +108,7 @@ def main() -> int:
         q = [quantize_weight_reference(w.float(), 4) for w in ws]
         a = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs]
         a_packed = [fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs]
+        a_bytes = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format="int8") for x in xs]  # one code per byte
 
         def gemm(cfg, acts=a):
             return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
@@ -141,7 +138,8 @@ def main() -> int:
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
             variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
-                            mma_offset_weight=(decode_gemm, dict(MMA_SIGNED_WEIGHT=False)))
+                            mma_signed_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="signed")),
+                            mma_offset_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="offset")))
         # M = 1: the one-launch kernel (fused_decode.py; off by default), with and without its L2 prefetch
         if m == 1:
             variants["fused_decode_on"] = (fused_decode, dict(FUSED_MAX_M=1))
@@ -171,14 +169,14 @@ def main() -> int:
         sweep = SWEEP_SETS[args.sweep_set] or SWEEP
         for cfg in sweep.get(m, []):
             full = resolved_config(m, n, k // 2, dev, {**resolved_config(m, n, k // 2, dev), **cfg})
-            try:
-                ms = gemm(full, a_packed if full["KERNEL"] == "gemv" else a)  # (the dp4a kernel reads packed codes)
+            try:  # the dp4a kernel reads packed codes, the tensor-core kernel codes one per byte
+                ms = gemm(full, a_packed if full["KERNEL"] == "gemv" else a_bytes)
             except Exception as e:  # a config the compiler refuses (shared memory): recorded as such
                 print(f"  {cfg}: {type(e).__name__}", flush=True)
                 continue
             out.add({"kernel": "decode_gemm_sweep", "shape": shape, "median_ms": ms, "baseline": "bf16_gemv_cudagraph",
                      "baseline_median_ms": bf16, "speedup": bf16 / ms, "timing": "cuda_graph", "config": full,
-                     "activations": "packed" if full["KERNEL"] == "gemv" else fmt,
+                     "activations": "packed" if full["KERNEL"] == "gemv" else "int8",
                      "achieved_gbps": n * k / 2 / (ms * 1e-3) / 1e9})
         for tcfg in TRANSFORM_SWEEP if args.sweep_set == "all" else []:
             try:
@@ -191,6 +189,15 @@ def main() -> int:
                      "timing": "cuda_graph", "achieved_gbps": None})
             print(f"  transform {tcfg}: {ms * 1e3:.1f} us", flush=True)
         swept = [r for r in out.records if r["kernel"] == "decode_gemm_sweep" and r["shape"] == shape]
+        mma = [r for r in swept if r["config"]["KERNEL"] == "mma" and r["config"].get("SWAP_AB")]
+        if mma:  # the whole layer with the fastest swept tensor-core config as the decode default (any M)
+            best = min(mma, key=lambda r: r["median_ms"])["config"]
+            with _patched(decode_gemm, decode_config=lambda *_, cfg=best: dict(cfg)):
+                ms = layer_ms()
+            out.add({"kernel": "w4a4_linear_auto_best_mma", "shape": shape, "median_ms": ms,
+                     "baseline": "bf16_gemv_cudagraph", "baseline_median_ms": bf16, "speedup": bf16 / ms,
+                     "timing": "cuda_graph", "config": best, "achieved_gbps": n * k * 2 / (ms * 1e-3) / 1e9})
+            print(f"  layer with best mma config {best}: {ms * 1e3:.1f} us (bf16 {bf16 * 1e3:.1f} us)", flush=True)
         for kern in sorted({(r["config"]["KERNEL"], bool(r["config"].get("SWAP_AB"))) for r in swept}):
             ms, cfg = min(((r["median_ms"], r["config"]) for r in swept
                            if (r["config"]["KERNEL"], bool(r["config"].get("SWAP_AB"))) == kern), key=lambda t: t[0])

@@ -40,7 +40,7 @@ MAX_M = 16
 # M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
 GEMV_MAX_M = 4
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
-INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
+INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SUB=2, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
 # The gemv kernel: rows of W and bytes of K per step, by M (a config may override either; KERNEL "mma"
 # sends small M to the tensor-core kernel instead). From the H200 sweep (bench_decode_parts.py, 5aea87e):
 # 8 rows x 1024 bytes was within 5 % of the best config on all three shapes at M = 1; at M = 4 the
@@ -59,10 +59,11 @@ MMA_STAGES = 3
 # The fused transform writes 4-bit activation codes one per byte (out_format "int8") for the tensor-core
 # kernel (`activation_format`): its activation tiles then go from cp.async straight into the MMA.
 MMA_UNPACKED_ACTIVATIONS = True
-# The tensor-core kernel sign-extends the weight nibbles (config key "SIGNED_W"): two MMAs per K step. Off,
-# they become offset codes (code + 8), and with codes one per byte two more MMAs against a -8 tile remove
-# the offset.
-MMA_SIGNED_WEIGHT = True
+# How the tensor-core kernel turns weight nibbles into int8 MMA operands (config key "W_NIBBLES"): "x16"
+# (16 x code: 3 instructions per 8 codes, sums shifted back once), "signed" (sign-extended codes: 7
+# instructions per 8 codes), or "offset" (code + 8; with codes one per byte two more MMAs against a -8 tile
+# remove the offset). Two MMAs per K step for the first two.
+MMA_WEIGHT_NIBBLES = "x16"
 # Which decode kernels ask L2 for their whole weight slice (prefetch.global.L2, one request per 128-byte
 # line) before the PDL wait (config key "L2_PREFETCH"): the weight does not depend on the transform, so
 # its read could overlap the transform. Off: in the layer on the H200 (9428087) it gained <= 0.3 us on
@@ -90,13 +91,20 @@ GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
-                   A_CODES: tl.constexpr, SIGNED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STAGES: tl.constexpr, L2_LINES: tl.constexpr):
+                   A_CODES: tl.constexpr, W_NIBBLES: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr):
+    """Tiles are (SUB, rows, BLOCK_K): each K step covers SUB * BLOCK_K bytes, sub-range s the bytes
+    [s * BLOCK_K, (s + 1) * BLOCK_K) of it, and the dots are batched over s (Triton puts the warps on the
+    batch dimension: one warp per sub-range at num_warps = SUB). The SUB partial sums meet once, after the
+    loop. This splits K inside the program: at M = 16 the weight tile is the only work, so more warps per
+    tile, each on its own K bytes, is what hides latency (2 warps on 32 rows issued one instruction every
+    2.8 cycles, ncu at 1bd4ca1), where more warps on the same 2-D tile only duplicated it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, SUB)
     m_ok = rm < M
     n_ok = rn < N
     rn_l = tl.where(n_ok, rn, 0).to(tl.int64)  # clamped rows: W loads need only the K mask
@@ -106,62 +114,64 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     if USE_GDC:  # launched as a programmatic dependent: its launch overlaps the previous kernel's tail
         gdc_wait()
     if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
+        acc = tl.zeros((SUB, BLOCK_N, 16), dtype=tl.int32)
     else:
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
-    asum = tl.zeros((16,), dtype=tl.int32)
+        acc = tl.zeros((SUB, 16, BLOCK_N), dtype=tl.int32)
+    asum = tl.zeros((SUB, 16), dtype=tl.int32)
+    w_rows = w_ptr + rn_l[None, :, None] * stride_wn
+    a_rows = a_ptr + rm[None, :, None] * stride_am
     # tl.range with explicit stages: without it Triton's pipeliner leaves these loads synchronous (the
     # weight passes through the unpack before the dot; sm_90 TTGIR at 38a3875: one tile's full memory
     # latency per step); with it both tiles stream into shared memory by cp.async, STAGES deep.
     for it in tl.range(ITERS, num_stages=STAGES):
-        kk = k_start + it * BLOCK_K + rk
-        k_ok = kk < KH
-        am = m_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + rn_l[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
-        w8 = w.to(tl.int8, bitcast=True)
+        kk = k_start + it * (SUB * BLOCK_K) + rs[:, None] * BLOCK_K + rk[None, :]  # (SUB, BLOCK_K)
+        k_ok = (kk < KH)[:, None, :]
+        am = m_ok[None, :, None] & k_ok
+        w8 = tl.load(w_rows + kk[:, None, :], mask=k_ok, other=0).to(tl.int8, bitcast=True)
         if A_CODES:  # 4-bit codes one per byte, natural order: element kk meets the low nibbles, kk + K/2 the high
-            a_lo = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0)
-            a_hi = tl.load(a_ptr + rm[:, None] * stride_am + (KH + kk)[None, :], mask=am, other=0)
+            a_lo = tl.load(a_rows + kk[:, None, :], mask=am, other=0)
+            a_hi = tl.load(a_rows + (KH + kk)[:, None, :], mask=am, other=0)
         else:
-            a8 = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=am, other=0).to(tl.int8, bitcast=True)
+            a8 = tl.load(a_rows + kk[:, None, :], mask=am, other=0).to(tl.int8, bitcast=True)
             if PACK:
                 a_lo, a_hi = (a8 << 4) >> 4, a8 >> 4
         if PACK:
-            # Weight nibbles, 4 bytes per instruction sequence: sign-extended to int8 (two dots, nothing to
-            # correct), or as offset codes (code + 8, 0..15: still valid int8 MMA operands) whose offset
-            # comes off as 8 * sum(activation codes) per row: summed from the unpacked tile, or (A_CODES:
-            # the activation tiles then go from cp.async straight to the MMA, never through registers) by
-            # two more MMAs against a constant -8 tile.
-            if SIGNED_W:
-                w_lo, w_hi = _sign_extend_nibbles(w8, EMULATE)
-            else:
-                w_lo, w_hi = _offset_nibbles(w8, EMULATE)
-            correct_by_mma = A_CODES and not SIGNED_W
+            # Weight nibbles, 4 bytes per instruction sequence (`_weight_nibbles`): 16 x code (W_NIBBLES "x16":
+            # the sums come out 16x, exact, and are shifted back once), sign-extended codes ("signed"), or
+            # offset codes code + 8 ("offset", 0..15: still valid int8 MMA operands) whose offset comes off as
+            # 8 * sum(activation codes) per row: summed from the unpacked tile, or (A_CODES: the activation
+            # tiles then go from cp.async straight to the MMA, never through registers) by two more MMAs
+            # against a constant -8 tile.
+            w_lo, w_hi = _weight_nibbles(w8, W_NIBBLES, EMULATE)
+            offset = W_NIBBLES == "offset"
             if SWAP_AB:  # the weight is the MMA's A operand, as loaded (no transpose of the big tile)
-                acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
-                acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
-                if correct_by_mma:
-                    minus8 = tl.full((BLOCK_N, BLOCK_K), -8, tl.int8)
-                    acc = tl.dot(minus8, tl.trans(a_lo), acc, out_dtype=tl.int32)
-                    acc = tl.dot(minus8, tl.trans(a_hi), acc, out_dtype=tl.int32)
+                acc = tl.dot(w_lo, tl.permute(a_lo, (0, 2, 1)), acc, out_dtype=tl.int32)
+                acc = tl.dot(w_hi, tl.permute(a_hi, (0, 2, 1)), acc, out_dtype=tl.int32)
+                if A_CODES and offset:
+                    minus8 = tl.full((SUB, BLOCK_N, BLOCK_K), -8, tl.int8)
+                    acc = tl.dot(minus8, tl.permute(a_lo, (0, 2, 1)), acc, out_dtype=tl.int32)
+                    acc = tl.dot(minus8, tl.permute(a_hi, (0, 2, 1)), acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-                acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-                if correct_by_mma:
-                    minus8 = tl.full((BLOCK_K, BLOCK_N), -8, tl.int8)
+                acc = tl.dot(a_lo, tl.permute(w_lo, (0, 2, 1)), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.permute(w_hi, (0, 2, 1)), acc, out_dtype=tl.int32)
+                if A_CODES and offset:
+                    minus8 = tl.full((SUB, BLOCK_K, BLOCK_N), -8, tl.int8)
                     acc = tl.dot(a_lo, minus8, acc, out_dtype=tl.int32)
                     acc = tl.dot(a_hi, minus8, acc, out_dtype=tl.int32)
-            if not A_CODES and not SIGNED_W:
-                asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=1)
+            if not A_CODES and offset:
+                asum += tl.sum(a_lo.to(tl.int32) + a_hi.to(tl.int32), axis=2)
         else:
             if SWAP_AB:
-                acc = tl.dot(w8, tl.trans(a8), acc, out_dtype=tl.int32)
+                acc = tl.dot(w8, tl.permute(a8, (0, 2, 1)), acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a8, tl.trans(w8), acc, out_dtype=tl.int32)
+                acc = tl.dot(a8, tl.permute(w8, (0, 2, 1)), acc, out_dtype=tl.int32)
+    acc = tl.sum(acc, axis=0)  # the sub-ranges meet
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PACK and not A_CODES and not SIGNED_W:
-        acc -= 8 * asum[:, None]
+    if PACK and W_NIBBLES == "x16":
+        acc = acc >> 4  # every product was 16x: exact
+    if PACK and not A_CODES and W_NIBBLES == "offset":
+        acc -= 8 * tl.sum(asum, axis=0)[:, None]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         ws = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -171,11 +181,44 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            acc = tl.atomic_xchg(ws, tl.zeros((16, BLOCK_N), dtype=tl.int32), mask=mask, sem="acq_rel")
+            # Relaxed: the counter's acquire (one thread, then the CTA barrier that hands `arrived` to all)
+            # already orders these after the other programs' adds, and atomics read L2. An acq_rel exchange
+            # costs a MEMBAR.ALL.GPU and an L1 invalidation per element (sm_90 SASS).
+            acc = tl.atomic_xchg(ws, tl.zeros((16, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
             _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:
         _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _weight_nibbles(w8, MODE: tl.constexpr, EMULATE: tl.constexpr):
+    """Packed int4 weight bytes -> (low, high) nibbles as int8 MMA operands, by MODE: "x16" 16 x code
+    (`_nibbles_x16`), "signed" the code (`_sign_extend_nibbles`), "offset" code + 8 (`_offset_nibbles`)."""
+    if MODE == "x16":
+        return _nibbles_x16(w8, EMULATE)
+    elif MODE == "signed":
+        return _sign_extend_nibbles(w8, EMULATE)
+    else:
+        return _offset_nibbles(w8, EMULATE)
+
+
+@triton.jit
+def _nibbles_x16(w8, EMULATE: tl.constexpr):
+    """Packed int4 bytes (int8 tensor) -> (low, high) nibbles as 16 x code: a nibble moved to the top of its
+    byte, low bits zero, IS the signed byte 16 * code (the nibble's sign bit lands on the byte's). So the
+    high nibbles are one AND with 0xF0F0F0F0 and the low ones a shift left by 4 and the same AND, four
+    bytes per 32-bit register (inline PTX, pack=4): 3 instructions per 8 codes against 7 for sign extension.
+    Products and sums are then 16x the codes' (|sum| <= 16 * 64 * K: int32 holds K < 2**21), and one exact
+    arithmetic shift by 4 after the loop gives the sums."""
+    if EMULATE:
+        return w8 << 4, w8 & -16
+    else:
+        lo = tl.inline_asm_elementwise("shl.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0xF0F0F0F0;", "=r,r", [w8],
+                                       dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [w8], dtype=tl.int8, is_pure=True,
+                                       pack=4)
+        return lo, hi
 
 
 @triton.jit
@@ -370,8 +413,8 @@ def decode_config(n: int, kh: int, device: torch.device) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     bn = 32
-    bk = 512 if triton.cdiv(n, bn) <= num_sms(device) else 256
-    return dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MMA_WARPS=2)
+    bk = 256 if triton.cdiv(n, bn) <= num_sms(device) else 128
+    return dict(BLOCK_N=bn, BLOCK_K=bk, SUB=2, SPLIT_K=1, MMA_WARPS=2)
 
 
 def _lines(span: int, line: int) -> int:
@@ -456,19 +499,24 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                                             L2_LINES=_lines(kw - ahead * bkw, 32) if l2 else 0,
                                             num_warps=cfg.get("num_warps", cfg.get("GEMV_WARPS", 4)), **launch)
         return out
-    bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"]))
-    # K slice per split, a whole number of BLOCK_K steps; drop splits that would be empty.
-    k_per = triton.cdiv(triton.cdiv(kh, split), bk) * bk
-    split = triton.cdiv(kh, k_per)
-    atomic = split > 1
+    bn, bk, split, sub = cfg["BLOCK_N"], cfg["BLOCK_K"], max(1, int(cfg["SPLIT_K"])), int(cfg.get("SUB", 1))
+    nibbles = cfg.get("W_NIBBLES", MMA_WEIGHT_NIBBLES)
     if bn < 16:
         raise ValueError(f"BLOCK_N must be >= 16, got {bn}")
+    if sub < 1 or sub & (sub - 1):
+        raise ValueError(f"SUB (K sub-ranges per program) must be a power of two, got {sub}")
+    if nibbles not in ("x16", "signed", "offset"):
+        raise ValueError(f"W_NIBBLES must be 'x16', 'signed' or 'offset', got {nibbles!r}")
+    # K slice per split, a whole number of steps (SUB x BLOCK_K bytes); drop splits that would be empty.
+    step = sub * bk
+    k_per = triton.cdiv(triton.cdiv(kh, split), step) * step
+    split = triton.cdiv(kh, k_per)
+    atomic = split > 1
     ws, counters = _workspace(a.device, n) if atomic else (out, out)
     _decode_kernel[(triton.cdiv(n, bn), split)](
         a8, w8, sa, sw, b, out, ws, counters, m, n, kh, a8.stride(0), w8.stride(0), out.stride(0), k_per, split,
-        ITERS=k_per // bk, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
-        EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, SIGNED_W=bool(cfg.get("SIGNED_W", MMA_SIGNED_WEIGHT)),
-        BLOCK_N=bn, BLOCK_K=bk, STAGES=int(cfg.get("num_stages", MMA_STAGES)),
-        L2_LINES=_lines(k_per, 128) if l2 else 0,
-        num_warps=cfg.get("num_warps", cfg.get("MMA_WARPS", 4)), **launch)
+        ITERS=k_per // step, HAS_BIAS=bias is not None, PACK=pack, ATOMIC=atomic, SWAP_AB=bool(cfg["SWAP_AB"]),
+        EMULATE=interpreting(), USE_GDC=pdl, A_CODES=a_codes, W_NIBBLES=nibbles, SUB=sub, BLOCK_N=bn, BLOCK_K=bk,
+        STAGES=int(cfg.get("num_stages", MMA_STAGES)), L2_LINES=_lines(k_per, 128) if l2 else 0,
+        num_warps=cfg.get("num_warps", cfg.get("MMA_WARPS", sub)), **launch)
     return out

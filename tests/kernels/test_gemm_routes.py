@@ -50,12 +50,12 @@ def _close(y, yr, out_dtype, ulps=1.0, bf16_bias=None):
                                          (3, 33, 200, 8)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("signed_w", [False, True])
-def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab, signed_w):
-    """The tensor-core decode kernel (pinned: KERNEL "mma"), both operand orders, split-K 1-8, weight
-    nibbles sign-extended or as offset codes."""
+@pytest.mark.parametrize("nibbles,sub", [("x16", 1), ("x16", 2), ("signed", 4), ("offset", 2)])
+def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab, nibbles, sub):
+    """The tensor-core decode kernel (pinned: KERNEL "mma"), both operand orders, split-K 1-8 across
+    programs and 1-4 K sub-ranges inside one, weight nibbles as 16 x code, sign-extended or offset codes."""
     a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
-    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SIGNED_W=signed_w)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SUB=sub, W_NIBBLES=nibbles)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, out_dtype, 4, config=cfg)
     assert y.shape == (m, n) and y.dtype == out_dtype
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, out_dtype, 4), out_dtype)
@@ -63,8 +63,8 @@ def test_decode_gemm_int4(m, n, k, split, out_dtype, swap_ab, signed_w):
 
 @pytest.mark.parametrize("m,n,k,split", [(5, 40, 576, 1), (16, 96, 1536, 4), (3, 33, 200, 8), (16, 64, 64, 1)])
 @pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("signed_w", [False, True])
-def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab, signed_w):
+@pytest.mark.parametrize("nibbles,sub", [("x16", 2), ("signed", 1), ("offset", 2)])
+def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab, nibbles, sub):
     """The tensor-core kernel on 4-bit activation codes one per byte ((M, K) int8, natural order, as the
     fused transform writes with out_format="int8"; with offset weight codes the offset then comes off by
     MMAs against a constant tile): equal to the packed call and to the reference. Pinned to the dp4a
@@ -72,7 +72,7 @@ def test_decode_gemm_one_code_per_byte_activations(m, n, k, split, swap_ab, sign
     a, sa, qw, sw, b = _operands(m, n, k, bias=(n % 2 == 0))
     codes = unpack_int4(a)
     assert codes.dtype == torch.int8 and codes.shape == (m, k)
-    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SIGNED_W=signed_w)
+    cfg = dict(KERNEL="mma", SWAP_AB=swap_ab, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, SUB=sub, W_NIBBLES=nibbles)
     y = w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=cfg)
     yr = w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4)
     _close(y, yr, torch.float32)
@@ -91,13 +91,17 @@ def test_decode_gemm_int8_codes_and_limits():
     a, sa, qw, sw, _ = _operands(2, 32, 64)
     with pytest.raises(ValueError, match="GEMV_PREFETCH"):
         w4a4_gemm_decode(a, sa, qw, sw, config=dict(KERNEL="gemv", GEMV_PREFETCH=3))
+    with pytest.raises(ValueError, match="SUB"):
+        w4a4_gemm_decode(a, sa, qw, sw, config=dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, SUB=3))
+    with pytest.raises(ValueError, match="W_NIBBLES"):
+        w4a4_gemm_decode(a, sa, qw, sw, config=dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, W_NIBBLES="x8"))
 
 
-@pytest.mark.parametrize("signed_w", [False, True])
-def test_decode_gemm_extreme_codes_exact(signed_w):
+@pytest.mark.parametrize("nibbles", ["x16", "signed", "offset"])
+def test_decode_gemm_extreme_codes_exact(nibbles):
     """-8 x -8 everywhere and -8 x 7 (the code range's ends), packed and one code per byte."""
     m, n, k = 2, 32, 512
-    cfg = dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, SIGNED_W=signed_w)
+    cfg = dict(KERNEL="mma", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, SUB=2, W_NIBBLES=nibbles)
     for wv, want in ((-8, 64.0 * k), (7, -56.0 * k)):
         codes = torch.full((m, k), -8, dtype=torch.int8)
         w = pack_int4(torch.full((n, k), wv, dtype=torch.int8)).to(DEVICE)
@@ -167,6 +171,26 @@ def test_decode_gemm_gpu_default_config(m, n, k):
     a, sa, qw, sw, b = _operands(m, n, k)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.bfloat16)
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.bfloat16, 4), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (14336, 4096)])
+def test_decode_gemm_gpu_sub_ranges_and_nibbles_bitwise(m, n, k):
+    """Tensor-core tiles with 1-8 K sub-ranges per program, splits over programs, and the three weight-nibble
+    forms at model shapes, on codes one per byte: the int32 sums are exact, so every config gives the same
+    output bit for bit, and it matches the reference."""
+    a, sa, qw, sw, b = _operands(m, n, k)
+    codes = unpack_int4(a)
+    cfgs = [dict(BLOCK_N=bn, SUB=sub, BLOCK_K=bk, SPLIT_K=sk, W_NIBBLES=nib)
+            for bn, sub, bk, sk, nib in [(32, 2, 256, 1, "x16"), (32, 4, 128, 1, "x16"), (16, 8, 64, 1, "x16"),
+                                         (64, 4, 64, 2, "x16"), (32, 1, 512, 4, "x16"), (32, 2, 256, 1, "signed"),
+                                         (32, 4, 128, 1, "offset")]]
+    ys = [w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=dict(KERNEL="mma", SWAP_AB=True, **c))
+          for c in cfgs]
+    for y, c in zip(ys[1:], cfgs[1:]):
+        assert torch.equal(y, ys[0]), c
+    _close(ys[0], w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="L2 prefetch: GPU only (the interpreter skips it)")
