@@ -54,6 +54,22 @@ TRANSFORM_SWEEP += [dict(kernel="split", config=dict(CB=cb, num_warps=nw)) for c
 TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)) for nw in (4, 8)]
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
+# --layer-sweep: the whole layer (not the GEMM alone: at decode the two kernels overlap, and a GEMM that is
+# faster alone can be slower behind the transform) with one decode setting changed at a time. Tags name
+# (module, attribute values): gemv rows x K bytes per step x warps at M <= GEMV_MAX_M (a step as long as
+# the row requests the whole weight slice before the PDL wait), tensor-core tiles (BLOCK_N x SUB x BLOCK_K),
+# and the transform's split kernel (columns per program, warps).
+def _layer_sweep(decode_gemm, fused_transform_quant):
+    gemv = {f"gemv_{bn}x{bk}_w{nw}": (decode_gemm, dict(GEMV_CONFIG={
+        **decode_gemm.GEMV_CONFIG, 1: dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw, SWAP_AB=True)}))
+        for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
+    mma = {f"mma_{bn}x{sub}x{bk}": (decode_gemm, dict(decode_config=lambda *_, c=dict(BLOCK_N=bn, SUB=sub, BLOCK_K=bk,
+                                                                                      SPLIT_K=1, MMA_WARPS=sub): dict(c)))
+           for bn, sub, bk in [(32, 4, 256), (16, 4, 256), (32, 2, 128), (16, 2, 256), (32, 4, 128), (32, 2, 256)]}
+    split = {f"split_cb{cb}_w{nw}": (fused_transform_quant, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
+             for cb, nw in [(16, 8), (64, 8), (32, 4), (128, 8)]}
+    return {**gemv, **mma, **split}
+
 
 @contextlib.contextmanager
 def _patched(module, **values):
@@ -73,6 +89,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--layer-sweep", action="store_true", help="also time the layer under the _layer_sweep settings")
     ap.add_argument("--sweep-set", default="all", choices=sorted(SWEEP_SETS),
                     help="which config sweep: all, or sub (tensor-core tiles x K sub-ranges at M = 1 and 16, no transform sweep)")
     args = ap.parse_args()
@@ -151,6 +168,8 @@ def main() -> int:
         # the transform's PDL trigger (letting the GEMM start) after its stores, or never
         variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))
         variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
+        if args.layer_sweep:
+            variants.update(_layer_sweep(decode_gemm, fused_transform_quant))
         for tag, (module, values) in variants.items():
             with _patched(module, **values):
                 wholes[tag] = layer_ms()

@@ -413,8 +413,9 @@ def decode_config(n: int, kh: int, device: torch.device) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     bn = 32
-    bk = 256 if triton.cdiv(n, bn) <= num_sms(device) else 128
-    return dict(BLOCK_N=bn, BLOCK_K=bk, SUB=2, SPLIT_K=1, MMA_WARPS=2)
+    if triton.cdiv(n, bn) <= num_sms(device):  # one wave: 4 sub-ranges of 256 bytes per step
+        return dict(BLOCK_N=bn, BLOCK_K=256, SUB=4, SPLIT_K=1, MMA_WARPS=4)
+    return dict(BLOCK_N=bn, BLOCK_K=128, SUB=2, SPLIT_K=1, MMA_WARPS=2)
 
 
 def _lines(span: int, line: int) -> int:
