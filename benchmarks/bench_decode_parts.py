@@ -59,7 +59,7 @@ TRANSFORM_SWEEP += [dict(kernel="token")]
 # (module, attribute values): gemv rows x K bytes per step x warps at M <= GEMV_MAX_M (a step as long as
 # the row requests the whole weight slice before the PDL wait), tensor-core tiles (BLOCK_N x SUB x BLOCK_K),
 # and the transform's split kernel (columns per program, warps).
-def _layer_sweep(decode_gemm, fused_transform_quant):
+def _layer_sweep(m, decode_gemm, fused_transform_quant):
     gemv = {f"gemv_{bn}x{bk}_w{nw}": (decode_gemm, dict(GEMV_CONFIG={
         **decode_gemm.GEMV_CONFIG, 1: dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw, SWAP_AB=True)}))
         for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
@@ -68,7 +68,7 @@ def _layer_sweep(decode_gemm, fused_transform_quant):
            for bn, sub, bk in [(32, 4, 256), (16, 4, 256), (32, 2, 128), (16, 2, 256), (32, 4, 128), (32, 2, 256)]}
     split = {f"split_cb{cb}_w{nw}": (fused_transform_quant, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
              for cb, nw in [(16, 8), (64, 8), (32, 4), (128, 8)]}
-    return {**gemv, **mma, **split}
+    return {**(gemv if m <= decode_gemm.GEMV_MAX_M else mma), **split}
 
 
 @contextlib.contextmanager
@@ -169,7 +169,7 @@ def main() -> int:
         variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))
         variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
         if args.layer_sweep:
-            variants.update(_layer_sweep(decode_gemm, fused_transform_quant))
+            variants.update(_layer_sweep(m, decode_gemm, fused_transform_quant))
         for tag, (module, values) in variants.items():
             with _patched(module, **values):
                 wholes[tag] = layer_ms()
