@@ -108,8 +108,9 @@ def main() -> int:
         p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0]
         lin = W4A4Linear.from_float(w, None, p1, p2, act_clip=0.9, backend="triton")
         # Layer copies (own weight buffers) rotated like the bf16 weights: a 4096 x 11008 int4 weight
-        # (22 MB) fits in the 50 MB L2, so timing one layer over and over would flatter the W4A4 side.
-        lins = [lin] + [copy.deepcopy(lin) for _ in range(3)]
+        # (22 MB) fits in the 50 MB L2, so timing one layer over and over would flatter the W4A4 side. As
+        # many copies as make twice the L2 (12 at 4096 x 4096, whose 4 copies were 34 MB), at least 4.
+        lins = [lin] + [copy.deepcopy(lin) for _ in range(max(4, rotation_count(n * k // 2, cap=16)) - 1)]
         ws = [w_bf16] + [w_bf16.clone() for _ in range(3)]
         w8 = w.to(torch.float8_e4m3fn) if smm is not None else None
         wcodes = {f: [l._weight_codes(f) for l in lins] for f in ("int8", "fp8")}  # the layer caches
@@ -118,7 +119,7 @@ def main() -> int:
             shape = {"in": k, "out": n, "M": m, "n1": n1, "n2": n2, "dtype": "bfloat16", "bits": 4}
             nset = max(4, rotation_count(m * k * 2 + n * k // 2, cap=16))
             xs = [torch.randn(m, k, device=dev, dtype=bf16) for _ in range(nset)]
-            t_bf16 = bench(Rotator([(xs[i], ws[i % 4]) for i in range(nset)])(lambda x, wt: torch.matmul(x, wt.t())))
+            t_bf16 = bench(Rotator([(xs[i], ws[i % len(ws)]) for i in range(nset)])(lambda x, wt: torch.matmul(x, wt.t())))
             base = dict(baseline="bf16_cublas", baseline_median_ms=t_bf16)
             gb = lambda t, nbytes: nbytes / (t * 1e-3) / 1e9
             lin_bytes = m * k * 2 + n * k // 2 + m * n * 2
@@ -130,9 +131,10 @@ def main() -> int:
                 for l in lins:
                     l.gemm_route = None if route == "auto" else route
                 taken = lin.gemm_route_for(m, bf16, dev)
-                t = bench(Rotator([(xs[i], lins[i % 4]) for i in range(nset)])(lambda x, l: l(x)))
+                t = bench(Rotator([(xs[i % nset], lins[i % len(lins)]) for i in range(max(nset, len(lins)))])(
+                    lambda x, l: l(x)))
                 writer.add(dict(kernel=f"w4a4_linear_{route}", route_taken=taken, shape=shape, median_ms=t, **base,
-                                speedup=t_bf16 / t, achieved_gbps=gb(t, lin_bytes), rotated_input_sets=nset))
+                                speedup=t_bf16 / t, achieved_gbps=gb(t, lin_bytes), rotated_input_sets=nset, rotated_weight_sets=len(lins)))
                 line.append(f"{route}->{taken}: {t:.4f} {t_bf16 / t:.2f}x")
             for l in lins:
                 l.gemm_route = None
@@ -140,10 +142,11 @@ def main() -> int:
                 try:
                     tg_b = graph_ms([lambda x=xs[i], wt=ws[i]: torch.matmul(x, wt.t()) for i in range(4)],
                                     args.warmup_ms, args.rep_ms)
-                    tg = graph_ms([lambda x=xs[i], l=lins[i]: l(x) for i in range(4)], args.warmup_ms, args.rep_ms)
+                    tg = graph_ms([lambda x=xs[i % nset], l=lins[i]: l(x) for i in range(len(lins))], args.warmup_ms,
+                                  args.rep_ms)
                     writer.add(dict(kernel="w4a4_linear_auto_cudagraph", route_taken=lin.gemm_route_for(m, bf16, dev),
                                     shape=shape, median_ms=tg, baseline="bf16_cublas_cudagraph", baseline_median_ms=tg_b,
-                                    speedup=tg_b / tg, achieved_gbps=gb(tg, lin_bytes)))
+                                    speedup=tg_b / tg, achieved_gbps=gb(tg, lin_bytes), rotated_weight_sets=len(lins)))
                     line.append(f"graph: {tg:.4f} {tg_b / tg:.2f}x")
                 except Exception as e:
                     writer.add(dict(kernel="w4a4_linear_auto_cudagraph", shape=shape, median_ms=None, baseline=None,
@@ -167,7 +170,7 @@ def main() -> int:
                     gemms[r] = (codes, lambda a, sa, i, fmt=fmt, fn=fn: fn(a, sa, wcodes[fmt][i], lins[i].weight_scale,
                                                                            None, bf16))
             for r, (acts, fn) in gemms.items():
-                sets = [(*acts[i], i % 4) for i in range(nset)]
+                sets = [(*acts[i % nset], i % len(lins)) for i in range(max(nset, len(lins)))]
                 try:
                     t = bench(Rotator(sets)(fn))
                 except Exception as e:

@@ -4,8 +4,8 @@
 # Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep),
 # ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set), ncu_cases
 # (benchmarks/profile_cases.py under Nsight Compute: decode GEMMs and the prefill transform, diagnostic).
-# All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s): more than one device call allows, so
-# run them as two calls. The JSON files are rewritten after every record, so a step cut short still
+# All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s; TEST_TIMEOUT, LINEAR_TIMEOUT and
+# DECODE_TIMEOUT change three of them): more than one device call allows, so run them as two calls. The JSON files are rewritten after every record, so a step cut short still
 # leaves its finished records.
 set -u
 : "${OUT:?set OUT to an output folder}"
@@ -20,7 +20,7 @@ unset TRITON_INTERPRET
 STEPS="${KERNEL_STEPS:-tests fused linear decode}"  # any subset, e.g. KERNEL_STEPS="fused linear"
 if [[ " $STEPS " == *" tests "* ]]; then
 echo "== kernel tests (cuda) =="
-timeout 300 python -m pytest -q ${TEST_ARGS:-tests/kernels} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/kernels_pytest.txt" | tail -25
+timeout ${TEST_TIMEOUT:-300} python -m pytest -q ${TEST_ARGS:-tests/kernels} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/kernels_pytest.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$OUT/kernels_pytest.txt"
 fi
 
@@ -35,14 +35,14 @@ if [[ " $STEPS " == *" linear "* ]]; then
 echo "== W4A4 linear benchmark =="
 # The pinned Triton int8 full-linear route is left out (the slowest route at M >= 256 in the H100 run); its GEMM is
 # still timed in the GEMM-only part.
-timeout 210 python benchmarks/bench_w4a4_linear.py --routes auto,decode,int_mm,scaled_mm --rep-ms 12 \
+timeout ${LINEAR_TIMEOUT:-210} python benchmarks/bench_w4a4_linear.py --routes auto,decode,int_mm,scaled_mm --rep-ms 12 \
   --out "$OUT/bench_w4a4_linear.json" 2>&1 \
   | tee "$OUT/bench_w4a4_linear.txt"
 echo "w4a4 bench rc=${PIPESTATUS[0]}"
 fi
 if [[ " $STEPS " == *" decode "* ]]; then
 echo "== decode (M <= 16) breakdown =="
-timeout 240 python benchmarks/bench_decode_parts.py ${DECODE_ARGS:-} --out "$OUT/bench_decode_parts.json" 2>&1 \
+timeout ${DECODE_TIMEOUT:-240} python benchmarks/bench_decode_parts.py ${DECODE_ARGS:-} --out "$OUT/bench_decode_parts.json" 2>&1 \
   | tee "$OUT/bench_decode_parts.txt"
 echo "decode bench rc=${PIPESTATUS[0]}"
 fi
