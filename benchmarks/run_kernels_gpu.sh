@@ -5,8 +5,8 @@
 # ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set), ncu_cases
 # (benchmarks/profile_cases.py under Nsight Compute: decode GEMMs and the prefill transform, diagnostic).
 # All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s; TEST_TIMEOUT, LINEAR_TIMEOUT and
-# DECODE_TIMEOUT change three of them): more than one device call allows, so run them as two calls. The JSON files are rewritten after every record, so a step cut short still
-# leaves its finished records.
+# DECODE_TIMEOUT change three of them): more than one device call allows, so run them as two calls.
+# The JSON files are rewritten after every record, so a step cut short still leaves its finished records.
 set -u
 : "${OUT:?set OUT to an output folder}"
 mkdir -p "$OUT"
