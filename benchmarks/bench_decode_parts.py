@@ -166,7 +166,7 @@ def main() -> int:
                             mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
                             mma_signed_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="signed")),
                             mma_offset_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="offset")))
-        if 1 < m <= decode_gemm.GEMV_MAX_M:  # the tensor-core kernel where the dp4a kernel is the default
+        if 1 < m <= decode_gemm.gemv_max_m(n, k // 2):  # the tensor-core kernel where the dp4a kernel is the default
             variants["mma_not_gemv"] = (decode_gemm, dict(GEMV_MAX_M=1))
         # M = 1: the one-launch kernel (fused_decode.py; off by default), with and without its L2 prefetch
         if m == 1:

@@ -3,14 +3,16 @@
 At M <= 16 the GEMM is bound by reading the weight: packed int4 is 4x fewer bytes than bf16, so the
 kernels stream W with the unpack done in registers. Two kernels, picked by M (`resolved_config`):
 
-- M <= GEMV_MAX_M (4): `_gemv_kernel`, on the CUDA cores, no tensor-core tile (which would be mostly
-  padding at M = 1). Rows are read as int32 words (8 int4 codes); weight nibbles become offset-binary
-  bytes in two logic ops and meet the activation's signed bytes in dp4a (4 multiply-adds per
-  instruction); the offset comes off at the end. One program per GEMV_BLOCK_N rows of W walks all of K.
+- M <= GEMV_MAX_M (4; 1-2 for weights above 4096 x 4096, `gemv_max_m`): `_gemv_kernel`, on the CUDA
+  cores, no tensor-core tile (which would be mostly padding at M = 1). Rows are read as int32 words (8
+  int4 codes); weight nibbles become offset-binary bytes in two logic ops and meet the activation's
+  signed bytes in dp4a (4 multiply-adds per instruction); the offset comes off at the end. One program
+  per GEMV_BLOCK_N rows of W walks all of K.
 - otherwise (and for rows that are not whole int32 words): `_decode_kernel`, int8 tensor-core dots
-  against a 16-row activation tile (rows beyond M masked to 0: tl.dot on int8 needs >= 16 rows), weight
-  nibbles sign-extended four bytes per instruction sequence (`_sign_extend_nibbles`; offset codes with a
-  correction as an option, `MMA_SIGNED_WEIGHT`), the weight as the MMA's A operand (SWAP_AB), the K loop
+  against a 16-row activation tile (rows beyond M masked to 0: tl.dot on int8 needs >= 16 rows), the
+  weight as the MMA's A operand (SWAP_AB), its nibbles turned into 16 x code with 3 instructions per 8
+  codes (`_nibbles_x16`, `MMA_WEIGHT_NIBBLES`; sign-extended or offset codes as options), each program's
+  K steps split into SUB sub-ranges with one warp each (batched dots, summed once at the end), the K loop
   pipelined through shared memory (cp.async, MMA_STAGES deep). By default it takes the activation codes
   one per byte (`activation_format`), so their tiles go from cp.async straight into the MMA. Grid = N
   tiles x SPLIT_K (`decode_config`: 32-row tiles, no split by default). With SPLIT_K > 1 the splits
@@ -39,6 +41,11 @@ from flatquant.kernels._triton_utils import gdc_wait, interpreting, num_sms, pdl
 MAX_M = 16
 # M up to this takes the CUDA-core dp4a kernel (`_gemv_kernel`) by default; larger M the tensor cores.
 GEMV_MAX_M = 4
+# Above this many weights (N x K) the dp4a kernel is the default only up to M = 2 for K <= 4096 and only at M = 1
+# for longer K (`gemv_max_m`): in the layer on the H200 (586da58, results/archive/kernels-h200-586da58/) the
+# tensor-core kernel was faster at M = 3-4 on 4096 -> 14336 (15.0 against 16.1-16.2 us) and at M = 2-4 on
+# 14336 -> 4096 (17.1-17.2 against 17.8-17.9 us), slower at M = 2-4 on 4096 x 4096 (9.0-9.1 against 7.3-7.9).
+GEMV_ALL_M_MAX_WEIGHTS = 4096 * 4096
 # Fixed tile sizes for the interpreter (CPU tests); tests also force split_k.
 INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SUB=2, SPLIT_K=2, GEMV_BLOCK_N=16, GEMV_BLOCK_K=32)
 # The gemv kernel: rows of W and bytes of K per step, by M (a config may override either; KERNEL "mma"
@@ -400,16 +407,16 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def decode_config(n: int, kh: int, device: torch.device) -> dict:
-    """BLOCK_N / BLOCK_K / SPLIT_K / MMA_WARPS of the tensor-core kernel on the GPU: 32-row W tiles on 2 warps,
-    no split over K, 512-byte K steps while the tiles fit in one wave over the SMs, else 256 (a 512-byte
-    step's pipeline needs more shared memory per program, so more than one wave of such programs
-    runs fewer per SM). From the cf09cdb sweep at M = 16 (signed weight nibbles, codes one per byte;
-    results/archive/kernels-h200-cf09cdb/bench_decode_parts.json): 8.0 / 12.1 / 16.3 us on 4096 x 4096,
-    4096 -> 14336 and 14336 -> 4096, against 9.2 / 12.4 / 17.5 us for the earlier default (64-row tiles
-    on 4 warps, 256-byte steps, split 4 ways on 14336 -> 4096). In that sweep a split over K cost
-    3.5-8.6 us on the two 4096-input shapes (e.g. 4096 x 4096, 64-row tiles: 12.7 us split 2 ways against
-    9.2 unsplit); on 14336 -> 4096 a 4-way split beat the unsplit call at 256-byte steps but not the
-    512-byte unsplit default (17.9 against 16.3 us). It stays available through the config (SPLIT_K)."""
+    """BLOCK_N / SUB / BLOCK_K / SPLIT_K / MMA_WARPS of the tensor-core kernel on the GPU: 32-row W tiles, no
+    split over programs; while the tiles fit in one wave over the SMs, 4 K sub-ranges (4 warps) of 256 bytes
+    per step, else 2 of 128 bytes (a 1 KB step's pipeline needs 192 KB of shared memory, one program per
+    SM, which is slow once there is more than one wave). From the 1891a5b sweep at M = 16 (weight nibbles
+    as 16 x code, codes one per byte; results/archive/kernels-h200-1891a5b/bench_decode_parts.json):
+    6.6 / 12.7 / 13.0 us on 4096 x 4096, 4096 -> 14336 and 14336 -> 4096, where 2 sub-ranges of 256 bytes
+    took 7.4 / 14.7 / 15.5 and 4 of 256 bytes 6.6 / 19.4 / 13.0. The earlier kernel (one 2-D tile, rows
+    split over 2 warps, sign-extended nibbles) took 8.0 / 12.1 / 16.3 us (cf09cdb). A split over programs
+    (SPLIT_K) still costs more than it gains: 9.1 / 23.1 / 14.5 us split 2 ways at 4 x 128 bytes, against
+    6.8 / 15.4 / 13.6 unsplit."""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     bn = 32
@@ -432,11 +439,18 @@ def _word_aligned(t: torch.Tensor) -> bool:
 def resolved_config(m: int, n: int, kh: int, device: torch.device, config: dict | None = None,
                     word_aligned: bool = True) -> dict:
     """The config a call runs with: `config` (else decode_config) over GEMV_CONFIG (by M), and KERNEL ("gemv"
-    for M <= GEMV_MAX_M when the rows can be read as int32 words, else "mma", unless the config names
-    one)."""
+    for M <= gemv_max_m(N, K/2) when the rows can be read as int32 words, else "mma", unless the config
+    names one)."""
     cfg = {**GEMV_CONFIG[1 if m <= 1 else GEMV_MAX_M], **(config or decode_config(n, kh, device))}
-    cfg.setdefault("KERNEL", "gemv" if m <= GEMV_MAX_M and word_aligned else "mma")
+    cfg.setdefault("KERNEL", "gemv" if m <= gemv_max_m(n, kh) and word_aligned else "mma")
     return cfg
+
+
+def gemv_max_m(n: int, kh: int) -> int:
+    """Up to which M the dp4a kernel is the default for an (N, K = 2 kh) weight (see GEMV_ALL_M_MAX_WEIGHTS)."""
+    if n * 2 * kh <= GEMV_ALL_M_MAX_WEIGHTS:
+        return GEMV_MAX_M
+    return min(GEMV_MAX_M, 2 if 2 * kh <= 4096 else 1)
 
 
 def activation_format(m: int, n: int, kh: int, device: torch.device, bits: int = 4) -> str:

@@ -165,7 +165,7 @@ def test_route_supported_limits():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
-@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)])
 def test_decode_gemm_gpu_default_config(m, n, k):
     a, sa, qw, sw, b = _operands(m, n, k)
@@ -263,6 +263,11 @@ def test_decode_gemv_extreme_codes_limits_and_default():
     assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M, n, k // 2, torch.device(DEVICE))["KERNEL"] == "gemv"
     assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M + 1, n, k // 2, torch.device(DEVICE))["KERNEL"] == "mma"
     assert decode_gemm.resolved_config(1, n, 150, torch.device(DEVICE), word_aligned=False)["KERNEL"] == "mma"
+    # above 4096 x 4096 weights the dp4a kernel stays the default only to M = 2 (K <= 4096) or M = 1 (longer K)
+    dev = torch.device(DEVICE)
+    assert [decode_gemm.resolved_config(m, 4096, 2048, dev)["KERNEL"] for m in (1, 4)] == ["gemv", "gemv"]
+    assert [decode_gemm.resolved_config(m, 14336, 2048, dev)["KERNEL"] for m in (2, 3)] == ["gemv", "mma"]
+    assert [decode_gemm.resolved_config(m, 4096, 7168, dev)["KERNEL"] for m in (1, 2)] == ["gemv", "mma"]
     gemv = dict(KERNEL="gemv", GEMV_BLOCK_N=16, GEMV_BLOCK_K=64)
     a, sa, qw, sw, b = _operands(1, n, 300)  # 150 bytes per row: not whole words
     with pytest.raises(ValueError, match="int32 words"):
