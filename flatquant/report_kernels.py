@@ -32,7 +32,9 @@ DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), (
                 ("w4a4_linear_auto_gemv_pipelined", "layer, gemv pipelined via shared memory"),
                 ("w4a4_linear_auto_mma_stages1", "layer, tensor-core K loop unpipelined"),
                 ("w4a4_linear_auto_mma_packed_activations", "layer, tensor-core on packed activations"),
+                ("w4a4_linear_auto_mma_signed_weight", "layer, tensor-core on sign-extended weight codes"),
                 ("w4a4_linear_auto_mma_offset_weight", "layer, tensor-core on offset weight codes"),
+                ("w4a4_linear_auto_mma_not_gemv", "layer, tensor-core instead of the dp4a gemv"),
                 ("w4a4_linear_auto_transform_block", "layer, transform on the block kernel"),
                 ("w4a4_linear_auto_trigger_end", "layer, PDL trigger after the transform's stores"),
                 ("w4a4_linear_auto_trigger_none", "layer, no PDL trigger")]
@@ -275,13 +277,15 @@ def _decode_parts_section(entries) -> list[str]:
         rows.append(row)
     head = ["Layer (in → out)", "M"] + [f"{label} µs" for _, label in DECODE_PARTS] + ["layer vs BF16"]
     return ["### Decode, piece by piece", "",
-            ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over 8 rotated weight "
-             "sets (no launch overhead): the BF16 GEMV, the fused transform + quantize alone, the decode GEMM alone "
-             "(default config), and the whole W4A4 layer (at M = 1 also as one launch: transform, quantize and GEMV in "
+            ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over at least 8 rotated "
+             "weight sets (and at least twice the L2 in packed int4; no launch overhead): the BF16 GEMV, the fused "
+             "transform + quantize alone, the decode GEMM alone (default config), and the whole W4A4 layer (the "
+             "median of three runs of the default; at M = 1 also as one launch: transform, quantize and GEMV in "
              "`fused_decode.py`, off by default) with the default PDL setting and with the GEMM launched as "
              "a programmatic dependent everywhere / nowhere, then with one decode option changed at a time (the "
-             "gemv's weight two tiles ahead or pipelined through shared memory; at M > 4 the tensor-core kernel's K "
-             "loop unpipelined, fed packed activation codes, or on offset weight codes (+8, two more MMAs); the "
+             "gemv's weight two tiles ahead or pipelined through shared memory; where the tensor-core kernel runs, "
+             "its K loop unpipelined, fed packed activation codes, or on sign-extended or offset weight codes "
+             "instead of 16 x code; the tensor-core kernel where the dp4a gemv is the default; the "
              "transform on the block kernel at every size (by default 14336-type sizes take the split kernel), its "
              "PDL trigger after its stores or never); '-' where a variant does not apply. Median µs."), "",
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
