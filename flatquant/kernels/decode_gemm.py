@@ -522,6 +522,8 @@ def w4a4_gemm_decode(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         raise ValueError(f"SUB (K sub-ranges per program) must be a power of two, got {sub}")
     if nibbles not in ("x16", "signed", "offset"):
         raise ValueError(f"W_NIBBLES must be 'x16', 'signed' or 'offset', got {nibbles!r}")
+    if nibbles == "x16" and 2 * kh >= 2 ** 21:  # 16x sums would overflow int32 (|sum| <= 1024 K)
+        nibbles = "signed"
     # K slice per split, a whole number of steps (SUB x BLOCK_K bytes); drop splits that would be empty.
     step = sub * bk
     k_per = triton.cdiv(triton.cdiv(kh, split), step) * step
