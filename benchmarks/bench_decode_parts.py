@@ -59,10 +59,10 @@ TRANSFORM_SWEEP += [dict(kernel="token")]
 
 # --layer-sweep: the whole layer (not the GEMM alone: at decode the two kernels overlap, and a GEMM that is
 # faster alone can be slower behind the transform) with one decode setting changed at a time. Tags name
-# (module, attribute values): gemv rows x K bytes per step x warps at M <= GEMV_MAX_M (a step as long as
-# the row requests the whole weight slice before the PDL wait), tensor-core tiles (BLOCK_N x SUB x BLOCK_K),
-# and the transform's split kernel (columns per program, warps).
-def _layer_sweep(m, decode_gemm, fused_transform_quant):
+# (module, attribute values): gemv rows x K bytes per step x warps where the dp4a kernel is the default, at
+# M = 1 (a step as long as the row requests the whole weight slice before the PDL wait), else tensor-core
+# tiles (BLOCK_N x SUB x BLOCK_K), and the transform's split kernel (columns per program, warps).
+def _layer_sweep(gemv_default: bool, decode_gemm, fused_transform_quant):
     gemv = {f"gemv_{bn}x{bk}_w{nw}": (decode_gemm, dict(GEMV_CONFIG={
         **decode_gemm.GEMV_CONFIG, 1: dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw, SWAP_AB=True)}))
         for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
@@ -71,7 +71,7 @@ def _layer_sweep(m, decode_gemm, fused_transform_quant):
            for bn, sub, bk in [(32, 4, 256), (16, 4, 256), (32, 2, 128), (16, 2, 256), (32, 4, 128), (32, 2, 256)]}
     split = {f"split_cb{cb}_w{nw}": (fused_transform_quant, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
              for cb, nw in [(16, 8), (64, 8), (32, 4), (128, 8)]}
-    return {**(gemv if m <= decode_gemm.GEMV_MAX_M else mma), **split}
+    return {**(gemv if gemv_default else mma), **split}
 
 
 @contextlib.contextmanager
@@ -147,7 +147,7 @@ def main() -> int:
         wholes_default = [layer_ms()]
         # The same layer with the GEMM launched as a programmatic dependent (PDL) everywhere / nowhere, then
         # with one decode option changed at a time: the gemv kernel requesting two weight tiles ahead, or its
-        # loop pipelined through shared memory; the tensor-core kernel (M > GEMV_MAX_M) with its K loop not
+        # loop pipelined through shared memory; the tensor-core kernel (where it runs) with its K loop not
         # pipelined (synchronous loads), or fed packed activation codes (unpacked in its registers).
         wholes = {}
         for tag, on in (("pdl_on", True), ("pdl_off", False)):
@@ -180,7 +180,8 @@ def main() -> int:
         variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))
         variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
         if args.layer_sweep:
-            variants.update(_layer_sweep(m, decode_gemm, fused_transform_quant))
+            gemv_default = resolved_config(m, n, k // 2, dev)["KERNEL"] == "gemv"
+            variants.update(_layer_sweep(gemv_default, decode_gemm, fused_transform_quant))
         for tag, (module, values) in variants.items():
             with _patched(module, **values):
                 wholes[tag] = layer_ms()
