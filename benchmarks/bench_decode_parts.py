@@ -130,7 +130,8 @@ def main() -> int:
         q = [quantize_weight_reference(w.float(), 4) for w in ws]
         a = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format=fmt) for x in xs]
         a_packed = [fused_transform_quantize(x, p1, p2, 1.0, 4) for x in xs]
-        a_bytes = [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format="int8") for x in xs]  # one code per byte
+        a_bytes = a if fmt == "int8" else [fused_transform_quantize(x, p1, p2, 1.0, 4, out_format="int8")
+                                           for x in xs]  # one code per byte, for the tensor-core sweep
 
         def gemm(cfg, acts=a):
             return graph_ms([lambda ai=ai, qi=qi: w4a4_gemm_decode(ai[0], ai[1], qi[0], qi[1], None, torch.bfloat16,
