@@ -44,6 +44,9 @@ def main() -> int:
                     help="only sweep the block kernel's config (tokens per step, warps, stages) at prefill, batch 16")
     ap.add_argument("--sweep-occupancy", action="store_true",
                     help="only sweep pipeline stages x register caps x programs per SM around the default, batch 16")
+    ap.add_argument("--sweep-chunked", action="store_true",
+                    help="only time the chunked kernel (prefetch on/off x programs per SM) against the block kernel "
+                         "at prefill, batch 16, every hidden size")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -58,6 +61,7 @@ def main() -> int:
         graph_ms,
         rotation_count,
     )
+    from flatquant.kernels.fused_transform_chunked import chunked_supported
     from flatquant.kernels.fused_transform_quant import (
         fused_transform_quantize,
         unfused_transform_quantize_torch,
@@ -77,6 +81,9 @@ def main() -> int:
     print(f"copy bandwidth {copy_gbps:.0f} GB/s")
     if args.sweep or args.sweep_occupancy:
         _sweep(writer, SWEEP_HIDDEN, copy_gbps, args, occupancy=args.sweep_occupancy)
+        return 0
+    if args.sweep_chunked:
+        _sweep_chunked(writer, hidden, copy_gbps, args)
         return 0
     print(f"{'hidden':>6} {'phase':>7} {'batch':>5} {'unfused ms':>10} {'fused ms':>9} {'speedup':>7} {'GB/s':>7} {'%copy':>6}")
     for n in hidden:
@@ -109,6 +116,10 @@ def main() -> int:
                     variants += [("fused_token_split", {"kernel": "token", "split_intermediate": True}),
                                  ("fused_token_round_once", {"kernel": "token"}),
                                  ("fused_tiled", {"tiles": (64, 64, 64)})]
+                    # the other one of the block and chunked kernels, where both take the size
+                    other = "block" if _default_kernel(n1, n2, tokens) == "chunked" else "chunked"
+                    if other == "block" or chunked_supported(n1, n2, True):
+                        variants.append((f"fused_{other}", {"kernel": other}))
                 for name, kw in variants:
                     t = bench_ms(rot(lambda x, q1=q1, q2=q2, kw=kw: fused_transform_quantize(x, q1, q2, ALPHA, 4, **kw)),
                                  args.warmup_ms, args.rep_ms)
@@ -195,6 +206,55 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = F
             td = next((r[0] for r in results if r[1] == default), float("nan"))
             print(f"{n:>6}: best {t:.4f} ms {cfg} ({moved / t / 1e6 / copy_gbps:.0%} of copy); default {td:.4f} ms "
                   f"{default}; wgmma in PTX: {wgmma}", flush=True)
+        del xs, rot
+        torch.cuda.empty_cache()
+
+
+def _default_kernel(n1: int, n2: int, tokens: int) -> str:
+    """Which of "block" / "chunked" the default dispatch of `fused_transform_quantize` takes at prefill."""
+    from flatquant.kernels import fused_transform_quant as ftq
+    from flatquant.kernels.fused_transform_chunked import chunked_supported
+
+    npow2 = ftq.next_pow2(n1) == n1
+    return ("chunked" if ftq.CHUNKED_DEFAULT and not npow2 and tokens > ftq.SPLIT_MAX_M
+            and chunked_supported(n1, n2, True) else "block")
+
+
+def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
+    """The chunked kernel (next token's tiles requested ahead or not, 1 or 2 programs per SM) against the block
+    kernel's default at prefill, side by side on the same inputs."""
+    from flatquant.kernels import fused_transform_chunked as fc
+    from flatquant.kernels import fused_transform_quant as ftq
+    from flatquant.kernels.bench_utils import Rotator, bench_ms, rotation_count
+    from flatquant.kernels.reference import kron_factors
+
+    dev = torch.device(DEVICE)
+    for n in hidden:
+        n1, n2 = kron_factors(n)
+        if not fc.chunked_supported(n1, n2, True):
+            continue
+        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
+        tokens = batch * SEQ
+        xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
+        rot = Rotator(xs)
+        moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
+        cases = [("block", None)] + [("chunked", {**fc.chunked_config(), "prefetch": pf, "programs_per_sm": pps})
+                                     for pf in (True, False) for pps in (1, 2)]
+        for kernel, cfg in cases:
+            try:
+                t = bench_ms(rot(lambda x, k=kernel, c=cfg: ftq.fused_transform_quantize(x, q1, q2, ALPHA, 4, kernel=k,
+                                                                                        config=c)),
+                             args.warmup_ms, args.rep_ms)
+            except Exception as e:  # e.g. out of shared memory / registers for this config
+                print(f"{n:>6} {kernel} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            gbps = moved / (t * 1e-3) / 1e9
+            writer.add(dict(kernel=f"fused_{kernel}_sweep", shape={"hidden": n, "n1": n1, "n2": n2, "tokens": tokens,
+                                                                   "bits": 4},
+                            config=cfg, median_ms=t, baseline=None, baseline_median_ms=None, speedup=None,
+                            achieved_gbps=gbps, fraction_of_copy_bw=gbps / copy_gbps))
+            print(f"{n:>6} {kernel:>7} {cfg}: {t:.4f} ms {gbps:.0f} GB/s ({gbps / copy_gbps:.0%})", flush=True)
         del xs, rot
         torch.cuda.empty_cache()
 

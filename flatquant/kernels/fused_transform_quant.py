@@ -88,6 +88,9 @@ SPLIT_WARPS = 8
 # beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
 # at 4096 = 64 x 64 (7.8 vs 7.4 us).
 SPLIT_MIN_TILE = 128 * 128
+# Prefill with a non-power-of-two n1 (5120, 11008, 13824, 14336: n1 = 40, 86, 108, 112 with n2 = 128) takes
+# the chunked kernel (`fused_transform_chunked.py`: n1 padded to a multiple of 16, not to a power of two).
+CHUNKED_DEFAULT = False
 
 
 # Where the kernels let a programmatic dependent (the decode GEMM, launched with PDL) start: "start" (at
@@ -614,9 +617,21 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
         few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
                and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device)))
         kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
-    if kernel not in ("block", "split", "token", "tiled"):
-        raise ValueError(f"kernel must be 'block', 'split', 'token' or 'tiled', got {kernel!r}")
+        if kernel == "block" and CHUNKED_DEFAULT and n1p != n1 and m > SPLIT_MAX_M:
+            from flatquant.kernels.fused_transform_chunked import chunked_supported
+
+            kernel = "chunked" if chunked_supported(n1, n2, p2 is not None) else kernel
+    if kernel not in ("block", "chunked", "split", "token", "tiled"):
+        raise ValueError(f"kernel must be 'block', 'chunked', 'split', 'token' or 'tiled', got {kernel!r}")
     alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
+    if kernel == "chunked":
+        from flatquant.kernels.fused_transform_chunked import launch_chunked
+
+        if split_intermediate or tiles is not None:
+            raise ValueError("the chunked kernel needs split_intermediate=False and on-chip factors")
+        launch_chunked(x2, p1c, p2c, p2 is not None, out, scale, alpha32, n1, n2, pack, bits, dd, interp,
+                       num_programs, config)
+        return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
     if kernel == "split":
         if n1 % 2 or split_intermediate or n1p * n2p > limit:
             raise ValueError("the split kernel needs an even n1, split_intermediate=False and on-chip factors")

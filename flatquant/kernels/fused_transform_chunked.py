@@ -1,0 +1,223 @@
+"""Fused transform + quantize for factors whose n1 is not a power of two (prefill), without padding n1 to one.
+
+The block kernel (`fused_transform_quant._fused_block_kernel`) pads both factor tiles to powers of two.
+At the Llama/Qwen intermediate sizes n2 = 128 and n1 is not a power of two (5120 = 40 x 128,
+11008 = 86 x 128, 13824 = 108 x 128, 14336 = 112 x 128), so n1 is padded to 64 or 128: the dots then
+do 8.4 MFLOP per token at 11008 where 4.7 carry data, and at prefill the kernel is bound by that work
+(KERNELS.md, "Known limits").
+
+Here n1 is cut into power-of-two chunks of at least 16 (the dot's minimum): 86 -> 64 + 32, 40 -> 32 + 16,
+108 and 112 -> 64 + 32 + 16, so the n1 side is padded only to the next multiple of 16. Per token, with
+the flash-attention pattern of two chained dots:
+
+    Vᵀ_c  = P2ᵀ · X_cᵀ                 (N2P x C) for chunk c of X's rows (X = x.reshape(n1, n2))
+    Yᵀ_lo += Vᵀ_c · P1[c, :H]          (N2P x HP): Yᵀ_lo[j, h] = Y[h, j]      (low nibbles)
+    Yᵀ_hi += Vᵀ_c · P1[c, H:]          (N2P x HP): Yᵀ_hi[j, h] = Y[H + h, j]  (high nibbles)
+
+Vᵀ_c comes out of the first dot in registers and feeds the second dot as its left operand, so nothing
+goes through shared memory between the two (the block kernel transposes V on chip instead), and X_cᵀ is
+the first dot's right operand read straight from memory in X's own order (a K-contiguous tile). Element
+(j, h) of Yᵀ_lo / Yᵀ_hi are the two nibbles of packed byte h*n2 + j, so packing needs no shuffle, as in
+the block kernel. The per-token max, scale, codes and the store are the block kernel's (`block_codes`
+semantics: V rounded once to the half dtype before the second dot; y * (1/s) rounded half to even).
+
+At 11008 this is 6.3 MFLOP per token instead of 8.4 (14336 / 13824: 7.3 instead of 8.4; 5120: 2.4 instead
+of 3.1). Taken by `fused_transform_quantize` (kernel="chunked") for even, non-power-of-two n1 with a
+power-of-two n2 of 64 or 128 and more than SPLIT_MAX_M tokens, where CHUNKED_DEFAULT says so.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flatquant.kernels._triton_utils import (
+    _div_rn,
+    _mm,
+    _round_clamp_product,
+    _scale,
+    next_pow2,
+    num_sms,
+    triton_dtype,
+)
+from flatquant.kernels.fused_transform_quant import _code_cast
+
+# Programs per SM of the persistent grid and warps. One token per step: its Yᵀ tiles are N2P rows (128 at
+# the sizes this kernel is for), 64 rows per warpgroup. num_stages is passed to Triton but changes nothing
+# here: Triton 3.6 does not software-pipeline this loop (its X loads are synchronous in the sm_90 TTGIR),
+# hence PREFETCH: the next token's X tiles are requested in registers before this token's dots.
+CHUNKED_PROGRAMS_PER_SM = 1
+CHUNKED_WARPS = 8
+CHUNKED_STAGES = 1
+CHUNKED_PREFETCH = True
+
+
+def n1_chunks(n1: int) -> tuple[int, int, int]:
+    """n1 rounded up to a multiple of 16, as up to three power-of-two chunks, largest first (0 = none):
+    86 -> (64, 32, 0), 40 -> (32, 16, 0), 112 -> (64, 32, 16), 64 -> (64, 0, 0), 200 -> (128, 64, 16)."""
+    rest = -(-n1 // 16) * 16
+    chunks = []
+    while rest:
+        c = 1 << (rest.bit_length() - 1)
+        chunks.append(c)
+        rest -= c
+    if len(chunks) > 3:
+        raise ValueError(f"n1 = {n1} needs {len(chunks)} power-of-two chunks; the chunked kernel takes at most 3")
+    return tuple(chunks + [0] * (3 - len(chunks)))
+
+
+def chunked_supported(n1: int, n2: int, has_p2: bool) -> bool:
+    """Whether the chunked kernel takes these factors: even n1 of at most 128, n2 a power of two of 64 or
+    128 (one token's Yᵀ tile fills whole warpgroups, 64 rows each), at most three chunks."""
+    return (n1 % 2 == 0 and 16 <= n1 <= 128 and n2 in (64, 128)
+            and len([c for c in n1_chunks(n1) if c]) <= 3)
+
+
+@triton.jit
+def _mm_acc(a, b, acc, IS_F32: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a @ b (float32 accumulator), the sum inside the dot on the GPU."""
+    if INTERP:
+        return acc + _mm(a, b, IS_F32, INTERP)
+    else:
+        if IS_F32:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _chunk_factors(p1_ptr, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, H: tl.constexpr,
+                   HP: tl.constexpr, DT: tl.constexpr):
+    """Rows [O, O + C) of P1, split into its column halves: (C, HP) each, zero-padded."""
+    a = O + tl.arange(0, C)
+    h = tl.arange(0, HP)
+    m = (a[:, None] < N1) & (h[None, :] < H)
+    lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=m, other=0.0).to(DT)
+    hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=m, other=0.0).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _load_chunk(xb, tok_ok, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                N2P: tl.constexpr, DT: tl.constexpr):
+    """X_cᵀ for rows [O, O + C) of X: X_cᵀ[k, a] = x[(O + a) * N2 + k], contiguous along k (the first dot's K)."""
+    k = tl.arange(0, N2P)
+    a = O + tl.arange(0, C)
+    xm = (k[:, None] < N2) & (a[None, :] < N1) & tok_ok
+    return tl.load(xb + a[None, :] * N2 + k[:, None], mask=xm, other=0.0).to(DT)
+
+
+@triton.jit
+def _chunk_math(Xt, p2t, lo, hi, Ylo, Yhi, HAS_P2: tl.constexpr, IS_F32: tl.constexpr, DT: tl.constexpr,
+                INTERP: tl.constexpr):
+    """One chunk: Vᵀ_c = P2ᵀ X_cᵀ (rounded to DT), then both halves of Yᵀ accumulate Vᵀ_c P1[c]."""
+    if HAS_P2:
+        Vt = _mm(p2t, Xt, IS_F32, INTERP).to(DT)
+    else:
+        Vt = Xt
+    return _mm_acc(Vt, lo, Ylo, IS_F32, INTERP), _mm_acc(Vt, hi, Yhi, IS_F32, INTERP)
+
+
+@triton.jit
+def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
+                          NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N2P: tl.constexpr,
+                          H: tl.constexpr, HP: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                          C2: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr,
+                          IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """A persistent grid walks the tokens, one per step (module docstring). The factors are loaded once per
+    program: P2ᵀ (N2P, N2P) and P1's row chunks C0, C1, C2 (0 = absent) in column halves. With PREFETCH the
+    next token's X tiles are requested before this token's dots, so their memory latency overlaps the
+    dots and the quantize epilogue (Triton 3.6 does not software-pipeline this loop itself: its loads
+    came out synchronous in the sm_90 TTGIR)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    j = tl.arange(0, N2P)
+    h = tl.arange(0, HP)
+    if HAS_P2:
+        # P2ᵀ[j, k] = P2[k, j]
+        p2t = tl.load(p2_ptr + j[None, :] * N2 + j[:, None], mask=(j[:, None] < N2) & (j[None, :] < N2),
+                      other=0.0).to(DT)
+    else:
+        p2t = tl.zeros((16, 16), dtype=DT)  # unused
+    lo0, hi0 = _chunk_factors(p1_ptr, 0, C0, N1, H, HP, DT)
+    if C1 > 0:
+        lo1, hi1 = _chunk_factors(p1_ptr, C0, C1, N1, H, HP, DT)
+    if C2 > 0:
+        lo2, hi2 = _chunk_factors(p1_ptr, C0 + C1, C2, N1, H, HP, DT)
+    om = (j[:, None] < N2) & (h[None, :] < H)
+    if PREFETCH:  # the first token's tiles
+        t = pid.to(tl.int64)
+        xb = x_ptr + t * stride_x
+        X0n = _load_chunk(xb, t < M, 0, C0, N1, N2, N2P, DT)
+        if C1 > 0:
+            X1n = _load_chunk(xb, t < M, C0, C1, N1, N2, N2P, DT)
+        if C2 > 0:
+            X2n = _load_chunk(xb, t < M, C0 + C1, C2, N1, N2, N2P, DT)
+    for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
+        t = (pid + it * nprog).to(tl.int64)
+        tok_ok = t < M
+        xb = x_ptr + t * stride_x
+        if PREFETCH:
+            X0 = X0n
+            if C1 > 0:
+                X1 = X1n
+            if C2 > 0:
+                X2 = X2n
+            tn = t + nprog  # the next token of this program (masked off past M)
+            xn = x_ptr + tn * stride_x
+            X0n = _load_chunk(xn, tn < M, 0, C0, N1, N2, N2P, DT)
+            if C1 > 0:
+                X1n = _load_chunk(xn, tn < M, C0, C1, N1, N2, N2P, DT)
+            if C2 > 0:
+                X2n = _load_chunk(xn, tn < M, C0 + C1, C2, N1, N2, N2P, DT)
+        else:
+            X0 = _load_chunk(xb, tok_ok, 0, C0, N1, N2, N2P, DT)
+            if C1 > 0:
+                X1 = _load_chunk(xb, tok_ok, C0, C1, N1, N2, N2P, DT)
+            if C2 > 0:
+                X2 = _load_chunk(xb, tok_ok, C0 + C1, C2, N1, N2, N2P, DT)
+        Ylo = tl.zeros((N2P, HP), dtype=tl.float32)
+        Yhi = tl.zeros((N2P, HP), dtype=tl.float32)
+        Ylo, Yhi = _chunk_math(X0, p2t, lo0, hi0, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+        if C1 > 0:
+            Ylo, Yhi = _chunk_math(X1, p2t, lo1, hi1, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+        if C2 > 0:
+            Ylo, Yhi = _chunk_math(X2, p2t, lo2, hi2, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+        # Padded rows / columns are exact zeros, so they never set the max.
+        amax = tl.max(tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1)), axis=0)
+        s = _scale(amax, alpha, MAXQ, INTERP)
+        tl.store(scale_ptr + t, s, mask=tok_ok)
+        inv = _div_rn(1.0, s, INTERP)  # one division per token, then products (as the block kernel)
+        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
+        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
+        ob = out_ptr + t * stride_o + h[None, :] * N2 + j[:, None]
+        if PACK:
+            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om & tok_ok)
+        else:
+            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om & tok_ok)
+            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om & tok_ok)
+
+
+def chunked_config(config: dict | None = None) -> dict:
+    """Warps, pipeline stages and programs per SM of the chunked kernel, with the caller's overrides."""
+    return {"num_warps": CHUNKED_WARPS, "num_stages": CHUNKED_STAGES, "programs_per_sm": CHUNKED_PROGRAMS_PER_SM,
+            "prefetch": CHUNKED_PREFETCH, **(config or {})}
+
+
+def launch_chunked(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool,
+                   bits: int, dd, interp: bool, num_programs: int | None, config: dict | None) -> None:
+    """Launch `_fused_chunked_kernel` over the (M, n) rows of x2 (the caller checked `chunked_supported`)."""
+    if not chunked_supported(n1, n2, has_p2):
+        raise ValueError(f"the chunked kernel needs an even n1 <= 128 and n2 in (64, 128), got {n1} x {n2}")
+    m = x2.shape[0]
+    cfg = chunked_config(config)
+    c0, c1, c2 = n1_chunks(n1)
+    grid0 = num_programs or min(m, num_sms(x2.device) * int(cfg["programs_per_sm"]))
+    niter = triton.cdiv(m, grid0)
+    consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N2P=next_pow2(n2), H=n1 // 2,
+                  HP=next_pow2(n1 // 2), C0=c0, C1=c1, C2=c2, HAS_P2=has_p2, PACK=pack,
+                  PREFETCH=bool(cfg["prefetch"]), IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
+                  DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
+    regs = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
+    _fused_chunked_kernel[(grid0,)](x2, p1c, p2c, out, scale, m, x2.stride(0), out.stride(0), alpha32, niter,
+                                    num_stages=int(cfg["num_stages"]), **regs, **consts)
