@@ -71,6 +71,8 @@ PROGRAMS_PER_SM = 4
 BLOCK_MAX_ELEMENTS = 64 * 128
 BLOCK_MAX_ROWS = 128
 BLOCK_PROGRAMS_PER_SM = 2
+# Request the next step's X tile before this step's dots (register prefetch; see `_fused_block_kernel`).
+BLOCK_PREFETCH = False
 _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
 # Split kernel (decode): calls with at most this many tokens, Y columns per program (>= 16, the dot's
 # minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
@@ -328,18 +330,27 @@ def block_codes(X, P2, P1lo, P1hi, alpha, BT: tl.constexpr, N1P: tl.constexpr, N
 
 
 @triton.jit
+def _load_block(x_ptr, tok, ri, j, M, stride_x, N1: tl.constexpr, N2: tl.constexpr, DT: tl.constexpr):
+    """The block kernel's X tile: rows (token tok, factor row ri), columns j; zeros past M and the factors."""
+    xm = (tok[:, None] < M) & (ri[:, None] < N1) & (j[None, :] < N2)
+    return tl.load(x_ptr + tok[:, None] * stride_x + ri[:, None] * N2 + j[None, :], mask=xm, other=0.0).to(DT)
+
+
+@triton.jit
 def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
                         NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr,
                         N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
-                        HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
-                        DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
+                        HAS_P2: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, IS_F32: tl.constexpr,
+                        MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
     """BT tokens per step, two large dots instead of per-token small ones (even n1 only):
       V  = X P2                  on the (BT*N1P, N2P) view of BT tokens (rows = (token, i)), contiguous load
       Vᵀ = per-token transpose   (BT*N2P, N1P): rows = (token, j), an on-chip layout change
       Yᵀ_lo = Vᵀ P1[:, :H], Yᵀ_hi = Vᵀ P1[:, H:]   ->  Yᵀ_lo[(t, j), h] = Y_t[h, j], Yᵀ_hi[(t, j), h] = Y_t[H + h, j]
     Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
     packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
-    second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros."""
+    second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros.
+    With PREFETCH the next step's X tile is requested (in registers) before this step's dots: Triton 3.6
+    leaves this loop's loads synchronous (sm_90 TTGIR: one shared-memory buffer whatever num_stages)."""
     _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -353,11 +364,15 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     qt = q // N2P
     qj = q % N2P
     tb = tl.arange(0, BT)
+    if PREFETCH:
+        Xn = _load_block(x_ptr, pid.to(tl.int64) * BT + rt, ri, j, M, stride_x, N1, N2, DT)
     for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
         t0 = (pid + it * nprog).to(tl.int64) * BT
-        tok = t0 + rt
-        xm = (tok[:, None] < M) & (ri[:, None] < N1) & (j[None, :] < N2)
-        X = tl.load(x_ptr + tok[:, None] * stride_x + ri[:, None] * N2 + j[None, :], mask=xm, other=0.0).to(DT)
+        if PREFETCH:
+            X = Xn
+            Xn = _load_block(x_ptr, t0 + nprog * BT + rt, ri, j, M, stride_x, N1, N2, DT)  # this program's next step
+        else:
+            X = _load_block(x_ptr, t0 + rt, ri, j, M, stride_x, N1, N2, DT)
         qlo, qhi, s = block_codes(X, P2, P1lo, P1hi, alpha, BT, N1P, N2P, HAS_P2, IS_F32, MAXQ, DT, INTERP)
         tl.store(scale_ptr + t0 + tb, s, mask=t0 + tb < M)
         otok = t0 + qt
@@ -483,7 +498,8 @@ def block_config(n1p: int, n2p: int) -> dict:
     # 8 warps (two warpgroups) once the first dot has >= 128 rows; 3 load stages where shared memory
     # allows (the launcher drops to 2, then 1, on an out-of-resources error). Both from the H200 sweep
     # (benchmarks/bench_fused_transform.py --sweep; results/archive/kernels-h200-smoke/sweep.json).
-    return dict(BT=bt, num_warps=8 if bt * n1p >= 128 else 4, num_stages=3, programs_per_sm=BLOCK_PROGRAMS_PER_SM)
+    return dict(BT=bt, num_warps=8 if bt * n1p >= 128 else 4, num_stages=3, programs_per_sm=BLOCK_PROGRAMS_PER_SM,
+                prefetch=BLOCK_PREFETCH)
 
 
 def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool, bits: int,
@@ -499,10 +515,11 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     grid0 = num_programs or min(nblk, num_sms(x2.device) * int(cfg["programs_per_sm"]))
     niter = triton.cdiv(nblk, grid0)
     consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N1P=n1p, N2P=n2p, H=n1 // 2, HP=next_pow2(n1 // 2),
-                  BT=bt, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(), num_warps=int(cfg["num_warps"]))
+                  BT=bt, HAS_P2=has_p2, PACK=pack, PREFETCH=bool(cfg.get("prefetch", False)),
+                  IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1, DT=triton_dtype(dd), INTERP=interp,
+                  TRIGGER=pdl_trigger(), num_warps=int(cfg["num_warps"]))
     regs = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
-    key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), regs.get("maxnreg"), dd)
+    key = (n1p, n2p, bt, int(cfg["num_warps"]), int(cfg["num_stages"]), regs.get("maxnreg"), consts["PREFETCH"], dd)
     stages = _BLOCK_STAGES.get(key, int(cfg["num_stages"]))
     while True:
         try:

@@ -190,10 +190,11 @@ def test_block_kernel_matches_reference(n1, n2, has_p1, has_p2, dtype, bits):
 
 
 @pytest.mark.parametrize("bt,programs,extra", [(1, 3, {}), (2, 2, {}), (4, 1, {}), (8, 2, {}),
-                                               (1, 2, {"num_stages": 1, "maxnreg": 128})])
+                                               (1, 2, {"num_stages": 1, "maxnreg": 128}),
+                                               (1, 3, {"prefetch": True}), (4, 2, {"prefetch": True})])
 def test_block_kernel_configs_cover_all_tokens(bt, programs, extra):
     """Every tokens-per-step, a persistent grid smaller than the number of blocks, one pipeline stage with a
-    register cap."""
+    register cap, the next step's tile requested ahead."""
     x = _inputs(13, 16 * 32, torch.float16, DEVICE)
     q, s = _check(x, _factor(16, DEVICE), _factor(32, DEVICE), 1.0, 4, split=False, kernel="block",
                   num_programs=programs, config={"BT": bt, **extra})

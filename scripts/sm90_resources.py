@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Compile the fused transform kernels for sm_90 on this machine (no GPU needed) and print what they use.
+
+For each case: shared memory, registers per thread, stack frame (spills), wgmma in the TTGIR / PTX, HGMMA
+and HMMA in the SASS, local loads/stores. It answers "do these tiles fit twice on an SM", "did the dots
+become wgmma", "does this variant spill" before any device time is spent. Triton's wheel carries ptxas and
+cuobjdump, so this runs wherever Triton is installed.
+
+    python scripts/sm90_resources.py                    # block vs chunked kernel at the prefill sizes
+    python scripts/sm90_resources.py --dump /tmp/k      # also write each case's TTGIR and SASS there
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even on a machine without one
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flatquant.kernels import fused_transform_chunked as fc
+from flatquant.kernels import fused_transform_quant as ftq
+from flatquant.kernels._triton_utils import next_pow2
+from flatquant.kernels.reference import kron_factors
+
+SIGNATURE = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "out_ptr": "*u8", "scale_ptr": "*fp32",
+             "M": "i32", "stride_x": "i32", "stride_o": "i32", "alpha": "fp32", "NITER": "i32"}
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, consts: dict, **options):
+    """triton.compile for compute capability 9.0, with `consts` as constexprs."""
+    sig = {**SIGNATURE, **{k: "constexpr" for k in consts}}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(kernel) -> dict:
+    """What a compiled kernel uses, read off its metadata, TTGIR, PTX and SASS (cuobjdump)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {"shared": kernel.metadata.shared, "regs": int(re.findall(r"REG:(\d+)", usage)[0]),
+            "stack": int(re.findall(r"STACK:(\d+)", usage)[0]),
+            "wgmma_ttgir": kernel.asm["ttgir"].count("warp_group_dot "),
+            "HGMMA": sass.count("HGMMA"), "HMMA": sass.count("HMMA"), "LDL": sass.count("LDL"),
+            "STL": sass.count("STL"), "sass": sass}
+
+
+def cases():
+    """(name, kernel, constexprs, options) for the block and chunked kernels at the prefill sizes."""
+    for n in (4096, 5120, 8192, 11008, 13824, 14336):
+        n1, n2 = kron_factors(n)
+        n1p, n2p = next_pow2(n1), next_pow2(n2)
+        common = dict(NITER_C=1, N1=n1, N2=n2, N2P=n2p, H=n1 // 2, HP=next_pow2(n1 // 2), HAS_P2=True, PACK=True,
+                      IS_F32=False, MAXQ=7, DT=tl.bfloat16, INTERP=False)
+        cfg = ftq.block_config(n1p, n2p)
+        yield (f"block   n={n}", ftq._fused_block_kernel,
+               {**common, "N1P": n1p, "BT": cfg["BT"], "TRIGGER": 1, "PREFETCH": False},
+               dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        yield (f"block   n={n} prefetch", ftq._fused_block_kernel,
+               {**common, "N1P": n1p, "BT": cfg["BT"], "TRIGGER": 1, "PREFETCH": True},
+               dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        if fc.chunked_supported(n1, n2, True):
+            c0, c1, c2 = fc.n1_chunks(n1)
+            for pf in (True, False):
+                yield (f"chunked n={n} prefetch={pf}", fc._fused_chunked_kernel,
+                       {**common, "C0": c0, "C1": c1, "C2": c2, "PREFETCH": pf},
+                       dict(num_warps=fc.CHUNKED_WARPS, num_stages=fc.CHUNKED_STAGES))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dump", default=None, help="folder for each case's TTGIR and SASS")
+    args = ap.parse_args()
+    print(f"{'case':36} {'smem KB':>8} {'regs':>5} {'stack':>6} {'wgmma':>6} {'HGMMA':>6} {'HMMA':>5} {'LDL/STL':>8}")
+    for name, fn, consts, opts in cases():
+        k = compile_sm90(fn, consts, **opts)
+        r = resources(k)
+        print(f"{name:36} {r['shared'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6} {r['wgmma_ttgir']:>6} "
+              f"{r['HGMMA']:>6} {r['HMMA']:>5} {r['LDL']:>4}/{r['STL']}")
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            stem = os.path.join(args.dump, re.sub(r"[^\w=]+", "_", name))
+            with open(stem + ".ttgir", "w") as f:
+                f.write(k.asm["ttgir"])
+            with open(stem + ".sass", "w") as f:
+                f.write(r["sass"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
