@@ -77,9 +77,11 @@ def cases():
                dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
         if fc.chunked_supported(n1, n2, True):
             c0, c1, c2 = fc.n1_chunks(n1)
+            k0, k1 = fc.n2_chunks(n2)
             for pf in (True, False):
                 yield (f"chunked n={n} prefetch={pf}", fc._fused_chunked_kernel,
-                       {**common, "C0": c0, "C1": c1, "C2": c2, "PREFETCH": pf},
+                       {**common, "N2P": fc.rows_padded(n2), "C0": c0, "C1": c1, "C2": c2, "K0": k0, "K1": k1,
+                        "PREFETCH": pf},
                        dict(num_warps=fc.CHUNKED_WARPS, num_stages=fc.CHUNKED_STAGES))
 
 

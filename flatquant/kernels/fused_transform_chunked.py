@@ -52,25 +52,43 @@ CHUNKED_STAGES = 1
 CHUNKED_PREFETCH = True
 
 
-def n1_chunks(n1: int) -> tuple[int, int, int]:
-    """n1 rounded up to a multiple of 16, as up to three power-of-two chunks, largest first (0 = none):
-    86 -> (64, 32, 0), 40 -> (32, 16, 0), 112 -> (64, 32, 16), 64 -> (64, 0, 0), 200 -> (128, 64, 16)."""
-    rest = -(-n1 // 16) * 16
-    chunks = []
+def _pow2_parts(n: int) -> list[int]:
+    """n rounded up to a multiple of 16, as power-of-two parts, largest first: 86 -> [64, 32]."""
+    rest = -(-n // 16) * 16
+    parts = []
     while rest:
-        c = 1 << (rest.bit_length() - 1)
-        chunks.append(c)
-        rest -= c
+        parts.append(1 << (rest.bit_length() - 1))
+        rest -= parts[-1]
+    return parts
+
+
+def n1_chunks(n1: int) -> tuple[int, int, int]:
+    """X's rows (n1) as up to three power-of-two chunks, largest first (0 = none): 86 -> (64, 32, 0),
+    40 -> (32, 16, 0), 112 -> (64, 32, 16), 64 -> (64, 0, 0)."""
+    chunks = _pow2_parts(n1)
     if len(chunks) > 3:
         raise ValueError(f"n1 = {n1} needs {len(chunks)} power-of-two chunks; the chunked kernel takes at most 3")
     return tuple(chunks + [0] * (3 - len(chunks)))
 
 
+def n2_chunks(n2: int, has_p2: bool = True) -> tuple[int, int]:
+    """The first dot's K (n2) as at most two power-of-two chunks (0 = none): 80 -> (64, 16), 128 -> (128, 0);
+    one padded chunk where two would not do (112 -> (128, 0)) or where there is no first dot (no P2)."""
+    parts = _pow2_parts(n2)
+    if not has_p2 or len(parts) > 2:
+        return rows_padded(n2), 0
+    return parts[0], (parts[1] if len(parts) > 1 else 0)
+
+
+def rows_padded(n2: int) -> int:
+    """Rows of one token's Yᵀ tiles: n2 padded to a power of two of at least 64 (one warpgroup's wgmma)."""
+    return max(64, 1 << (n2 - 1).bit_length())
+
+
 def chunked_supported(n1: int, n2: int, has_p2: bool) -> bool:
-    """Whether the chunked kernel takes these factors: even n1 of at most 128, n2 a power of two of 64 or
-    128 (one token's Yᵀ tile fills whole warpgroups, 64 rows each), at most three chunks."""
-    return (n1 % 2 == 0 and 16 <= n1 <= 128 and n2 in (64, 128)
-            and len([c for c in n1_chunks(n1) if c]) <= 3)
+    """Whether the chunked kernel takes these factors: an even n1 of 16 to 128 (at most three chunks) and
+    64 <= n2 <= 128 (one token's Yᵀ tile fills whole warpgroups, 64 rows each, with little padding)."""
+    return n1 % 2 == 0 and 16 <= n1 <= 128 and 64 <= n2 <= 128
 
 
 @triton.jit
@@ -99,22 +117,34 @@ def _chunk_factors(p1_ptr, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, H
 
 @triton.jit
 def _load_chunk(xb, tok_ok, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                N2P: tl.constexpr, DT: tl.constexpr):
-    """X_cᵀ for rows [O, O + C) of X: X_cᵀ[k, a] = x[(O + a) * N2 + k], contiguous along k (the first dot's K)."""
-    k = tl.arange(0, N2P)
+                K0: tl.constexpr, K1: tl.constexpr, DT: tl.constexpr):
+    """X_cᵀ for rows [O, O + C) of X, X_cᵀ[k, a] = x[(O + a) * N2 + k] (contiguous along k, the first dot's
+    K), in K chunks: k in [0, K0) and [K0, K0 + K1) (the second is the first again when K1 = 0: unused)."""
     a = O + tl.arange(0, C)
-    xm = (k[:, None] < N2) & (a[None, :] < N1) & tok_ok
-    return tl.load(xb + a[None, :] * N2 + k[:, None], mask=xm, other=0.0).to(DT)
+    k = tl.arange(0, K0)
+    Xa = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+                 other=0.0).to(DT)
+    if K1 > 0:
+        k = K0 + tl.arange(0, K1)
+        Xb = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+                     other=0.0).to(DT)
+    else:
+        Xb = Xa
+    return Xa, Xb
 
 
 @triton.jit
-def _chunk_math(Xt, p2t, lo, hi, Ylo, Yhi, HAS_P2: tl.constexpr, IS_F32: tl.constexpr, DT: tl.constexpr,
-                INTERP: tl.constexpr):
-    """One chunk: Vᵀ_c = P2ᵀ X_cᵀ (rounded to DT), then both halves of Yᵀ accumulate Vᵀ_c P1[c]."""
+def _chunk_math(Xa, Xb, p2ta, p2tb, lo, hi, Ylo, Yhi, K1: tl.constexpr, HAS_P2: tl.constexpr,
+                IS_F32: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """One chunk: Vᵀ_c = P2ᵀ X_cᵀ over both K chunks (rounded to DT), then both halves of Yᵀ accumulate
+    Vᵀ_c P1[c]."""
     if HAS_P2:
-        Vt = _mm(p2t, Xt, IS_F32, INTERP).to(DT)
+        V = _mm(p2ta, Xa, IS_F32, INTERP)
+        if K1 > 0:
+            V = _mm_acc(p2tb, Xb, V, IS_F32, INTERP)
+        Vt = V.to(DT)
     else:
-        Vt = Xt
+        Vt = Xa
     return _mm_acc(Vt, lo, Ylo, IS_F32, INTERP), _mm_acc(Vt, hi, Yhi, IS_F32, INTERP)
 
 
@@ -122,23 +152,31 @@ def _chunk_math(Xt, p2t, lo, hi, Ylo, Yhi, HAS_P2: tl.constexpr, IS_F32: tl.cons
 def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
                           NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N2P: tl.constexpr,
                           H: tl.constexpr, HP: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-                          C2: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr,
-                          IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+                          C2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_P2: tl.constexpr,
+                          PACK: tl.constexpr, PREFETCH: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
+                          DT: tl.constexpr, INTERP: tl.constexpr):
     """A persistent grid walks the tokens, one per step (module docstring). The factors are loaded once per
-    program: P2ᵀ (N2P, N2P) and P1's row chunks C0, C1, C2 (0 = absent) in column halves. With PREFETCH the
-    next token's X tiles are requested before this token's dots, so their memory latency overlaps the
-    dots and the quantize epilogue (Triton 3.6 does not software-pipeline this loop itself: its loads
-    came out synchronous in the sm_90 TTGIR)."""
+    program: P2ᵀ in its K chunks ((N2P, K0) and (N2P, K1)) and P1's row chunks C0, C1, C2 (0 = absent) in
+    column halves. With PREFETCH the next token's X tiles are requested before this token's dots, so their
+    memory latency overlaps the dots and the quantize epilogue (Triton 3.6 does not software-pipeline this
+    loop itself: its loads came out synchronous in the sm_90 TTGIR)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)
     h = tl.arange(0, HP)
-    if HAS_P2:
-        # P2ᵀ[j, k] = P2[k, j]
-        p2t = tl.load(p2_ptr + j[None, :] * N2 + j[:, None], mask=(j[:, None] < N2) & (j[None, :] < N2),
-                      other=0.0).to(DT)
+    if HAS_P2:  # P2ᵀ[j, k] = P2[k, j], columns k in [0, K0) and [K0, K0 + K1)
+        k = tl.arange(0, K0)
+        p2ta = tl.load(p2_ptr + k[None, :] * N2 + j[:, None], mask=(j[:, None] < N2) & (k[None, :] < N2),
+                       other=0.0).to(DT)
+        if K1 > 0:
+            k = K0 + tl.arange(0, K1)
+            p2tb = tl.load(p2_ptr + k[None, :] * N2 + j[:, None], mask=(j[:, None] < N2) & (k[None, :] < N2),
+                           other=0.0).to(DT)
+        else:
+            p2tb = p2ta  # unused
     else:
-        p2t = tl.zeros((16, 16), dtype=DT)  # unused
+        p2ta = tl.zeros((16, 16), dtype=DT)  # unused
+        p2tb = p2ta
     lo0, hi0 = _chunk_factors(p1_ptr, 0, C0, N1, H, HP, DT)
     if C1 > 0:
         lo1, hi1 = _chunk_factors(p1_ptr, C0, C1, N1, H, HP, DT)
@@ -148,41 +186,41 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
     if PREFETCH:  # the first token's tiles
         t = pid.to(tl.int64)
         xb = x_ptr + t * stride_x
-        X0n = _load_chunk(xb, t < M, 0, C0, N1, N2, N2P, DT)
+        X0an, X0bn = _load_chunk(xb, t < M, 0, C0, N1, N2, K0, K1, DT)
         if C1 > 0:
-            X1n = _load_chunk(xb, t < M, C0, C1, N1, N2, N2P, DT)
+            X1an, X1bn = _load_chunk(xb, t < M, C0, C1, N1, N2, K0, K1, DT)
         if C2 > 0:
-            X2n = _load_chunk(xb, t < M, C0 + C1, C2, N1, N2, N2P, DT)
+            X2an, X2bn = _load_chunk(xb, t < M, C0 + C1, C2, N1, N2, K0, K1, DT)
     for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
         t = (pid + it * nprog).to(tl.int64)
         tok_ok = t < M
         xb = x_ptr + t * stride_x
         if PREFETCH:
-            X0 = X0n
+            X0a, X0b = X0an, X0bn
             if C1 > 0:
-                X1 = X1n
+                X1a, X1b = X1an, X1bn
             if C2 > 0:
-                X2 = X2n
+                X2a, X2b = X2an, X2bn
             tn = t + nprog  # the next token of this program (masked off past M)
             xn = x_ptr + tn * stride_x
-            X0n = _load_chunk(xn, tn < M, 0, C0, N1, N2, N2P, DT)
+            X0an, X0bn = _load_chunk(xn, tn < M, 0, C0, N1, N2, K0, K1, DT)
             if C1 > 0:
-                X1n = _load_chunk(xn, tn < M, C0, C1, N1, N2, N2P, DT)
+                X1an, X1bn = _load_chunk(xn, tn < M, C0, C1, N1, N2, K0, K1, DT)
             if C2 > 0:
-                X2n = _load_chunk(xn, tn < M, C0 + C1, C2, N1, N2, N2P, DT)
+                X2an, X2bn = _load_chunk(xn, tn < M, C0 + C1, C2, N1, N2, K0, K1, DT)
         else:
-            X0 = _load_chunk(xb, tok_ok, 0, C0, N1, N2, N2P, DT)
+            X0a, X0b = _load_chunk(xb, tok_ok, 0, C0, N1, N2, K0, K1, DT)
             if C1 > 0:
-                X1 = _load_chunk(xb, tok_ok, C0, C1, N1, N2, N2P, DT)
+                X1a, X1b = _load_chunk(xb, tok_ok, C0, C1, N1, N2, K0, K1, DT)
             if C2 > 0:
-                X2 = _load_chunk(xb, tok_ok, C0 + C1, C2, N1, N2, N2P, DT)
+                X2a, X2b = _load_chunk(xb, tok_ok, C0 + C1, C2, N1, N2, K0, K1, DT)
         Ylo = tl.zeros((N2P, HP), dtype=tl.float32)
         Yhi = tl.zeros((N2P, HP), dtype=tl.float32)
-        Ylo, Yhi = _chunk_math(X0, p2t, lo0, hi0, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+        Ylo, Yhi = _chunk_math(X0a, X0b, p2ta, p2tb, lo0, hi0, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         if C1 > 0:
-            Ylo, Yhi = _chunk_math(X1, p2t, lo1, hi1, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+            Ylo, Yhi = _chunk_math(X1a, X1b, p2ta, p2tb, lo1, hi1, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         if C2 > 0:
-            Ylo, Yhi = _chunk_math(X2, p2t, lo2, hi2, Ylo, Yhi, HAS_P2, IS_F32, DT, INTERP)
+            Ylo, Yhi = _chunk_math(X2a, X2b, p2ta, p2tb, lo2, hi2, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         # Padded rows / columns are exact zeros, so they never set the max.
         amax = tl.max(tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1)), axis=0)
         s = _scale(amax, alpha, MAXQ, INTERP)
@@ -208,14 +246,15 @@ def launch_chunked(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: i
                    bits: int, dd, interp: bool, num_programs: int | None, config: dict | None) -> None:
     """Launch `_fused_chunked_kernel` over the (M, n) rows of x2 (the caller checked `chunked_supported`)."""
     if not chunked_supported(n1, n2, has_p2):
-        raise ValueError(f"the chunked kernel needs an even n1 <= 128 and n2 in (64, 128), got {n1} x {n2}")
+        raise ValueError(f"the chunked kernel needs an even n1 of 16 to 128 and 64 <= n2 <= 128, got {n1} x {n2}")
     m = x2.shape[0]
     cfg = chunked_config(config)
     c0, c1, c2 = n1_chunks(n1)
+    k0, k1 = n2_chunks(n2, has_p2)
     grid0 = num_programs or min(m, num_sms(x2.device) * int(cfg["programs_per_sm"]))
     niter = triton.cdiv(m, grid0)
-    consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N2P=next_pow2(n2), H=n1 // 2,
-                  HP=next_pow2(n1 // 2), C0=c0, C1=c1, C2=c2, HAS_P2=has_p2, PACK=pack,
+    consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N2P=rows_padded(n2), H=n1 // 2,
+                  HP=next_pow2(n1 // 2), C0=c0, C1=c1, C2=c2, K0=k0, K1=k1, HAS_P2=has_p2, PACK=pack,
                   PREFETCH=bool(cfg["prefetch"]), IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
                   DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
     regs = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from flatquant.kernels import fused_transform_quant as ftq
-from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks
+from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize
 from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
 from flatquant.kernels.testing import DEVICE, ON_GPU, TIE_TOL, assert_codes_match
@@ -56,9 +56,13 @@ def test_n1_chunks_and_support():
     assert n1_chunks(112) == (64, 32, 16)    # 14336: exact
     assert n1_chunks(64) == (64, 0, 0)
     assert n1_chunks(2) == (16, 0, 0)
-    assert chunked_supported(86, 128, True) and chunked_supported(40, 64, False)
+    assert n2_chunks(128) == (128, 0) and n2_chunks(80) == (64, 16)   # 5120 = 64 x 80
+    assert n2_chunks(112) == (128, 0)                                 # three parts: one padded chunk instead
+    assert n2_chunks(80, has_p2=False) == (128, 0)                    # no first dot: the padded rows
+    assert rows_padded(80) == 128 and rows_padded(64) == 64
+    assert chunked_supported(86, 128, True) and chunked_supported(40, 64, False) and chunked_supported(64, 80, True)
     assert not chunked_supported(3, 128, True)      # odd n1 (packing splits a row)
-    assert not chunked_supported(24, 24, True)      # n2 not 64 / 128
+    assert not chunked_supported(24, 24, True)      # n2 < 64: mostly padding at 64 rows per warpgroup
     assert not chunked_supported(200, 256, True)    # factors beyond on-chip sizes
 
 
@@ -68,6 +72,9 @@ CASES = [  # (n1, n2, has_p1, has_p2): chunk sets 1, 2 and 3 long, with and with
     (22, 64, True, True),     # 16 + 16 (6 padded rows)
     (108, 64, True, True),    # 64 + 32 + 16 (4 padded rows)
     (64, 64, True, True),     # one chunk, nothing padded
+    (64, 80, True, True),     # 5120: n2 = 80 -> K chunks 64 + 16, rows padded to 128
+    (40, 96, True, True),     # K chunks 64 + 32
+    (20, 112, True, True),    # K as one chunk padded to 128
     (28, 128, True, False),   # o_proj head mixing: 28 heads, head_dim 128, P2 = identity
     (20, 64, False, True),    # only P2
 ]
