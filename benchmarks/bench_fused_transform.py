@@ -221,8 +221,8 @@ def _default_kernel(n1: int, n2: int, tokens: int) -> str:
 
 
 def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
-    """The chunked kernel (next token's tiles requested ahead or not, 1 or 2 programs per SM) against the block
-    kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
+    """The chunked kernel (Triton's pipelining 2-4 stages deep or the register prefetch; 1 or 2 programs per SM)
+    against the block kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
     the chunked kernel does not take (5120 = 64 x 80) time the block kernel only."""
     from flatquant.kernels import fused_transform_chunked as fc
     from flatquant.kernels import fused_transform_quant as ftq
@@ -240,8 +240,8 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
         moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
         block = ftq.block_config(ftq.next_pow2(n1), ftq.next_pow2(n2))
         cases = [("block", block), ("block", {**block, "prefetch": not block["prefetch"]})]
-        cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "programs_per_sm": pps})
-                  for pf in (True, False) for pps in (1, 2)]
+        cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "num_stages": st, "programs_per_sm": pps})
+                  for pf, st, pps in ((False, 2, 2), (False, 3, 2), (False, 3, 1), (False, 4, 1), (True, 1, 1))]
         for kernel, cfg in cases:
             if kernel == "chunked" and not fc.chunked_supported(n1, n2, True):
                 continue

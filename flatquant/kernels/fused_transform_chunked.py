@@ -42,14 +42,16 @@ from flatquant.kernels._triton_utils import (
 )
 from flatquant.kernels.fused_transform_quant import _code_cast
 
-# Programs per SM of the persistent grid and warps. One token per step: its Yᵀ tiles are N2P rows (128 at
-# the sizes this kernel is for), 64 rows per warpgroup. num_stages is passed to Triton but changes nothing
-# here: Triton 3.6 does not software-pipeline this loop (its X loads are synchronous in the sm_90 TTGIR),
-# hence PREFETCH: the next token's X tiles are requested in registers before this token's dots.
-CHUNKED_PROGRAMS_PER_SM = 1
+# Programs per SM of the persistent grid, warps, and the software-pipeline depth of the token loop (Triton
+# streams the next tokens' X tiles into shared memory by cp.async, num_stages deep). One token per step: its
+# Yᵀ tiles are N2P rows (128 at most sizes this kernel is for), 64 rows per warpgroup. PREFETCH is the
+# alternative to Triton's pipelining: the next token's tiles requested into registers before this token's
+# dots (the loop is then not pipelined, and needs more registers: 180-204 instead of 136-151 per thread at
+# 11008-14336; sm_90, scripts/sm90_resources.py).
+CHUNKED_PROGRAMS_PER_SM = 2
 CHUNKED_WARPS = 8
-CHUNKED_STAGES = 1
-CHUNKED_PREFETCH = True
+CHUNKED_STAGES = 3
+CHUNKED_PREFETCH = False
 
 
 def _pow2_parts(n: int) -> list[int]:
@@ -157,9 +159,9 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
                           DT: tl.constexpr, INTERP: tl.constexpr):
     """A persistent grid walks the tokens, one per step (module docstring). The factors are loaded once per
     program: P2ᵀ in its K chunks ((N2P, K0) and (N2P, K1)) and P1's row chunks C0, C1, C2 (0 = absent) in
-    column halves. With PREFETCH the next token's X tiles are requested before this token's dots, so their
-    memory latency overlaps the dots and the quantize epilogue (Triton 3.6 does not software-pipeline this
-    loop itself: its loads came out synchronous in the sm_90 TTGIR)."""
+    column halves. Without PREFETCH, Triton pipelines the X loads (num_stages); with it, the next token's X
+    tiles are requested into registers before this token's dots (a loop-carried load, not pipelined), so
+    their memory latency overlaps the dots and the quantize epilogue either way."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)

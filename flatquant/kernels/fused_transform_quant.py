@@ -349,8 +349,8 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     Element (h, j) of Y_lo is y[h*n2 + j] and of Y_hi is y[h*n2 + j + n/2]: exactly the two nibbles of
     packed byte h*n2 + j, so packing needs no shuffle. V is rounded once to the half dtype before the
     second dot (the reference with round_intermediate=True). Padded rows/columns are exact zeros.
-    With PREFETCH the next step's X tile is requested (in registers) before this step's dots: Triton 3.6
-    leaves this loop's loads synchronous (sm_90 TTGIR: one shared-memory buffer whatever num_stages)."""
+    With PREFETCH the next step's X tile is requested (in registers) before this step's dots, instead of
+    Triton's software pipelining of the loads (num_stages buffers in shared memory, cp.async)."""
     _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
