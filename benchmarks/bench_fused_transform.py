@@ -63,6 +63,7 @@ def main() -> int:
     )
     from flatquant.kernels.fused_transform_chunked import chunked_supported
     from flatquant.kernels.fused_transform_quant import (
+        default_kernel,
         fused_transform_quantize,
         unfused_transform_quantize_torch,
     )
@@ -117,7 +118,7 @@ def main() -> int:
                                  ("fused_token_round_once", {"kernel": "token"}),
                                  ("fused_tiled", {"tiles": (64, 64, 64)})]
                     # the other one of the block and chunked kernels, where both take the size
-                    other = "block" if _default_kernel(n1, n2, tokens) == "chunked" else "chunked"
+                    other = "block" if default_kernel(tokens, n1, n2, True, device=dev) == "chunked" else "chunked"
                     if other == "block" or chunked_supported(n1, n2, True):
                         variants.append((f"fused_{other}", {"kernel": other}))
                 for name, kw in variants:
@@ -210,19 +211,10 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = F
         torch.cuda.empty_cache()
 
 
-def _default_kernel(n1: int, n2: int, tokens: int) -> str:
-    """Which of "block" / "chunked" the default dispatch of `fused_transform_quantize` takes at prefill."""
-    from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels.fused_transform_chunked import chunked_supported
-
-    npow2 = ftq.next_pow2(n1) == n1
-    return ("chunked" if ftq.CHUNKED_DEFAULT and not npow2 and tokens > ftq.SPLIT_MAX_M
-            and chunked_supported(n1, n2, True) else "block")
-
-
 def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
-    """The chunked kernel (Triton's pipelining 2-4 stages deep or the register prefetch; 1 or 2 programs per SM)
-    against the block kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
+    """The chunked kernel (Triton's pipelining 1-4 stages deep or the register prefetch; 1 or 2 programs per SM;
+    at most 128 registers per thread, so that two programs fit on an SM where shared memory allows) against the
+    block kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
     the chunked kernel does not take (5120 = 64 x 80) time the block kernel only."""
     from flatquant.kernels import fused_transform_chunked as fc
     from flatquant.kernels import fused_transform_quant as ftq
@@ -240,8 +232,10 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
         moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
         block = ftq.block_config(ftq.next_pow2(n1), ftq.next_pow2(n2))
         cases = [("block", block), ("block", {**block, "prefetch": not block["prefetch"]})]
-        cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "num_stages": st, "programs_per_sm": pps})
-                  for pf, st, pps in ((False, 2, 2), (False, 3, 2), (False, 3, 1), (False, 4, 1), (True, 1, 1))]
+        cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "num_stages": st, "programs_per_sm": pps,
+                               "maxnreg": reg})
+                  for pf, st, pps, reg in ((False, 3, 2, None), (False, 3, 1, None), (False, 4, 1, None),
+                                           (False, 2, 2, 128), (False, 1, 2, 128), (True, 1, 1, None))]
         for kernel, cfg in cases:
             if kernel == "chunked" and not fc.chunked_supported(n1, n2, True):
                 continue

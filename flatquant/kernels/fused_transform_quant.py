@@ -90,9 +90,12 @@ SPLIT_WARPS = 8
 # beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
 # at 4096 = 64 x 64 (7.8 vs 7.4 us).
 SPLIT_MIN_TILE = 128 * 128
-# Prefill with a non-power-of-two n1 (5120, 11008, 13824, 14336: n1 = 40, 86, 108, 112 with n2 = 128) takes
-# the chunked kernel (`fused_transform_chunked.py`: n1 padded to a multiple of 16, not to a power of two).
-CHUNKED_DEFAULT = False
+# Prefill where a factor is not a power of two (5120 = 64 x 80, 11008 = 86 x 128, 13824 = 108 x 128,
+# 14336 = 112 x 128) takes the chunked kernel (`fused_transform_chunked.py`: factors padded to a multiple of
+# 16, not to a power of two). Measured faster than the block kernel at all four sizes and all prefill
+# batches on the H100 at ce40e0a (b = 64: 62 / 57 / 62 / 66 % of copy bandwidth against 59 / 48 / 60 /
+# 64 %; results/archive/kernels-h100-ce40e0a/bench_fused_transform.json, the fused_chunked rows).
+CHUNKED_DEFAULT = True
 
 
 # Where the kernels let a programmatic dependent (the decode GEMM, launched with PDL) start: "start" (at
@@ -573,6 +576,28 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
 
 
+def default_kernel(m: int, n1: int, n2: int, has_p2: bool, onchip: bool = True, split_intermediate: bool = False,
+                   device: torch.device | None = None, config: dict | None = None) -> str:
+    """The kernel `fused_transform_quantize` takes for m tokens of n1 x n2 factors when none is named: with an
+    even n1, factors on chip and split_intermediate off, "split" for at most SPLIT_MAX_M tokens (decode) with
+    padded factor tiles of at least SPLIT_MIN_TILE elements, "chunked" at prefill where a factor is not a power
+    of two and `chunked_supported` (CHUNKED_DEFAULT), else "block"; otherwise "token" with the factors on chip,
+    else "tiled"."""
+    n1p, n2p = next_pow2(n1), next_pow2(n2)
+    if not (onchip and n1 % 2 == 0 and not split_intermediate):
+        return "token" if onchip else "tiled"
+    interp = interpreting()
+    sms = num_sms(device) if device is not None else 132
+    if m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE and (interp or m * split_programs(n2, config)[1] <= sms):
+        return "split"
+    if m > SPLIT_MAX_M and CHUNKED_DEFAULT and (n1p != n1 or n2p != n2):
+        from flatquant.kernels.fused_transform_chunked import chunked_supported
+
+        if chunked_supported(n1, n2, has_p2):
+            return "chunked"
+    return "block"
+
+
 def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
                              alpha: float = 1.0, bits: int = 4, *, split_intermediate: bool = False,
                              onchip_max_elements: int | None = None, tiles: tuple[int, int, int] | None = None,
@@ -589,14 +614,16 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     (per-token kernel only, ~float32 accuracy) instead of rounding it once to the half dtype (default;
     the same rounding as the model's own bf16 matmuls).
 
-    kernel: None picks one. When n1 is even, the factors fit on chip and split_intermediate is off:
-    "split" (`_fused_split_kernel`, each token over several programs; one with config CB >= n2) for at
-    most SPLIT_MAX_M tokens (decode) with padded factor tiles of at least SPLIT_MIN_TILE elements, else
-    "block" (`_fused_block_kernel`, several tokens per step, big dots). Otherwise "token"
-    (per-token on-chip kernel) when the factors fit on chip, else "tiled" (corner cases). config:
-    block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm", "maxnreg"}; see
-    `block_config`; maxnreg caps the registers per thread, e.g. so that two programs fit on an SM),
-    split-kernel overrides ({"CB", "num_warps"}: Y columns per program, warps).
+    kernel: None picks one (`default_kernel`). When n1 is even, the factors fit on chip and
+    split_intermediate is off: "split" (`_fused_split_kernel`, each token over several programs; one with
+    config CB >= n2) for at most SPLIT_MAX_M tokens (decode) with padded factor tiles of at least
+    SPLIT_MIN_TILE elements; "chunked" (`fused_transform_chunked.py`, n1 in power-of-two chunks) at
+    prefill where a factor is not a power of two; else "block" (`_fused_block_kernel`, several tokens per
+    step, big dots). Otherwise "token" (per-token on-chip kernel) when the factors fit on chip, else "tiled"
+    (corner cases). config: block-kernel overrides ({"BT", "num_warps", "num_stages", "programs_per_sm",
+    "maxnreg", "prefetch"}; see `block_config`; maxnreg caps the registers per thread, e.g. so that two
+    programs fit on an SM), chunked-kernel overrides (`chunked_config`), split-kernel overrides ({"CB",
+    "num_warps"}: Y columns per program, warps).
     onchip_max_elements / tiles (BN, BK, BR) override the on-chip vs tiled choice (tests force the
     corner-case path with small values).
 
@@ -629,15 +656,8 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     n1p, n2p = next_pow2(n1), next_pow2(n2)
     limit = ONCHIP_MAX_ELEMENTS if onchip_max_elements is None else onchip_max_elements
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
-    even = onchip and n1 % 2 == 0 and not split_intermediate
     if kernel is None:
-        few = (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
-               and (interp or m * split_programs(n2, config)[1] <= num_sms(x.device)))
-        kernel = ("split" if few else "block") if even else ("token" if onchip else "tiled")
-        if kernel == "block" and CHUNKED_DEFAULT and n1p != n1 and m > SPLIT_MAX_M:
-            from flatquant.kernels.fused_transform_chunked import chunked_supported
-
-            kernel = "chunked" if chunked_supported(n1, n2, p2 is not None) else kernel
+        kernel = default_kernel(m, n1, n2, p2 is not None, onchip, split_intermediate, x.device, config)
     if kernel not in ("block", "chunked", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'chunked', 'split', 'token' or 'tiled', got {kernel!r}")
     alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))
