@@ -152,26 +152,33 @@ def main() -> int:
     return 0
 
 
+def _prefill_inputs(n: int, n1: int, n2: int, batch: int):
+    """Row-major bf16 orthogonal factors, `batch` prefill sequences of random activations in enough copies to
+    rotate past the L2, and the bytes the fused kernel must move: (q1, q2, tokens, xs, rotator, bytes)."""
+    from flatquant.kernels.bench_utils import Rotator, rotation_count
+
+    dev = torch.device(DEVICE)
+    q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+    q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
+    tokens = batch * SEQ
+    xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
+    return q1, q2, tokens, xs, Rotator(xs), tokens * n * 2 + tokens * n // 2 + tokens * 4
+
+
 def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = False) -> None:
     """Block-kernel configs around the default (block_config) at prefill: tokens per step x warps x stages,
     or (occupancy) pipeline stages x a register cap (maxnreg) x programs per SM, e.g. two programs of
     128 x 128 tiles per SM with one stage and at most 128 registers per thread."""
     from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels.bench_utils import Rotator, bench_ms, rotation_count
+    from flatquant.kernels.bench_utils import bench_ms
     from flatquant.kernels.reference import kron_factors
 
-    dev = torch.device(DEVICE)
     for n in hidden:
         n1, n2 = kron_factors(n)
         if n1 % 2:
             continue
         n1p, n2p = ftq.next_pow2(n1), ftq.next_pow2(n2)
-        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
-        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
-        tokens = batch * SEQ
-        xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
-        rot = Rotator(xs)
-        moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
+        q1, q2, tokens, xs, rot, moved = _prefill_inputs(n, n1, n2, batch)
         default = ftq.block_config(n1p, n2p)
         bts = sorted({max(1, default["BT"] // 2), default["BT"], default["BT"] * 2})
         results = []
@@ -218,18 +225,12 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
     the chunked kernel does not take (5120 = 64 x 80) time the block kernel only."""
     from flatquant.kernels import fused_transform_chunked as fc
     from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels.bench_utils import Rotator, bench_ms, rotation_count
+    from flatquant.kernels.bench_utils import bench_ms
     from flatquant.kernels.reference import kron_factors
 
-    dev = torch.device(DEVICE)
     for n in hidden:
         n1, n2 = kron_factors(n)
-        q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
-        q2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
-        tokens = batch * SEQ
-        xs = [torch.randn(tokens, n, device=dev, dtype=torch.bfloat16) for _ in range(rotation_count(tokens * n * 2))]
-        rot = Rotator(xs)
-        moved = tokens * n * 2 + tokens * n // 2 + tokens * 4
+        q1, q2, tokens, xs, rot, moved = _prefill_inputs(n, n1, n2, batch)
         block = ftq.block_config(ftq.next_pow2(n1), ftq.next_pow2(n2))
         cases = [("block", block), ("block", {**block, "prefetch": not block["prefetch"]})]
         cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "num_stages": st, "programs_per_sm": pps,

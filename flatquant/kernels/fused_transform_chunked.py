@@ -1,14 +1,13 @@
-"""Fused transform + quantize for factors whose n1 is not a power of two (prefill), without padding n1 to one.
+"""Fused transform + quantize at prefill for factors that are not powers of two, without padding them to one.
 
 The block kernel (`fused_transform_quant._fused_block_kernel`) pads both factor tiles to powers of two.
-At the Llama/Qwen intermediate sizes n2 = 128 and n1 is not a power of two (5120 = 40 x 128,
-11008 = 86 x 128, 13824 = 108 x 128, 14336 = 112 x 128), so n1 is padded to 64 or 128: the dots then
-do 8.4 MFLOP per token at 11008 where 4.7 carry data, and at prefill the kernel is bound by that work
-(KERNELS.md, "Known limits").
+At the Llama/Qwen sizes 11008 = 86 x 128, 13824 = 108 x 128 and 14336 = 112 x 128, n1 is padded to 128,
+and at 5120 = 64 x 80 n2 is: the dots then do 8.4 MFLOP per token at 11008 where 4.7 carry data, and at
+prefill the kernel is bound by that work (KERNELS.md, "Known limits").
 
-Here n1 is cut into power-of-two chunks of at least 16 (the dot's minimum): 86 -> 64 + 32, 40 -> 32 + 16,
-108 and 112 -> 64 + 32 + 16, so the n1 side is padded only to the next multiple of 16. Per token, with
-the flash-attention pattern of two chained dots:
+Here n1 is cut into power-of-two chunks of at least 16 (the dot's minimum): 86 -> 64 + 32, 108 and 112 ->
+64 + 32 + 16, so the n1 side is padded only to the next multiple of 16; the first dot's K (n2) likewise
+into at most two chunks (80 -> 64 + 16). Per token, with the flash-attention pattern of two chained dots:
 
     Vᵀ_c  = P2ᵀ · X_cᵀ                 (N2P x C) for chunk c of X's rows (X = x.reshape(n1, n2))
     Yᵀ_lo += Vᵀ_c · P1[c, :H]          (N2P x HP): Yᵀ_lo[j, h] = Y[h, j]      (low nibbles)
@@ -22,8 +21,9 @@ the block kernel. The per-token max, scale, codes and the store are the block ke
 semantics: V rounded once to the half dtype before the second dot; y * (1/s) rounded half to even).
 
 At 11008 this is 6.3 MFLOP per token instead of 8.4 (14336 / 13824: 7.3 instead of 8.4; 5120: 2.4 instead
-of 3.1). Taken by `fused_transform_quantize` (kernel="chunked") for even, non-power-of-two n1 with a
-power-of-two n2 of 64 or 128 and more than SPLIT_MAX_M tokens, where CHUNKED_DEFAULT says so.
+of 3.1). `fused_transform_quantize` takes it (`default_kernel`) at more than SPLIT_MAX_M tokens where a
+factor is not a power of two and `chunked_supported` (even n1 of 16 to 128, 64 <= n2 <= 128), or when
+asked for with kernel="chunked".
 """
 from __future__ import annotations
 
@@ -136,6 +136,21 @@ def _load_chunk(xb, tok_ok, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, 
 
 
 @triton.jit
+def _load_token(xb, tok_ok, N1: tl.constexpr, N2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                C2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, DT: tl.constexpr):
+    """One token's X tiles: (X_cᵀ K chunk 0, K chunk 1) for the row chunks C0, C1, C2; an absent chunk
+    repeats chunk 0's tiles (unused)."""
+    X0a, X0b = _load_chunk(xb, tok_ok, 0, C0, N1, N2, K0, K1, DT)
+    X1a, X1b = X0a, X0b
+    X2a, X2b = X0a, X0b
+    if C1 > 0:
+        X1a, X1b = _load_chunk(xb, tok_ok, C0, C1, N1, N2, K0, K1, DT)
+    if C2 > 0:
+        X2a, X2b = _load_chunk(xb, tok_ok, C0 + C1, C2, N1, N2, K0, K1, DT)
+    return X0a, X0b, X1a, X1b, X2a, X2b
+
+
+@triton.jit
 def _chunk_math(Xa, Xb, p2ta, p2tb, lo, hi, Ylo, Yhi, K1: tl.constexpr, HAS_P2: tl.constexpr,
                 IS_F32: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     """One chunk: Vᵀ_c = P2ᵀ X_cᵀ over both K chunks (rounded to DT), then both halves of Yᵀ accumulate
@@ -187,35 +202,17 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
     om = (j[:, None] < N2) & (h[None, :] < H)
     if PREFETCH:  # the first token's tiles
         t = pid.to(tl.int64)
-        xb = x_ptr + t * stride_x
-        X0an, X0bn = _load_chunk(xb, t < M, 0, C0, N1, N2, K0, K1, DT)
-        if C1 > 0:
-            X1an, X1bn = _load_chunk(xb, t < M, C0, C1, N1, N2, K0, K1, DT)
-        if C2 > 0:
-            X2an, X2bn = _load_chunk(xb, t < M, C0 + C1, C2, N1, N2, K0, K1, DT)
+        X0an, X0bn, X1an, X1bn, X2an, X2bn = _load_token(x_ptr + t * stride_x, t < M, N1, N2, C0, C1, C2, K0, K1, DT)
     for it in range(NITER_C if INTERP else NITER):  # interpreter: a Python int (no assignment)
         t = (pid + it * nprog).to(tl.int64)
         tok_ok = t < M
-        xb = x_ptr + t * stride_x
         if PREFETCH:
-            X0a, X0b = X0an, X0bn
-            if C1 > 0:
-                X1a, X1b = X1an, X1bn
-            if C2 > 0:
-                X2a, X2b = X2an, X2bn
+            X0a, X0b, X1a, X1b, X2a, X2b = X0an, X0bn, X1an, X1bn, X2an, X2bn
             tn = t + nprog  # the next token of this program (masked off past M)
-            xn = x_ptr + tn * stride_x
-            X0an, X0bn = _load_chunk(xn, tn < M, 0, C0, N1, N2, K0, K1, DT)
-            if C1 > 0:
-                X1an, X1bn = _load_chunk(xn, tn < M, C0, C1, N1, N2, K0, K1, DT)
-            if C2 > 0:
-                X2an, X2bn = _load_chunk(xn, tn < M, C0 + C1, C2, N1, N2, K0, K1, DT)
+            X0an, X0bn, X1an, X1bn, X2an, X2bn = _load_token(x_ptr + tn * stride_x, tn < M, N1, N2, C0, C1, C2,
+                                                             K0, K1, DT)
         else:
-            X0a, X0b = _load_chunk(xb, tok_ok, 0, C0, N1, N2, K0, K1, DT)
-            if C1 > 0:
-                X1a, X1b = _load_chunk(xb, tok_ok, C0, C1, N1, N2, K0, K1, DT)
-            if C2 > 0:
-                X2a, X2b = _load_chunk(xb, tok_ok, C0 + C1, C2, N1, N2, K0, K1, DT)
+            X0a, X0b, X1a, X1b, X2a, X2b = _load_token(x_ptr + t * stride_x, tok_ok, N1, N2, C0, C1, C2, K0, K1, DT)
         Ylo = tl.zeros((N2P, HP), dtype=tl.float32)
         Yhi = tl.zeros((N2P, HP), dtype=tl.float32)
         Ylo, Yhi = _chunk_math(X0a, X0b, p2ta, p2tb, lo0, hi0, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
