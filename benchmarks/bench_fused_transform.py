@@ -45,8 +45,8 @@ def main() -> int:
     ap.add_argument("--sweep-occupancy", action="store_true",
                     help="only sweep pipeline stages x register caps x programs per SM around the default, batch 16")
     ap.add_argument("--sweep-chunked", action="store_true",
-                    help="only time the chunked kernel (prefetch on/off x programs per SM) against the block kernel "
-                         "at prefill, batch 16, every hidden size")
+                    help="only time the chunked kernel (pipeline stages, programs per SM, register cap, register "
+                         "prefetch) against the block kernel at prefill, batch 16, every hidden size")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -118,7 +118,7 @@ def main() -> int:
                                  ("fused_token_round_once", {"kernel": "token"}),
                                  ("fused_tiled", {"tiles": (64, 64, 64)})]
                     # the other one of the block and chunked kernels, where both take the size
-                    other = "block" if default_kernel(tokens, n1, n2, True, device=dev) == "chunked" else "chunked"
+                    other = "block" if default_kernel(tokens, n1, n2, True, dev) == "chunked" else "chunked"
                     if other == "block" or chunked_supported(n1, n2, True):
                         variants.append((f"fused_{other}", {"kernel": other}))
                 for name, kw in variants:

@@ -576,8 +576,8 @@ def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
 
 
-def default_kernel(m: int, n1: int, n2: int, has_p2: bool, onchip: bool = True, split_intermediate: bool = False,
-                   device: torch.device | None = None, config: dict | None = None) -> str:
+def default_kernel(m: int, n1: int, n2: int, has_p2: bool, device: torch.device, onchip: bool = True,
+                   split_intermediate: bool = False, config: dict | None = None) -> str:
     """The kernel `fused_transform_quantize` takes for m tokens of n1 x n2 factors when none is named: with an
     even n1, factors on chip and split_intermediate off, "split" for at most SPLIT_MAX_M tokens (decode) with
     padded factor tiles of at least SPLIT_MIN_TILE elements, "chunked" at prefill where a factor is not a power
@@ -586,9 +586,8 @@ def default_kernel(m: int, n1: int, n2: int, has_p2: bool, onchip: bool = True, 
     n1p, n2p = next_pow2(n1), next_pow2(n2)
     if not (onchip and n1 % 2 == 0 and not split_intermediate):
         return "token" if onchip else "tiled"
-    interp = interpreting()
-    sms = num_sms(device) if device is not None else 132
-    if m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE and (interp or m * split_programs(n2, config)[1] <= sms):
+    if (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
+            and (interpreting() or m * split_programs(n2, config)[1] <= num_sms(device))):
         return "split"
     if m > SPLIT_MAX_M and CHUNKED_DEFAULT and (n1p != n1 or n2p != n2):
         from flatquant.kernels.fused_transform_chunked import chunked_supported
@@ -657,7 +656,7 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     limit = ONCHIP_MAX_ELEMENTS if onchip_max_elements is None else onchip_max_elements
     onchip = tiles is None and max(n1p * n2p, n2p * n2p if p2 is not None else 0) <= limit
     if kernel is None:
-        kernel = default_kernel(m, n1, n2, p2 is not None, onchip, split_intermediate, x.device, config)
+        kernel = default_kernel(m, n1, n2, p2 is not None, x.device, onchip, split_intermediate, config)
     if kernel not in ("block", "chunked", "split", "token", "tiled"):
         raise ValueError(f"kernel must be 'block', 'chunked', 'split', 'token' or 'tiled', got {kernel!r}")
     alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))

@@ -147,3 +147,22 @@ def test_chunked_model_sizes_gpu(n, single, dtype, prefetch):
     p2 = None if single else _factor(n2).to(dtype)
     for bits, fmt in ((4, None), (8, None), (4, "fp8")):
         _check(x, p1, p2, bits, fmt, config={"prefetch": prefetch})
+
+
+def test_default_kernel_choice():
+    """The dispatch at the model sizes: chunked at prefill where a factor is not a power of two, the block
+    kernel where both are, the split kernel at decode with 128 x 128 tiles, the per-token / tiled kernels
+    for odd n1 or factors off chip."""
+    from flatquant.kernels.fused_transform_quant import default_kernel
+
+    dev = torch.device(DEVICE)
+    prefill = ftq.SPLIT_MAX_M + 1
+    assert [default_kernel(prefill, n1, n2, True, dev) for n1, n2 in ((86, 128), (108, 128), (112, 128), (64, 80))] \
+        == ["chunked"] * 4
+    assert default_kernel(prefill, 64, 64, True, dev) == "block" and default_kernel(prefill, 64, 128, True, dev) == "block"
+    assert default_kernel(prefill, 24, 24, True, dev) == "block"     # n2 < 64: the chunked kernel does not take it
+    assert default_kernel(1, 112, 128, True, dev) == "split"
+    assert default_kernel(1, 64, 64, True, dev) == "block"           # small tiles at decode
+    assert default_kernel(prefill, 3, 128, True, dev) == "token"     # odd n1
+    assert default_kernel(prefill, 86, 128, True, dev, onchip=False) == "tiled"
+    assert default_kernel(prefill, 86, 128, True, dev, split_intermediate=True) == "token"
