@@ -236,7 +236,8 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
 
 
 def chunked_config(config: dict | None = None) -> dict:
-    """Warps, pipeline stages and programs per SM of the chunked kernel, with the caller's overrides."""
+    """Warps, pipeline stages, programs per SM and the register prefetch of the chunked kernel, with the
+    caller's overrides (also "maxnreg": a register cap per thread)."""
     return {"num_warps": CHUNKED_WARPS, "num_stages": CHUNKED_STAGES, "programs_per_sm": CHUNKED_PROGRAMS_PER_SM,
             "prefetch": CHUNKED_PREFETCH, **(config or {})}
 

@@ -121,13 +121,15 @@ def test_chunked_errors_and_default_dispatch(monkeypatch):
     real = fc.launch_chunked
     monkeypatch.setattr(fc, "launch_chunked", lambda *a, **k: (calls.append(a[7:9]), real(*a, **k)))
     p1, p2, p64 = _factor(40), _factor(64), _factor(64)
+
+    def run_default(m, n1, f1):  # the default dispatch on m tokens of n1 x 64 factors
+        fused_transform_quantize(_inputs(m, n1 * 64, torch.float16), f1, p2)
     for on in (False, True):
         monkeypatch.setattr(ftq, "CHUNKED_DEFAULT", on)
         calls.clear()
-        _check_default = lambda m, n1, f1: fused_transform_quantize(_inputs(m, n1 * 64, torch.float16), f1, p2)
-        _check_default(ftq.SPLIT_MAX_M + 1, 40, p1)   # non-power-of-two n1, prefill: chunked when on
-        _check_default(ftq.SPLIT_MAX_M + 1, 64, p64)  # n1 = 64: the block kernel
-        _check_default(2, 40, p1)                     # decode: not chunked
+        run_default(ftq.SPLIT_MAX_M + 1, 40, p1)   # non-power-of-two n1, prefill: chunked when on
+        run_default(ftq.SPLIT_MAX_M + 1, 64, p64)  # n1 = 64: the block kernel
+        run_default(2, 40, p1)                     # decode: not chunked
         assert calls == ([(40, 64)] if on else [])
 
 
