@@ -2,7 +2,8 @@
 """W4A4 linear on this GPU vs BF16 cuBLAS (torch.matmul) and torch._scaled_mm FP8 (per-tensor), on
 Llama-2-7B / Llama-3-8B layer shapes (in x out) at M = 1 .. 16384 tokens. Side by side, per route
 (flatquant/kernels/linear.py): the whole layer (fused transform+quantize + GEMM; "auto" dispatch and
-each pinned route) and the GEMM alone (Triton int8/fp8, decode split-K, cuBLASLt int_mm / scaled_mm).
+each pinned route) and the GEMM alone (Triton int8/fp8, decode split-K, cuBLASLt int_mm / scaled_mm, the
+TMA GEMM on int8 / fp8 codes).
 At M <= 16 the auto layer is also timed from a CUDA graph (no Python launch overhead), against bf16
 timed the same way.
 
@@ -46,7 +47,7 @@ def scaled_mm_fp8(dev):
 
 def _lin_routes(m):
     """Full-linear routes timed at this M: auto dispatch plus each pinned route that applies."""
-    return ["auto", "int8"] + (["decode"] if m <= 16 else ["int_mm", "scaled_mm"])
+    return ["auto", "int8"] + (["decode"] if m <= 16 else ["int_mm", "scaled_mm", "tma_int8", "tma_fp8"])
 
 
 def main() -> int:
@@ -80,6 +81,7 @@ def main() -> int:
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import kron_factors
+    from flatquant.kernels.tma_gemm import tma_gemm
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
     torch.manual_seed(0)
@@ -94,7 +96,8 @@ def main() -> int:
     only_routes = set(args.routes.split(",")) if args.routes else None
     writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE,
                                      "dispatch": dict(small_m_max=lin_mod.SMALL_M_MAX, large_m_min=lin_mod.LARGE_M_MIN,
-                                                      large_m_route=lin_mod.LARGE_M_ROUTE)})
+                                                      large_m_route=lin_mod.LARGE_M_ROUTE,
+                                                      tma_m_min=lin_mod.TMA_M_MIN, tma_route=lin_mod.TMA_ROUTE)})
     smm, smm_reason = scaled_mm_fp8(dev)
     if smm is None:
         print(f"FP8 baseline skipped: {smm_reason}")
@@ -164,9 +167,14 @@ def main() -> int:
             if m <= 16:
                 gemms["decode"] = (packed, lambda a, sa, i: w4a4_gemm_decode(a, sa, lins[i].qweight,
                                                                              lins[i].weight_scale, None, bf16, 4))
-            for r, fmt, fn in (("int_mm", "int8", cb.int_mm_gemm), ("scaled_mm", "fp8", cb.scaled_mm_gemm)):
-                if cb.route_supported(r, m, n, k, bf16, dev):
-                    codes = [fused_transform_quantize(x, qp1, qp2, 0.9, 4, out_format=fmt) for x in xs]
+            one_byte = (("int_mm", "int8", cb.int_mm_gemm), ("scaled_mm", "fp8", cb.scaled_mm_gemm),
+                        ("tma_int8", "int8", tma_gemm), ("tma_fp8", "fp8", tma_gemm))
+            codes_by_fmt = {}
+            for r, fmt, fn in one_byte:
+                if lin._route_takes(r, m, bf16, dev):
+                    if fmt not in codes_by_fmt:
+                        codes_by_fmt[fmt] = [fused_transform_quantize(x, qp1, qp2, 0.9, 4, out_format=fmt) for x in xs]
+                    codes = codes_by_fmt[fmt]
                     gemms[r] = (codes, lambda a, sa, i, fmt=fmt, fn=fn: fn(a, sa, wcodes[fmt][i], lins[i].weight_scale,
                                                                            None, bf16))
             for r, (acts, fn) in gemms.items():
@@ -198,7 +206,7 @@ def main() -> int:
                                     skipped=f"{type(e).__name__}: {e}"[:300]))
                 del x8
             print(f"{k:>5}x{n:<6} {m:>6} {t_bf16:>8.4f}  " + " | ".join(line), flush=True)
-            del xs, packed
+            del xs, packed, codes_by_fmt
             torch.cuda.empty_cache()
     if smm is None:
         writer.add(dict(kernel="torch_scaled_mm_fp8", shape=None, median_ms=None, baseline=None,
@@ -221,7 +229,7 @@ def _route_choice(writer) -> None:
     best = {m: min(rt, key=lambda k: sum(rt[k]) / len(rt[k])) for m, rt in by_m.items()}
     writer.add(dict(kernel="route_choice", shape=None, median_ms=None, baseline=None, baseline_median_ms=None,
                     speedup=None, achieved_gbps=None, fastest_linear_route_by_M=best,
-                    note="set SMALL_M_MAX / LARGE_M_MIN / LARGE_M_ROUTE in flatquant/kernels/linear.py from this"))
+                    note="set SMALL_M_MAX / LARGE_M_MIN / LARGE_M_ROUTE / TMA_M_MIN / TMA_ROUTE in flatquant/kernels/linear.py from this"))
     print("fastest full-linear route by M:", best)
 
 

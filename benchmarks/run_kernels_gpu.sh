@@ -35,7 +35,7 @@ if [[ " $STEPS " == *" linear "* ]]; then
 echo "== W4A4 linear benchmark =="
 # The pinned Triton int8 full-linear route is left out (the slowest route at M >= 256 in the H100 run); its GEMM is
 # still timed in the GEMM-only part.
-timeout ${LINEAR_TIMEOUT:-210} python benchmarks/bench_w4a4_linear.py --routes auto,decode,int_mm,scaled_mm --rep-ms 12 \
+timeout ${LINEAR_TIMEOUT:-210} python benchmarks/bench_w4a4_linear.py --routes auto,decode,int_mm,scaled_mm,tma_int8,tma_fp8 --rep-ms 12 \
   --out "$OUT/bench_w4a4_linear.json" 2>&1 \
   | tee "$OUT/bench_w4a4_linear.txt"
 echo "w4a4 bench rc=${PIPESTATUS[0]}"

@@ -15,14 +15,17 @@ GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in
 - M <= fused_decode.FUSED_MAX_M (0 by default: off, measured slower) where that kernel takes the case
   (`uses_fused_decode`): transform, quantize and GEMV in one launch (fused_decode.py);
 - M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
+- M >= TMA_M_MIN: TMA_ROUTE ("tma_int8" / "tma_fp8": the TMA GEMM on one-byte codes with the row-wise
+  scales in its epilogue, tma_gemm.py; Hopper+, K % 16 == 0);
 - M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
-  INT8 + scale epilogue; cublas_routes.py) when cuBLASLt accepts the sizes / output dtype, else the
-  other cuBLAS route, else the Triton GEMM;
+  INT8 + scale epilogue; cublas_routes.py);
+  where the chosen route does not take the sizes / output dtype / bits, the next of FALLBACK_ROUTES
+  that does, else the Triton GEMM;
 - otherwise (and as the last fallback) the Triton GEMM `w4a4_gemm` on DEFAULT_GEMM_ROUTE.
 `gemm_route` pins one route for every M: "int8" / "fp8" (Triton GEMM), "decode" (M <= 16 only, else
-the Triton GEMM), "int_mm", "scaled_mm" (falling back like "auto" where unsupported). The thresholds
-are module constants so that the benchmark's records can set them.
-The cuBLAS routes need the weight unpacked to one byte per code: it is built once and cached in the
+the Triton GEMM), "int_mm", "scaled_mm", "tma_int8", "tma_fp8" (falling back like "auto" where
+unsupported). The thresholds are module constants so that the benchmark's records can set them.
+The cuBLAS and TMA routes need the weight unpacked to one byte per code: it is built once and cached in the
 layer (`_cast_cache`; the packed `qweight` stays the stored/state_dict format). That cache costs N·K
 bytes per layer on top of the N·K/2 packed bytes; `clear_cache()` drops it.
 """
@@ -35,10 +38,15 @@ from flatquant.kernels import reference as ref
 from flatquant.quantizer import quantize_symmetric
 
 BACKENDS = ("reference", "triton")
-GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm")
+GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8", "tma_fp8")
 SMALL_M_MAX = 16
 LARGE_M_MIN = 17
 LARGE_M_ROUTE = "scaled_mm"
+TMA_M_MIN = 2048
+TMA_ROUTE = "tma_int8"
+FALLBACK_ROUTES = ("tma_int8", "tma_fp8", "scaled_mm", "int_mm")
+# The code format each one-byte-code route reads: the fused kernel writes activations in it directly.
+CODE_FORMAT = {"int_mm": "int8", "scaled_mm": "fp8", "tma_int8": "int8", "tma_fp8": "fp8"}
 
 
 class W4A4Linear(nn.Module):
@@ -154,7 +162,6 @@ class W4A4Linear(nn.Module):
 
     def gemm_route_for(self, m: int, out_dtype: torch.dtype, device: torch.device) -> str:
         """The route the Triton backend takes for M tokens (see the module docstring)."""
-        from flatquant.kernels.cublas_routes import route_supported
         from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
 
         want = self.gemm_route or "auto"
@@ -164,12 +171,23 @@ class W4A4Linear(nn.Module):
             return "decode" if m <= SMALL_M_MAX else DEFAULT_GEMM_ROUTE
         if want == "auto" and m < LARGE_M_MIN:
             return DEFAULT_GEMM_ROUTE
-        first = LARGE_M_ROUTE if want == "auto" else want
-        n, k = self.out_features, self.in_features
-        for r in (first, "int_mm" if first == "scaled_mm" else "scaled_mm"):
-            if (r != "scaled_mm" or self.bits == 4) and route_supported(r, m, n, k, out_dtype, device):
+        if want == "auto":
+            want = TMA_ROUTE if m >= TMA_M_MIN else LARGE_M_ROUTE
+        for r in (want,) + tuple(r for r in FALLBACK_ROUTES if r != want):
+            if self._route_takes(r, m, out_dtype, device):
                 return r
         return DEFAULT_GEMM_ROUTE
+
+    def _route_takes(self, route: str, m: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+        from flatquant.kernels.cublas_routes import route_supported
+        from flatquant.kernels.tma_gemm import tma_supported
+
+        n, k = self.out_features, self.in_features
+        if CODE_FORMAT[route] == "fp8" and self.bits != 4:
+            return False  # int8 codes are not exact in e4m3
+        if route.startswith("tma_"):
+            return tma_supported(m, n, k, device)
+        return route_supported(route, m, n, k, out_dtype, device)
 
     def uses_fused_decode(self, x2: torch.Tensor) -> bool:
         """Whether the Triton backend runs `x2` ((M, in)) through the one-launch decode kernel
@@ -209,11 +227,12 @@ class W4A4Linear(nn.Module):
             from flatquant.kernels import decode_gemm
             from flatquant.kernels.decode_gemm import w4a4_gemm_decode
             from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+            from flatquant.kernels.tma_gemm import tma_gemm
             from flatquant.kernels.w4a4_gemm import w4a4_gemm
 
             route = self.gemm_route_for(x2.shape[0], out_dtype, x.device)
-            # cuBLAS routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
-            fmt = {"int_mm": "int8", "scaled_mm": "fp8"}.get(route)
+            # one-byte-code routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
+            fmt = CODE_FORMAT.get(route)
             if route == "decode":  # the tensor-core decode kernel takes the codes one per byte (no unpack)
                 fmt = decode_gemm.activation_format(x2.shape[0], self.out_features, self.in_features // 2,
                                                     x.device, self.bits)
@@ -222,7 +241,7 @@ class W4A4Linear(nn.Module):
             if route == "decode":
                 y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
             elif fmt is not None:
-                gemm = cb.int_mm_gemm if route == "int_mm" else cb.scaled_mm_gemm
+                gemm = {"int_mm": cb.int_mm_gemm, "scaled_mm": cb.scaled_mm_gemm}.get(route, tma_gemm)
                 y = gemm(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
             else:
                 y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits, route=route)

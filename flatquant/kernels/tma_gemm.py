@@ -59,7 +59,7 @@ def tma_supported(m: int, n: int, k: int, device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         return interpreting()
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def test_o_proj_head_mixing_9_heads():
     torch.testing.assert_close(m(x), y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
 
 
-@pytest.mark.parametrize("route", ["auto", "int8", "fp8", "decode", "int_mm", "scaled_mm"])
+@pytest.mark.parametrize("route", ["auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8", "tma_fp8"])
 @pytest.mark.parametrize("tokens", [3, 9, 20])
 def test_every_gemm_route_matches_reference(route, tokens):
     """Each route (pinned) on fresh inputs, decode-sized (3: the dp4a kernel on packed codes; 9: the
@@ -96,6 +96,8 @@ def test_every_gemm_route_matches_reference(route, tokens):
     y_ref = w4a4_gemm_reference(a, sa, m.qweight, m.weight_scale, m.bias, torch.bfloat16, 4)
     y = m(x)
     assert y.dtype == torch.bfloat16
+    if route.startswith("tma_"):  # pinned, and taken (the interpreter runs the TMA kernel on the CPU)
+        assert m.gemm_route_for(tokens, torch.bfloat16, x.device) == route
     # bf16 output: 1 ulp; scaled_mm: 2 (scales applied in another order) + the bias rounded to bf16
     smm = m.gemm_route_for(tokens, torch.bfloat16, x.device) == "scaled_mm"
     tol = 2.0 ** -7 * (2 if smm else 1)
@@ -103,7 +105,7 @@ def test_every_gemm_route_matches_reference(route, tokens):
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=atol)
 
 
-def test_route_dispatch_and_weight_cache():
+def test_route_dispatch_and_weight_cache(monkeypatch):
     from flatquant.kernels import linear as lin_mod
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
 
@@ -111,8 +113,19 @@ def test_route_dispatch_and_weight_cache():
     cuda, bf16, f16 = torch.device("cuda"), torch.bfloat16, torch.float16
     assert m.gemm_route_for(1, bf16, cuda) == "decode"
     assert m.gemm_route_for(lin_mod.SMALL_M_MAX, bf16, cuda) == "decode"
-    assert m.gemm_route_for(4096, bf16, cuda) == lin_mod.LARGE_M_ROUTE
-    assert m.gemm_route_for(4096, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
+    mid = lin_mod.TMA_M_MIN - 1
+    assert m.gemm_route_for(mid, bf16, cuda) == lin_mod.LARGE_M_ROUTE
+    assert m.gemm_route_for(mid, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
+    from flatquant.kernels import tma_gemm
+
+    hopper = [False]
+    monkeypatch.setattr(tma_gemm, "tma_supported", lambda m_, n, k, dev: hopper[0] and k % 16 == 0)
+    assert m.gemm_route_for(4096, bf16, cuda) == "scaled_mm"  # no Hopper: the next of FALLBACK_ROUTES
+    hopper[0] = True
+    assert m.gemm_route_for(4096, bf16, cuda) == lin_mod.TMA_ROUTE
+    m.gemm_route = "tma_fp8"
+    assert m.gemm_route_for(64, bf16, cuda) == "tma_fp8"
+    m.gemm_route = None
     m.gemm_route = "decode"
     assert m.gemm_route_for(64, bf16, cuda) == DEFAULT_GEMM_ROUTE
     odd, *_ = _layer(36, 20, device="cpu")  # K, N not multiples of 8: cuBLASLt refuses
