@@ -8,6 +8,7 @@ cuobjdump, so this runs wherever Triton is installed.
 
     python scripts/sm90_resources.py                    # block vs chunked kernel at the prefill sizes
     python scripts/sm90_resources.py --dump /tmp/k      # also write each case's TTGIR and SASS there
+    python scripts/sm90_resources.py --gemm             # the TMA GEMM in each config of bench_tma_gemm.py
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 DIVISIBLE_BY_16 = ("x_ptr", "p1_ptr", "p2_ptr", "out_ptr", "scale_ptr", "M", "stride_x", "stride_o")
 
 
-def compile_sm90(fn, consts: dict, **options):
+def compile_sm90(fn, consts: dict, signature: dict = SIGNATURE, divisible=DIVISIBLE_BY_16, **options):
     """triton.compile for compute capability 9.0, with `consts` as constexprs."""
-    sig = {**SIGNATURE, **{k: "constexpr" for k in consts}}
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in DIVISIBLE_BY_16}
+    sig = {**signature, **{k: "constexpr" for k in consts}}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -66,7 +67,7 @@ def resources(kernel) -> dict:
             "stack": int(re.findall(r"STACK:(\d+)", usage)[0]),
             "wgmma_ttgir": kernel.asm["ttgir"].count("warp_group_dot "),
             "async_copy": kernel.asm["ttgir"].count("async_copy_global_to_local"),
-            "HGMMA": sass.count("HGMMA"), "HMMA": sass.count("HMMA"), "LDL": sass.count("LDL"),
+            "GMMA": len(re.findall(r"[HIQ]GMMA", sass)), "HMMA": sass.count("HMMA"), "LDL": sass.count("LDL"),
             "STL": sass.count("STL"), "sass": sass}
 
 
@@ -94,17 +95,41 @@ def cases():
                        dict(num_warps=fc.CHUNKED_WARPS, num_stages=fc.CHUNKED_STAGES))
 
 
+def gemm_cases():
+    """The TMA GEMM (tma_gemm.py) in each config of benchmarks/bench_tma_gemm.py, bf16 output."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from bench_tma_gemm import SWEEP
+
+    from flatquant.kernels import tma_gemm as tg
+
+    for name, fmt, cfg in SWEEP:
+        ty = "i8" if fmt == "int8" else "fp8e4nv"
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        store = bool(cfg.get("tma_store"))
+        sig = {"a_desc": f"tensordesc<{ty}[{bm}, {bk}]>", "w_desc": f"tensordesc<{ty}[{bn}, {bk}]>",
+               "c_desc": f"tensordesc<bf16[{bm}, {bn}]>" if store else f"tensordesc<{ty}[{bm}, {bk}]>",
+               "sa_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_cm": "i32", "num_tiles": "i32", "num_programs": "i32", "tiles_per_program": "i32"}
+        consts = dict(HAS_BIAS=False, FP8=fmt == "fp8", IMPRECISE_K=cfg.get("imprecise_k", 128),
+                      FLATTEN=bool(cfg.get("flatten")), TMA_STORE=store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      GROUP_M=cfg["GROUP_M"], INTERP=False, TPP_C=1, KT_C=1)
+        yield (f"tma_gemm {name}", tg._tma_gemm_kernel, consts,
+               dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], signature=sig,
+                    divisible=("sa_ptr", "sw_ptr", "bias_ptr", "c_ptr", "M", "N", "K", "stride_cm")))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump", default=None, help="folder for each case's TTGIR and SASS")
+    ap.add_argument("--gemm", action="store_true", help="the TMA GEMM's sweep configs instead of the transforms")
     args = ap.parse_args()
-    print(f"{'case':36} {'smem KB':>8} {'regs':>5} {'stack':>6} {'wgmma':>6} {'cp.async':>8} {'HGMMA':>6} {'HMMA':>5} "
+    print(f"{'case':44} {'smem KB':>8} {'regs':>5} {'stack':>6} {'wgmma':>6} {'cp.async':>8} {'xGMMA':>6} {'HMMA':>5} "
           f"{'LDL/STL':>8}")
-    for name, fn, consts, opts in cases():
+    for name, fn, consts, opts in (gemm_cases() if args.gemm else cases()):
         k = compile_sm90(fn, consts, **opts)
         r = resources(k)
-        print(f"{name:36} {r['shared'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6} {r['wgmma_ttgir']:>6} "
-              f"{r['async_copy']:>8} {r['HGMMA']:>6} {r['HMMA']:>5} {r['LDL']:>4}/{r['STL']}")
+        print(f"{name:44} {r['shared'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6} {r['wgmma_ttgir']:>6} "
+              f"{r['async_copy']:>8} {r['GMMA']:>6} {r['HMMA']:>5} {r['LDL']:>4}/{r['STL']}")
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             stem = os.path.join(args.dump, re.sub(r"[^\w=]+", "_", name))

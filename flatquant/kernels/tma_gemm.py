@@ -21,9 +21,10 @@ Two code formats, the same integer result:
   with the largest codes on the GPU.
 
 `tma_gemm` takes a config (CONFIG_KEYS: tile sizes, warps, stages, persistent or one program per tile,
-imprecise_k for fp8 (0: no promotion, not exact; measured only), flatten (Triton's loop flattening), tma_store
-(the output tile through shared memory and the TMA unit)); `config_for` gives the one chosen on the H100. Requirements: K a multiple of 16 (TMA
-row stride), 16-byte aligned rows, compute capability 9.0+ on CUDA (the interpreter also runs it).
+imprecise_k for fp8 (0: no promotion, not exact; measured only), flatten (Triton's loop flattening),
+tma_store (the output tile through shared memory and the TMA unit)); `config_for` gives the one chosen
+on the H100. Requirements: K a multiple of 16 (TMA row stride), 16-byte aligned rows, compute
+capability 9.0+ on CUDA (the interpreter also runs it).
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tma_gemm_kernel(a_desc, w_desc, c_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, num_tiles, num_programs, tiles_per_program,
+def _tma_gemm_kernel(a_desc, w_desc, c_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, num_tiles,
+                     num_programs, tiles_per_program,
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, IMPRECISE_K: tl.constexpr, FLATTEN: tl.constexpr,
                      TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, INTERP: tl.constexpr, TPP_C: tl.constexpr, KT_C: tl.constexpr):

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.tma_gemm import DEFAULT_CONFIGS, FORMATS, config_for, tma_gemm, tma_supported
 from flatquant.kernels.testing import DEVICE, ON_GPU
+from flatquant.kernels.tma_gemm import DEFAULT_CONFIGS, FORMATS, config_for, tma_gemm, tma_supported
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
