@@ -39,12 +39,18 @@ DECODE_PARTS = [("bf16_gemv", "BF16"), ("fused_transform_quant", "transform"), (
                 ("w4a4_linear_auto_trigger_end", "layer, PDL trigger after the transform's stores"),
                 ("w4a4_linear_auto_trigger_none", "layer, no PDL trigger")]
 GEMM_PREFIX = "w4a4_gemm_"
+TMA_SWEEP_PREFIXES = ("tma_gemm_", "cublas_")  # bench_tma_gemm.py: the TMA GEMM's configs and the vendor GEMMs
+TMA_VENDOR = [("cublas_scaled_mm_rowwise", "cuBLASLt FP8 row-wise"), ("cublas_scaled_mm_tensorwise",
+              "cuBLASLt FP8 per-tensor (not W4A4)"), ("cublas_int_mm", "cuBLASLt INT8 + epilogue")]
 REFERENCE_FP8 = "torch_scaled_mm_fp8"
 
 
 def classify(e: dict) -> str | None:
-    """'fused', 'linear', 'decode_parts' or None (not a kernel entry this module knows: listed generically)."""
+    """'fused', 'linear', 'decode_parts', 'tma_sweep' or None (not a kernel entry this module knows: listed
+    generically)."""
     shape = e.get("shape")
+    if str(e.get("kernel", "")).startswith(TMA_SWEEP_PREFIXES):  # bench_tma_gemm.py
+        return "tma_sweep"
     if e.get("baseline") == DECODE_PARTS_BASELINE:  # bench_decode_parts.py: its own table, timed differently
         return "decode_parts"
     if e.get("baseline") is None and e.get("kernel") not in ("device_copy", "route_choice"):
@@ -291,8 +297,53 @@ def _decode_parts_section(entries) -> list[str]:
             _table(head, rows, ["l", "r"] + ["r"] * (len(head) - 2)), "", _provenance(parts), ""]
 
 
+def _tma_sweep_section(entries) -> list[str]:
+    """The GEMM alone at large M: the fastest exact TMA GEMM config per format against the vendor GEMMs."""
+    sweep = [e for e in entries if classify(e) == "tma_sweep"]
+    timed = [e for e in sweep if _num(e.get("speedup")) and isinstance(e.get("shape"), dict) and "in" in e["shape"]]
+    if not timed:
+        return []
+    keys = []
+    for e in timed:
+        k = (e["shape"]["in"], e["shape"]["out"], e["shape"]["M"])
+        if k not in keys:
+            keys.append(k)
+    cell = {(e["shape"]["in"], e["shape"]["out"], e["shape"]["M"], e["kernel"]): e for e in timed}
+    exact = {e["kernel"].removeprefix("tma_gemm_exactness_"): e.get("exact") for e in sweep
+             if e["kernel"].startswith("tma_gemm_exactness_")}
+
+    def best(i, o, m, fmt):
+        cands = [e for (ii, oo, mm, k), e in cell.items() if (ii, oo, mm) == (i, o, m)
+                 and k.startswith(f"tma_gemm_{fmt}_") and exact.get(k.removeprefix("tma_gemm_")) is True]
+        return max(cands, key=lambda e: e["speedup"], default=None)
+
+    rows = []
+    for i, o, m in keys:
+        bf16_ms = next(e["baseline_median_ms"] for (ii, oo, mm, _), e in cell.items() if (ii, oo, mm) == (i, o, m))
+        row = [_shape_label({"in": i, "out": o}), str(m), f"{bf16_ms:.3f}"]
+        for name, _ in TMA_VENDOR:
+            e = cell.get((i, o, m, name))
+            row.append(_x(e["speedup"]) if e else "-")
+        for fmt in ("int8", "fp8"):
+            e = best(i, o, m, fmt)
+            row.append("-" if e is None else f"{_x(e['speedup'])} ({e['kernel'].removeprefix(f'tma_gemm_{fmt}_')})")
+        rows.append(row)
+    head = ["Layer (in → out)", "M", "BF16 ms"] + [label for _, label in TMA_VENDOR] + ["TMA GEMM int8", "TMA GEMM fp8"]
+    n_exact = sum(1 for v in exact.values() if v)
+    inexact = sorted(k for k, v in exact.items() if v is False)
+    return ["### Large-M GEMM alone: the TMA kernel against cuBLASLt", "",
+            ("`benchmarks/bench_tma_gemm.py`: the GEMM on codes one per byte with per-token and per-channel scales "
+             "(bf16 out), speedup over BF16 cuBLAS on the same rotated inputs; for the TMA kernel (`tma_gemm.py`) "
+             "the fastest config of the sweep (named: tile M×N×K, pipeline stages, and the one change from the "
+             "default) among those that passed the GPU exactness check (float32 output equal to `torch._int_mm` "
+             f"on random and largest codes at K = 14336): {n_exact} of {len(exact)} configs exact"
+             + (f"; not exact: {', '.join(f'`{k}`' for k in inexact)}" if inexact else "") + "."), "",
+            _table(head, rows, ["l", "r", "r"] + ["r"] * (len(head) - 3)), "", _provenance(sweep), ""]
+
+
 def kernels_section(entries: list[dict]) -> list[str]:
-    body = _fused_section(entries) + _linear_section(entries) + _decode_parts_section(entries)
+    body = (_fused_section(entries) + _linear_section(entries) + _tma_sweep_section(entries)
+            + _decode_parts_section(entries))
     if not body:
         return []
     return ["## Kernels", "",

@@ -220,6 +220,30 @@ def test_kernel_sections():
     assert "| `bench_w4a4_linear.json` | kernel_bench (10 entries) | `python benchmarks/bench_w4a4_linear.py` | fedcba9876 |" in recs
 
 
+def _tma(kernel, ms, base_ms=2.0, m=8192, **extra):
+    return {"kind": report.KERNEL_KIND, "kernel": kernel, "shape": {"in": 4096, "out": 11008, "M": m},
+            "median_ms": ms, "baseline": "bf16_cublas", "baseline_median_ms": base_ms, "speedup": base_ms / ms,
+            "achieved_gbps": 1.0, "command": "python benchmarks/bench_tma_gemm.py", **KPROV, **extra,
+            "_path": "results/kernels/bench_tma_gemm.json"}
+
+
+def test_tma_sweep_section():
+    exact = lambda name, ok: {"kind": report.KERNEL_KIND, "kernel": f"tma_gemm_exactness_{name}",
+                              "shape": {"M": 512, "N": 512, "K": 14336}, "median_ms": None, "baseline": "torch._int_mm",
+                              "baseline_median_ms": None, "speedup": None, "exact": ok, **KPROV,
+                              "command": "python benchmarks/bench_tma_gemm.py", "_path": "results/kernels/bench_tma_gemm.json"}
+    entries = [exact("int8_a", True), exact("int8_b", True), exact("fp8_a", True), exact("fp8_fastacc", False),
+               _tma("cublas_scaled_mm_rowwise", 1.25), _tma("cublas_scaled_mm_tensorwise", 1.0),
+               _tma("cublas_int_mm", 2.0), _tma("tma_gemm_int8_a", 1.0), _tma("tma_gemm_int8_b", 0.8),
+               _tma("tma_gemm_fp8_a", 1.6), _tma("tma_gemm_fp8_fastacc", 0.5)]
+    k = _section(report.render_markdown(entries), "## Kernels")
+    assert "### Large-M GEMM alone" in k
+    # fastest exact config per format (the inexact fast-accumulation config is not a candidate)
+    assert "| 4096 → 11008 | 8192 | 2.000 | 1.60× | 2.00× | 1.00× | 2.50× (b) | 1.25× (a) |" in k
+    assert "3 of 4 configs exact; not exact: `fp8_fastacc`" in k
+    assert "python benchmarks/bench_tma_gemm.py" in k
+
+
 def test_empty_records():
     md = report.render_markdown([])
     assert "No results recorded yet" in md and "## Kernels" not in md and "## Ablation" not in md
