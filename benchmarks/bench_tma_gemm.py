@@ -35,6 +35,13 @@ SWEEP = [
     ("int8_256x128x128_s3", "int8", {**_B, "BLOCK_M": 256, "BLOCK_N": 128}),
     ("int8_128x128x128_s4", "int8", {**_B, "BLOCK_N": 128, "num_stages": 4}),
     ("int8_128x128x128_s4_w4", "int8", {**_B, "BLOCK_N": 128, "num_stages": 4, "num_warps": 4}),
+    # two programs per SM (<= 113 KB shared memory each): one's epilogue overlaps the other's main loop
+    ("int8_128x128x128_s3_w4_grid", "int8", {**_B, "BLOCK_N": 128, "num_warps": 4, "persistent": False}),
+    ("int8_128x128x64_s4_w4_grid", "int8", {**_B, "BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 4, "num_warps": 4,
+                                            "persistent": False}),
+    # the next tile's loads issued while this tile's output leaves through the TMA unit
+    ("int8_128x256x64_s4_flatten_tmastore", "int8", {**_B, "BLOCK_K": 64, "num_stages": 4, "flatten": True,
+                                                    "tma_store": True}),
     ("fp8_128x128x128_s4", "fp8", _F),
     ("fp8_128x128x128_s4_grid", "fp8", {**_F, "persistent": False}),
     ("fp8_128x128x128_s4_tmastore", "fp8", {**_F, "tma_store": True}),
