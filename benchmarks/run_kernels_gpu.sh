@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU driver for the W4A4 kernels (issue 5): tests on CUDA, then both benchmarks -> JSON under $OUT.
 # Run from the repo root on the GPU machine:   OUT=/some/dir bash benchmarks/run_kernels_gpu.sh
-# Steps (KERNEL_STEPS): tests, fused, linear, decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep),
+# Steps (KERNEL_STEPS): tests, fused, linear, tma (bench_tma_gemm.py: the large-M GEMM's config sweep; TMA_ARGS adds
+# e.g. --ms 8192,16384; not in the default set), decode (bench_decode_parts.py; DECODE_ARGS adds e.g. --no-sweep),
 # ncu (a profiler capture of the decode transform kernels, diagnostic; not in the default set), ncu_cases
 # (benchmarks/profile_cases.py under Nsight Compute: decode GEMMs and the prefill transform, diagnostic).
 # All four take ~11 minutes (step limits 300 + 120 + 210 + 240 s; TEST_TIMEOUT, LINEAR_TIMEOUT and
@@ -39,6 +40,12 @@ timeout ${LINEAR_TIMEOUT:-210} python benchmarks/bench_w4a4_linear.py --routes a
   --out "$OUT/bench_w4a4_linear.json" 2>&1 \
   | tee "$OUT/bench_w4a4_linear.txt"
 echo "w4a4 bench rc=${PIPESTATUS[0]}"
+fi
+if [[ " $STEPS " == *" tma "* ]]; then
+echo "== large-M GEMM alone: the TMA kernel's configs against cuBLASLt =="
+timeout ${TMA_TIMEOUT:-240} python benchmarks/bench_tma_gemm.py ${TMA_ARGS:-} --out "$OUT/bench_tma_gemm.json" 2>&1 \
+  | tee "$OUT/bench_tma_gemm.txt" | grep -v "^exactness" | cut -c1-400
+echo "tma bench rc=${PIPESTATUS[0]}"
 fi
 if [[ " $STEPS " == *" decode "* ]]; then
 echo "== decode (M <= 16) breakdown =="
