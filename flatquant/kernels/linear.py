@@ -15,7 +15,7 @@ GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in
 - M <= fused_decode.FUSED_MAX_M (0 by default: off, measured slower) where that kernel takes the case
   (`uses_fused_decode`): transform, quantize and GEMV in one launch (fused_decode.py);
 - M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
-- M >= TMA_M_MIN: TMA_ROUTE ("tma_int8" / "tma_fp8": the TMA GEMM on one-byte codes with the row-wise
+- M >= TMA_M_MIN (None: off): TMA_ROUTE ("tma_int8" / "tma_fp8": the TMA GEMM on one-byte codes with the row-wise
   scales in its epilogue, tma_gemm.py; Hopper+, K % 16 == 0);
 - M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
   INT8 + scale epilogue; cublas_routes.py);
@@ -42,9 +42,11 @@ GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8
 SMALL_M_MAX = 16
 LARGE_M_MIN = 17
 LARGE_M_ROUTE = "scaled_mm"
-TMA_M_MIN = 2048
+# None: the TMA GEMM only where pinned (gemm_route="tma_int8" / "tma_fp8"). It becomes the large-M default
+# once a GPU run of benchmarks/bench_w4a4_linear.py shows it faster (its route_choice record).
+TMA_M_MIN = None
 TMA_ROUTE = "tma_int8"
-FALLBACK_ROUTES = ("tma_int8", "tma_fp8", "scaled_mm", "int_mm")
+FALLBACK_ROUTES = ("scaled_mm", "int_mm", "tma_int8", "tma_fp8")
 # The code format each one-byte-code route reads: the fused kernel writes activations in it directly.
 CODE_FORMAT = {"int_mm": "int8", "scaled_mm": "fp8", "tma_int8": "int8", "tma_fp8": "fp8"}
 
@@ -172,7 +174,7 @@ class W4A4Linear(nn.Module):
         if want == "auto" and m < LARGE_M_MIN:
             return DEFAULT_GEMM_ROUTE
         if want == "auto":
-            want = TMA_ROUTE if m >= TMA_M_MIN else LARGE_M_ROUTE
+            want = TMA_ROUTE if TMA_M_MIN is not None and m >= TMA_M_MIN else LARGE_M_ROUTE
         for r in (want,) + tuple(r for r in FALLBACK_ROUTES if r != want):
             if self._route_takes(r, m, out_dtype, device):
                 return r

@@ -113,16 +113,19 @@ def test_route_dispatch_and_weight_cache(monkeypatch):
     cuda, bf16, f16 = torch.device("cuda"), torch.bfloat16, torch.float16
     assert m.gemm_route_for(1, bf16, cuda) == "decode"
     assert m.gemm_route_for(lin_mod.SMALL_M_MAX, bf16, cuda) == "decode"
-    mid = lin_mod.TMA_M_MIN - 1
-    assert m.gemm_route_for(mid, bf16, cuda) == lin_mod.LARGE_M_ROUTE
-    assert m.gemm_route_for(mid, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
     from flatquant.kernels import tma_gemm
 
     hopper = [False]
     monkeypatch.setattr(tma_gemm, "tma_supported", lambda m_, n, k, dev: hopper[0] and k % 16 == 0)
-    assert m.gemm_route_for(4096, bf16, cuda) == "scaled_mm"  # no Hopper: the next of FALLBACK_ROUTES
+    monkeypatch.setattr(lin_mod, "LARGE_M_ROUTE", "scaled_mm")
+    monkeypatch.setattr(lin_mod, "TMA_M_MIN", 2048)
+    assert m.gemm_route_for(2047, bf16, cuda) == "scaled_mm"
+    assert m.gemm_route_for(2047, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
+    assert m.gemm_route_for(4096, bf16, cuda) == "scaled_mm"  # no Hopper: the first of FALLBACK_ROUTES that takes it
     hopper[0] = True
     assert m.gemm_route_for(4096, bf16, cuda) == lin_mod.TMA_ROUTE
+    monkeypatch.setattr(lin_mod, "TMA_M_MIN", None)  # off: LARGE_M_ROUTE at every large M
+    assert m.gemm_route_for(1 << 20, bf16, cuda) == "scaled_mm"
     m.gemm_route = "tma_fp8"
     assert m.gemm_route_for(64, bf16, cuda) == "tma_fp8"
     m.gemm_route = None
