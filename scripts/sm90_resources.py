@@ -9,10 +9,12 @@ cuobjdump, so this runs wherever Triton is installed.
     python scripts/sm90_resources.py                    # block vs chunked kernel at the prefill sizes
     python scripts/sm90_resources.py --dump /tmp/k      # also write each case's TTGIR and SASS there
     python scripts/sm90_resources.py --gemm             # the TMA GEMM in each config of bench_tma_gemm.py
+    python scripts/sm90_resources.py --gemm --out results/kernels/sm90_resources_gemm.json   # also as JSON
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -122,7 +124,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump", default=None, help="folder for each case's TTGIR and SASS")
     ap.add_argument("--gemm", action="store_true", help="the TMA GEMM's sweep configs instead of the transforms")
+    ap.add_argument("--out", default=None, help="also write the table as a JSON list of records (with provenance)")
     args = ap.parse_args()
+    records = []
     print(f"{'case':44} {'smem KB':>8} {'regs':>5} {'stack':>6} {'wgmma':>6} {'cp.async':>8} {'xGMMA':>6} {'HMMA':>5} "
           f"{'LDL/STL':>8}")
     for name, fn, consts, opts in (gemm_cases() if args.gemm else cases()):
@@ -130,6 +134,7 @@ def main() -> int:
         r = resources(k)
         print(f"{name:44} {r['shared'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6} {r['wgmma_ttgir']:>6} "
               f"{r['async_copy']:>8} {r['GMMA']:>6} {r['HMMA']:>5} {r['LDL']:>4}/{r['STL']}")
+        records.append(_record(name, r))
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             stem = os.path.join(args.dump, re.sub(r"[^\w=]+", "_", name))
@@ -137,7 +142,24 @@ def main() -> int:
                 f.write(k.asm["ttgir"])
             with open(stem + ".sass", "w") as f:
                 f.write(r["sass"])
+    if args.out:
+        from flatquant.results import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(records, indent=1) + "\n")
+        print(f"wrote {len(records)} records to {args.out}")
     return 0
+
+
+def _record(name: str, r: dict) -> dict:
+    """One case as a results record: compile facts, no timing (no baseline: listed, not compared)."""
+    from flatquant.results import provenance
+
+    prov = provenance("cpu")
+    prov["device"] = f"offline compile for sm_90 (Triton {triton.__version__}'s ptxas; no GPU)"
+    return {"kernel": f"sm90_compile: {name}", "shape": None, "median_ms": None, "baseline": None,
+            "baseline_median_ms": None, "speedup": None, "achieved_gbps": None, "shared_kb": round(r["shared"] / 1024),
+            "registers": r["regs"], "stack_bytes": r["stack"], "wgmma_ops_sass": r["GMMA"], "local_loads": r["LDL"],
+            "local_stores": r["STL"], **prov}
 
 
 if __name__ == "__main__":
