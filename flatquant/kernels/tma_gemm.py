@@ -22,8 +22,8 @@ Two code formats, the same integer result:
 
 `tma_gemm` takes a config (CONFIG_KEYS: tile sizes, warps, stages, persistent or one program per tile,
 imprecise_k for fp8 (0: no promotion, not exact; measured only), flatten (Triton's loop flattening),
-tma_store (the output tile through shared memory and the TMA unit)); `config_for` gives the one chosen
-on the H100. Requirements: K a multiple of 16 (TMA row stride), 16-byte aligned rows, compute
+tma_store (the output tile through shared memory and the TMA unit)); `config_for` gives the default.
+Requirements: K a multiple of 16 (TMA row stride), 16-byte aligned rows, compute
 capability 9.0+ on CUDA (the interpreter also runs it).
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ from flatquant.kernels._triton_utils import interpreting
 
 FORMATS = ("int8", "fp8")
 
-# Chosen on the H100 from benchmarks/bench_tma_gemm.py (results/kernels/bench_tma_gemm.json); the key is
-# the code format. int8: 128 x 256 outputs per program from two warpgroups (201 registers, no spills at
-# sm_90). fp8: promotion keeps a second float32 accumulator, so 128 x 256 spills; 128 x 128 does not.
+# Provisional, keyed by code format: chosen from the offline sm_90 compile (results/kernels/
+# sm90_resources_gemm.json: fits shared memory, no spills), not yet from timings; set them from
+# benchmarks/bench_tma_gemm.py on the GPU. int8: 128 x 256 outputs per program from two warpgroups.
+# fp8: promotion keeps a second float32 accumulator, so 128 x 256 tiles spill; 128 x 128 do not.
 DEFAULT_CONFIGS = {
     "int8": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
     "fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, persistent=True,

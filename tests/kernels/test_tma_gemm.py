@@ -91,7 +91,7 @@ def test_default_configs_complete():
         assert set(config_for(fmt)) <= set(__import__("flatquant.kernels.tma_gemm", fromlist=["x"]).CONFIG_KEYS)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="model sizes with the tuned tiles: GPU only")
+@pytest.mark.skipif(not ON_GPU, reason="model sizes with the default tiles: GPU only")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m,n,k", [(300, 11008, 4096), (257, 4096, 14336)])
 def test_model_sizes_exact_gpu(fmt, m, n, k):
