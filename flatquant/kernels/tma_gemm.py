@@ -4,10 +4,11 @@
 
 Why it exists: at M in the thousands the W4A4 layer is bound by tensor-core throughput. On the H100,
 cuBLASLt FP8 with row-wise scales (`torch._scaled_mm`, full float32 accumulation; `cublas_routes.py`)
-ran at only 1.48-1.60x BF16, while the same GEMM with one scale per tensor ran at 1.73-1.91x, and
-cuBLASLt INT8 (`torch._int_mm`) was no faster than BF16 (results/kernels/bench_w4a4_linear.json at
-ce40e0a). The Triton GEMM in `w4a4_gemm.py` unpacks nibbles inside its main loop, which keeps its
-operands out of the tensor cores' shared-memory path and made it slower still. This kernel reads
+ran at only 1.48-1.60x BF16 at M >= 8192, while the same GEMM with one scale per tensor ran at
+1.73-1.91x, cuBLASLt INT8 (`torch._int_mm` + epilogue) at 0.89-1.18x, and the Triton GEMM in
+`w4a4_gemm.py`, which unpacks nibbles inside its main loop (its operands then reach the tensor cores
+through registers, not straight from shared memory), at 0.47-0.55x (results/kernels/bench_w4a4_linear.json,
+ce40e0a). This kernel reads
 codes already one per byte (the fused transform writes them so, `out_format="int8" | "fp8"`; the
 layer caches its weight so) through the TMA unit straight into shared memory, feeds wgmma, and applies
 the per-token and per-channel scales (and bias) on the accumulator before the single store.
