@@ -67,7 +67,6 @@ def main() -> int:
     require_cuda("bench_w4a4_linear.py")
     import copy
 
-    from flatquant.kernels import cublas_routes as cb
     from flatquant.kernels import linear as lin_mod
     from flatquant.kernels.bench_utils import (
         RecordWriter,
@@ -81,7 +80,6 @@ def main() -> int:
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import kron_factors
-    from flatquant.kernels.tma_gemm import tma_gemm
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
     torch.manual_seed(0)
@@ -167,11 +165,10 @@ def main() -> int:
             if m <= 16:
                 gemms["decode"] = (packed, lambda a, sa, i: w4a4_gemm_decode(a, sa, lins[i].qweight,
                                                                              lins[i].weight_scale, None, bf16, 4))
-            one_byte = (("int_mm", "int8", cb.int_mm_gemm), ("scaled_mm", "fp8", cb.scaled_mm_gemm),
-                        ("tma_int8", "int8", tma_gemm), ("tma_fp8", "fp8", tma_gemm))
             codes_by_fmt = {}
-            for r, fmt, fn in one_byte:
-                if lin._route_takes(r, m, bf16, dev):
+            for r, fmt in lin_mod.CODE_FORMAT.items():
+                fn = lin_mod.one_byte_gemm(r)
+                if lin.route_takes(r, m, bf16, dev):
                     if fmt not in codes_by_fmt:
                         codes_by_fmt[fmt] = [fused_transform_quantize(x, qp1, qp2, 0.9, 4, out_format=fmt) for x in xs]
                     codes = codes_by_fmt[fmt]

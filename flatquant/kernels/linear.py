@@ -51,6 +51,14 @@ FALLBACK_ROUTES = ("scaled_mm", "int_mm", "tma_int8", "tma_fp8")
 CODE_FORMAT = {"int_mm": "int8", "scaled_mm": "fp8", "tma_int8": "int8", "tma_fp8": "fp8"}
 
 
+def one_byte_gemm(route: str):
+    """The GEMM of a CODE_FORMAT route: (a_codes, sa, w_codes, sw, bias, out_dtype) -> (M, N)."""
+    from flatquant.kernels import cublas_routes as cb
+    from flatquant.kernels.tma_gemm import tma_gemm
+
+    return {"int_mm": cb.int_mm_gemm, "scaled_mm": cb.scaled_mm_gemm}.get(route, tma_gemm)
+
+
 class W4A4Linear(nn.Module):
     """Drop-in replacement for nn.Linear with int4 (or int8) weights and activations.
 
@@ -176,11 +184,12 @@ class W4A4Linear(nn.Module):
         if want == "auto":
             want = TMA_ROUTE if TMA_M_MIN is not None and m >= TMA_M_MIN else LARGE_M_ROUTE
         for r in (want,) + tuple(r for r in FALLBACK_ROUTES if r != want):
-            if self._route_takes(r, m, out_dtype, device):
+            if self.route_takes(r, m, out_dtype, device):
                 return r
         return DEFAULT_GEMM_ROUTE
 
-    def _route_takes(self, route: str, m: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+    def route_takes(self, route: str, m: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether a one-byte-code route (CODE_FORMAT) takes this layer's sizes, M, output dtype and bits."""
         from flatquant.kernels.cublas_routes import route_supported
         from flatquant.kernels.tma_gemm import tma_supported
 
@@ -225,11 +234,9 @@ class W4A4Linear(nn.Module):
             y = fused_decode.fused_decode_linear(x2, p1, p2, alpha, self.qweight, self.weight_scale, self.bias,
                                                  out_dtype)
         else:
-            from flatquant.kernels import cublas_routes as cb
             from flatquant.kernels import decode_gemm
             from flatquant.kernels.decode_gemm import w4a4_gemm_decode
             from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-            from flatquant.kernels.tma_gemm import tma_gemm
             from flatquant.kernels.w4a4_gemm import w4a4_gemm
 
             route = self.gemm_route_for(x2.shape[0], out_dtype, x.device)
@@ -243,8 +250,7 @@ class W4A4Linear(nn.Module):
             if route == "decode":
                 y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
             elif fmt is not None:
-                gemm = {"int_mm": cb.int_mm_gemm, "scaled_mm": cb.scaled_mm_gemm}.get(route, tma_gemm)
-                y = gemm(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
+                y = one_byte_gemm(route)(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
             else:
                 y = w4a4_gemm(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits, route=route)
         return y.reshape(*shape[:-1], self.out_features)
