@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--sweep-chunked", action="store_true",
                     help="only time the chunked kernel (pipeline stages, programs per SM, register cap, register "
                          "prefetch) against the block kernel at prefill, batch 16, every hidden size")
+    ap.add_argument("--hidden", default=None, help="comma list of hidden sizes (default: all six, or the quick two)")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -72,7 +73,7 @@ def main() -> int:
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
     dtype = torch.bfloat16
-    hidden = QUICK_HIDDEN if args.quick else HIDDEN
+    hidden = [int(v) for v in args.hidden.split(",")] if args.hidden else QUICK_HIDDEN if args.quick else HIDDEN
     batches = QUICK_BATCHES if args.quick else BATCHES
     copy_gbps, copy_ms = copy_bandwidth_gbps()
     writer = RecordWriter(args.out, base_fields())
