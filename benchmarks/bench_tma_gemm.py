@@ -13,6 +13,8 @@ that make the longest one-signed runs). A config that is not exact is recorded a
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 
@@ -75,6 +77,9 @@ def main() -> int:
     ap.add_argument("--configs", default=None, help="comma list of sweep names (default: all)")
     ap.add_argument("--shapes", default=None, help="in x out list, e.g. 4096x11008 (default: all)")
     ap.add_argument("--ms", default=None, help="token counts (default: 4096,8192,16384)")
+    ap.add_argument("--best-out", default=None,
+                    help="also write the fastest exact config per format as JSON ({format: config}), for "
+                         "bench_w4a4_linear.py --tma-configs")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -164,9 +169,38 @@ def main() -> int:
             print(f"{k:>5}x{n:<6} {m:>6} {t_bf16:>8.4f}  " + " | ".join(line), flush=True)
             del a_i8, a_f8, a_bf
             torch.cuda.empty_cache()
+    best = best_configs(writer.records)
+    for fmt, (name, geo) in best.items():
+        print(f"fastest exact {fmt} config: {name} (geometric mean {geo:.3f}x bf16 over the timed shapes)")
+    if args.best_out:
+        from flatquant.results import atomic_write_text
+
+        by_name = {name: cfg for name, _, cfg in SWEEP}
+        atomic_write_text(args.best_out, json.dumps({fmt: by_name[name] for fmt, (name, _) in best.items()}) + "\n")
     if args.out:
         print(f"wrote {len(writer.records)} records to {args.out}")
     return 0
+
+
+def best_configs(records) -> dict:
+    """{format: (sweep name, geometric-mean speedup over BF16)} of the fastest config per code format, among
+    the configs timed at every (shape, M) point that any config of that format was timed at."""
+    fmt_of = {name: fmt for name, fmt, _ in SWEEP}
+    speed = {}  # name -> {point: speedup}
+    for r in records:
+        name = r["kernel"].removeprefix("tma_gemm_")
+        if name in fmt_of and r.get("speedup"):
+            speed.setdefault(name, {})[tuple(sorted(r["shape"].items()))] = r["speedup"]
+    best = {}
+    for fmt in ("int8", "fp8"):
+        names = [n for n in speed if fmt_of[n] == fmt]
+        points = set().union(*(speed[n] for n in names)) if names else set()
+        full = [n for n in names if set(speed[n]) == points]
+        if full:
+            geo = {n: math.exp(sum(math.log(v) for v in speed[n].values()) / len(points)) for n in full}
+            top = max(geo, key=geo.get)
+            best[fmt] = (top, geo[top])
+    return best
 
 
 if __name__ == "__main__":

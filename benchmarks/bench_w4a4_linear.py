@@ -60,6 +60,9 @@ def main() -> int:
     ap.add_argument("--ms", default=None, help="token counts, e.g. 1,16,4096 (default: all)")
     ap.add_argument("--routes", default=None, help="full-linear routes to time, e.g. auto,scaled_mm (default: all)")
     ap.add_argument("--no-gemm-only", action="store_true", help="skip the GEMM-alone timings")
+    ap.add_argument("--tma-configs", default=None,
+                    help="JSON {format: config} replacing the TMA GEMM's DEFAULT_CONFIGS for this run (as written by "
+                         "bench_tma_gemm.py --best-out); recorded in each record's dispatch")
     args = ap.parse_args()
 
     from flatquant.kernels.bench_utils import require_cuda
@@ -68,6 +71,7 @@ def main() -> int:
     import copy
 
     from flatquant.kernels import linear as lin_mod
+    from flatquant.kernels import tma_gemm
     from flatquant.kernels.bench_utils import (
         RecordWriter,
         Rotator,
@@ -82,6 +86,12 @@ def main() -> int:
     from flatquant.kernels.reference import kron_factors
     from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
+    if args.tma_configs:
+        import json
+
+        with open(args.tma_configs) as f:
+            tma_gemm.DEFAULT_CONFIGS.update(json.load(f))
+
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
     bf16 = torch.bfloat16
@@ -95,7 +105,8 @@ def main() -> int:
     writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE,
                                      "dispatch": dict(small_m_max=lin_mod.SMALL_M_MAX, large_m_min=lin_mod.LARGE_M_MIN,
                                                       large_m_route=lin_mod.LARGE_M_ROUTE,
-                                                      tma_m_min=lin_mod.TMA_M_MIN, tma_route=lin_mod.TMA_ROUTE)})
+                                                      tma_m_min=lin_mod.TMA_M_MIN, tma_route=lin_mod.TMA_ROUTE,
+                                                      tma_configs=tma_gemm.DEFAULT_CONFIGS)})
     smm, smm_reason = scaled_mm_fp8(dev)
     if smm is None:
         print(f"FP8 baseline skipped: {smm_reason}")
