@@ -54,18 +54,32 @@ SWEEP = [
     # sums; timed either way, as the cost of promotion.
     ("fp8_128x256x128_s3_fastacc", "fp8", {**_B, "imprecise_k": 0}),
     ("fp8_128x128x128_s4_fastacc", "fp8", {**_F, "imprecise_k": 0}),
+    # around the fastest fp8 config of the a666fcb sweep (H100: 128 x 256 fast accumulation)
+    ("fp8_128x256x128_s4_fastacc", "fp8", {**_B, "num_stages": 4, "imprecise_k": 0}),
+    ("fp8_128x256x128_s3_fastacc_flatten", "fp8", {**_B, "imprecise_k": 0, "flatten": True}),
+    ("fp8_128x256x128_s3_fastacc_grid", "fp8", {**_B, "imprecise_k": 0, "persistent": False}),
+    ("fp8_128x256x128_s3_fastacc_tmastore", "fp8", {**_B, "imprecise_k": 0, "tma_store": True}),
+    ("fp8_256x128x128_s3_fastacc", "fp8", {**_B, "BLOCK_M": 256, "BLOCK_N": 128, "imprecise_k": 0}),
 ]
 QUICK = {"int8_128x256x128_s3", "fp8_128x128x128_s4", "fp8_128x256x128_s3_fastacc"}
 
 
 def exact_cases(m, n, k, dev):
-    """Integer code pairs (a (m, k), w (n, k)) that a correct GEMM must sum exactly."""
+    """Integer code pairs (a (m, k), w (n, k)) that a correct GEMM must sum exactly. Products of -8s are
+    multiples of 64, so their sums need few significant bits however large; odd products (7 x 7 = 49, odd
+    codes) make sums past 2**19 that need every bit: an accumulator narrower than its float32 registers
+    (Hopper's fp8 fast accumulation) shows there."""
     g = torch.Generator(device=dev).manual_seed(1)
     rnd = lambda r: torch.randint(-8, 8, (r, k), device=dev, dtype=torch.int8, generator=g)
-    neg = lambda r: torch.full((r, k), -8, device=dev, dtype=torch.int8)
+    full = lambda r, v: torch.full((r, k), v, device=dev, dtype=torch.int8)
+    odd = lambda r: (2 * torch.randint(0, 4, (r, k), device=dev, generator=g) + 1).to(torch.int8)  # 1, 3, 5, 7
     blocks = torch.where((torch.arange(k, device=dev) // 512) % 2 == 0, -8, 7).to(torch.int8)
-    return [("random", rnd(m), rnd(n)), ("all_-8", neg(m), neg(n)),
-            ("blocks_-8_7", blocks.expand(m, k).contiguous(), neg(n))]
+    # 64s up to 32 * K, then 49s on top: odd sums near the largest (56.5 * K), 21 bits at K = 28672
+    halves = torch.where(torch.arange(k, device=dev) < k // 2, -8, 7).to(torch.int8)
+    return [("random", rnd(m), rnd(n)), ("all_-8", full(m, -8), full(n, -8)),
+            ("blocks_-8_7", blocks.expand(m, k).contiguous(), full(n, -8)), ("all_7", full(m, 7), full(n, 7)),
+            ("odd_positive", odd(m), odd(n)), ("7_x_-8", full(m, 7), full(n, -8)),
+            ("halves_-8_then_7", halves.expand(m, k).contiguous(), halves.expand(n, k).contiguous())]
 
 
 def main() -> int:
@@ -77,6 +91,7 @@ def main() -> int:
     ap.add_argument("--configs", default=None, help="comma list of sweep names (default: all)")
     ap.add_argument("--shapes", default=None, help="in x out list, e.g. 4096x11008 (default: all)")
     ap.add_argument("--ms", default=None, help="token counts (default: 4096,8192,16384)")
+    ap.add_argument("--exact-k", default="14336,28672", help="K values of the exactness check")
     ap.add_argument("--best-out", default=None,
                     help="also write the fastest exact config per format as JSON ({format: config}), for "
                          "bench_w4a4_linear.py --tma-configs")
@@ -101,22 +116,26 @@ def main() -> int:
     writer = RecordWriter(args.out, {**base_fields(), "default_configs": DEFAULT_CONFIGS})
     bench = lambda fn: bench_ms(fn, args.warmup_ms, args.rep_ms)
 
-    # 1. exactness per config (M = 512, N = 512, K = 14336: the longest K of the shapes)
+    # 1. exactness per config (M = 512, N = 512; K = 14336, the longest K of the shapes, and 28672, the longest
+    # of the Llama / Qwen families (Llama-2-70B's intermediate size): sums up to 64 * K = 1835008)
     ok = {}
-    m0, n0, k0 = 512, 512, 14336
+    m0, n0 = 512, 512
+    kset = [int(v) for v in args.exact_k.split(",")]
+    cases = {k0: exact_cases(m0, n0, k0, dev) for k0 in kset}
     for name, fmt, cfg in sweep:
         results = {}
-        for case, a, w in exact_cases(m0, n0, k0, dev):
-            want = torch._int_mm(a, w.t()).double()
-            ones_m, ones_n = torch.ones(m0, device=dev), torch.ones(n0, device=dev)
-            aa, ww = (a, w) if fmt == "int8" else (a.to(bf16).to(f8), w.to(bf16).to(f8))
-            try:
-                y = tma_gemm(aa, ones_m, ww, ones_n, None, torch.float32, config=cfg)
-                results[case] = float((y.double() - want).abs().max())
-            except Exception as e:  # a config that does not compile (e.g. shared memory) is reported, not fatal
-                results[case] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        for k0 in kset:
+            for case, a, w in cases[k0]:
+                want = torch._int_mm(a, w.t()).double()
+                ones_m, ones_n = torch.ones(m0, device=dev), torch.ones(n0, device=dev)
+                aa, ww = (a, w) if fmt == "int8" else (a.to(bf16).to(f8), w.to(bf16).to(f8))
+                try:
+                    y = tma_gemm(aa, ones_m, ww, ones_n, None, torch.float32, config=cfg)
+                    results[f"{case}@K={k0}"] = float((y.double() - want).abs().max())
+                except Exception as e:  # a config that does not compile (e.g. shared memory): reported, not fatal
+                    results[f"{case}@K={k0}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         ok[name] = all(v == 0.0 for v in results.values())
-        writer.add(dict(kernel=f"tma_gemm_exactness_{name}", shape=dict(M=m0, N=n0, K=k0), median_ms=None,
+        writer.add(dict(kernel=f"tma_gemm_exactness_{name}", shape=dict(M=m0, N=n0, K=kset), median_ms=None,
                         baseline="torch._int_mm int32", baseline_median_ms=None, speedup=None, achieved_gbps=None,
                         config=cfg, max_abs_error=results, exact=ok[name]))
         print(f"exactness {name}: {results}", flush=True)
