@@ -60,6 +60,9 @@ def main() -> int:
     ap.add_argument("--ms", default=None, help="token counts, e.g. 1,16,4096 (default: all)")
     ap.add_argument("--routes", default=None, help="full-linear routes to time, e.g. auto,scaled_mm (default: all)")
     ap.add_argument("--no-gemm-only", action="store_true", help="skip the GEMM-alone timings")
+    ap.add_argument("--tma-m-min", type=int, default=None,
+                    help="for this run, auto dispatch takes the TMA GEMM (--tma-route) from this M up (linear.TMA_M_MIN)")
+    ap.add_argument("--tma-route", default=None, choices=("tma_int8", "tma_fp8"), help="linear.TMA_ROUTE for this run")
     ap.add_argument("--tma-configs", default=None,
                     help="JSON {format: config} replacing the TMA GEMM's DEFAULT_CONFIGS for this run (as written by "
                          "bench_tma_gemm.py --best-out); recorded in each record's dispatch")
@@ -91,6 +94,10 @@ def main() -> int:
 
         with open(args.tma_configs) as f:
             tma_gemm.DEFAULT_CONFIGS.update(json.load(f))
+    if args.tma_m_min is not None:
+        lin_mod.TMA_M_MIN = args.tma_m_min
+    if args.tma_route:
+        lin_mod.TMA_ROUTE = args.tma_route
 
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
