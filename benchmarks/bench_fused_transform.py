@@ -221,8 +221,7 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = F
 
 def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
     """The chunked kernel (Triton's pipelining 1-4 stages deep or the register prefetch; 1 or 2 programs per SM;
-    at most 128 registers per thread, so that two programs fit on an SM where shared memory allows; Y's column
-    halves in two chunks where that pads less, "split_h") against the
+    at most 128 registers per thread, so that two programs fit on an SM where shared memory allows) against the
     block kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
     the chunked kernel does not take (5120 = 64 x 80) time the block kernel only."""
     from flatquant.kernels import fused_transform_chunked as fc
@@ -236,12 +235,9 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
         block = ftq.block_config(ftq.next_pow2(n1), ftq.next_pow2(n2))
         cases = [("block", block), ("block", {**block, "prefetch": not block["prefetch"]})]
         cases += [("chunked", {**fc.chunked_config(), "prefetch": pf, "num_stages": st, "programs_per_sm": pps,
-                               "maxnreg": reg, "split_h": sh})
-                  for pf, st, pps, reg, sh in ((False, 3, 2, None, False), (False, 3, 1, None, False),
-                                               (False, 4, 1, None, False), (False, 2, 2, 128, False),
-                                               (False, 1, 2, 128, False), (True, 1, 1, None, False),
-                                               (False, 3, 2, None, True), (False, 2, 2, 128, True))
-                  if not sh or fc.h_chunks(n1 // 2, True)[1]]  # split_h only where it changes the tiles
+                               "maxnreg": reg})
+                  for pf, st, pps, reg in ((False, 3, 2, None), (False, 3, 1, None), (False, 4, 1, None),
+                                           (False, 2, 2, 128), (False, 1, 2, 128), (True, 1, 1, None))]
         for kernel, cfg in cases:
             if kernel == "chunked" and not fc.chunked_supported(n1, n2, True):
                 continue

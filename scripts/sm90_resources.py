@@ -90,18 +90,11 @@ def cases():
         if fc.chunked_supported(n1, n2, True):
             c0, c1, c2 = fc.n1_chunks(n1)
             k0, k1 = fc.n2_chunks(n2)
-            base = {k: v for k, v in common.items() if k != "HP"}
-            for pf, split, stages, maxnreg in ((True, False, 3, None), (False, False, 3, None),
-                                               (False, False, 2, 128), (False, True, 3, None), (False, True, 2, 128)):
-                ha, hb = fc.h_chunks(n1 // 2, split)
-                if split and not hb:
-                    continue
-                regs = {"maxnreg": maxnreg} if maxnreg else {}
-                yield (f"chunked n={n} prefetch={pf} split_h={split} stages={stages} maxnreg={maxnreg}",
-                       fc._fused_chunked_kernel,
-                       {**base, "N2P": fc.rows_padded(n2), "HA": ha, "HB": hb, "C0": c0, "C1": c1, "C2": c2,
-                        "K0": k0, "K1": k1, "PREFETCH": pf},
-                       dict(num_warps=fc.CHUNKED_WARPS, num_stages=stages, **regs))
+            for pf in (True, False):
+                yield (f"chunked n={n} prefetch={pf}", fc._fused_chunked_kernel,
+                       {**common, "N2P": fc.rows_padded(n2), "C0": c0, "C1": c1, "C2": c2, "K0": k0, "K1": k1,
+                        "PREFETCH": pf},
+                       dict(num_warps=fc.CHUNKED_WARPS, num_stages=fc.CHUNKED_STAGES))
 
 
 def gemm_cases():

@@ -13,9 +13,6 @@ into at most two chunks (80 -> 64 + 16). Per token, with the flash-attention pat
     Yᵀ_lo += Vᵀ_c · P1[c, :H]          (N2P x HP): Yᵀ_lo[j, h] = Y[h, j]      (low nibbles)
     Yᵀ_hi += Vᵀ_c · P1[c, H:]          (N2P x HP): Yᵀ_hi[j, h] = Y[H + h, j]  (high nibbles)
 
-(HP: H = n1 / 2 padded to a power of two, or with config "split_h" to a multiple of 16 as two power-of-two
-column chunks, e.g. 43 -> 32 + 16, each with its own accumulators.)
-
 Vᵀ_c comes out of the first dot in registers and feeds the second dot as its left operand, so nothing
 goes through shared memory between the two (the block kernel transposes V on chip instead), and X_cᵀ is
 the first dot's right operand read straight from memory in X's own order (a K-contiguous tile). Element
@@ -55,9 +52,6 @@ CHUNKED_PROGRAMS_PER_SM = 2
 CHUNKED_WARPS = 8
 CHUNKED_STAGES = 3
 CHUNKED_PREFETCH = False
-# Column halves of Y (H = n1 / 2 wide) in two power-of-two chunks where that pads less than one (43 -> 32 + 16
-# at 11008, instead of 64): a quarter less work in the second dot and the epilogue there. Off until timed.
-CHUNKED_SPLIT_H = False
 
 
 def _pow2_parts(n: int) -> list[int]:
@@ -88,15 +82,6 @@ def n2_chunks(n2: int, has_p2: bool = True) -> tuple[int, int]:
     return parts[0], (parts[1] if len(parts) > 1 else 0)
 
 
-def h_chunks(h: int, split: bool) -> tuple[int, int]:
-    """Column chunks of one half of Y (h = n1 / 2 columns; 0 = none): one power of two (at least 16), or with
-    split, two where h rounded up to a multiple of 16 is a sum of two: 43 -> (32, 16), 54 -> (64, 0)."""
-    parts = _pow2_parts(h)
-    if split and len(parts) == 2:
-        return parts[0], parts[1]
-    return next_pow2(h), 0
-
-
 def rows_padded(n2: int) -> int:
     """Rows of one token's Yᵀ tiles: n2 padded to a power of two of at least 64 (one warpgroup's wgmma)."""
     return max(64, 1 << (n2 - 1).bit_length())
@@ -122,22 +107,14 @@ def _mm_acc(a, b, acc, IS_F32: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _chunk_factors(p1_ptr, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, H: tl.constexpr,
-                   HA: tl.constexpr, HB: tl.constexpr, DT: tl.constexpr):
-    """Rows [O, O + C) of P1, split into its column halves, each in the column chunks [0, HA) and [HA, HA + HB):
-    (lo_a, hi_a, lo_b, hi_b), zero-padded; with HB = 0 the b tiles repeat the a tiles (unused)."""
+                   HP: tl.constexpr, DT: tl.constexpr):
+    """Rows [O, O + C) of P1, split into its column halves: (C, HP) each, zero-padded."""
     a = O + tl.arange(0, C)
-    h = tl.arange(0, HA)
+    h = tl.arange(0, HP)
     m = (a[:, None] < N1) & (h[None, :] < H)
-    lo_a = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=m, other=0.0).to(DT)
-    hi_a = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=m, other=0.0).to(DT)
-    if HB > 0:
-        h = HA + tl.arange(0, HB)
-        m = (a[:, None] < N1) & (h[None, :] < H)
-        lo_b = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=m, other=0.0).to(DT)
-        hi_b = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=m, other=0.0).to(DT)
-    else:
-        lo_b, hi_b = lo_a, hi_a
-    return lo_a, hi_a, lo_b, hi_b
+    lo = tl.load(p1_ptr + a[:, None] * N1 + h[None, :], mask=m, other=0.0).to(DT)
+    hi = tl.load(p1_ptr + a[:, None] * N1 + (H + h)[None, :], mask=m, other=0.0).to(DT)
+    return lo, hi
 
 
 @triton.jit
@@ -174,11 +151,10 @@ def _load_token(xb, tok_ok, N1: tl.constexpr, N2: tl.constexpr, C0: tl.constexpr
 
 
 @triton.jit
-def _chunk_math(Xa, Xb, p2ta, p2tb, lo_a, hi_a, lo_b, hi_b, Ylo_a, Yhi_a, Ylo_b, Yhi_b, K1: tl.constexpr,
-                HB: tl.constexpr, HAS_P2: tl.constexpr, IS_F32: tl.constexpr, DT: tl.constexpr,
-                INTERP: tl.constexpr):
+def _chunk_math(Xa, Xb, p2ta, p2tb, lo, hi, Ylo, Yhi, K1: tl.constexpr, HAS_P2: tl.constexpr,
+                IS_F32: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     """One chunk: Vᵀ_c = P2ᵀ X_cᵀ over both K chunks (rounded to DT), then both halves of Yᵀ accumulate
-    Vᵀ_c P1[c], in their column chunks a (and b when HB > 0)."""
+    Vᵀ_c P1[c]."""
     if HAS_P2:
         V = _mm(p2ta, Xa, IS_F32, INTERP)
         if K1 > 0:
@@ -186,50 +162,25 @@ def _chunk_math(Xa, Xb, p2ta, p2tb, lo_a, hi_a, lo_b, hi_b, Ylo_a, Yhi_a, Ylo_b,
         Vt = V.to(DT)
     else:
         Vt = Xa
-    Ylo_a = _mm_acc(Vt, lo_a, Ylo_a, IS_F32, INTERP)
-    Yhi_a = _mm_acc(Vt, hi_a, Yhi_a, IS_F32, INTERP)
-    if HB > 0:
-        Ylo_b = _mm_acc(Vt, lo_b, Ylo_b, IS_F32, INTERP)
-        Yhi_b = _mm_acc(Vt, hi_b, Yhi_b, IS_F32, INTERP)
-    return Ylo_a, Yhi_a, Ylo_b, Yhi_b
-
-
-@triton.jit
-def _abs_max(Ylo, Yhi):
-    return tl.max(tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1)), axis=0)
-
-
-@triton.jit
-def _store_codes(ob, Ylo, Yhi, inv, j, h, N2: tl.constexpr, H: tl.constexpr, PACK: tl.constexpr,
-                 MAXQ: tl.constexpr, tok_ok, INTERP: tl.constexpr):
-    """Codes of one column chunk h of both halves: packed bytes h * n2 + j, or one code per element."""
-    qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
-    qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
-    om = (j[:, None] < N2) & (h[None, :] < H) & tok_ok
-    ob = ob + h[None, :] * N2 + j[:, None]
-    if PACK:
-        tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
-    else:
-        tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
-        tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
+    return _mm_acc(Vt, lo, Ylo, IS_F32, INTERP), _mm_acc(Vt, hi, Yhi, IS_F32, INTERP)
 
 
 @triton.jit
 def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
                           NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N2P: tl.constexpr,
-                          H: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                          H: tl.constexpr, HP: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
                           C2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_P2: tl.constexpr,
                           PACK: tl.constexpr, PREFETCH: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
                           DT: tl.constexpr, INTERP: tl.constexpr):
     """A persistent grid walks the tokens, one per step (module docstring). The factors are loaded once per
     program: P2ᵀ in its K chunks ((N2P, K0) and (N2P, K1)) and P1's row chunks C0, C1, C2 (0 = absent) in
-    column halves, each in column chunks HA and HB (0 = absent). Without PREFETCH, Triton pipelines the X loads
-    (num_stages); with it, the next token's X tiles are requested into registers before this token's dots (a
-    loop-carried load, not pipelined), so their memory latency overlaps the dots and the quantize epilogue
-    either way."""
+    column halves. Without PREFETCH, Triton pipelines the X loads (num_stages); with it, the next token's X
+    tiles are requested into registers before this token's dots (a loop-carried load, not pipelined), so
+    their memory latency overlaps the dots and the quantize epilogue either way."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     j = tl.arange(0, N2P)
+    h = tl.arange(0, HP)
     if HAS_P2:  # P2ᵀ[j, k] = P2[k, j], columns k in [0, K0) and [K0, K0 + K1)
         k = tl.arange(0, K0)
         p2ta = tl.load(p2_ptr + k[None, :] * N2 + j[:, None], mask=(j[:, None] < N2) & (k[None, :] < N2),
@@ -243,11 +194,12 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
     else:
         p2ta = tl.zeros((16, 16), dtype=DT)  # unused
         p2tb = p2ta
-    lo0a, hi0a, lo0b, hi0b = _chunk_factors(p1_ptr, 0, C0, N1, H, HA, HB, DT)
+    lo0, hi0 = _chunk_factors(p1_ptr, 0, C0, N1, H, HP, DT)
     if C1 > 0:
-        lo1a, hi1a, lo1b, hi1b = _chunk_factors(p1_ptr, C0, C1, N1, H, HA, HB, DT)
+        lo1, hi1 = _chunk_factors(p1_ptr, C0, C1, N1, H, HP, DT)
     if C2 > 0:
-        lo2a, hi2a, lo2b, hi2b = _chunk_factors(p1_ptr, C0 + C1, C2, N1, H, HA, HB, DT)
+        lo2, hi2 = _chunk_factors(p1_ptr, C0 + C1, C2, N1, H, HP, DT)
+    om = (j[:, None] < N2) & (h[None, :] < H)
     if PREFETCH:  # the first token's tiles
         t = pid.to(tl.int64)
         X0an, X0bn, X1an, X1bn, X2an, X2bn = _load_token(x_ptr + t * stride_x, t < M, N1, N2, C0, C1, C2, K0, K1, DT)
@@ -261,39 +213,33 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
                                                              K0, K1, DT)
         else:
             X0a, X0b, X1a, X1b, X2a, X2b = _load_token(x_ptr + t * stride_x, tok_ok, N1, N2, C0, C1, C2, K0, K1, DT)
-        Ylo_a = tl.zeros((N2P, HA), dtype=tl.float32)
-        Yhi_a = tl.zeros((N2P, HA), dtype=tl.float32)
-        if HB > 0:
-            Ylo_b = tl.zeros((N2P, HB), dtype=tl.float32)
-            Yhi_b = tl.zeros((N2P, HB), dtype=tl.float32)
-        else:
-            Ylo_b, Yhi_b = Ylo_a, Yhi_a  # unused
-        Ylo_a, Yhi_a, Ylo_b, Yhi_b = _chunk_math(X0a, X0b, p2ta, p2tb, lo0a, hi0a, lo0b, hi0b, Ylo_a, Yhi_a, Ylo_b,
-                                                 Yhi_b, K1, HB, HAS_P2, IS_F32, DT, INTERP)
+        Ylo = tl.zeros((N2P, HP), dtype=tl.float32)
+        Yhi = tl.zeros((N2P, HP), dtype=tl.float32)
+        Ylo, Yhi = _chunk_math(X0a, X0b, p2ta, p2tb, lo0, hi0, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         if C1 > 0:
-            Ylo_a, Yhi_a, Ylo_b, Yhi_b = _chunk_math(X1a, X1b, p2ta, p2tb, lo1a, hi1a, lo1b, hi1b, Ylo_a, Yhi_a,
-                                                     Ylo_b, Yhi_b, K1, HB, HAS_P2, IS_F32, DT, INTERP)
+            Ylo, Yhi = _chunk_math(X1a, X1b, p2ta, p2tb, lo1, hi1, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         if C2 > 0:
-            Ylo_a, Yhi_a, Ylo_b, Yhi_b = _chunk_math(X2a, X2b, p2ta, p2tb, lo2a, hi2a, lo2b, hi2b, Ylo_a, Yhi_a,
-                                                     Ylo_b, Yhi_b, K1, HB, HAS_P2, IS_F32, DT, INTERP)
+            Ylo, Yhi = _chunk_math(X2a, X2b, p2ta, p2tb, lo2, hi2, Ylo, Yhi, K1, HAS_P2, IS_F32, DT, INTERP)
         # Padded rows / columns are exact zeros, so they never set the max.
-        amax = _abs_max(Ylo_a, Yhi_a)
-        if HB > 0:
-            amax = tl.maximum(amax, _abs_max(Ylo_b, Yhi_b))
+        amax = tl.max(tl.maximum(tl.max(tl.abs(Ylo), axis=1), tl.max(tl.abs(Yhi), axis=1)), axis=0)
         s = _scale(amax, alpha, MAXQ, INTERP)
         tl.store(scale_ptr + t, s, mask=tok_ok)
         inv = _div_rn(1.0, s, INTERP)  # one division per token, then products (as the block kernel)
-        ob = out_ptr + t * stride_o
-        _store_codes(ob, Ylo_a, Yhi_a, inv, j, tl.arange(0, HA), N2, H, PACK, MAXQ, tok_ok, INTERP)
-        if HB > 0:
-            _store_codes(ob, Ylo_b, Yhi_b, inv, j, HA + tl.arange(0, HB), N2, H, PACK, MAXQ, tok_ok, INTERP)
+        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
+        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
+        ob = out_ptr + t * stride_o + h[None, :] * N2 + j[:, None]
+        if PACK:
+            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om & tok_ok)
+        else:
+            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om & tok_ok)
+            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om & tok_ok)
 
 
 def chunked_config(config: dict | None = None) -> dict:
     """Warps, pipeline stages, programs per SM and the register prefetch of the chunked kernel, with the
-    caller's overrides (also "maxnreg": a register cap per thread; "split_h": `h_chunks`)."""
+    caller's overrides (also "maxnreg": a register cap per thread)."""
     return {"num_warps": CHUNKED_WARPS, "num_stages": CHUNKED_STAGES, "programs_per_sm": CHUNKED_PROGRAMS_PER_SM,
-            "prefetch": CHUNKED_PREFETCH, "split_h": CHUNKED_SPLIT_H, **(config or {})}
+            "prefetch": CHUNKED_PREFETCH, **(config or {})}
 
 
 def launch_chunked(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool,
@@ -305,11 +251,10 @@ def launch_chunked(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: i
     cfg = chunked_config(config)
     c0, c1, c2 = n1_chunks(n1)
     k0, k1 = n2_chunks(n2, has_p2)
-    ha, hb = h_chunks(n1 // 2, bool(cfg["split_h"]))
     grid0 = num_programs or min(m, num_sms(x2.device) * int(cfg["programs_per_sm"]))
     niter = triton.cdiv(m, grid0)
     consts = dict(NITER_C=niter if interp else 1, N1=n1, N2=n2, N2P=rows_padded(n2), H=n1 // 2,
-                  HA=ha, HB=hb, C0=c0, C1=c1, C2=c2, K0=k0, K1=k1, HAS_P2=has_p2, PACK=pack,
+                  HP=next_pow2(n1 // 2), C0=c0, C1=c1, C2=c2, K0=k0, K1=k1, HAS_P2=has_p2, PACK=pack,
                   PREFETCH=bool(cfg["prefetch"]), IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
                   DT=triton_dtype(dd), INTERP=interp, num_warps=int(cfg["num_warps"]))
     regs = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from flatquant.kernels import fused_transform_quant as ftq
-from flatquant.kernels.fused_transform_chunked import chunked_supported, h_chunks, n1_chunks, n2_chunks, rows_padded
+from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize
 from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
 from flatquant.kernels.testing import DEVICE, ON_GPU, TIE_TOL, assert_codes_match
@@ -60,9 +60,6 @@ def test_n1_chunks_and_support():
     assert n2_chunks(112) == (128, 0)                                 # three parts: one padded chunk instead
     assert n2_chunks(80, has_p2=False) == (128, 0)                    # no first dot: the padded rows
     assert rows_padded(80) == 128 and rows_padded(64) == 64
-    assert h_chunks(43, split=True) == (32, 16) and h_chunks(43, split=False) == (64, 0)   # 11008
-    assert h_chunks(54, split=True) == (64, 0) and h_chunks(20, split=True) == (32, 0)    # no gain: one chunk
-    assert h_chunks(11, split=True) == (16, 0) and h_chunks(40, split=True) == (32, 16)
     assert chunked_supported(86, 128, True) and chunked_supported(40, 64, False) and chunked_supported(64, 80, True)
     assert not chunked_supported(3, 128, True)      # odd n1 (packing splits a row)
     assert not chunked_supported(24, 24, True)      # n2 < 64: mostly padding at 64 rows per warpgroup
@@ -89,15 +86,6 @@ CASES = [  # (n1, n2, has_p1, has_p2): chunk sets 1, 2 and 3 long, with and with
 def test_chunked_matches_reference(n1, n2, has_p1, has_p2, dtype, bits):
     x = _inputs(7, n1 * n2, dtype)
     _check(x, _factor(n1) if has_p1 else None, _factor(n2) if has_p2 else None, bits)
-
-
-@pytest.mark.parametrize("n1,n2,has_p2", [(86, 128, True), (80, 64, True), (86, 128, False), (66, 64, True)])
-@pytest.mark.parametrize("fmt", [None, "int8"])
-def test_chunked_split_h_matches_reference(n1, n2, has_p2, fmt):
-    """Y's column halves in two chunks (43 -> 32 + 16, 40 -> 32 + 16, 33 -> 32 + 16 with one real column in
-    the second): the same codes and scales as the reference, packed and one code per byte."""
-    x = _inputs(6, n1 * n2, torch.float16)
-    _check(x, _factor(n1), _factor(n2) if has_p2 else None, 4, fmt, config={"split_h": True})
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -161,7 +149,6 @@ def test_chunked_model_sizes_gpu(n, single, dtype, prefetch):
     p2 = None if single else _factor(n2).to(dtype)
     for bits, fmt in ((4, None), (8, None), (4, "fp8")):
         _check(x, p1, p2, bits, fmt, config={"prefetch": prefetch})
-        _check(x, p1, p2, bits, fmt, config={"prefetch": prefetch, "split_h": True})
 
 
 def test_default_kernel_choice():
