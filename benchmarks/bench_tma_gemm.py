@@ -54,19 +54,13 @@ SWEEP = [
     # sums; timed either way, as the cost of promotion.
     ("fp8_128x256x128_s3_fastacc", "fp8", {**_B, "imprecise_k": 0}),
     ("fp8_128x128x128_s4_fastacc", "fp8", {**_F, "imprecise_k": 0}),
-    # around the fastest fp8 config of the a666fcb sweep (H100: 128 x 256 fast accumulation)
+    # around the fastest fp8 config of the 9e08c89 sweep (H100: 128 x 256 with fast accumulation, which the
+    # odd-product cases added after it show inexact)
     ("fp8_128x256x128_s4_fastacc", "fp8", {**_B, "num_stages": 4, "imprecise_k": 0}),
     ("fp8_128x256x128_s3_fastacc_flatten", "fp8", {**_B, "imprecise_k": 0, "flatten": True}),
     ("fp8_128x256x128_s3_fastacc_grid", "fp8", {**_B, "imprecise_k": 0, "persistent": False}),
     ("fp8_128x256x128_s3_fastacc_tmastore", "fp8", {**_B, "imprecise_k": 0, "tma_store": True}),
     ("fp8_256x128x128_s3_fastacc", "fp8", {**_B, "BLOCK_M": 256, "BLOCK_N": 128, "imprecise_k": 0}),
-    # fast accumulation into a fresh partial sum of 2 K tiles (256 products, |sum| <= 16384), then one float32
-    # add: Triton's promotion (imprecise_k) adds after every tile
-    # (each of the unrolled loads gets its own pipeline buffers: stages count pairs of K tiles here)
-    ("fp8_128x128x128_s2_promote2", "fp8", {**_F, "num_stages": 2, "promote_steps": 2}),
-    ("fp8_128x128x128_s3_promote2", "fp8", {**_F, "num_stages": 3, "promote_steps": 2}),
-    ("fp8_128x128x64_s2_promote4", "fp8", {**_F, "BLOCK_K": 64, "num_stages": 2, "promote_steps": 4}),
-    ("fp8_128x128x128_s2_promote2_grid", "fp8", {**_F, "num_stages": 2, "promote_steps": 2, "persistent": False}),
 ]
 QUICK = {"int8_128x256x128_s3", "fp8_128x128x128_s4", "fp8_128x256x128_s3_fastacc"}
 

@@ -329,6 +329,10 @@ def _tma_sweep_section(entries) -> list[str]:
             row.append("-" if e is None else f"{_x(e['speedup'])} ({e['kernel'].removeprefix(f'tma_gemm_{fmt}_')})")
         rows.append(row)
     head = ["Layer (in → out)", "M", "BF16 ms"] + [label for _, label in TMA_VENDOR] + ["TMA GEMM int8", "TMA GEMM fp8"]
+    checks = next((e for e in sweep if e["kernel"].startswith("tma_gemm_exactness_")), {})
+    ks = checks.get("shape", {}).get("K", [])
+    ks = ks if isinstance(ks, list) else [ks]
+    cases = sorted({c.split("@")[0] for c in checks.get("max_abs_error", {})})
     n_exact = sum(1 for v in exact.values() if v)
     inexact = sorted(k for k, v in exact.items() if v is False)
     return ["### Large-M GEMM alone: the TMA kernel against cuBLASLt", "",
@@ -336,7 +340,8 @@ def _tma_sweep_section(entries) -> list[str]:
              "(bf16 out), speedup over BF16 cuBLAS on the same rotated inputs; for the TMA kernel (`tma_gemm.py`) "
              "the fastest config of the sweep (named: tile M×N×K, pipeline stages, and the one change from the "
              "default) among those that passed the GPU exactness check (float32 output equal to `torch._int_mm` "
-             f"on random and largest codes at K = 14336): {n_exact} of {len(exact)} configs exact"
+             f"on the integer cases {', '.join(cases)} at K = {' and '.join(map(str, ks))}): "
+             f"{n_exact} of {len(exact)} configs exact"
              + (f"; not exact: {', '.join(f'`{k}`' for k in inexact)}" if inexact else "") + "."), "",
             _table(head, rows, ["l", "r", "r"] + ["r"] * (len(head) - 3)), "", _provenance(sweep), ""]
 

@@ -113,7 +113,6 @@ def gemm_cases():
                "sa_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "M": "i32", "N": "i32",
                "K": "i32", "stride_cm": "i32", "num_tiles": "i32", "num_programs": "i32", "tiles_per_program": "i32"}
         consts = dict(HAS_BIAS=False, FP8=fmt == "fp8", IMPRECISE_K=cfg.get("imprecise_k", 128),
-                      PROMOTE_STEPS=cfg.get("promote_steps", 0),
                       FLATTEN=bool(cfg.get("flatten")), TMA_STORE=store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                       GROUP_M=cfg["GROUP_M"], INTERP=False, TPP_C=1, KT_C=1)
         yield (f"tma_gemm {name}", tg._tma_gemm_kernel, consts,

@@ -22,15 +22,14 @@ Two code formats, the same integer result:
   with the largest codes on the GPU.
 
   Without promotion (imprecise_k = 0, "fast accumulation") the running sum itself stays in the narrow
-  accumulator (reported elsewhere as 14 significant bits), and sums past 2**14 would lose their low bits;
-  the GPU exactness check (odd products, e.g. 7 x 7, at K = 14336 and 28672) shows whether they do.
-  promote_steps = P instead fast-accumulates P K tiles into a fresh partial sum and adds it to the float32
-  total once: fewer waits for the tensor cores than Triton's promotion after every tile.
+  accumulator, and it is not exact: on the H100 (541ef8d, benchmarks/bench_tma_gemm.py's check) all-7
+  codes at K = 14336 came out 177344 short of 702464, and other odd-product cases were off by up to
+  1081344 at K = 28672 (random codes, whose sums stay small, were exact). It stays a config option only
+  to measure what promotion costs.
 
 `tma_gemm` takes a config (CONFIG_KEYS: tile sizes, warps, stages, persistent or one program per tile,
-imprecise_k for fp8 (0: no promotion, not exact; measured only), promote_steps (above), flatten
-(Triton's loop flattening), tma_store (the output tile through shared memory and the TMA unit));
-`config_for` gives the default.
+imprecise_k for fp8 (0: no promotion, not exact; measured only), flatten (Triton's loop flattening),
+tma_store (the output tile through shared memory and the TMA unit)); `config_for` gives the default.
 Requirements: K a multiple of 16 (TMA row stride), 16-byte aligned rows, compute
 capability 9.0+ on CUDA (the interpreter also runs it).
 """
@@ -44,19 +43,22 @@ from flatquant.kernels._triton_utils import interpreting
 
 FORMATS = ("int8", "fp8")
 
-# Provisional, keyed by code format: chosen from the offline sm_90 compile (results/kernels/
-# sm90_resources_gemm.json: fits shared memory, no spills), not yet from timings; set them from
-# benchmarks/bench_tma_gemm.py on the GPU. int8: 128 x 256 outputs per program from two warpgroups.
-# fp8: promotion keeps a second float32 accumulator, so 128 x 256 tiles spill; 128 x 128 do not.
+# Keyed by code format: the fastest exact config of each in the H100 sweep at 541ef8d (results/kernels/
+# bench_tma_gemm.json, M = 4096 / 8192 / 16384 on five Llama shapes; geometric mean over the 15 points).
+# int8: 128 x 256 outputs per program from two warpgroups, 3 stages, the tile loop flattened so that the next
+# tile's loads start during this tile's epilogue: 1.43-1.54x BF16. fp8: the same tiles with promotion every
+# 128 products, 1.23-1.43x (it spills: promotion keeps a second float32 accumulator; 128 x 128 tiles do not
+# spill and ran at 1.07-1.26x).
 DEFAULT_CONFIGS = {
-    "int8": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
-    "fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, persistent=True,
+    "int8": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
+                 flatten=True),
+    "fp8": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
                 imprecise_k=128),
 }
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2,
                           persistent=True, imprecise_k=32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "persistent",
-               "imprecise_k", "promote_steps", "flatten", "tma_store")
+               "imprecise_k", "flatten", "tma_store")
 
 
 def config_for(fmt: str) -> dict:
@@ -86,8 +88,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _tma_gemm_kernel(a_desc, w_desc, c_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, num_tiles,
                      num_programs, tiles_per_program,
-                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, IMPRECISE_K: tl.constexpr,
-                     PROMOTE_STEPS: tl.constexpr, FLATTEN: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, IMPRECISE_K: tl.constexpr, FLATTEN: tl.constexpr,
                      TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, INTERP: tl.constexpr, TPP_C: tl.constexpr, KT_C: tl.constexpr):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -107,26 +108,16 @@ def _tma_gemm_kernel(a_desc, w_desc, c_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        if FP8 and PROMOTE_STEPS > 0:
-            # Fast accumulation into a fresh partial sum for PROMOTE_STEPS K tiles, then one float32 add:
-            # the partial sum is the only value the narrow accumulator holds (module docstring).
-            for kc in range(tl.cdiv(KT_C, PROMOTE_STEPS) if INTERP else tl.cdiv(k_tiles, PROMOTE_STEPS)):
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for j in tl.static_range(PROMOTE_STEPS):
-                    kk = (kc * PROMOTE_STEPS + j) * BLOCK_K  # past K: zeros (TMA)
-                    part = tl.dot(a_desc.load([off_m, kk]), w_desc.load([off_n, kk]).T, part, out_dtype=tl.float32)
-                acc += part
-        else:
-            for ki in range(KT_C if INTERP else k_tiles):
-                a = a_desc.load([off_m, ki * BLOCK_K])  # out-of-bounds rows / K read as zeros
-                w = w_desc.load([off_n, ki * BLOCK_K])
-                if FP8:
-                    if IMPRECISE_K == 0:  # Hopper's fast fp8 accumulation, no promotion (for measurement only)
-                        acc = tl.dot(a, w.T, acc, out_dtype=tl.float32)
-                    else:
-                        acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=IMPRECISE_K, out_dtype=tl.float32)
+        for ki in range(KT_C if INTERP else k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])  # out-of-bounds rows / K read as zeros
+            w = w_desc.load([off_n, ki * BLOCK_K])
+            if FP8:
+                if IMPRECISE_K == 0:  # Hopper's fast fp8 accumulation, no promotion (for measurement only)
+                    acc = tl.dot(a, w.T, acc, out_dtype=tl.float32)
                 else:
-                    acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+                    acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=IMPRECISE_K, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
         # Epilogue in float32, in the reference's order: (acc * sa) * sw + bias.
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
@@ -185,7 +176,6 @@ def tma_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor
     _tma_gemm_kernel[(programs,)](
         a_desc, w_desc, c_desc, sa, sw, b, out, m, n, k, out.stride(0), tiles, programs, triton.cdiv(tiles, programs),
         HAS_BIAS=bias is not None, FP8=fmt == "fp8", IMPRECISE_K=int(cfg.get("imprecise_k", 128)),
-        PROMOTE_STEPS=int(cfg.get("promote_steps", 0)),
         FLATTEN=bool(cfg.get("flatten", False)), TMA_STORE=tma_store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=cfg["GROUP_M"], INTERP=interp, TPP_C=triton.cdiv(tiles, programs) if interp else 1,
         KT_C=triton.cdiv(k, bk) if interp else 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
