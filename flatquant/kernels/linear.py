@@ -42,8 +42,10 @@ GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8
 SMALL_M_MAX = 16
 LARGE_M_MIN = 17
 LARGE_M_ROUTE = "scaled_mm"
-# None: the TMA GEMM only where pinned (gemm_route="tma_int8" / "tma_fp8"). It becomes the large-M default
-# once a GPU run of benchmarks/bench_w4a4_linear.py shows it faster (its route_choice record).
+# None: the TMA GEMM only where pinned (gemm_route="tma_int8" / "tma_fp8"). On the H100 (541ef8d,
+# results/archive/kernels-h100-541ef8d/bench_w4a4_linear.json) tma_int8 and scaled_mm were within run-to-run
+# noise of each other at M >= 4096 (scaled_mm ahead on the up shapes, tma_int8 on the down shapes), so
+# auto keeps scaled_mm; TMA_ROUTE is the faster of the two TMA formats there.
 TMA_M_MIN = None
 TMA_ROUTE = "tma_int8"
 FALLBACK_ROUTES = ("scaled_mm", "int_mm", "tma_int8", "tma_fp8")
