@@ -1,21 +1,14 @@
 """benchmarks/bench_tma_gemm.py's choice of the fastest exact config per code format (pure Python)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("_bench_tma_gemm", REPO / "benchmarks" / "bench_tma_gemm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def bench(load_script):
+    return load_script("bench_tma_gemm")
 
 
 def _rec(name, shape, speedup):

@@ -1,21 +1,10 @@
 """benchmarks/run_accuracy.py --quick on a tiny saved model: the gptq part end to end (CPU smoke run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _run_accuracy():
-    spec = importlib.util.spec_from_file_location("_run_accuracy", REPO / "benchmarks" / "run_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch):
@@ -28,12 +17,13 @@ def _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+def test_quick_gptq_part(load_script, tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
     _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch)
     results, work = tmp_path / "results", tmp_path / "work"
-    rc = _run_accuracy().main(["--quick", "--parts", "gptq", "--model", str(tiny_model_dir), "--model-name", "Tiny",
-                               "--data-dir", str(tiny_data_dir), "--results-dir", str(results), "--work-dir", str(work),
-                               "--zeroshot-batch-size", "4"])
+    main = load_script("run_accuracy").main
+    rc = main(["--quick", "--parts", "gptq", "--model", str(tiny_model_dir), "--model-name", "Tiny",
+               "--data-dir", str(tiny_data_dir), "--results-dir", str(results), "--work-dir", str(work),
+               "--zeroshot-batch-size", "4"])
     assert rc == 0
     names = sorted(p.name for p in results.glob("*.json"))
     assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-c4.json",
@@ -50,13 +40,14 @@ def test_quick_gptq_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_pat
     assert len(log) == 3 and all("gptq:" in l and "wall" in l for l in log)
 
 
-def test_quick_longcalib_part(tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+def test_quick_longcalib_part(load_script, tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
     """The larger-calibration part: its own variant name, its recipe in the records, its own parameters."""
     _offline_zeroshot(tiny_data_dir, shared_data_dir, monkeypatch)
     results, work = tmp_path / "results", tmp_path / "work"
-    rc = _run_accuracy().main(["--quick", "--parts", "longcalib", "--long-nsamples", "6", "--long-epochs", "3",
-                               "--model", str(tiny_model_dir), "--model-name", "Tiny", "--data-dir", str(tiny_data_dir),
-                               "--results-dir", str(results), "--work-dir", str(work), "--zeroshot-batch-size", "4"])
+    main = load_script("run_accuracy").main
+    rc = main(["--quick", "--parts", "longcalib", "--long-nsamples", "6", "--long-epochs", "3",
+               "--model", str(tiny_model_dir), "--model-name", "Tiny", "--data-dir", str(tiny_data_dir),
+               "--results-dir", str(results), "--work-dir", str(work), "--zeroshot-batch-size", "4"])
     assert rc == 0
     names = sorted(p.name for p in results.glob("*.json"))
     assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-c4.json",
