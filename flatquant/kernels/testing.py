@@ -32,3 +32,18 @@ def assert_codes_match(codes: torch.Tensor, ref_codes: torch.Tensor, pre_round: 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+
+# The block, chunked and decode kernels round T = X P2 once to the half dtype. Float32 summation order (numpy's in
+# the interpreter, the tensor cores' on the GPU) can flip that rounding of a T element by one ulp (2^-8 relative
+# for bf16, 2^-10 for fp16; 2^-8 covers both), which moves y by about that much of the token's max |y|: scales
+# then agree within ROUNDED_T_SCALE_RTOL, and a code may differ by one within twice that, in code units, of a tie.
+ROUNDED_T_ULP = 2.0 ** -8
+ROUNDED_T_SCALE_RTOL = 2.0 ** -9
+
+
+def rounded_t_tie_tol(dtype: torch.dtype, bits: int, alpha: float) -> float:
+    """The tie band for codes computed from a T rounded to `dtype` (TIE_TOL alone for float32)."""
+    if dtype == torch.float32:
+        return TIE_TOL
+    return TIE_TOL + 2 * ROUNDED_T_ULP * (2 ** (bits - 1) - 1) / alpha

@@ -18,7 +18,7 @@ from flatquant.kernels.reference import (
     unpack_int4,
     w4a4_gemm_reference,
 )
-from flatquant.kernels.testing import DEVICE, ON_GPU, TIE_TOL, assert_codes_match
+from flatquant.kernels.testing import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter truncates bf16 casts
 
@@ -52,10 +52,9 @@ def test_fused_decode_equals_two_kernel_path(m, n1, n2, n_out, has_p1, has_p2, b
     # code of the outlier token moves its outputs by up to scale x 7 x weight scale, which a tolerance on
     # the product alone cannot bound), then the GEMM on those codes.
     ar, sar = transform_quantize_reference(x, p1, p2, 0.9, 4, round_intermediate=True)
-    torch.testing.assert_close(sa.cpu(), sar.cpu(), rtol=2.0 ** -9, atol=0)
+    torch.testing.assert_close(sa.cpu(), sar.cpu(), rtol=ROUNDED_T_SCALE_RTOL, atol=0)
     pre = kron_transform_reference(x, p1, p2, round_intermediate=True).float() / sar.unsqueeze(-1)
-    tie_tol = TIE_TOL + 2 * 2.0 ** -8 * 7 / 0.9 if ON_GPU else TIE_TOL  # V rounded once on the GPU
-    assert_codes_match(unpack_int4(a), unpack_int4(ar), pre, tie_tol)
+    assert_codes_match(unpack_int4(a), unpack_int4(ar), pre, rounded_t_tie_tol(x.dtype, 4, 0.9))
     yr = w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4)
     torch.testing.assert_close(y.cpu(), yr.cpu(), rtol=1e-5, atol=1e-5 * float(yr.abs().max()))
 

@@ -13,7 +13,7 @@ from flatquant.kernels import fused_transform_quant as ftq
 from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize
 from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
-from flatquant.kernels.testing import DEVICE, ON_GPU, TIE_TOL, assert_codes_match
+from flatquant.kernels.testing import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
 
 
 def _factor(n, dtype=torch.float32):
@@ -29,22 +29,17 @@ def _inputs(m, n, dtype):
     return x.to(dtype).to(DEVICE)
 
 
-# One half-precision ulp (relative) of V = X P2: float32 summation order (numpy's in the interpreter, the
-# tensor cores' on the GPU) can flip V's rounding to the half dtype, which moves y by at most that much of
-# the token's max, i.e. ulp * maxq / alpha code units: codes may differ within twice that of a .5 tie.
-V_ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 def _check(x, p1, p2, bits=4, fmt=None, **kw):
     """Run the chunked kernel and compare codes and scales with the reference; returns (codes, scales)."""
-    tie_band = 2 * V_ULP[x.dtype] * (2 ** (bits - 1) - 1) / 0.9
     q, s = fused_transform_quantize(x, p1, p2, 0.9, bits, kernel="chunked", out_format=fmt, **kw)
     qr, sr = transform_quantize_reference(x, p1, p2, 0.9, bits, round_intermediate=True)
-    torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=2.0 ** -9 if ON_GPU else 1e-4, atol=0)
+    torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=ROUNDED_T_SCALE_RTOL, atol=0)
     pre = (kron_transform_reference(x, p1, p2, round_intermediate=True).float() / sr.unsqueeze(-1)).cpu()
     codes = unpack_codes(q, bits) if fmt in (None, "packed") else q.float().to(torch.int8)
     assert q.shape[:-1] == x.shape[:-1]
-    flips = assert_codes_match(codes, unpack_codes(qr, bits), pre, TIE_TOL + tie_band)
+    flips = assert_codes_match(codes, unpack_codes(qr, bits), pre, rounded_t_tie_tol(x.dtype, bits, 0.9))
     assert flips <= max(1, 1e-3 * x.numel())
     return codes, s
 
