@@ -62,14 +62,14 @@ TRANSFORM_SWEEP += [dict(kernel="token")]
 # (module, attribute values): gemv rows x K bytes per step x warps where the dp4a kernel is the default, at
 # M = 1 (a step as long as the row requests the whole weight slice before the PDL wait), else tensor-core
 # tiles (BLOCK_N x SUB x BLOCK_K), and the transform's split kernel (columns per program, warps).
-def _layer_sweep(gemv_default: bool, decode_gemm, fused_transform_quant):
+def _layer_sweep(gemv_default: bool, decode_gemm, fused_transform_split):
     gemv = {f"gemv_{bn}x{bk}_w{nw}": (decode_gemm, dict(GEMV_CONFIG={
         **decode_gemm.GEMV_CONFIG, 1: dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw, SWAP_AB=True)}))
         for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
     mma = {f"mma_{bn}x{sub}x{bk}": (decode_gemm, dict(decode_config=lambda *_, c=dict(BLOCK_N=bn, SUB=sub, BLOCK_K=bk,
                                                                                       SPLIT_K=1, MMA_WARPS=sub): dict(c)))
            for bn, sub, bk in [(32, 4, 256), (16, 4, 256), (32, 2, 128), (16, 2, 256), (32, 4, 128), (32, 2, 256)]}
-    split = {f"split_cb{cb}_w{nw}": (fused_transform_quant, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
+    split = {f"split_cb{cb}_w{nw}": (fused_transform_split, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
              for cb, nw in [(16, 8), (64, 8), (32, 4), (128, 8)]}
     return {**(gemv if gemv_default else mma), **split}
 
@@ -99,7 +99,7 @@ def main() -> int:
     from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda, rotation_count
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels import decode_gemm, fused_decode, fused_transform_quant
+    from flatquant.kernels import decode_gemm, fused_decode, fused_transform_quant, fused_transform_split
     from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
@@ -182,7 +182,7 @@ def main() -> int:
         variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
         if args.layer_sweep:
             gemv_default = resolved_config(m, n, k // 2, dev)["KERNEL"] == "gemv"
-            variants.update(_layer_sweep(gemv_default, decode_gemm, fused_transform_quant))
+            variants.update(_layer_sweep(gemv_default, decode_gemm, fused_transform_split))
         for tag, (module, values) in variants.items():
             with _patched(module, **values):
                 wholes[tag] = layer_ms()

@@ -15,9 +15,10 @@ same (r, c) positions, and byte (r, c) = lo | hi << 4 is stored at r * n2 + c (m
 
 Kernels (`fused_transform_quantize` picks one):
 - `_fused_block_kernel` (default for even n1): several tokens per step, two large dots.
-- `_fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens with 128 x 128 factor tiles): one
-  token's Y columns spread over several programs, the per-token max met through tagged slots (or, with
-  CB >= n2, one program per token and no wait).
+- `fused_transform_split._fused_split_kernel` (default at decode, <= SPLIT_MAX_M tokens with 128 x 128
+  factor tiles): one token's Y columns spread over several programs, the per-token max met through tagged
+  slots (or, with CB >= n2, one program per token and no wait).
+- `fused_transform_chunked` (default at prefill where a factor is not a power of two).
 - `_fused_onchip_kernel` (per-token design, paper Fig. 8a; odd n1 and split_intermediate=True): P1, P2
   loaded once per program and kept on chip; a persistent grid walks the tokens; one pass (load, 2-3
   dots, amax, quantize, store).
@@ -52,7 +53,6 @@ from flatquant.kernels._triton_utils import (
     interpreting,
     next_pow2,
     num_sms,
-    stream_state,
     triton_dtype,
 )
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
@@ -74,21 +74,13 @@ BLOCK_PROGRAMS_PER_SM = 2
 # Request the next step's X tile before this step's dots (register prefetch; see `_fused_block_kernel`).
 BLOCK_PREFETCH = False
 _BLOCK_STAGES: dict = {}  # launch shape -> pipeline stages that fit in shared memory
-# Split kernel (decode): calls with at most this many tokens, Y columns per program (>= 16, the dot's
-# minimum). One program per token has only its latency to offer (a few us), so few tokens are faster
-# spread over programs; the G programs of a token must be resident together (G * tokens <= SMs).
+# Split kernel (decode; `fused_transform_split.py`): calls with at most this many tokens. One program per
+# token has only its latency to offer (a few us), so few tokens are faster spread over programs; the G
+# programs of a token must be resident together (G * tokens <= SMs).
 SPLIT_MAX_M = 16
-# 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
-# against 10.0-10.6 us for 16 columns on 4 warps; results/archive/kernels-h200-52b9cb8/). A config with
-# CB >= n2 gives one program per token (G = 1), which skips the cross-program maximum; on the H200 at
-# 01c52dd that layout was slower inside the layer (transform + PDL-launched GEMM) than the block kernel
-# at 4096 (8.7 against 7.4 us at 4096 x 4096, M = 1) and no faster at 14336
-# (results/archive/kernels-h200-01c52dd/bench_decode_parts.json), so it is not the default.
-SPLIT_BLOCK_C = 32
-SPLIT_WARPS = 8
-# ... and only for padded factor tiles of at least this many elements: in the same sweep the split kernel
-# beat the block kernel at 14336 = 112 x 128 (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not
-# at 4096 = 64 x 64 (7.8 vs 7.4 us).
+# ... and only for padded factor tiles of at least this many elements: in the 52b9cb8 sweep (H200,
+# results/archive/kernels-h200-52b9cb8/) the split kernel beat the block kernel at 14336 = 112 x 128
+# (tiles 128 x 128: 9.4-9.9 vs 10.5-11.6 us per call) but not at 4096 = 64 x 64 (7.8 vs 7.4 us).
 SPLIT_MIN_TILE = 128 * 128
 # Prefill where a factor is not a power of two (5120 = 64 x 80, 11008 = 86 x 128, 13824 = 108 x 128,
 # 14336 = 112 x 128) takes the chunked kernel (`fused_transform_chunked.py`: factors padded to a multiple of
@@ -389,85 +381,6 @@ def _fused_block_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
     _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
-@triton.jit
-def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot_ptr, stride_x, stride_o, alpha,
-                        N1: tl.constexpr, N2: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, H: tl.constexpr,
-                        HP: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                        HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
-                        DT: tl.constexpr, PHASE: tl.constexpr, INTERP: tl.constexpr, TRIGGER: tl.constexpr):
-    """Decode (few tokens): one token's transform on G programs, program g owning the Y columns
-    [g*CB, (g+1)*CB). With CB >= n2, G = 1: one program per token, and no cross-program wait.
-    Y[:, cols] = P1ᵀ (X P2[:, cols]) needs all of X but only a column slice of P2, so there is no
-    redundant work, and both nibbles of a packed byte (rows h and H + h, same column) come out of the
-    same program. V = X P2[:, cols] is rounded once to the half dtype, as in the block kernel.
-
-    With G > 1 the per-token scale needs the max over all G programs. Each program publishes
-    (generation + 1, its partial max) as ONE 64-bit store into its slot, then polls the G slots of its token until all
-    carry that generation: one write and (when the others are done) one load, instead of a chain of
-    dependent atomics. The generation is a per-token counter read at the start and bumped by program 0
-    once it has seen all slots (every program read it before publishing). The G programs of a token
-    must be resident together: the launcher keeps G * tokens <= SMs. PHASE 0 is that one launch. The
-    CPU interpreter runs programs one after another, so there a poll would never end: it launches
-    PHASE 1 (compute, publish) and then PHASE 2 (compute again, read the slots, quantize, store)."""
-    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
-    g = tl.program_id(0)
-    t = tl.program_id(1).to(tl.int64)
-    if G > 1:
-        gen = tl.load(gen_ptr + t, volatile=True)
-    i = tl.arange(0, N1P)
-    j = tl.arange(0, N2P)
-    c = g * CB + tl.arange(0, CB)
-    h = tl.arange(0, HP)
-    xb = x_ptr + t * stride_x
-    if HAS_P2:
-        X = tl.load(xb + i[:, None] * N2 + j[None, :], mask=(i[:, None] < N1) & (j[None, :] < N2), other=0.0).to(DT)
-        P2c = tl.load(p2_ptr + j[:, None] * N2 + c[None, :], mask=(j[:, None] < N2) & (c[None, :] < N2),
-                      other=0.0).to(DT)
-        V = _mm(X, P2c, IS_F32, INTERP).to(DT)
-    else:
-        V = tl.load(xb + i[:, None] * N2 + c[None, :], mask=(i[:, None] < N1) & (c[None, :] < N2), other=0.0).to(DT)
-    qm = (i[:, None] < N1) & (h[None, :] < H)
-    # P1's column halves, loaded row-major (coalesced) and transposed on chip: Y = P1ᵀ V.
-    P1lo = tl.load(p1_ptr + i[:, None] * N1 + h[None, :], mask=qm, other=0.0).to(DT)
-    P1hi = tl.load(p1_ptr + i[:, None] * N1 + (H + h)[None, :], mask=qm, other=0.0).to(DT)
-    Ylo = _mm(tl.trans(P1lo), V, IS_F32, INTERP)  # (HP, CB): Y[h, c]      -> low nibbles (elements h*n2 + c)
-    Yhi = _mm(tl.trans(P1hi), V, IS_F32, INTERP)  # (HP, CB): Y[H + h, c]  -> high nibbles (element + n/2)
-    part = tl.max(tl.max(tl.maximum(tl.abs(Ylo), tl.abs(Yhi)), axis=1), axis=0)  # padding is exact zeros
-    if G == 1:  # one program per token: its maximum is the token's
-        amax = part
-    else:
-        slots = slot_ptr + t * GP
-        gp = tl.arange(0, GP)
-        tag = (gen + 1) & 0xFFFFFFFF  # 32 bits: after 2**32 calls it wraps, still unequal to the previous tag
-        if PHASE != 2:
-            word = (tag << 32) | (part.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-            tl.atomic_xchg(slots + g, word, sem="relaxed")  # an atomic: a strong 64-bit write, never torn
-        amax = part
-        if PHASE != 1:  # (PHASE 1 only publishes)
-            v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
-            if PHASE == 0:
-                while tl.sum(((gp < G) & (((v >> 32) & 0xFFFFFFFF) != tag)).to(tl.int32), axis=0) > 0:
-                    v = tl.load(slots + gp, mask=gp < G, other=0, volatile=True)
-            if g == 0:
-                tl.store(gen_ptr + t, gen + 1)  # every program of this token has read gen: it has published
-            amax = tl.max(tl.where(gp < G, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
-    if PHASE != 1:
-        s = _scale(amax, alpha, MAXQ, INTERP)
-        if g == 0:
-            tl.store(scale_ptr + t, s)
-        inv = _div_rn(tl.full((), 1.0, tl.float32), s, INTERP)  # as in the block kernel: y * (1/s)
-        qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
-        qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
-        om = (h[:, None] < H) & (c[None, :] < N2)
-        ob = out_ptr + t * stride_o + h[:, None] * N2 + c[None, :]
-        if PACK:
-            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
-        else:
-            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
-            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
-    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
-
-
 def _plan(n: int, p1, p2, bits: int, packed: bool = True):
     if p1 is not None:
         n1 = p1.shape[0]
@@ -536,46 +449,6 @@ def _launch_block(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: in
     _BLOCK_STAGES[key] = stages
 
 
-# Slots per token of the split kernel's cross-program maximum (>= its programs per token: at most
-# 128 / 16 = 8 for on-chip factors).
-SPLIT_SLOTS = 16
-
-
-def _split_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 generation per token and int64 slots (token, program): the split kernel's state, kept on the
-    device between calls, per (device, stream)."""
-    return stream_state("fused_split", device, None, lambda d: (
-        torch.zeros(SPLIT_MAX_M, device=d, dtype=torch.int64),
-        torch.zeros((SPLIT_MAX_M, SPLIT_SLOTS), device=d, dtype=torch.int64)))
-
-
-def split_programs(n2: int, config: dict | None = None) -> tuple[int, int]:
-    """(columns per program CB, programs per token G) of the split kernel."""
-    cb = min(next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C))), next_pow2(n2))
-    return cb, triton.cdiv(n2, cb)
-
-
-def _launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool, bits: int,
-                  dd: torch.dtype, interp: bool, config: dict | None) -> None:
-    """Launch `_fused_split_kernel`: grid (G, tokens), one launch on the GPU, two in the interpreter."""
-    m = x2.shape[0]
-    if m > SPLIT_MAX_M:
-        raise ValueError(f"the split kernel takes at most {SPLIT_MAX_M} tokens, got {m}")
-    cb, g = split_programs(n2, config)
-    if g > SPLIT_SLOTS:
-        raise ValueError(f"the split kernel takes at most {SPLIT_SLOTS} programs per token, got {g}")
-    if not interp and g * m > num_sms(x2.device):
-        raise ValueError(f"the split kernel needs its {g * m} programs resident together, more than the SMs")
-    gen, slots = _split_state(x2.device)
-    consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
-                  GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(),
-                  num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
-    args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
-    for phase in ((1, 2) if interp and g > 1 else (0,)):  # one program per token: no wait, one launch
-        _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)
-
-
 def default_kernel(m: int, n1: int, n2: int, has_p2: bool, device: torch.device, onchip: bool = True,
                    split_intermediate: bool = False, config: dict | None = None) -> str:
     """The kernel `fused_transform_quantize` takes for m tokens of n1 x n2 factors when none is named: with an
@@ -586,9 +459,11 @@ def default_kernel(m: int, n1: int, n2: int, has_p2: bool, device: torch.device,
     n1p, n2p = next_pow2(n1), next_pow2(n2)
     if not (onchip and n1 % 2 == 0 and not split_intermediate):
         return "token" if onchip else "tiled"
-    if (m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE
-            and (interpreting() or m * split_programs(n2, config)[1] <= num_sms(device))):
-        return "split"
+    if m <= SPLIT_MAX_M and n1p * n2p >= SPLIT_MIN_TILE:
+        from flatquant.kernels.fused_transform_split import split_programs
+
+        if interpreting() or m * split_programs(n2, config)[1] <= num_sms(device):
+            return "split"
     if m > SPLIT_MAX_M and CHUNKED_DEFAULT and (n1p != n1 or n2p != n2):
         from flatquant.kernels.fused_transform_chunked import chunked_supported
 
@@ -671,7 +546,9 @@ def fused_transform_quantize(x: torch.Tensor, p1: torch.Tensor | None = None, p2
     if kernel == "split":
         if n1 % 2 or split_intermediate or n1p * n2p > limit:
             raise ValueError("the split kernel needs an even n1, split_intermediate=False and on-chip factors")
-        _launch_split(x2, p1c, p2c, p2 is not None, out, scale, alpha32, n1, n2, pack, bits, dd, interp, config)
+        from flatquant.kernels.fused_transform_split import launch_split
+
+        launch_split(x2, p1c, p2c, p2 is not None, out, scale, alpha32, n1, n2, pack, bits, dd, interp, config)
         return out.reshape(*lead, out.shape[-1]), scale.reshape(lead)
     if kernel == "block":
         if n1 % 2 or split_intermediate or n1p * n2p > limit:

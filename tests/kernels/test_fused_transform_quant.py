@@ -272,39 +272,41 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
     call on fresh inputs equals the reference, and the generation moves by one per call and token when a
     token has several programs (one program per token needs no state)."""
     from flatquant.kernels import fused_transform_quant as ftq
+    from flatquant.kernels import fused_transform_split as fts
 
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
     for m in (3, 1, 16):
-        gen, _ = ftq._split_state(torch.device(DEVICE))
+        gen, _ = fts._split_state(torch.device(DEVICE))
         before = gen.clone()
         x = _inputs(m, 8 * 48, torch.float16, DEVICE)
         q, s = _check(x, p1, p2, 0.9, 4, split=False, kernel="split", config={"CB": cb})
         assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
-        gen, _ = ftq._split_state(torch.device(DEVICE))
-        several = ftq.split_programs(48, {"CB": cb})[1] > 1
+        gen, _ = fts._split_state(torch.device(DEVICE))
+        several = fts.split_programs(48, {"CB": cb})[1] > 1
         assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long() * several)
 
 
 def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monkeypatch):
     from flatquant.kernels import fused_transform_quant as ftq
+    from flatquant.kernels import fused_transform_split as fts
 
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)  # tiles 16 x 64: two 32-column programs per token
     for min_tile, m, used in ((16 * 64, ftq.SPLIT_MAX_M, True), (16 * 64, ftq.SPLIT_MAX_M + 1, False),
                               (ftq.SPLIT_MIN_TILE, 2, False)):
         monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
-        gen, _ = ftq._split_state(torch.device(DEVICE))
+        gen, _ = fts._split_state(torch.device(DEVICE))
         before = int(gen.sum())
         x = _inputs(m, 8 * 48, torch.float16, DEVICE)
         _check(x, p1, p2, 0.9, 4, split=False)
-        gen, _ = ftq._split_state(torch.device(DEVICE))
+        gen, _ = fts._split_state(torch.device(DEVICE))
         assert (int(gen.sum()) > before) == used
     # a column block of at least n2: one program per token, the cross-program state left alone
-    assert ftq.split_programs(48) == (32, 2) and ftq.split_programs(48, {"CB": 64}) == (64, 1)
-    gen, _ = ftq._split_state(torch.device(DEVICE))
+    assert fts.split_programs(48) == (32, 2) and fts.split_programs(48, {"CB": 64}) == (64, 1)
+    gen, _ = fts._split_state(torch.device(DEVICE))
     before = gen.clone()
     _check(_inputs(3, 8 * 48, torch.float16, DEVICE), _factor(8, DEVICE), _factor(48, DEVICE), 0.9, 4, split=False,
            kernel="split", config={"CB": 64})
-    assert torch.equal(ftq._split_state(torch.device(DEVICE))[0], before)
+    assert torch.equal(fts._split_state(torch.device(DEVICE))[0], before)
     x = _inputs(ftq.SPLIT_MAX_M + 1, 8 * 48, torch.float16, DEVICE)
     with pytest.raises(ValueError, match="at most"):
         fused_transform_quantize(x, p1, p2, kernel="split")
