@@ -64,3 +64,11 @@ def rounded_t_tie_tol(dtype: torch.dtype, bits: int, alpha: float) -> float:
     if dtype == torch.float32:
         return TIE_TOL
     return TIE_TOL + 2 * ROUNDED_T_ULP * (2 ** (bits - 1) - 1) / alpha
+
+
+def max_rounded_t_flips(numel: int, bits: int) -> float:
+    """How many codes may flip at ties when T is rounded to the half dtype: 1e-3 of them at 4 bits, and
+    proportionally more for finer codes (a flipped T element moves y by the same fraction of the token's
+    max, i.e. maxq / 7 times as many code units at `bits` as at 4; at 8 bits, fp16, n2 = 112 seed 1176978504
+    gave 20 flips in 15,680 codes, 0.13 %)."""
+    return max(1.0, 1e-3 * numel * (2 ** (bits - 1) - 1) / 7)

@@ -13,7 +13,14 @@ from flatquant.kernels import fused_transform_quant as ftq
 from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
 from flatquant.kernels.fused_transform_quant import fused_transform_quantize
 from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
-from flatquant.kernels.testing import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
+from flatquant.kernels.testing import (
+    DEVICE,
+    ON_GPU,
+    ROUNDED_T_SCALE_RTOL,
+    assert_codes_match,
+    max_rounded_t_flips,
+    rounded_t_tie_tol,
+)
 
 
 def _factor(n, dtype=torch.float32):
@@ -40,7 +47,7 @@ def _check(x, p1, p2, bits=4, fmt=None, **kw):
     codes = unpack_codes(q, bits) if fmt in (None, "packed") else q.float().to(torch.int8)
     assert q.shape[:-1] == x.shape[:-1]
     flips = assert_codes_match(codes, unpack_codes(qr, bits), pre, rounded_t_tie_tol(x.dtype, bits, 0.9))
-    assert flips <= max(1, 1e-3 * x.numel())
+    assert flips <= max_rounded_t_flips(x.numel(), bits)
     return codes, s
 
 
