@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatquant.calibrate import _init_scales, _input_absmax, layer_transforms, train_layer
+from flatquant.methods.flatquant import _init_scales, _input_absmax, layer_transforms, train_layer
 from flatquant.config import QuantConfig, calib_preset
-from flatquant.families import FAMILIES
-from flatquant.modules import ATTN_IMPL, quantize_layer, register_attention
+from flatquant.models.families import FAMILIES
+from flatquant.core.modules import ATTN_IMPL, quantize_layer, register_attention
 from flatquant.results import atomic_write_text, provenance
 
 SHAPES = {

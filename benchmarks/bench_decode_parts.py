@@ -104,7 +104,7 @@ def main() -> int:
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import quantize_weight_reference
-    from flatquant.transforms import kron_factors
+    from flatquant.core.transforms import kron_factors
 
     dev = torch.device("cuda")
     base = base_fields()

@@ -42,7 +42,7 @@ def main() -> int:
     from flatquant.kernels.decode_gemm import activation_format, w4a4_gemm_decode
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.reference import quantize_weight_reference
-    from flatquant.transforms import kron_factors
+    from flatquant.core.transforms import kron_factors
 
     dev = torch.device("cuda")
     base = base_fields()

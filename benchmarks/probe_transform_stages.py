@@ -111,7 +111,7 @@ def main() -> int:
 
     require_cuda("probe_transform_stages.py")
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-    from flatquant.transforms import kron_factors
+    from flatquant.core.transforms import kron_factors
 
     dev = torch.device("cuda")
     base = base_fields()

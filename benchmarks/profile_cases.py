@@ -30,7 +30,7 @@ def main() -> int:
     require_cuda("profile_cases.py")
     from flatquant.kernels.fused_transform_quant import fused_transform_quantize
     from flatquant.kernels.linear import W4A4Linear
-    from flatquant.transforms import kron_factors
+    from flatquant.core.transforms import kron_factors
 
     dev = torch.device("cuda")
     runs = []  # (label, fn)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatquant.config import QuantConfig, calib_preset
-from flatquant.models import load_model
+from flatquant.models.loading import load_model
 from flatquant.results import write_record
 from flatquant.runner import EvalSpec, calibration_data, run_config
 

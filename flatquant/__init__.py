@@ -3,9 +3,9 @@
     from flatquant import QuantConfig, quantize
     quantize(model, QuantConfig(w_bits=4, a_bits=4, kv_bits=4), method="quarot", calib=windows)
 """
-from .api import quantize
-from .config import CalibConfig, QuantConfig, calib_preset
-from .errors import FlatQuantError
+from flatquant.api import quantize
+from flatquant.config import CalibConfig, QuantConfig, calib_preset
+from flatquant.errors import FlatQuantError
 
 __all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "quantize"]
 __version__ = "0.1.0"

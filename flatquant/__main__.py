@@ -1,7 +1,7 @@
 """`python -m flatquant ...` is the `flatquant` command."""
 import sys
 
-from .cli import main
+from flatquant.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import METHODS, CalibConfig, ConfigError, QuantConfig
-from .families import family_for
-from .methods import BASELINES
-from .modules import LayerTransforms, freeze, install_attention_hook, quant_linears, quantize_layer
+from flatquant.config import METHODS, CalibConfig, ConfigError, QuantConfig
+from flatquant.models.families import family_for
+from flatquant.methods import BASELINES
+from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quant_linears, quantize_layer
 
 
 def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: torch.Tensor | None = None,
@@ -29,7 +29,7 @@ def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: 
     if config.weight_quantizer == "gptq" and calib is None:  # before any change to the model
         raise ConfigError("weight_quantizer 'gptq' needs calibration windows (calib=...)")
     if method == "flatquant":
-        from .calibrate import calibrate
+        from flatquant.methods.flatquant import calibrate
 
         return calibrate(model, config, calib, calib_config or CalibConfig(), seed=seed, progress=progress,
                          out_dir=artifacts, resume=resume)
@@ -37,7 +37,7 @@ def quantize(model: nn.Module, config: QuantConfig, method: str = "rtn", calib: 
     apply_transforms(model, family, config, per_layer)
     finalize(model, config)
     if config.weight_quantizer == "gptq":  # after the clip search: GPTQ uses the searched grid
-        from .gptq import apply_gptq
+        from flatquant.methods.gptq import apply_gptq
 
         apply_gptq(model, calib, config, progress=progress)
     return model

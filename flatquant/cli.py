@@ -14,8 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESETS, WEIGHT_QUANTIZERS, CalibConfig, ConfigError, QuantConfig, calib_preset
-from .errors import CheckpointError, DataError, FlatQuantError
+from flatquant.config import METHODS, PRESETS, WEIGHT_QUANTIZERS, CalibConfig, ConfigError, QuantConfig, calib_preset
+from flatquant.errors import CheckpointError, DataError, FlatQuantError
 
 PRESET_EVAL_WINDOWS = {"cpu-quick": 8, "tiny": 2}  # quick presets also cap the perplexity windows
 BUILTIN_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}  # name recorded in results for built-in models
@@ -109,7 +109,7 @@ def _check_writable(path: str | Path, what: str = "folder") -> None:
 
 def _check_params(params: str) -> dict:
     """The settings of a finished `flatquant quantize --output` folder; CheckpointError otherwise."""
-    from .artifacts import read_meta
+    from flatquant.calib.artifacts import read_meta
 
     if not Path(params).is_dir():
         raise CheckpointError(f"--params {params}: no such folder (create it with `flatquant quantize --output`)")
@@ -123,7 +123,7 @@ def _check_params(params: str) -> dict:
 def _setup(args):
     import torch
 
-    from .models import load_model
+    from flatquant.models.loading import load_model
 
     qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
                        weight_quantizer=args.weight_quantizer or "rtn")
@@ -146,19 +146,19 @@ def _setup(args):
     overrides = {k: v for k, v in {"nsamples": args.calib_samples, "seqlen": args.calib_seqlen,
                                    "epochs": args.epochs, "recipe": args.recipe}.items() if v is not None}
     ccfg = calib_preset(preset, seed=args.seed, **overrides)
-    from .runner import EvalSpec
+    from flatquant.runner import EvalSpec
 
     max_windows = args.max_windows if args.max_windows is not None else PRESET_EVAL_WINDOWS.get(preset)
     spec = EvalSpec(datasets=[d for d in args.dataset.split(",") if d], seqlen=args.seqlen, max_windows=max_windows,
                     batch_size=args.batch_size, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
                     data_dir=args.data_dir)
-    from . import data
+    from flatquant import data
 
     data.resolve_data_dir(args.data_dir)  # fail early, before loading the model
     for ds in spec.datasets:  # missing file or unknown name: fail before loading the model
         data.load_text(ds, args.data_dir)
     if spec.tasks:
-        from .eval import zeroshot
+        from flatquant.eval import zeroshot
 
         spec.tasks = zeroshot.normalize_tasks(spec.tasks)
         zeroshot.stock_tasks_dir()  # lm-eval installed?
@@ -217,7 +217,7 @@ def _check_layer_files(folder: Path, meta: dict) -> None:
 
 def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: CalibConfig | None) -> dict:
     """Saved parameters in `folder` fit `model` (sizes) and, when ccfg is given, the requested settings."""
-    from .artifacts import check_model_matches, read_meta
+    from flatquant.calib.artifacts import check_model_matches, read_meta
 
     meta = read_meta(folder)
     if not isinstance(meta.get("sizes"), dict) or not isinstance(meta.get("calib"), dict) \
@@ -237,7 +237,7 @@ def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: Calib
 def cmd_eval(args) -> int:
     from dataclasses import replace
 
-    from .runner import calibration_data, run_config
+    from flatquant.runner import calibration_data, run_config
 
     if args.params is not None:
         if args.method != "flatquant":
@@ -270,8 +270,8 @@ def cmd_eval(args) -> int:
 def cmd_quantize(args) -> int:
     from dataclasses import replace
 
-    from .artifacts import META
-    from .runner import calibration_data, run_config
+    from flatquant.calib.artifacts import META
+    from flatquant.runner import calibration_data, run_config
 
     out = Path(args.output)
     _check_writable(out)
@@ -316,8 +316,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
-    from .results import load_records
+    from flatquant.report.document import write_report
+    from flatquant.results import load_records
 
     if not Path(args.results_dir).is_dir():
         raise DataError(f"results folder {args.results_dir} not found (pass --results-dir)")

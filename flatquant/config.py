@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import FlatQuantError
+from flatquant.errors import FlatQuantError
 
 METHODS = ("fp16", "rtn", "smoothquant", "quarot", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's closed-form updates (flatquant/gptq.py)

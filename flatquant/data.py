@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from flatquant.errors import DataError
 
 DATA_ENV = "FLATQUANT_DATA_DIR"
 

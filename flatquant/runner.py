@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_mod
-from .api import quantize
-from .calibrate import load_calibrated
-from .config import CalibConfig, QuantConfig
-from .results import write_record
+from flatquant import data as data_mod
+from flatquant.api import quantize
+from flatquant.methods.flatquant import load_calibrated
+from flatquant.config import CalibConfig, QuantConfig
+from flatquant.results import write_record
 
 
 @dataclass
@@ -42,7 +42,7 @@ def calibration_data(tokenizer, ccfg: CalibConfig, data_dir=None) -> torch.Tenso
 def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: str | Path | None,
              progress: bool = True) -> list[dict]:
     """Perplexity on each dataset and zero-shot tasks; one record each (written if results_dir)."""
-    from .eval.perplexity import perplexity
+    from flatquant.eval.perplexity import perplexity
 
     records = []
     device = next(model.parameters()).device
@@ -57,7 +57,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
                "max_windows": spec.max_windows, "ppl": res["ppl"], "eval_seconds": round(time.time() - t, 2)}
         records.append(rec)
     if spec.tasks:
-        from .eval.zeroshot import evaluate_zeroshot
+        from flatquant.eval.zeroshot import evaluate_zeroshot
 
         t = time.time()
         zs = evaluate_zeroshot(model, tokenizer, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
@@ -108,6 +108,6 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
 
 
 def _complete(params_dir) -> bool:
-    from .artifacts import read_meta
+    from flatquant.calib.artifacts import read_meta
 
     return bool(read_meta(params_dir).get("complete"))

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when a kernel module is imported, and any test may import one first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Quantization maps floating point numbers to a small "
     "set of integers. Large language models have outliers in their activations, and flat distributions "

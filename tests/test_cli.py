@@ -132,12 +132,12 @@ def test_quantize_saves_params_and_eval_reuses_them(env, tmp_path, capsys, monke
     assert set(by_method) == {"fp16", "flatquant"}
     assert by_method["flatquant"]["calib"]["epochs"] == 2  # the tiny preset
 
-    import flatquant.calibrate
+    import flatquant.methods.flatquant
 
     def no_calibration(*a, **k):
         raise AssertionError("eval --params must not recalibrate")
 
-    monkeypatch.setattr(flatquant.calibrate, "calibrate", no_calibration)
+    monkeypatch.setattr(flatquant.methods.flatquant, "calibrate", no_calibration)
     results = tmp_path / "results"
     rc, _, err = run(eval_args(env, results, "--method", "flatquant", "--params", params), capsys)
     assert rc == 0, err
@@ -149,9 +149,9 @@ def test_quantize_saves_params_and_eval_reuses_them(env, tmp_path, capsys, monke
 def test_quantize_reuses_complete_output(env, tmp_path, capsys, monkeypatch):
     out = tmp_path / "params"
     shutil.copytree(env["params"], out)
-    import flatquant.calibrate
+    import flatquant.methods.flatquant
 
-    monkeypatch.setattr(flatquant.calibrate, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(flatquant.methods.flatquant, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     rc, stdout, err = run(["quantize", "--model", env["model"], "--preset", "tiny", "--output", out, "--compare", "",
                            *common(env["data"], "")], capsys)
     assert rc == 0, err
@@ -184,9 +184,9 @@ def test_quantize_gptq_and_eval_reuses_saved_gptq_weights(env, tmp_path, capsys,
     assert calibrated["weight_quantizer"] == "gptq" and "gptq_err" in calibrated["calib_layers"][0]
     assert json.loads((out_dir / "flatquant.json").read_text())["quant"]["weight_quantizer"] == "gptq"
 
-    import flatquant.gptq
+    import flatquant.methods.gptq
 
-    monkeypatch.setattr(flatquant.gptq, "apply_gptq", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(flatquant.methods.gptq, "apply_gptq", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     results2 = tmp_path / "results2"  # default: the saved weights as they are, GPTQ not rerun
     rc, _, err = run(eval_args(env, results2, "--method", "flatquant", "--params", out_dir), capsys)
     assert rc == 0, err

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from flatquant.errors import DataError
 
 
 def _model_device(model) -> torch.device:

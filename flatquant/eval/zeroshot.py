@@ -20,8 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..data import ZEROSHOT_DIR, resolve_data_dir
-from ..errors import DataError, FlatQuantError
+from flatquant.data import ZEROSHOT_DIR, resolve_data_dir
+from flatquant.errors import DataError, FlatQuantError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
 

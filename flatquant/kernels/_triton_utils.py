@@ -181,6 +181,6 @@ def _quantize(y, s, MAXQ: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _scale(amax, alpha, MAXQ: tl.constexpr, INTERP: tl.constexpr):
-    """max(alpha * amax / MAXQ, 1e-8) in the order of flatquant.quantizer.quantize_symmetric."""
+    """max(alpha * amax / MAXQ, 1e-8) in the order of flatquant.core.quantizer.quantize_symmetric."""
     s = _div_rn(amax * alpha, MAXQ * 1.0, INTERP)
     return tl.maximum(s, 1e-8)

@@ -3,7 +3,7 @@
     y = Q_a(x @ kron(P1, P2)) · Q_w(W)ᵀ (+ bias)
 
 The weight given here must ALREADY be transformed by the caller (W' = W P⁻ᵀ, see
-`flatquant.transforms`); it is quantized offline, symmetric per output channel. The activation
+`flatquant.core.transforms`); it is quantized offline, symmetric per output channel. The activation
 transform (P1, P2; None = identity) and the clip factor alpha are applied at run time.
 
 Two backends with the same semantics (`flatquant.kernels.reference`):
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from flatquant.kernels import reference as ref
-from flatquant.quantizer import quantize_symmetric
+from flatquant.core.quantizer import quantize_symmetric
 
 BACKENDS = ("reference", "triton")
 GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8", "tma_fp8")

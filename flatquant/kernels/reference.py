@@ -17,7 +17,7 @@ A_hi = high nibbles (elements [K/2, K)), with no interleaving. Packed tensors ar
 Transform + quantize semantics (float32 math)
 ---------------------------------------------
 x (..., n) with n = n1 * n2 -> X (..., n1, n2) -> Y = P1ᵀ X P2 -> y (..., n) (= x @ kron(P1, P2)),
-then symmetric per-token quantization of y (`flatquant.quantizer.quantize_symmetric`):
+then symmetric per-token quantization of y (`flatquant.core.quantizer.quantize_symmetric`):
 scale = max(alpha * max|y| / maxq, 1e-8), q = clamp(round_half_even(y / scale), -maxq - 1, maxq).
 P1 = None or P2 = None means identity (P2 = None is the single-sided o_proj head-mixing transform).
 
@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from flatquant.quantizer import quantize_symmetric
+from flatquant.core.quantizer import quantize_symmetric
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -41,9 +41,9 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # ------------------------------------------------------------------------------------ factors ---
 
 def kron_factors(n: int) -> tuple[int, int]:
-    """(n1, n2), n1 * n2 = n, n1 <= n2, n1 + n2 minimal (same rule as flatquant.transforms)."""
+    """(n1, n2), n1 * n2 = n, n1 <= n2, n1 + n2 minimal (same rule as flatquant.core.transforms)."""
     try:
-        from flatquant.transforms import kron_factors as _kf
+        from flatquant.core.transforms import kron_factors as _kf
 
         return _kf(n)
     except ImportError:  # pragma: no cover - transforms.py not there yet

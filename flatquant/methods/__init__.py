@@ -1,5 +1,5 @@
 """Quantization methods. Each baseline turns a model into per-layer `LayerTransforms`; FlatQuant learns them."""
-from . import quarot, rtn, smoothquant
+from flatquant.methods import quarot, rtn, smoothquant
 
 BASELINES = {
     "rtn": rtn.build_transforms,

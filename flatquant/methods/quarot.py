@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..modules import LayerTransforms
-from ..transforms import FactorView, FixedKronecker
+from flatquant.core.modules import LayerTransforms
+from flatquant.core.transforms import FactorView, FixedKronecker
 
 
 def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:

@@ -1,7 +1,7 @@
 """RTN: quantize every projection and the KV cache as they are, with no transform."""
 from __future__ import annotations
 
-from ..modules import LayerTransforms
+from flatquant.core.modules import LayerTransforms
 
 
 def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:

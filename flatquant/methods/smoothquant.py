@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..modules import LayerTransforms
-from ..transforms import ChannelScale
-from .stats import input_absmax
+from flatquant.core.modules import LayerTransforms
+from flatquant.core.transforms import ChannelScale
+from flatquant.methods.stats import input_absmax
 
 ALPHA = 0.5
 

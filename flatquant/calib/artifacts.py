@@ -1,0 +1,166 @@
+"""Saved FlatQuant parameters: one safetensors file per decoder layer plus `flatquant.json` (settings).
+
+Layout of an output folder:
+    flatquant.json            model sizes, QuantConfig, CalibConfig, layers done, per-layer losses
+    layers/layer_000.safetensors ...   transforms, scales and clipping logits of each layer (float32), and
+                              with GPTQ its weights: <linear>.gptq_codes (int8), .gptq_scale, .gptq_zero
+Every file is written to a temporary name and renamed, so an interrupted run leaves only whole files,
+and a rerun resumes after the last complete layer.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from flatquant.config import CalibConfig, QuantConfig
+from flatquant.errors import CheckpointError
+from flatquant.core.modules import QuantLinear
+from flatquant.results import atomic_write_text
+
+FORMAT = "flatquant-params-v1"
+META = "flatquant.json"
+SIZE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "num_hidden_layers")
+
+
+def model_sizes(config) -> dict:
+    sizes = {k: getattr(config, k, None) for k in SIZE_KEYS}
+    sizes["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return sizes
+
+
+def read_meta(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir}: no {META} (not a flatquant parameter folder)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e.msg})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format (expected {FORMAT})")
+    return meta
+
+
+def check_model_matches(meta: dict, config) -> None:
+    mine = model_sizes(config)
+    diff = {k: (meta["sizes"].get(k), v) for k, v in mine.items() if meta["sizes"].get(k) != v}
+    if diff:
+        k, (saved, now) = next(iter(diff.items()))
+        raise CheckpointError(f"saved transforms do not fit this model: {k} is {saved} in the file, {now} in the model")
+
+
+def _is_gptq(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in QuantLinear.GPTQ_BUFFERS
+
+
+def layer_state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The learned tensors of a quantized layer (transforms, scales, clipping logits; float32) and its GPTQ
+    weights when it has them (codes stay integers)."""
+    out = {}
+    for k, v in layer.state_dict().items():
+        if k.startswith("fq_transforms.") or "clip_logit" in k or _is_gptq(k):
+            v = v.detach()
+            out[k] = (v.float() if v.is_floating_point() else v).contiguous().cpu()
+    return out
+
+
+def load_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: int, gptq: bool = False) -> None:
+    """Load saved learned tensors into a freshly quantized layer. gptq: also set the saved GPTQ weights
+    (every enabled weight quantizer must have them); otherwise saved GPTQ weights are ignored (RTN)."""
+    own = {k: v for k, v in layer_state(layer).items() if not _is_gptq(k)}
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise CheckpointError(f"layer {index}: saved parameters lack {missing[0]} (settings mismatch?)")
+    usable = {}
+    for k, v in state.items():
+        if _is_gptq(k):
+            continue
+        if k not in own:
+            if "clip_logit" in k:  # that quantizer is disabled (16 bits) in this evaluation
+                continue
+            raise CheckpointError(f"layer {index}: unexpected saved parameter {k}")
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"layer {index}: {k} has shape {tuple(v.shape)} in the file, "
+                                  f"{tuple(own[k].shape)} in the model")
+        usable[k] = v
+    layer.load_state_dict(usable, strict=False)
+    if gptq:
+        _load_gptq(layer, {k: v for k, v in state.items() if _is_gptq(k)}, index)
+
+
+def _load_gptq(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: int) -> None:
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    for k in state:
+        if k.rsplit(".", 1)[0] not in linears:
+            raise CheckpointError(f"layer {index}: unexpected saved parameter {k}")
+    for name, m in linears.items():
+        if not m.w_quantizer.enabled:
+            continue
+        codes, scale, zero = (state.get(f"{name}.{b}") for b in QuantLinear.GPTQ_BUFFERS)
+        if codes is None or scale is None or (zero is None) != m.w_quantizer.symmetric:
+            raise CheckpointError(f"layer {index}: saved parameters lack the GPTQ weights of {name}")
+        try:
+            m.set_gptq(codes, scale, zero)
+        except ValueError as e:
+            raise CheckpointError(f"layer {index}: {name}: {e}") from None
+
+
+class LayerStore:
+    """Reads and writes one calibration's per-layer parameter files."""
+
+    def __init__(self, out_dir, model_config, qcfg: QuantConfig, ccfg: CalibConfig, check_existing: bool = True):
+        self.dir = Path(out_dir)
+        self.meta = {"format": FORMAT, "sizes": model_sizes(model_config), "quant": qcfg.to_dict(),
+                     "calib": ccfg.to_dict(), "layers_done": [], "complete": False}
+        if check_existing and (self.dir / META).is_file():
+            old = read_meta(self.dir)
+            for key in ("sizes", "quant", "calib"):
+                a, b = old.get(key), self.meta[key]
+                if key == "calib" and isinstance(a, dict):
+                    a, b = CalibConfig.recipe_settings(a), CalibConfig.recipe_settings(b)
+                if key == "quant" and isinstance(a, dict):  # a file from before a field existed compares equal
+                    a, b = QuantConfig.normalized(a), QuantConfig.normalized(b)
+                if a != b:
+                    raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
+                                          "use another output folder or --no-resume")
+            self.meta["layers_done"] = old.get("layers_done", [])
+
+    def _path(self, i: int) -> Path:
+        return self.dir / "layers" / f"layer_{i:03d}.safetensors"
+
+    def clear(self) -> None:
+        if (self.dir / "layers").is_dir():
+            shutil.rmtree(self.dir / "layers")
+        (self.dir / META).unlink(missing_ok=True)
+        self.meta["layers_done"] = []
+
+    def load_layer(self, i: int) -> dict[str, torch.Tensor] | None:
+        path = self._path(i)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+
+    def save_layer(self, i: int, layer: torch.nn.Module) -> None:
+        path = self._path(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(layer_state(layer), str(tmp), metadata={"format": FORMAT, "layer": str(i)})
+        tmp.replace(path)
+        self.meta["layers_done"] = sorted(set(self.meta["layers_done"]) | {i})
+        atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")
+
+    def finish(self, report: list[dict], gptq: dict | None = None) -> None:
+        self.meta["complete"] = True
+        self.meta["report"] = report
+        if gptq is not None:  # how the saved GPTQ weights were computed
+            self.meta["gptq"] = gptq
+        atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")

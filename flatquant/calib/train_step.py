@@ -1,0 +1,129 @@
+"""One optimisation step of block-wise calibration, run eagerly or replayed from a CUDA graph.
+
+Why a graph: a FlatQuant training step on a small layer is a couple of thousand tiny kernels (Kronecker
+matmuls, fake quantizers, Cayley maps and their backward). On an H100 the GPU finishes them faster
+than Python can launch them, so an eager step of SmolLM2 costs ~50-100 ms of CPU time for ~10 ms of
+GPU work. Capturing the step (forward, backward, AdamW) once per layer and replaying it removes the
+launch overhead; the arithmetic is the same kernels on the same data.
+
+The capture follows PyTorch's whole-network recipe: static input buffers, a few warm-up steps on a
+side stream, gradients set to None before capture, a capturable AdamW with tensor learning rates.
+The warm-up steps are then undone (parameters and optimizer state restored), so a graphed run
+follows the same trajectory as an eager one. If capture fails, the step falls back to eager mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flatquant.core.transforms import step_cache
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine decay from `base` to 0 over `total` steps (the learning rate of step `step`, 0-based)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def layer_output(out):
+    """A decoder layer returns a tensor or a tuple whose first item is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(layer, inps: torch.Tensor, kwargs: dict, batch_size: int, dtype: torch.dtype = torch.float32,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Run a decoder layer over `inps` batch by batch (inputs cast to `dtype`); outputs go into `out`
+    (may be `inps` itself: each batch is read before it is overwritten) or are dropped when out is None
+    (a pass run only for its hooks)."""
+    for s in range(0, inps.shape[0], batch_size):
+        y = layer_output(layer(inps[s:s + batch_size].to(dtype), **kwargs))
+        if out is not None:
+            out[s:s + batch_size] = y.to(out.dtype)
+    return out
+
+
+def autocast(amp: bool, device: torch.device):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+class LayerStepper:
+    """AdamW on `groups` (param groups with a base "lr"), minimising MSE(layer(x), target)."""
+
+    def __init__(self, layer: nn.Module, groups: list[dict], kwargs: dict, amp: bool, weight_decay: float,
+                 example_x: torch.Tensor, example_t: torch.Tensor, cuda_graph: bool = True, log=print):
+        self.layer, self.kwargs, self.amp = layer, kwargs, amp
+        self.device = example_x.device
+        self.cuda = self.device.type == "cuda"
+        self.base_lrs = [g["lr"] for g in groups]
+        if self.cuda:  # tensor learning rates: a replayed graph reads them from device memory
+            for g in groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+            self.opt = torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True, capturable=True)
+        else:
+            self.opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # all losses so far finite?
+        self.graph = None
+        if cuda_graph and self.cuda:
+            self.x, self.t = example_x.clone(), example_t.clone()
+            try:
+                self._capture()
+            except Exception as e:
+                log(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                    "training this layer eagerly")
+                self.graph = None
+                torch.cuda.synchronize()
+
+    def _forward_backward_update(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        with step_cache(self.layer), autocast(self.amp, self.device):
+            out = layer_output(self.layer(x.float(), **self.kwargs))
+            loss = torch.mean((out.float() - t.float()) ** 2)
+        loss.backward()
+        self.opt.step()
+        self.finite &= torch.isfinite(loss.detach())  # read once per epoch: a per-step check syncs the GPU
+
+    def _capture(self) -> None:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        snapshot = [p.detach().clone() for p in params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocator, cuBLAS handles, optimizer state
+                self.opt.zero_grad(set_to_none=True)
+                self._forward_backward_update(self.x, self.t)
+        torch.cuda.current_stream().wait_stream(side)
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward_backward_update(self.x, self.t)
+        with torch.no_grad():  # undo the warm-up: same start as an eager run
+            for p, s in zip(params, snapshot):
+                p.copy_(s)
+            for state in self.opt.state.values():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        v.zero_()
+            self.finite.fill_(True)
+        self.graph = graph
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, index: int, total: int) -> None:
+        """Optimisation step number `index` (0-based) of `total`, on inputs x and targets t."""
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            lr = cosine_lr(base, index, total)
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        if self.graph is not None and x.shape == self.x.shape:
+            self.x.copy_(x)
+            self.t.copy_(t)
+            self.graph.replay()
+        else:  # no graph, or a last partial batch of another shape
+            self.opt.zero_grad(set_to_none=self.graph is None)  # keep the graph's static gradient buffers
+            self._forward_backward_update(x, t)
+
+    def all_finite(self) -> bool:
+        return bool(self.finite.item())

@@ -1,0 +1,1 @@
+"""The quantization building blocks every method shares: one quantizer, the transforms, the quantized modules."""

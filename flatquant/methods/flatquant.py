@@ -1,0 +1,348 @@
+"""FlatQuant block-wise calibration (paper §3.1, Eq. 4; Appendix B.1).
+
+For each decoder layer in turn: compute its full-precision outputs on the calibration inputs, install
+learnable transforms (P_a, P_o⊗P_v, P_h, P_ug, P_d), channel scales and clipping thresholds, and train
+them with AdamW + cosine decay to minimise MSE(full-precision output, quantized output). The next
+layer's inputs are this layer's full-precision outputs. Each finished layer is checkpointed, so an
+interrupted run resumes where it stopped and ends with the same result.
+
+With weight_quantizer "gptq" the training still sees RTN weights (as in the paper); once every layer is
+trained, GPTQ (flatquant/gptq.py) replaces the weights layer by layer on the same calibration windows.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flatquant.calib import artifacts as artifacts
+from flatquant.config import CalibConfig, ConfigError, QuantConfig
+from flatquant.errors import CheckpointError
+from flatquant.models.families import Family, family_for
+from flatquant.methods.smoothquant import smooth_scale
+from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
+from flatquant.calib.train_step import LayerStepper, autocast, layer_output, run_layer
+from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
+
+
+class _Captured(Exception):
+    pass
+
+
+def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
+                     init_scales: dict[str, torch.Tensor] | None = None) -> LayerTransforms:
+    """The learnable transforms of one decoder layer, as the ablation flags ask (LT, PS)."""
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    par = "svd" if cfg.recipe == "svd-amp" else "direct"
+    init_scales = init_scales or {}
+
+    def affine(n, site=None, **kw):
+        t = KroneckerAffine(n, parameterization=par, init=cfg.init, learn_scale=cfg.learn_scale and site is not None,
+                            generator=generator, **kw)
+        if t.scale is not None and site in init_scales:
+            with torch.no_grad():
+                t.scale.copy_(init_scales[site])
+        return t
+
+    def scale_only(n, site):
+        return ChannelScale(init_scales.get(site, torch.ones(n)), learnable=True) if cfg.learn_scale else None
+
+    if not cfg.learn_transform:  # ablation rows without LT: scales (PS) at most
+        return LayerTransforms(attn_in=scale_only(hidden, "attn_in"), mlp_in=scale_only(hidden, "mlp_in"),
+                               down_in=scale_only(inter, "down_in"))
+    o_in = affine(heads * head_dim, factors=(heads, head_dim), skip_p2_online=True)
+    return LayerTransforms(
+        attn_in=affine(hidden, "attn_in"), o_in=o_in, v_head=FactorView(o_in),
+        mlp_in=affine(hidden, "mlp_in"), down_in=affine(inter, "down_in"),
+        k_head=affine(head_dim, factors=(1, head_dim)),
+    )
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype):
+    """Run the model up to its first decoder layer for each window; return (inputs, layer kwargs)."""
+    layers = family.decoder_layers(model)
+    device = next(model.parameters()).device
+    inps = torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size, dtype=dtype, device=device)
+    kwargs_seen: dict = {}
+
+    def hook(_mod, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        inps[hook.i] = hs[0].to(dtype)
+        if not kwargs_seen:
+            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(windows.shape[0]):  # batch 1: position embeddings then broadcast over any batch
+            hook.i = i
+            try:
+                model(windows[i:i + 1].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    kwargs_seen.pop("past_key_values", None)
+    kwargs_seen["use_cache"] = False
+    return inps, kwargs_seen
+
+
+@torch.no_grad()
+def _input_absmax(layer, family: Family, inps, kwargs, batch_size) -> tuple[torch.Tensor, dict]:
+    """Full-precision outputs of `layer`, and the per-channel max |x| at its three scalable inputs."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def rec(key):
+        def hook(_m, args, output=None):
+            x = output if output is not None else args[0]
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()
+            stats[key] = m if key not in stats else torch.maximum(stats[key], m)
+        return hook
+
+    lin = family.linears(layer)
+    hooks = [family.norm(layer, "input").register_forward_hook(lambda m, a, o, f=rec("attn_in"): f(m, a, o)),
+             family.norm(layer, "post").register_forward_hook(lambda m, a, o, f=rec("mlp_in"): f(m, a, o)),
+             lin["down_proj"].register_forward_pre_hook(rec("down_in"))]
+    try:
+        out = run_layer(layer, inps, kwargs, batch_size, out=torch.empty_like(inps))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, stats
+
+
+def _init_scales(layer, family: Family, stats: dict) -> dict[str, torch.Tensor]:
+    lin = family.linears(layer)
+    consumers = {"attn_in": ("q_proj", "k_proj", "v_proj"), "mlp_in": ("gate_proj", "up_proj"),
+                 "down_in": ("down_proj",)}
+    return {site: smooth_scale(stats[site], [lin[r].weight for r in roles]) for site, roles in consumers.items()}
+
+
+@torch.no_grad()
+def _mse(layer, inps, targets, kwargs, batch_size, amp) -> float:
+    total = torch.zeros((), device=inps.device)
+    with step_cache(layer):  # the transforms are fixed during the pass: evaluate them once
+        for s in range(0, inps.shape[0], batch_size):
+            with autocast(amp, inps.device):
+                out = layer_output(layer(inps[s:s + batch_size].float(), **kwargs))
+            total += torch.sum((out.float() - targets[s:s + batch_size].float()) ** 2)
+    return total.item() / targets.numel()
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: bool,
+                generator: torch.Generator, log=print, timings: dict | None = None) -> tuple[float, float, bool]:
+    """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite).
+
+    timings: if a dict is given, it receives wall-clock seconds of each phase (GPU-synchronised):
+    loss_before, setup (optimizer, CUDA graph capture), each epoch, loss_after."""
+    tick = _clock(inps.device) if timings is not None else 0.0
+
+    def lap(key):
+        nonlocal tick
+        if timings is not None:
+            now = _clock(inps.device)
+            if key == "epoch":
+                timings.setdefault("epoch", []).append(now - tick)
+            else:
+                timings[key] = now - tick
+            tick = now
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    transform_params, clip_params = [], []
+    for name, p in layer.named_parameters():
+        if "clip_logit" in name:
+            clip_params.append(p)
+        elif name.startswith("fq_transforms."):
+            transform_params.append(p)
+    if not cfg.learn_transform:
+        transform_params = [p for n, p in layer.named_parameters()
+                            if n.endswith(".scale") and n.startswith("fq_transforms.")]
+    for p in transform_params + clip_params:
+        p.requires_grad_(True)
+    loss_before = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    lap("loss_before")
+    groups = [g for g in ({"params": transform_params, "lr": cfg.lr}, {"params": clip_params, "lr": cfg.clip_lr})
+              if g["params"]]
+    if not groups:
+        return loss_before, loss_before, math.isfinite(loss_before)
+    n = inps.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    first = torch.arange(min(cfg.batch_size, n), device=inps.device)
+    stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, inps[first], targets[first],
+                           cuda_graph=cfg.cuda_graph, log=log)
+    lap("setup")
+    step = 0
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s:s + cfg.batch_size].to(inps.device)
+            stepper.step(inps[idx], targets[idx], step, total)
+            step += 1
+        if not stepper.all_finite():
+            return loss_before, float("nan"), False
+        lap("epoch")
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    loss_after = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    lap("loss_after")
+    return loss_before, loss_after, math.isfinite(loss_after)
+
+
+def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantConfig, cfg: CalibConfig,
+                    inps: torch.Tensor, kwargs: dict, seed: int, amp: bool, saved: dict | None = None,
+                    log=print, index: int = 0):
+    """Quantize one decoder layer and train (or load) its FlatQuant parameters.
+
+    Returns (quantized layer, full-precision outputs, report row). The layer comes back in float32 and
+    unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start."""
+    device = inps.device
+    layer = layer.float()
+    targets, stats = _input_absmax(layer, family, inps, kwargs, cfg.batch_size)
+    original = copy.deepcopy(layer) if saved is None else None
+    use_amp = amp
+    while True:
+        gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
+        transforms = layer_transforms(model_config, cfg, gen, _init_scales(layer, family, stats))
+        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
+        layer.to(device)
+        if saved is not None:
+            artifacts.load_layer_state(layer, saved, index)
+            before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
+            break
+        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log)
+        if finite or not use_amp:
+            break
+        log(f"layer {index}: loss became NaN/inf under mixed precision; retrying in float32")
+        use_amp = False
+        layer = copy.deepcopy(original)
+    if not math.isfinite(after):
+        raise FloatingPointError(f"layer {index}: calibration diverged even in float32")
+    row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}
+    return layer, targets, row
+
+
+def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: CalibConfig, seed: int = 0,
+              progress: bool = True, out_dir: str | Path | None = None, resume: bool = True,
+              log=None) -> nn.Module:
+    """Calibrate FlatQuant on `windows` (nsamples, seqlen) and quantize `model` in place.
+
+    out_dir: if given, the learned parameters are saved there (safetensors per layer + JSON settings)
+    and a run interrupted earlier resumes from the layers already saved."""
+    if windows is None:
+        raise ValueError("flatquant needs calibration windows")
+    family = family_for(model)
+    layers = family.decoder_layers(model)
+    device = next(model.parameters()).device
+    model_dtype = next(model.parameters()).dtype
+    amp = cfg.recipe == "svd-amp" and device.type == "cuda"
+    store_dtype = model_dtype if device.type == "cuda" else torch.float32
+    log = log or (lambda msg: tqdm.write(msg))
+    store = artifacts.LayerStore(out_dir, model.config, qcfg, cfg) if out_dir is not None else None
+    if store is not None and not resume:
+        store.clear()
+
+    install_attention_hook(model)
+    t0 = time.time()
+    gptq = qcfg.weight_quantizer == "gptq"
+    states = []  # with GPTQ: each layer's learned float32 tensors, for GPTQ's target weights
+    inps, kwargs = capture_layer_inputs(model, family, windows, store_dtype)
+    report = []
+    bar = tqdm(range(len(layers)), desc="flatquant layers", disable=not progress)
+    for i in bar:
+        saved = store.load_layer(i) if store is not None and resume else None
+        layer, targets, row = calibrate_layer(layers[i], family, model.config, qcfg, cfg, inps, kwargs,
+                                              seed * 100003 + i, amp, saved=saved, log=log, index=i)
+        layers[i] = layer
+        if store is not None and saved is None:
+            store.save_layer(i, layer)
+        if gptq:
+            states.append(artifacts.layer_state(layer))
+        freeze(layer, dtype=model_dtype)
+        layer.to(model_dtype)
+        report.append(row)
+        bar.set_postfix(loss=f"{row['loss_before']:.3g}->{row['loss_after']:.3g}")
+        log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
+            + (" (resumed)" if saved is not None else ""))
+        inps = targets  # full-precision outputs feed the next layer
+    inps = targets = None  # free the activations before GPTQ captures its own
+    gptq_summary = None
+    if gptq:  # an interrupted GPTQ pass reruns whole: each layer's inputs depend on the GPTQ layers before it
+        from flatquant.methods.gptq import apply_gptq
+
+        rows = apply_gptq(model, windows, qcfg, batch_size=cfg.batch_size, progress=progress, log=log,
+                          restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j),
+                          on_layer_done=(lambda j, lay: store.save_layer(j, lay)) if store is not None else None)
+        for row, g in zip(report, rows):
+            row["gptq_rtn_err"], row["gptq_err"] = g["rtn_err"], g["gptq_err"]
+        gptq_summary = {k: v for k, v in model.gptq_report.items() if k != "layers"}
+    model.flatquant_report = {"layers": report, "seconds": time.time() - t0}
+    if store is not None:
+        store.finish(report, gptq_summary)
+    return model
+
+
+def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | None = None,
+                    calib: torch.Tensor | None = None, batch_size: int = 4, progress: bool = False,
+                    log=None) -> nn.Module:
+    """Quantize `model` with FlatQuant parameters saved by `calibrate` (no recalibration).
+
+    qcfg may change the bit widths used at evaluation; the transforms are reused as learned. Weights:
+    RTN, or with qcfg.weight_quantizer "gptq" the saved GPTQ weights when they were made with the same
+    weight settings (QuantConfig.gptq_settings), else GPTQ runs now on `calib` (post-hoc GPTQ on the
+    learned transforms)."""
+    meta = artifacts.read_meta(out_dir)
+    saved_q, cfg = QuantConfig.from_dict(meta["quant"]), CalibConfig.from_dict(meta["calib"])
+    qcfg = qcfg or saved_q
+    saved_gptq = qcfg.weight_quantizer == "gptq" and saved_q.gptq_settings() == qcfg.gptq_settings()
+    posthoc = qcfg.weight_quantizer == "gptq" and not saved_gptq
+    if posthoc and calib is None:
+        raise ConfigError(f"{out_dir} holds no GPTQ weights for these settings, and GPTQ needs calibration "
+                          "windows to compute them")
+    family = family_for(model)
+    artifacts.check_model_matches(meta, model.config)
+    device = next(model.parameters()).device
+    model_dtype = next(model.parameters()).dtype
+    install_attention_hook(model)
+    store = artifacts.LayerStore(out_dir, model.config, saved_q, cfg, check_existing=False)
+    states = []
+    for i, layer in enumerate(family.decoder_layers(model)):
+        saved = store.load_layer(i)
+        if saved is None:
+            raise CheckpointError(f"{out_dir}: parameters for layer {i} are missing")
+        layer.float()
+        transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0))
+        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
+        layer.to(device)
+        artifacts.load_layer_state(layer, saved, i, gptq=saved_gptq)
+        if posthoc:
+            states.append(saved)
+        freeze(layer, dtype=model_dtype)
+        layer.to(model_dtype)
+    if posthoc:
+        from flatquant.methods.gptq import apply_gptq
+
+        apply_gptq(model, calib, qcfg, batch_size=batch_size, progress=progress, log=log,
+                   restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j))
+    elif saved_gptq:
+        model.gptq_report = {**meta.get("gptq", {}), "loaded_from": str(out_dir)}
+    return model
+
+
+def summary_json(model) -> str:
+    return json.dumps(getattr(model, "flatquant_report", {}), indent=2)
