@@ -11,7 +11,8 @@ read (codes, scales and zeros for KV4; bf16 K and V for the baseline; plus q and
 
     PYTHONPATH=. python benchmarks/bench_kv4_attention.py --out results/kernels/kv4_attention.json [--quick]
 
---sweep also times the kernel at each sequence-split count and block size (records kv4_decode_attention_sweep).
+--sweep also times the kernel at other sequence-split counts, block sizes and warp counts (records
+kv4_decode_attention_sweep, with config).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ BATCHES = [1, 8, 32, 64]
 KV_LENS = [2048, 8192]
 QUICK_BATCHES = [1, 32]
 QUICK_KV_LENS = [2048]
-SWEEP_SPLITS = [1, 2, 4, 8, 16, 32]
-SWEEP_BLOCKS = [32, 64, 128]
+SWEEP_SPLITS = [1, 2, 4, 8, 16, 32]  # at the default block and warps
+SWEEP_OTHER = [(32, 4), (128, 4), (64, 8), (128, 8)]  # (block_n, num_warps) at the default splits
 MAX_COPIES = 64
 
 
@@ -153,23 +154,21 @@ def main() -> int:
                          baseline_median_ms=t_bf16, speedup=t_bf16 / t_kv4,
                          achieved_gbps=kv4_bytes / (t_kv4 * 1e-3) / 1e9,
                          baseline_achieved_gbps=bf16_bytes / (t_bf16 * 1e-3) / 1e9,
-                         config=dict(num_splits=splits, block_n=kv4.BLOCK_N), cache_copies=nk,
+                         config=dict(num_splits=splits, block_n=kv4.BLOCK_N, num_warps=kv4.NUM_WARPS), cache_copies=nk,
                          baseline_cache_copies=nb, **timing))
                 print(f"{model:>11} {b:>3} {s:>5} {t_bf16:9.4f} {t_kv4:9.4f} {t_bf16 / t_kv4:6.2f} "
                       f"{kv4_bytes / (t_kv4 * 1e-3) / 1e9:9.0f} {splits}", flush=True)
                 if args.sweep:
-                    for blk in SWEEP_BLOCKS:
-                        for ns in SWEEP_SPLITS:
-                            if (ns - 1) * blk >= s:
-                                continue
-                            t = graph_ms([lambda st=st: run(*st, num_splits=ns, block_n=blk) for st in ksets],
-                                         args.warmup_ms, args.rep_ms)
-                            add(dict(kernel="kv4_decode_attention_sweep", shape=shape, median_ms=t,
-                                     baseline=baseline, baseline_median_ms=t_bf16, speedup=t_bf16 / t,
-                                     achieved_gbps=kv4_bytes / (t * 1e-3) / 1e9,
-                                     config=dict(num_splits=ns, block_n=blk), cache_copies=nk, **timing))
-                            print(f"{'':>11} sweep splits={ns:<3} block={blk:<4} {t:9.4f} ms {t_bf16 / t:6.2f}x",
-                                  flush=True)
+                    cfgs = [(ns, kv4.BLOCK_N, kv4.NUM_WARPS) for ns in SWEEP_SPLITS if ns * kv4.BLOCK_N <= s]
+                    cfgs += [(None, blk, nw) for blk, nw in SWEEP_OTHER]
+                    for ns, blk, nw in cfgs:
+                        t = graph_ms([lambda st=st: run(*st, num_splits=ns, block_n=blk, num_warps=nw)
+                                      for st in ksets], args.warmup_ms, args.rep_ms)
+                        cfg = dict(num_splits=ns or kv4.choose_splits(b, hkv, s, blk, dev), block_n=blk, num_warps=nw)
+                        add(dict(kernel="kv4_decode_attention_sweep", shape=shape, median_ms=t, baseline=baseline,
+                                 baseline_median_ms=t_bf16, speedup=t_bf16 / t,
+                                 achieved_gbps=kv4_bytes / (t * 1e-3) / 1e9, config=cfg, cache_copies=nk, **timing))
+                        print(f"{'':>11} sweep {cfg} {t:9.4f} ms {t_bf16 / t:6.2f}x", flush=True)
                 del ksets
                 torch.cuda.empty_cache()
     return 0

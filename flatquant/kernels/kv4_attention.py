@@ -12,6 +12,7 @@ bf16 high and low parts (~16 mantissa bits) by the exact integer (code - zero). 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,6 +30,7 @@ BLOCK_N = 64            # tokens per inner step
 MIN_SPLIT_TOKENS = 256  # a split covers at least this many cache positions
 PROGRAMS_PER_SM = 2     # splits are added until the grid has about this many programs per SM
 MAX_SPLITS = 64
+NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
 
@@ -61,6 +63,12 @@ def _rne(v, INTERP: tl.constexpr):
     else:
         return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v], dtype=tl.float32,
                                          is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_f32(c):
+    """2**23 + c as float32 for an int32 c in [0, 255] (OR into the mantissa: no int-to-float conversion)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -163,8 +171,9 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
         kc = tl.load(kc_ptr + c_off, mask=cmask, other=0).to(tl.int32)
         kz = tl.load(kz_ptr + s_off, mask=nmask, other=0.0)
         ks = tl.load(ks_ptr + s_off, mask=nmask, other=0.0)
-        k_lo = ((kc & 15).to(tl.float32) - kz[:, None]).to(DT)  # integers in [-15, 15]: exact in DT
-        k_hi = ((kc >> 4).to(tl.float32) - kz[:, None]).to(DT)
+        kz = kz + 8388608.0
+        k_lo = (_nibble_f32(kc & 15) - kz[:, None]).to(DT)  # integers in [-15, 15]: exact in DT
+        k_hi = (_nibble_f32(kc >> 4) - kz[:, None]).to(DT)
         s = _dot(qe, tl.trans(k_lo), IS_F32, INTERP) + _dot(qo, tl.trans(k_hi), IS_F32, INTERP)
         s = s * (ks * qk_scale)[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -175,8 +184,9 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
         vc = tl.load(vc_ptr + c_off, mask=cmask, other=0).to(tl.int32)
         vz = tl.load(vz_ptr + s_off, mask=nmask, other=0.0)
         vs = tl.load(vs_ptr + s_off, mask=nmask, other=0.0)
-        v_lo = (vc & 15).to(tl.float32) - vz[:, None]
-        v_hi = (vc >> 4).to(tl.float32) - vz[:, None]
+        vz = vz + 8388608.0
+        v_lo = _nibble_f32(vc & 15) - vz[:, None]
+        v_hi = _nibble_f32(vc >> 4) - vz[:, None]
         w = p * vs[None, :]
         if IS_F32:
             pv_e = _dot(w, v_lo, True, INTERP)
@@ -232,10 +242,15 @@ def _combine_kernel(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS, D, sq_b, sq_h,
     tl.store(out_ptr + b.to(tl.int64) * sq_b + h * sq_h + d, res.to(out_ty), mask=d < D)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def choose_splits(batch: int, hkv: int, s_max: int, block_n: int, device: torch.device) -> int:
     """Sequence splits: enough programs to fill the GPU (PROGRAMS_PER_SM), each split >= MIN_SPLIT_TOKENS.
     Decided from the cache capacity S_max (not the lengths: no host sync, CUDA-graph safe)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(torch.device(device))
     want = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, batch * hkv))
     cap = max(1, triton.cdiv(s_max, max(MIN_SPLIT_TOKENS, block_n)))
     return max(1, min(want, cap, MAX_SPLITS))
@@ -243,9 +258,9 @@ def choose_splits(batch: int, hkv: int, s_max: int, block_n: int, device: torch.
 
 def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
                      sm_scale: float | None = None, *, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Triton flash-decoding over the KV4 cache; same semantics as `kv4_reference.decode_attention`
-    (lengths above S_max are clamped to S_max here). num_splits / block_n override the defaults."""
+    (lengths above S_max are clamped to S_max here). num_splits / block_n / num_warps override the defaults."""
     b, hq, hkv, s_max, d = ref.check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                    lengths)
     if q.device.type != "cuda" and not _interpreting():
@@ -283,7 +298,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         HKV=hkv, G=g, G_PAD=_pow2(g), D2=d // 2, D2_PAD=_pow2(d // 2), BLOCK=block_n, DIRECT=direct,
-        IS_F32=q.dtype == torch.float32, INTERP=_interpreting(), num_warps=4)
+        IS_F32=q.dtype == torch.float32, INTERP=_interpreting(), num_warps=num_warps or NUM_WARPS)
     if not direct:
         _combine_kernel[(b * hq,)](opart, lse, out, ns, d, out.stride(0), out.stride(1),
                                    HQ=hq, NS_PAD=_pow2(ns, 2), D_PAD=_pow2(d), num_warps=4)
