@@ -281,6 +281,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
             or v_scale.stride() != k_scale.stride() or v_zero.stride() != k_scale.stride()):
         raise ValueError("K and V codes (and all four scale / zero tensors) must share their strides")
     block_n = block_n or BLOCK_N
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     ns = num_splits or choose_splits(b, hkv, s_max, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(s_max, ns), block_n) * block_n
     ns = triton.cdiv(s_max, split_len)

@@ -77,8 +77,8 @@ def check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, l
             raise ValueError(f"{name} must be (B, Hkv, S_max) = {(b, hkv, s_max)}, got {tuple(t.shape)}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    if tuple(lengths.shape) != (b,):
-        raise ValueError(f"lengths must be (B,) = ({b},), got {tuple(lengths.shape)}")
+    if tuple(lengths.shape) != (b,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be integers of shape (B,) = ({b},), got {lengths.dtype} {tuple(lengths.shape)}")
     return b, hq, hkv, s_max, d
 
 

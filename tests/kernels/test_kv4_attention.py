@@ -113,6 +113,11 @@ def test_reference_rejects_bad_shapes():
     with pytest.raises(ValueError):
         tri.decode_attention(torch.randn(2, 4, 32, device=DEV), kc.to(DEV), ks.to(DEV), kz.to(DEV), vc.to(DEV),
                              vs[:, :, :4].to(DEV), vz.to(DEV), lengths.to(DEV), 1.0)
+    with pytest.raises(ValueError, match="integers"):
+        ref.decode_attention(torch.randn(2, 4, 32), kc, ks, kz, vc, vs, vz, lengths.float(), 1.0)
+    with pytest.raises(ValueError, match="block_n"):
+        cache = [t.to(DEV) for t in (kc, ks, kz, vc, vs, vz, lengths)]
+        tri.decode_attention(torch.randn(2, 4, 32, device=DEV), *cache, 1.0, block_n=24)
 
 
 # -------------------------------------------------------------------------- Triton attention ---
