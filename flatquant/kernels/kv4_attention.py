@@ -1,0 +1,307 @@
+"""Triton KV4 cache kernels: the write-path quantizer and flash-decoding attention over packed int4 K/V.
+
+Semantics and cache layout: `flatquant.kernels.kv4_reference` (the plain-PyTorch version).
+
+decode_attention: grid (batch x kv head, sequence split). One program takes all G = Hq / Hkv query
+heads of its kv head (the K/V tile is loaded and unpacked once for them), walks its split in blocks of
+BLOCK_N tokens with an online softmax, and writes its normalised partial output and log2-sum-exp;
+a second kernel combines the splits. With one split the first kernel writes the output directly.
+Products: q . (code - zero) on half-precision operands is exact (the integer code minus zero lies in
+[-15, 15]) with float32 sums, then times the scale; the value side multiplies (p * scale) split into
+bf16 high and low parts (~16 mantissa bits) by the exact integer (code - zero). float32 q uses IEEE dots.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+import triton.language as tl
+
+from flatquant.kernels import kv4_reference as ref
+
+BLOCK_N = 64            # tokens per inner step
+MIN_SPLIT_TOKENS = 256  # a split covers at least this many cache positions
+PROGRAMS_PER_SM = 2     # splits are added until the grid has about this many programs per SM
+MAX_SPLITS = 64
+NUM_WARPS = 4
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(1, int(n))))
+
+
+@triton.jit
+def _dot(a, b, IS_F32: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b, float32 accumulator; float32 operands with IEEE products. The interpreter's half
+    precision dot is not exact, so there the (same) values are upcast first."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        if IS_F32:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+
+@triton.jit
+def _rne(v, INTERP: tl.constexpr):
+    """Round float32 to the nearest integer, ties to even (torch.round)."""
+    if INTERP:
+        return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: numpy float32 additions round half to even
+    else:
+        return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_f32(c):
+    """2**23 + c as float32 for an int32 c in [0, 255] (OR into the mantissa: no int-to-float conversion)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_kv_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, clip_ptr, n_rows, D2,
+                        BLOCK_R: tl.constexpr, D2_PAD: tl.constexpr, INTERP: tl.constexpr):
+    """Rows of x (n_rows, 2 * D2) -> packed codes (n_rows, D2), scale and zero (n_rows,)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, D2_PAD)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < D2)
+    base = x_ptr + rows.to(tl.int64)[:, None] * (2 * D2) + 2 * cols[None, :]
+    xe = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    alpha = tl.load(clip_ptr)
+    big = float("inf")
+    xmax = tl.maximum(tl.max(tl.where(mask, xe, -big), 1), tl.max(tl.where(mask, xo, -big), 1))
+    xmin = tl.minimum(tl.min(tl.where(mask, xe, big), 1), tl.min(tl.where(mask, xo, big), 1))
+    xmax = tl.maximum(xmax, 0.0) * alpha
+    xmin = tl.minimum(xmin, 0.0) * alpha
+    scale = tl.maximum(tl.math.div_rn(xmax - xmin, 15.0), 1e-8)
+    zero = _rne(tl.math.div_rn(-xmin, scale), INTERP)
+    ce = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xe, scale[:, None]), INTERP) + zero[:, None], 0.0), 15.0)
+    co = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xo, scale[:, None]), INTERP) + zero[:, None], 0.0), 15.0)
+    packed = ce.to(tl.int32) | (co.to(tl.int32) << 4)
+    tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D2 + cols[None, :], packed.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    tl.store(zero_ptr + rows, zero, mask=rmask)
+
+
+def quantize_kv(x: torch.Tensor, clip: float | torch.Tensor = 1.0):
+    """Same as `kv4_reference.quantize_kv` (identical codes, scales and zeros), one Triton launch."""
+    d = x.shape[-1]
+    ref.check_head_dim(d)
+    if x.device.type != "cuda" and not _interpreting():
+        return ref.quantize_kv(x, clip)
+    lead = x.shape[:-1]
+    xr = x.detach().reshape(-1, d).contiguous()
+    n = xr.shape[0]
+    codes = torch.empty(*lead, d // 2, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(lead, dtype=torch.float32, device=x.device)
+    zero = torch.empty(lead, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return codes, scale, zero
+    if isinstance(clip, torch.Tensor):
+        clip_t = clip.detach().reshape(1).to(device=x.device, dtype=torch.float32)
+    else:
+        clip_t = torch.full((1,), float(clip), dtype=torch.float32, device=x.device)
+    d2_pad = _pow2(d // 2, 1)
+    block_r = max(1, min(64, 4096 // d2_pad))
+    _quantize_kv_kernel[(triton.cdiv(n, block_r),)](xr, codes, scale, zero, clip_t, n, d // 2,
+                                                   BLOCK_R=block_r, D2_PAD=d2_pad, INTERP=_interpreting())
+    return codes, scale, zero
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(code - zero) * scale in dtype (torch; not on the decode path)."""
+    return ref.dequantize_kv(codes, scale, zero, dtype)
+
+
+@triton.jit
+def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, out_ptr, opart_ptr, lse_ptr,
+                  qk_scale, S_MAX, SPLIT_LEN, NUM_SPLITS,
+                  sq_b, sq_h, so_b, so_h, sc_b, sc_h, sc_s, ss_b, ss_h, ss_s,
+                  HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D2: tl.constexpr,
+                  D2_PAD: tl.constexpr, BLOCK: tl.constexpr, DIRECT: tl.constexpr, IS_F32: tl.constexpr,
+                  INTERP: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
+
+    g = tl.arange(0, G_PAD)
+    j = tl.arange(0, D2_PAD)
+    gmask = g < G
+    jmask = j < D2
+    heads = h * G + g
+    q_off = b.to(tl.int64) * sq_b + heads[:, None] * sq_h + 2 * j[None, :]
+    qm = gmask[:, None] & jmask[None, :]
+    qe = tl.load(q_ptr + q_off, mask=qm, other=0.0)  # even elements of head_dim
+    qo = tl.load(q_ptr + q_off + 1, mask=qm, other=0.0)
+    DT = qe.dtype
+
+    c_base = b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
+    s_base = b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc_e = tl.zeros((G_PAD, D2_PAD), tl.float32)
+    acc_o = tl.zeros((G_PAD, D2_PAD), tl.float32)
+    n0 = start
+    while n0 < end:  # a while loop: the interpreter cannot range() over loaded bounds
+        n = n0 + tl.arange(0, BLOCK)
+        nmask = n < end
+        cmask = nmask[:, None] & jmask[None, :]
+        c_off = c_base + n[:, None].to(tl.int64) * sc_s + j[None, :]
+        s_off = s_base + n.to(tl.int64) * ss_s
+        kc = tl.load(kc_ptr + c_off, mask=cmask, other=0).to(tl.int32)
+        kz = tl.load(kz_ptr + s_off, mask=nmask, other=0.0)
+        ks = tl.load(ks_ptr + s_off, mask=nmask, other=0.0)
+        kz = kz + 8388608.0
+        k_lo = (_nibble_f32(kc & 15) - kz[:, None]).to(DT)  # integers in [-15, 15]: exact in DT
+        k_hi = (_nibble_f32(kc >> 4) - kz[:, None]).to(DT)
+        s = _dot(qe, tl.trans(k_lo), IS_F32, INTERP) + _dot(qo, tl.trans(k_hi), IS_F32, INTERP)
+        s = s * (ks * qk_scale)[None, :]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        corr = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, 1)
+        vc = tl.load(vc_ptr + c_off, mask=cmask, other=0).to(tl.int32)
+        vz = tl.load(vz_ptr + s_off, mask=nmask, other=0.0)
+        vs = tl.load(vs_ptr + s_off, mask=nmask, other=0.0)
+        vz = vz + 8388608.0
+        v_lo = _nibble_f32(vc & 15) - vz[:, None]
+        v_hi = _nibble_f32(vc >> 4) - vz[:, None]
+        w = p * vs[None, :]
+        if IS_F32:
+            pv_e = _dot(w, v_lo, True, INTERP)
+            pv_o = _dot(w, v_hi, True, INTERP)
+        else:
+            w_hi = w.to(tl.bfloat16)
+            w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+            vb_lo = v_lo.to(tl.bfloat16)
+            vb_hi = v_hi.to(tl.bfloat16)
+            pv_e = _dot(w_hi, vb_lo, False, INTERP) + _dot(w_lo, vb_lo, False, INTERP)
+            pv_o = _dot(w_hi, vb_hi, False, INTERP) + _dot(w_lo, vb_hi, False, INTERP)
+        acc_e = acc_e * corr[:, None] + pv_e
+        acc_o = acc_o * corr[:, None] + pv_o
+        m_i = m_new
+        n0 += BLOCK
+
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    o_e = acc_e * inv_l[:, None]
+    o_o = acc_o * inv_l[:, None]
+    if DIRECT:
+        o_off = b.to(tl.int64) * so_b + heads[:, None] * so_h + 2 * j[None, :]
+        tl.store(out_ptr + o_off, o_e.to(DT), mask=qm)
+        tl.store(out_ptr + o_off + 1, o_o.to(DT), mask=qm)
+    else:
+        row = (b * (HKV * G) + heads).to(tl.int64) * NUM_SPLITS + split  # partials (B, Hq, splits, D)
+        p_off = row[:, None] * (2 * D2) + 2 * j[None, :]
+        tl.store(opart_ptr + p_off, o_e, mask=qm)
+        tl.store(opart_ptr + p_off + 1, o_o, mask=qm)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS, D, sq_b, sq_h,
+                    HQ: tl.constexpr, NS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """out[b, h] = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M); all splits empty -> zeros."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    i = tl.arange(0, NS_PAD)
+    d = tl.arange(0, D_PAD)
+    imask = i < NUM_SPLITS
+    row = pid.to(tl.int64) * NUM_SPLITS
+    lse = tl.load(lse_ptr + row + i, mask=imask, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    wgt = tl.exp2(lse - mx)
+    den = tl.sum(wgt, 0)
+    o = tl.load(opart_ptr + (row + i[:, None]) * D + d[None, :], mask=imask[:, None] & (d[None, :] < D), other=0.0)
+    num = tl.sum(o * wgt[:, None], 0)
+    res = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + b.to(tl.int64) * sq_b + h * sq_h + d, res.to(out_ty), mask=d < D)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def choose_splits(batch: int, hkv: int, s_max: int, block_n: int, device: torch.device) -> int:
+    """Sequence splits: enough programs to fill the GPU (PROGRAMS_PER_SM), each split >= MIN_SPLIT_TOKENS.
+    Decided from the cache capacity S_max (not the lengths: no host sync, CUDA-graph safe)."""
+    sms = _sm_count(torch.device(device))
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, batch * hkv))
+    cap = max(1, triton.cdiv(s_max, max(MIN_SPLIT_TOKENS, block_n)))
+    return max(1, min(want, cap, MAX_SPLITS))
+
+
+def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
+                     sm_scale: float | None = None, *, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Triton flash-decoding over the KV4 cache; same semantics as `kv4_reference.decode_attention`
+    (lengths above S_max are clamped to S_max here). num_splits / block_n / num_warps override the defaults."""
+    b, hq, hkv, s_max, d = ref.check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                                   lengths)
+    if q.device.type != "cuda" and not _interpreting():
+        return ref.decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if b * hq == 0:
+        return out
+    if s_max == 0:
+        return out.zero_()
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    if (v_codes.stride() != k_codes.stride() or k_zero.stride() != k_scale.stride()
+            or v_scale.stride() != k_scale.stride() or v_zero.stride() != k_scale.stride()):
+        raise ValueError("K and V codes (and all four scale / zero tensors) must share their strides")
+    block_n = block_n or BLOCK_N
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    ns = num_splits or choose_splits(b, hkv, s_max, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(s_max, ns), block_n) * block_n
+    ns = triton.cdiv(s_max, split_len)
+    g = hq // hkv
+    direct = ns == 1
+    if direct:
+        opart = lse = out  # unused
+    else:
+        opart = torch.empty(b, hq, ns, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, ns, dtype=torch.float32, device=q.device)
+    lengths = lengths.to(device=q.device)
+    _split_kernel[(b * hkv, ns)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, out, opart, lse,
+        sm_scale * LOG2E, s_max, split_len, ns,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        HKV=hkv, G=g, G_PAD=_pow2(g), D2=d // 2, D2_PAD=_pow2(d // 2), BLOCK=block_n, DIRECT=direct,
+        IS_F32=q.dtype == torch.float32, INTERP=_interpreting(), num_warps=num_warps or NUM_WARPS)
+    if not direct:
+        _combine_kernel[(b * hq,)](opart, lse, out, ns, d, out.stride(0), out.stride(1),
+                                   HQ=hq, NS_PAD=_pow2(ns, 2), D_PAD=_pow2(d), num_warps=4)
+    return out
