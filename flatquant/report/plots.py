@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flatquant.report import common as rc
+import flatquant.report.common as rc
 from flatquant.report.kernels import kernel_plots
 
 
