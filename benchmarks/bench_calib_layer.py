@@ -22,11 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatquant.methods.flatquant import _init_scales, _input_absmax, layer_transforms, train_layer
+from flatquant.calib.layerwise import layer_input_absmax
 from flatquant.config import QuantConfig, calib_preset
-from flatquant.models.families import FAMILIES
 from flatquant.core.modules import ATTN_IMPL, quantize_layer, register_attention
-from flatquant.results import atomic_write_text, provenance
+from flatquant.io import atomic_write_text
+from flatquant.methods.flatquant import layer_transforms, train_layer
+from flatquant.methods.smoothquant import site_scales
+from flatquant.models.families import FAMILIES
+from flatquant.results import provenance
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -117,8 +120,8 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     layer = layer.float()
-    targets, stats = _input_absmax(layer, family, inps, kwargs, cfg.batch_size)
-    transforms = layer_transforms(config, cfg, torch.Generator().manual_seed(0), _init_scales(layer, family, stats))
+    targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size, out=torch.empty_like(inps))
+    transforms = layer_transforms(config, cfg, torch.Generator().manual_seed(0), site_scales(layer, family, stats))
     quantize_layer(layer, family, QuantConfig(4, 4, 4), transforms, learnable_clip=True)
     layer.to(device)
     if device == "cuda":

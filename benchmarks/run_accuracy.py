@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatquant.config import QuantConfig, calib_preset
+from flatquant.config import CalibConfig, calib_preset, method_config
 from flatquant.models.loading import load_model
 from flatquant.results import write_record
 from flatquant.runner import EvalSpec, calibration_data, run_config
@@ -35,12 +35,18 @@ SETTINGS = {"W4A16KV16": (4, 16, 16), "W16A4KV16": (16, 4, 16), "W16A16KV4": (16
             "W4A4KV4": (4, 4, 4), "W8A8KV8": (8, 8, 8)}
 BASELINES = ("rtn", "smoothquant", "quarot")
 TASKS = ["arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "piqa", "winogrande"]
+QUICK = dict(nsamples=4, seqlen=64, epochs=2, batch_size=2)  # --quick: a CPU smoke run's recipe
 # Reduced recipe for the ablation and recipe tables (the full recipe is the `flatquant` part).
 REDUCED = dict(nsamples=32, epochs=5)
 ABLATIONS = {"+LT": dict(learn_transform=True, learn_scale=False, learn_clip=False),
              "+LT+PS": dict(learn_transform=True, learn_scale=True, learn_clip=False),
              "+LT+LCT": dict(learn_transform=True, learn_scale=False, learn_clip=True),
              "+LT+PS+LCT": dict(learn_transform=True, learn_scale=True, learn_clip=True)}
+
+
+def qconfig(method: str, bits=(4, 4, 4), **settings):
+    """The method's config (its own defaults, e.g. weight clip search for quarot/smoothquant) at `bits`."""
+    return method_config(method, **dict(zip(("w_bits", "a_bits", "kv_bits"), bits)), **settings)
 
 
 def _peak_reset():
@@ -75,8 +81,8 @@ def main(argv=None) -> int:
 
     if args.quick:
         spec = EvalSpec(datasets=["wikitext2", "c4"], seqlen=128, max_windows=2, batch_size=2, data_dir=args.data_dir)
-        full = calib_preset("tiny", seqlen=64)
-        reduced = calib_preset("tiny", seqlen=64, epochs=1)
+        full = CalibConfig(**QUICK)
+        reduced = CalibConfig(**{**QUICK, "epochs": 1})
         limit = args.limit or 2
     else:
         spec = EvalSpec(datasets=["wikitext2", "c4"], seqlen=2048, batch_size=8, data_dir=args.data_dir)
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
     calib_reduced = calib[: reduced.nsamples, : reduced.seqlen]
     common = dict(results_dir=args.results_dir, progress=False)
     fq_params = work / "flatquant_w4a4kv4"
-    w4a4 = QuantConfig(4, 4, 4)
+    w4a4 = qconfig("flatquant")
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -96,11 +102,11 @@ def main(argv=None) -> int:
         return [round(r["ppl"], 3) for r in recs if r.get("kind") == "ppl"]
 
     if "baselines" in parts:
-        recs = run_config(model, tok, args.model_name, "fp16", QuantConfig(16, 16, 16), spec, **common)
+        recs = run_config(model, tok, args.model_name, "fp16", qconfig("fp16"), spec, **common)
         log(f"fp16: {[round(r['ppl'], 3) for r in recs]}")
         for tag, bits in SETTINGS.items():
             for method in BASELINES:
-                q = QuantConfig(*bits, w_clip_search=method != "rtn")
+                q = qconfig(method, bits)
                 recs = run_config(model, tok, args.model_name, method, q, spec, ccfg=full, calib=calib, **common)
                 log(f"{method} {tag}: {[round(r['ppl'], 3) for r in recs]}")
 
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
     if "zeroshot" in parts:
         zs = EvalSpec(datasets=[], tasks=TASKS, limit=limit, data_dir=args.data_dir,
                       zeroshot_batch_size=args.zeroshot_batch_size)
-        runs = [("fp16", QuantConfig(16, 16, 16))] + [(m, replace(w4a4, w_clip_search=m != "rtn")) for m in BASELINES]
+        runs = [(m, qconfig(m)) for m in ("fp16", *BASELINES)]
         if (fq_params / "flatquant.json").is_file():
             runs.append(("flatquant", w4a4))
         for method, q in runs:
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
             log(f"zero-shot {method}: avg {recs[-1]['average']:.2f}")
 
     if "ablation" in parts:
-        recs = run_config(model, tok, args.model_name, "rtn", w4a4, spec, variant="ablation:RTN", **common)
+        recs = run_config(model, tok, args.model_name, "rtn", qconfig("rtn"), spec, variant="ablation:RTN", **common)
         log(f"ablation RTN: {[round(r['ppl'], 3) for r in recs]}")
         for name, flags in ABLATIONS.items():
             cfg = replace(reduced, **flags)
@@ -171,7 +177,7 @@ def main(argv=None) -> int:
         flatquant_gptq(full, calib, str(work / "flatquant_w4a4kv4_gptq"), "paper-recipe", "gptq")
         t = time.time()  # one GPTQ pass for both: perplexity and zero-shot records of the same quantized model
         both = replace(spec, tasks=TASKS, limit=limit, zeroshot_batch_size=args.zeroshot_batch_size)
-        recs = run_config(model, tok, args.model_name, "quarot", replace(gq, w_clip_search=True), both, ccfg=full,
+        recs = run_config(model, tok, args.model_name, "quarot", qconfig("quarot", weight_quantizer="gptq"), both, ccfg=full,
                           calib=calib, **common)
         log(f"gptq: quarot W4A4KV4 (GPTQ): {ppl_txt(recs)}, zero-shot avg {recs[-1]['average']:.2f} "
             f"(GPTQ {recs[0]['quantize_seconds']:.0f}s, wall {time.time() - t:.0f}s)")

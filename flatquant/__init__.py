@@ -1,11 +1,24 @@
 """flatquant: W4A4KV4 quantization of Llama/Qwen-family LLMs with FlatQuant (ICML 2025).
 
-    from flatquant import QuantConfig, quantize
-    quantize(model, QuantConfig(w_bits=4, a_bits=4, kv_bits=4), method="quarot", calib=windows)
+    from flatquant import QuaRotConfig, quantize
+    quantize(model, QuaRotConfig(w_bits=4, a_bits=4, kv_bits=4), calib=windows)
 """
-from flatquant.api import quantize
-from flatquant.config import CalibConfig, QuantConfig, calib_preset
+from flatquant.api import quantize, quantize_with_report
+from flatquant.config import (
+    CalibConfig,
+    FlatQuantConfig,
+    FP16Config,
+    QuantConfig,
+    QuaRotConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+    calib_preset,
+    method_config,
+)
 from flatquant.errors import FlatQuantError
+from flatquant.methods.flatquant import load_calibrated
 
-__all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "quantize"]
+__all__ = ["CalibConfig", "FP16Config", "FlatQuantConfig", "FlatQuantError", "QuaRotConfig", "QuantConfig",
+           "RTNConfig", "SmoothQuantConfig", "calib_preset", "load_calibrated", "method_config", "quantize",
+           "quantize_with_report"]
 __version__ = "0.1.0"

@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
-from flatquant.config import METHODS, PRESETS, WEIGHT_QUANTIZERS, CalibConfig, ConfigError, QuantConfig, calib_preset
-from flatquant.errors import CheckpointError, DataError, FlatQuantError
+from flatquant.config import (
+    METHODS,
+    PRESET_EVAL_WINDOWS,
+    PRESETS,
+    WEIGHT_QUANTIZERS,
+    CalibConfig,
+    ConfigError,
+    QuantConfig,
+    calib_preset,
+    method_config,
+)
+from flatquant.errors import DataError, FlatQuantError
 
-PRESET_EVAL_WINDOWS = {"cpu-quick": 8, "tiny": 2}  # quick presets also cap the perplexity windows
 BUILTIN_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}  # name recorded in results for built-in models
 _GGUF_QUANT_TAG = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 
@@ -107,26 +115,15 @@ def _check_writable(path: str | Path, what: str = "folder") -> None:
         raise FlatQuantError(f"cannot write to {path}: {probe} is not writable")
 
 
-def _check_params(params: str) -> dict:
-    """The settings of a finished `flatquant quantize --output` folder; CheckpointError otherwise."""
-    from flatquant.calib.artifacts import read_meta
-
-    if not Path(params).is_dir():
-        raise CheckpointError(f"--params {params}: no such folder (create it with `flatquant quantize --output`)")
-    meta = read_meta(params)
-    if not meta.get("complete"):
-        raise CheckpointError(f"--params {params}: the calibration there is unfinished "
-                              "(finish it with `flatquant quantize --output` on that folder)")
-    return meta
-
-
 def _setup(args):
     import torch
 
     from flatquant.models.loading import load_model
 
-    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                       weight_quantizer=args.weight_quantizer or "rtn")
+    # None = the method's default (method_config), so the CLI and `XConfig()` in Python agree
+    settings = dict(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                    weight_quantizer=args.weight_quantizer, w_clip_search=args.w_clip_search)
+    QuantConfig(**{k: v for k, v in settings.items() if v is not None})  # bad bits: fail before any work
     for name in ("seqlen", "max_windows", "batch_size", "limit"):
         value = getattr(args, name)
         if value is not None and value < (2 if name == "seqlen" else 1):
@@ -172,11 +169,7 @@ def _setup(args):
         if ids.shape[1] < args.seqlen:
             raise DataError(f"{ds} has {ids.shape[1]} tokens, fewer than one window of --seqlen {args.seqlen}")
         spec.tokens[ds] = ids
-    return qcfg, ccfg, spec, model, tokenizer
-
-
-def _clip_search(args, method: str) -> bool:
-    return args.w_clip_search if args.w_clip_search is not None else method in ("quarot", "smoothquant")
+    return settings, ccfg, spec, model, tokenizer
 
 
 def _print_table(records: list[dict]) -> None:
@@ -198,67 +191,24 @@ def _model_name(args) -> str:
     return args.model_name or default_model_name(args.model)
 
 
-def _check_layer_files(folder: Path, meta: dict) -> None:
-    """Each saved layer file has a readable safetensors header (a truncated file fails here, early)."""
-    from safetensors import safe_open
-
-    layers = meta.get("layers_done", []) if not meta.get("complete") else \
-        range(int(meta.get("sizes", {}).get("num_hidden_layers") or 0))
-    for i in layers:
-        path = folder / "layers" / f"layer_{i:03d}.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: parameters for layer {i} are missing ({path.name})")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as e:
-            raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__})") from None
-
-
-def _check_saved_calibration(folder: Path, model, qcfg: QuantConfig, ccfg: CalibConfig | None) -> dict:
-    """Saved parameters in `folder` fit `model` (sizes) and, when ccfg is given, the requested settings."""
-    from flatquant.calib.artifacts import check_model_matches, read_meta
-
-    meta = read_meta(folder)
-    if not isinstance(meta.get("sizes"), dict) or not isinstance(meta.get("calib"), dict) \
-            or not isinstance(meta.get("quant"), dict):
-        raise CheckpointError(f"{folder}/flatquant.json: missing sizes/quant/calib settings")
-    check_model_matches(meta, model.config)
-    quant_differs = QuantConfig.normalized(meta["quant"]) != qcfg.to_dict()  # older files lack newer fields
-    if ccfg is not None and (quant_differs or CalibConfig.recipe_settings(meta["calib"])
-                             != CalibConfig.recipe_settings(ccfg.to_dict())):
-        key = "quantization settings (bits, weight quantizer)" if quant_differs else "calibration settings"
-        raise CheckpointError(f"{folder} holds a calibration with other {key}; "
-                              "use --no-resume to replace it, or another --output")
-    _check_layer_files(folder, meta)
-    return meta
-
-
 def cmd_eval(args) -> int:
-    from dataclasses import replace
-
+    from flatquant.calib import artifacts
     from flatquant.runner import calibration_data, run_config
 
     if args.params is not None:
         if args.method != "flatquant":
             raise ConfigError("--params only applies to --method flatquant")
-        _check_params(args.params)
-    qcfg, ccfg, spec, model, tok = _setup(args)
-    if args.method == "fp16":
-        qcfg = QuantConfig(16, 16, 16)
-    qcfg = replace(qcfg, w_clip_search=_clip_search(args, args.method))
+        artifacts.check_finished(args.params)
+    settings, ccfg, spec, model, tok = _setup(args)
+    qcfg = method_config(args.method, **settings, **({"calib": ccfg} if args.method == "flatquant" else {}))
     calib_cfg = ccfg  # the preset's windows: what GPTQ and smoothquant calibrate on
-    saved_gptq = False
+    gptq = "run" if qcfg.weight_quantizer == "gptq" else None
     if args.params is not None:
-        meta = _check_saved_calibration(Path(args.params), model, qcfg, None)
+        meta = artifacts.check_saved_calibration(Path(args.params), model.config, qcfg, None)
         ccfg = CalibConfig.from_dict(meta["calib"])  # the record names the recipe the parameters came from
-        saved_q = QuantConfig.from_dict(meta["quant"])
-        if args.weight_quantizer in (None, saved_q.weight_quantizer):  # default: the saved weights as they are
-            qcfg = replace(qcfg, weight_quantizer=saved_q.weight_quantizer, gptq_damp=saved_q.gptq_damp,
-                           gptq_block=saved_q.gptq_block, gptq_act_order=saved_q.gptq_act_order)
-        saved_gptq = qcfg.weight_quantizer == "gptq" and saved_q.gptq_settings() == qcfg.gptq_settings()
-    gptq_now = args.method != "fp16" and qcfg.weight_quantizer == "gptq" and not saved_gptq
-    needs_calib = args.method == "smoothquant" or (args.method == "flatquant" and not args.params) or gptq_now
+        qcfg = artifacts.eval_weight_settings(qcfg, meta, args.weight_quantizer)
+        gptq = artifacts.gptq_plan(meta, qcfg)
+    needs_calib = args.method == "smoothquant" or (args.method == "flatquant" and not args.params) or gptq == "run"
     calib = calibration_data(tok, calib_cfg, args.data_dir) if needs_calib else None
     records = run_config(model, tok, _model_name(args), args.method, qcfg, spec, ccfg=ccfg, calib=calib,
                          params_dir=args.params, results_dir=args.results_dir or None, seed=args.seed,
@@ -268,48 +218,43 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from dataclasses import replace
-
-    from flatquant.calib.artifacts import META
+    from flatquant import io
+    from flatquant.calib import artifacts
     from flatquant.runner import calibration_data, run_config
 
     out = Path(args.output)
     _check_writable(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / artifacts.META).is_file():
         raise FlatQuantError(f"{out} exists and is not a flatquant parameter folder; choose another --output")
     baselines = [m for m in args.compare.split(",") if m]
     for method in baselines:
         if method not in METHODS or method == "flatquant":
             raise ConfigError(f"--compare: unknown baseline {method!r}; choose from "
                               f"{', '.join(m for m in METHODS if m != 'flatquant')}")
-    qcfg, ccfg, spec, model, tok = _setup(args)
-    fq_cfg = replace(qcfg, w_clip_search=False)
-    # Calibrate into a temporary sibling folder (per-layer checkpoints live there until done),
-    # then rename: the output folder only ever holds a complete calibration.
-    work = out.with_name(out.name + ".partial")
-    reuse = not args.no_resume and (out / META).is_file()
+    settings, ccfg, spec, model, tok = _setup(args)
+    fq_cfg = method_config("flatquant", **{**settings, "w_clip_search": False}, calib=ccfg)
+    # Calibrate into the work folder <output>.partial (per-layer checkpoints live there until done), then
+    # rename: the output folder only ever holds a complete calibration.
+    work = io.partial_folder(out)
+    reuse = not args.no_resume and (out / artifacts.META).is_file()
     for folder in ([] if args.no_resume else [out, work]):
-        if (folder / META).is_file():  # saved parameters must fit, before any work is done
-            _check_saved_calibration(folder, model, fq_cfg, ccfg)
+        if (folder / artifacts.META).is_file():  # saved parameters must fit, before any work is done
+            artifacts.check_saved_calibration(folder, model.config, fq_cfg, ccfg)
     calib = calibration_data(tok, ccfg, args.data_dir)
-    if args.no_resume and work.exists():
-        shutil.rmtree(work)
+    if args.no_resume:
+        io.discard_partial(out)
     name = _model_name(args)
     records = []
     for method in baselines:
-        q = QuantConfig(16, 16, 16) if method == "fp16" else replace(qcfg, w_clip_search=_clip_search(args, method))
-        records += run_config(model, tok, name, method, q, spec, ccfg=ccfg, calib=calib,
-                              results_dir=args.results_dir or None, seed=args.seed, progress=not args.no_progress)
+        records += run_config(model, tok, name, method, method_config(method, **settings), spec, ccfg=ccfg,
+                              calib=calib, results_dir=args.results_dir or None, seed=args.seed,
+                              progress=not args.no_progress)
     params = out if reuse else work
     records += run_config(model, tok, name, "flatquant", fq_cfg, spec, ccfg=ccfg,
                           calib=calib, params_dir=str(params), results_dir=args.results_dir or None, seed=args.seed,
                           progress=not args.no_progress)
     if params == work:
-        if (out / META).is_file():
-            shutil.rmtree(out)  # --no-resume: the new calibration replaces the old one
-        elif out.exists():
-            out.rmdir()  # empty folder left by the user
-        work.rename(out)
+        io.commit_folder(out)  # --no-resume: the new calibration replaces the old one
     _print_table(records)
     print(f"\nFlatQuant parameters saved to {out}/")
     return 0

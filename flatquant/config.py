@@ -1,11 +1,14 @@
-"""Configuration dataclasses: what to quantize (QuantConfig) and how to calibrate (CalibConfig).
+"""Configuration dataclasses: what to quantize (QuantConfig and one subclass per method, each with its own
+defaults) and how to calibrate (CalibConfig, carried by FlatQuantConfig).
 
 Everything a method needs is passed explicitly as one of these; nothing reads global flags.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from flatquant.errors import FlatQuantError
 
@@ -87,12 +90,13 @@ class QuantConfig:
                 "act_order": self.gptq_act_order}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The quantizer settings (QuantConfig's fields only: a method config's extras are not saved)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(QuantConfig)}
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         """Fields the dict lacks (a file written before they existed) take their defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
@@ -150,11 +154,86 @@ class CalibConfig:
 PRESETS: dict[str, dict] = {
     "paper": dict(nsamples=128, seqlen=2048, epochs=15, batch_size=4),
     "cpu-quick": dict(nsamples=16, seqlen=256, epochs=4, batch_size=4),
-    "tiny": dict(nsamples=4, seqlen=32, epochs=2, batch_size=2),  # tests only
 }
+PRESET_EVAL_WINDOWS = {"cpu-quick": 8}  # quick presets also cap the perplexity windows (CLI)
 
 
 def calib_preset(name: str, **overrides) -> CalibConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return CalibConfig(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------ method configs ---
+# One QuantConfig subclass per method: `quantize(model, QuaRotConfig())` dispatches on the type, and each
+# class carries its method's defaults (the CLI builds the same objects from --method, via method_config).
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round-to-nearest: every projection and the KV cache quantized as they are."""
+
+    method: ClassVar[str] = "rtn"
+
+
+@dataclass
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant scales (activation statistics on calibration windows), weight clip search on."""
+
+    method: ClassVar[str] = "smoothquant"
+    w_clip_search: bool = True
+
+
+@dataclass
+class QuaRotConfig(QuantConfig):
+    """Randomized Hadamard rotations, weight clip search on."""
+
+    method: ClassVar[str] = "quarot"
+    w_clip_search: bool = True
+
+
+@dataclass
+class FlatQuantConfig(QuantConfig):
+    """Learned affine transforms, scales and clipping thresholds; `calib` is the training recipe."""
+
+    method: ClassVar[str] = "flatquant"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+
+@dataclass
+class FP16Config(QuantConfig):
+    """No change: the model as loaded (bits fixed at 16, recorded as such)."""
+
+    method: ClassVar[str] = "fp16"
+    fixed: ClassVar[tuple[str, ...]] = ("w_bits", "a_bits", "kv_bits", "weight_quantizer", "w_clip_search")
+    w_bits: int = 16
+    a_bits: int = 16
+    kv_bits: int = 16
+
+
+METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
+    c.method: c for c in (FP16Config, RTNConfig, SmoothQuantConfig, QuaRotConfig, FlatQuantConfig)}
+assert tuple(METHOD_CONFIGS) == METHODS
+
+
+def method_config(method: str, **settings) -> QuantConfig:
+    """The config of `method` with `settings`; a None setting takes the method's default (so a command line
+    that leaves an option out gets exactly what `XConfig()` gives in Python)."""
+    if method not in METHOD_CONFIGS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cls = METHOD_CONFIGS[method]
+    fixed = getattr(cls, "fixed", ())
+    return cls(**{k: v for k, v in settings.items() if v is not None and k not in fixed})
+
+
+def as_method_config(config: QuantConfig, method: str | None = None) -> QuantConfig:
+    """`config` as its method's config type. A plain QuantConfig keeps every setting it has (the explicit
+    `quantize(model, QuantConfig(...), method=...)` form) and takes `method` (default "rtn")."""
+    own = getattr(type(config), "method", None)
+    if own is not None:
+        if method is not None and method != own:
+            raise ConfigError(f"method {method!r} given with a {type(config).__name__} (method {own!r})")
+        return config
+    method = method or "rtn"
+    if method not in METHOD_CONFIGS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHOD_CONFIGS[method](**{f.name: getattr(config, f.name) for f in dataclasses.fields(QuantConfig)})

@@ -11,10 +11,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from flatquant.io import atomic_write_text  # re-exported: older callers import it from here
 
 
 def git_commit() -> str:
@@ -66,22 +67,6 @@ def provenance(device: str | torch.device | None = None) -> dict:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temporary file beside `path`, then rename: never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and docs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _slug(s: str) -> str:

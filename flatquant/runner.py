@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from flatquant import data as data_mod
-from flatquant.api import quantize
-from flatquant.methods.flatquant import load_calibrated
+from flatquant.api import quantize_with_report
+from flatquant.calib import artifacts
 from flatquant.config import CalibConfig, QuantConfig
+from flatquant.methods.flatquant import load_calibrated_with_report
 from flatquant.results import write_record
 
 
@@ -80,12 +81,12 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
     model = copy.deepcopy(base_model)
     t = time.time()
-    if method == "flatquant" and params_dir and (Path(params_dir) / "flatquant.json").is_file() \
-            and _complete(params_dir):
-        load_calibrated(model, params_dir, qcfg, calib=calib, progress=progress)
+    if method == "flatquant" and params_dir and (Path(params_dir) / artifacts.META).is_file() \
+            and artifacts.read_meta(params_dir).get("complete"):
+        report = load_calibrated_with_report(model, params_dir, qcfg, calib=calib, progress=progress)
     else:
-        quantize(model, qcfg, method=method, calib=calib, calib_config=ccfg, seed=seed, progress=progress,
-                 artifacts=params_dir)
+        report = quantize_with_report(model, qcfg, method=method, calib=calib, calib_config=ccfg, seed=seed,
+                                      progress=progress, artifacts=params_dir)
     quant_seconds = time.time() - t
     base = {"model": model_name, "method": method, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
             "kv_bits": qcfg.kv_bits, "weight_quantizer": qcfg.weight_quantizer if method != "fp16" else "-",
@@ -96,18 +97,11 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
         base["calib"] = {"nsamples": ccfg.nsamples, "seqlen": ccfg.seqlen, "dataset": ccfg.dataset,
                          **({"epochs": ccfg.epochs, "recipe": ccfg.recipe, "lt": ccfg.learn_transform,
                              "ps": ccfg.learn_scale, "lct": ccfg.learn_clip} if method == "flatquant" else {})}
-    if hasattr(model, "flatquant_report"):
-        base["calib_layers"] = model.flatquant_report["layers"]
-    if getattr(model, "gptq_report", None) is not None and method != "fp16":
-        # windows, settings, per-layer output errors (FlatQuant: in calib_layers), or where it was loaded from
-        base["gptq"] = {k: v for k, v in model.gptq_report.items() if k != "layers" or "calib_layers" not in base}
+    # FlatQuant's per-layer losses ("calib_layers"); GPTQ's windows, settings and per-layer output errors
+    # (FlatQuant: in calib_layers), or where its weights were loaded from ("gptq")
+    base.update(report)
     base.update(extra or {})
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
     return records
 
-
-def _complete(params_dir) -> bool:
-    from flatquant.calib.artifacts import read_meta
-
-    return bool(read_meta(params_dir).get("complete"))

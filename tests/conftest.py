@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised Llama / Qwen2 models and a tokenizer built offline.
+"""Shared fixtures: tiny randomly initialised Llama / Qwen2 / Qwen3 models and a tokenizer built offline.
 
 Nothing here downloads: the tokenizer is a byte-level BPE trained on a few sentences at test time.
 """
@@ -13,6 +13,19 @@ import torch
 # Triton reads TRITON_INTERPRET when a kernel module is imported, and any test may import one first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests-only calibration preset (the CLI offers it only while the tests run): tiny windows, 2 epochs.
+TINY_PRESET = dict(nsamples=4, seqlen=32, epochs=2, batch_size=2)
+
+
+def register_tiny_preset() -> None:
+    from flatquant import config
+
+    config.PRESETS.setdefault("tiny", TINY_PRESET)
+    config.PRESET_EVAL_WINDOWS.setdefault("tiny", 2)
+
+
+register_tiny_preset()
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Quantization maps floating point numbers to a small "
@@ -52,7 +65,7 @@ def make_tokenizer():
 
 def build_model(family: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides):
     """A tiny random causal LM of the given family, in float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     cfg = {**TINY_CONFIG, "vocab_size": vocab_size, **overrides}
@@ -60,6 +73,8 @@ def build_model(family: str = "llama", vocab_size: int = 320, seed: int = 0, **o
         model = LlamaForCausalLM(LlamaConfig(**cfg))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**cfg))  # q/k/v carry a bias
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**{"head_dim": 16, **cfg}))  # per-head RMSNorm on q and k
     else:
         raise ValueError(family)
     # Random init gives near-zero logits; larger weights make quantization error visible in tests.

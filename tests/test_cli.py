@@ -158,6 +158,29 @@ def test_quantize_reuses_complete_output(env, tmp_path, capsys, monkeypatch):
     assert "parameters saved to" in stdout
 
 
+@pytest.mark.parametrize("method", ["quarot", "smoothquant"])
+def test_cli_and_python_give_the_same_result(env, tmp_path, capsys, method):
+    """`flatquant eval --method M` with no quantizer options == quantize(model, MConfig()) in Python: same
+    defaults (weight clip search included), same perplexity to the last bit."""
+    from flatquant import QuaRotConfig, SmoothQuantConfig, calib_preset, quantize
+    from flatquant.data import eval_tokens
+    from flatquant.eval.perplexity import perplexity
+    from flatquant.models import load_model
+    from flatquant.runner import calibration_data
+
+    results = tmp_path / "results"
+    rc, _, err = run(eval_args(env, results, "--method", method, "--preset", "tiny"), capsys)
+    assert rc == 0, err
+    (rec,) = records(results)
+    model, tok = load_model(str(env["model"]), device="cpu")
+    cfg = {"quarot": QuaRotConfig, "smoothquant": SmoothQuantConfig}[method]()
+    assert rec["w_clip_search"] is cfg.w_clip_search is True
+    calib = calibration_data(tok, calib_preset("tiny"), env["data"])
+    quantize(model, cfg, calib=calib, progress=False)
+    ids = eval_tokens(tok, "wikitext2", data_dir=env["data"], seqlen=32)
+    assert perplexity(model, ids, seqlen=32, max_windows=2, batch_size=2, progress=False)["ppl"] == rec["ppl"]
+
+
 def test_eval_gptq_record_next_to_rtn(env, tmp_path, capsys):
     """--weight-quantizer gptq: calibration windows from the preset, its own record (RTN's name unchanged)."""
     results = tmp_path / "results"

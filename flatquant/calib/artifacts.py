@@ -9,6 +9,7 @@ and a rerun resumes after the last complete layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flatquant.config import CalibConfig, QuantConfig
-from flatquant.errors import CheckpointError
 from flatquant.core.modules import QuantLinear
-from flatquant.results import atomic_write_text
+from flatquant.errors import CheckpointError
+from flatquant.io import atomic_write_text
+from flatquant.models.families import Family
 
 FORMAT = "flatquant-params-v1"
 META = "flatquant.json"
@@ -30,7 +32,7 @@ SIZE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_he
 
 def model_sizes(config) -> dict:
     sizes = {k: getattr(config, k, None) for k in SIZE_KEYS}
-    sizes["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes["head_dim"] = Family.head_dim(config)
     return sizes
 
 
@@ -53,6 +55,74 @@ def check_model_matches(meta: dict, config) -> None:
     if diff:
         k, (saved, now) = next(iter(diff.items()))
         raise CheckpointError(f"saved transforms do not fit this model: {k} is {saved} in the file, {now} in the model")
+
+
+def layer_path(out_dir: str | Path, i: int) -> Path:
+    return Path(out_dir) / "layers" / f"layer_{i:03d}.safetensors"
+
+
+def check_finished(folder: str | Path, what: str = "--params") -> dict:
+    """The settings of a finished calibration folder (`flatquant quantize --output`); CheckpointError otherwise."""
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{what} {folder}: no such folder (create it with `flatquant quantize --output`)")
+    meta = read_meta(folder)
+    if not meta.get("complete"):
+        raise CheckpointError(f"{what} {folder}: the calibration there is unfinished "
+                              "(finish it with `flatquant quantize --output` on that folder)")
+    return meta
+
+
+def check_layer_files(folder: Path, meta: dict) -> None:
+    """Each saved layer file has a readable safetensors header (a truncated file fails here, early)."""
+    from safetensors import safe_open
+
+    layers = meta.get("layers_done", []) if not meta.get("complete") else \
+        range(int(meta.get("sizes", {}).get("num_hidden_layers") or 0))
+    for i in layers:
+        path = layer_path(folder, i)
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: parameters for layer {i} are missing ({path.name})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__})") from None
+
+
+def check_saved_calibration(folder: Path, model_config, qcfg: QuantConfig, ccfg: CalibConfig | None) -> dict:
+    """Saved parameters in `folder` fit the model (sizes) and, when ccfg is given, the requested settings
+    (checked before any work, so a mismatch costs nothing). Returns the folder's settings."""
+    meta = read_meta(folder)
+    if not isinstance(meta.get("sizes"), dict) or not isinstance(meta.get("calib"), dict) \
+            or not isinstance(meta.get("quant"), dict):
+        raise CheckpointError(f"{folder}/{META}: missing sizes/quant/calib settings")
+    check_model_matches(meta, model_config)
+    quant_differs = QuantConfig.normalized(meta["quant"]) != qcfg.to_dict()  # older files lack newer fields
+    if ccfg is not None and (quant_differs or CalibConfig.recipe_settings(meta["calib"])
+                             != CalibConfig.recipe_settings(ccfg.to_dict())):
+        key = "quantization settings (bits, weight quantizer)" if quant_differs else "calibration settings"
+        raise CheckpointError(f"{folder} holds a calibration with other {key}; "
+                              "use --no-resume to replace it, or another --output")
+    check_layer_files(folder, meta)
+    return meta
+
+
+def eval_weight_settings(qcfg: QuantConfig, meta: dict, requested: str | None = None) -> QuantConfig:
+    """The settings to evaluate a saved calibration with: unless another weight quantizer is `requested`,
+    the saved one with its GPTQ settings (the weights as saved)."""
+    saved = QuantConfig.from_dict(meta["quant"])
+    if requested not in (None, saved.weight_quantizer):
+        return qcfg
+    return dataclasses.replace(qcfg, weight_quantizer=saved.weight_quantizer, gptq_damp=saved.gptq_damp,
+                               gptq_block=saved.gptq_block, gptq_act_order=saved.gptq_act_order)
+
+
+def gptq_plan(meta: dict, qcfg: QuantConfig) -> str | None:
+    """How GPTQ weights for qcfg come from a saved calibration: "saved" (reuse the saved codes: made with
+    the same weight settings), "run" (compute them now, on calibration windows) or None (RTN weights)."""
+    if qcfg.weight_quantizer != "gptq":
+        return None
+    return "saved" if QuantConfig.from_dict(meta["quant"]).gptq_settings() == qcfg.gptq_settings() else "run"
 
 
 def _is_gptq(key: str) -> bool:
@@ -132,7 +202,7 @@ class LayerStore:
             self.meta["layers_done"] = old.get("layers_done", [])
 
     def _path(self, i: int) -> Path:
-        return self.dir / "layers" / f"layer_{i:03d}.safetensors"
+        return layer_path(self.dir, i)
 
     def clear(self) -> None:
         if (self.dir / "layers").is_dir():

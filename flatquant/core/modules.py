@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatquant.config import QuantConfig
-from flatquant.models.families import Family
 from flatquant.core.quantizer import Quantizer, dequantize
 from flatquant.core.transforms import Transform, kron_apply
+from flatquant.models.families import Family
 
 ATTN_IMPL = "flatquant"
 
@@ -232,30 +232,21 @@ def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transform
         raise RuntimeError("layer is already quantized")
     layer.fq_transforms = transforms.as_module_dict()
     lin = family.linears(layer)
-    t = transforms
-
-    qkv_site = ActSite(t.attn_in, _act_quantizer(cfg.act_bits("q_proj"), cfg, learnable_clip))
-    family.set_norm(layer, "input", NormWithSite(family.norm(layer, "input"), qkv_site))
-    mlp_site = ActSite(t.mlp_in, _act_quantizer(cfg.act_bits("gate_proj"), cfg, learnable_clip))
-    family.set_norm(layer, "post", NormWithSite(family.norm(layer, "post"), mlp_site))
-
-    def wq(role):
-        return _weight_quantizer(cfg.weight_bits(role), cfg, lin[role].out_features, learnable_clip)
-
-    for role in ("q_proj", "k_proj"):
-        family.set_linear(layer, role, QuantLinear(lin[role], wq(role), in_transform=t.attn_in))
-    family.set_linear(layer, "v_proj", QuantLinear(lin["v_proj"], wq("v_proj"), in_transform=t.attn_in,
-                                                   out_transform=t.v_head))
-    o_site = ActSite(t.o_in, _act_quantizer(cfg.act_bits("o_proj"), cfg, learnable_clip))
-    family.set_linear(layer, "o_proj", QuantLinear(lin["o_proj"], wq("o_proj"), o_site, in_transform=t.o_in))
-    for role in ("gate_proj", "up_proj"):
-        family.set_linear(layer, role, QuantLinear(lin[role], wq(role), in_transform=t.mlp_in))
-    d_site = ActSite(t.down_in, _act_quantizer(cfg.act_bits("down_proj"), cfg, learnable_clip))
-    family.set_linear(layer, "down_proj", QuantLinear(lin["down_proj"], wq("down_proj"), d_site,
-                                                      in_transform=t.down_in))
-
+    v_role = family.kv[1]
+    for site, roles in family.sites.items():
+        t_in = getattr(transforms, site)
+        act = ActSite(t_in, _act_quantizer(cfg.act_bits(roles[0]), cfg, learnable_clip))
+        norm = family.site_norm(site)
+        if norm is not None:  # a shared input: transformed and quantized once, behind its norm
+            family.set_norm(layer, norm, NormWithSite(family.norm(layer, norm), act))
+        for role in roles:
+            wq = _weight_quantizer(cfg.weight_bits(role), cfg, lin[role].out_features, learnable_clip)
+            out_t = transforms.v_head if role == v_role else None  # P_v folds into the value rows
+            family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm else act, in_transform=t_in,
+                                                       out_transform=out_t))
     kv_q = dict(symmetric=not cfg.kv_asym, clip_ratio=cfg.kv_clip_ratio, learnable_clip=learnable_clip)
-    family.attention(layer).fq_kv = KVQuant(t.k_head, Quantizer(cfg.kv_bits, **kv_q), Quantizer(cfg.kv_bits, **kv_q))
+    family.attention(layer).fq_kv = KVQuant(transforms.k_head, Quantizer(cfg.kv_bits, **kv_q),
+                                            Quantizer(cfg.kv_bits, **kv_q))
 
 
 def quant_linears(module: nn.Module) -> list[QuantLinear]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flatquant.models.families import family_for
 from flatquant.core.modules import QuantLinear, freeze, unfreeze
 from flatquant.core.quantizer import Quantizer
+from flatquant.models.families import family_for
 
 
 @torch.no_grad()
@@ -38,15 +38,21 @@ def reparameterize(model: nn.Module) -> nn.Module:
                 m.clear_gptq()  # GPTQ weights included: they are what `w` holds now
         t = layer.fq_transforms
         lin = family.linears(layer)
-        for site, norm in (("attn_in", family.norm(layer, "input")), ("mlp_in", family.norm(layer, "post"))):
+        for site in family.sites:  # a scale moves into the norm or projection that produces the site
+            if family.site_norm(site) is None and site not in family.producer:
+                continue  # o_in: attention cannot absorb a scale
             c = t[site].fold_scale() if site in t else None
-            if c is not None:
-                norm.norm.weight.div_(c.to(torch.float64))
-        c = t["down_in"].fold_scale() if "down_in" in t else None
-        if c is not None:
-            lin["up_proj"].weight.div_(c.to(torch.float64).unsqueeze(1))
-            if lin["up_proj"].bias is not None:
-                lin["up_proj"].bias.div_(c.to(torch.float64))
+            if c is None:
+                continue
+            c = c.to(torch.float64)
+            norm = family.site_norm(site)
+            if norm is not None:
+                family.norm(layer, norm).norm.weight.div_(c)
+            else:
+                producer = lin[family.producer[site]]
+                producer.weight.div_(c.unsqueeze(1))
+                if producer.bias is not None:
+                    producer.bias.div_(c)
         freeze(layer, dtype=dtype)
         layer.to(dtype)
     return model

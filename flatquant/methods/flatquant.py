@@ -7,12 +7,11 @@ layer's inputs are this layer's full-precision outputs. Each finished layer is c
 interrupted run resumes where it stopped and ends with the same result.
 
 With weight_quantizer "gptq" the training still sees RTN weights (as in the paper); once every layer is
-trained, GPTQ (flatquant/gptq.py) replaces the weights layer by layer on the same calibration windows.
+trained, GPTQ (flatquant/methods/gptq.py) replaces the weights layer by layer on the same calibration windows.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -22,17 +21,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flatquant.calib import artifacts as artifacts
+from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
+from flatquant.calib.train_step import LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
-from flatquant.errors import CheckpointError
-from flatquant.models.families import Family, family_for
-from flatquant.methods.smoothquant import smooth_scale
 from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
-from flatquant.calib.train_step import LayerStepper, autocast, layer_output, run_layer
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
+from flatquant.errors import CheckpointError
+from flatquant.methods import gptq
+from flatquant.methods.smoothquant import site_scales
+from flatquant.models.families import Family, family_for
 
-
-class _Captured(Exception):
-    pass
+__all__ = ["calibrate", "calibrate_layer", "capture_layer_inputs", "layer_transforms", "load_calibrated",
+           "load_calibrated_with_report", "train_layer"]
 
 
 def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
@@ -40,7 +40,7 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
     """The learnable transforms of one decoder layer, as the ablation flags ask (LT, PS)."""
     hidden, inter = model_config.hidden_size, model_config.intermediate_size
     heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    head_dim = family_for(model_config).head_dim(model_config)
     par = "svd" if cfg.recipe == "svd-amp" else "direct"
     init_scales = init_scales or {}
 
@@ -64,67 +64,6 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
         mlp_in=affine(hidden, "mlp_in"), down_in=affine(inter, "down_in"),
         k_head=affine(head_dim, factors=(1, head_dim)),
     )
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype):
-    """Run the model up to its first decoder layer for each window; return (inputs, layer kwargs)."""
-    layers = family.decoder_layers(model)
-    device = next(model.parameters()).device
-    inps = torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size, dtype=dtype, device=device)
-    kwargs_seen: dict = {}
-
-    def hook(_mod, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        inps[hook.i] = hs[0].to(dtype)
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(windows.shape[0]):  # batch 1: position embeddings then broadcast over any batch
-            hook.i = i
-            try:
-                model(windows[i:i + 1].to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    kwargs_seen.pop("past_key_values", None)
-    kwargs_seen["use_cache"] = False
-    return inps, kwargs_seen
-
-
-@torch.no_grad()
-def _input_absmax(layer, family: Family, inps, kwargs, batch_size) -> tuple[torch.Tensor, dict]:
-    """Full-precision outputs of `layer`, and the per-channel max |x| at its three scalable inputs."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def rec(key):
-        def hook(_m, args, output=None):
-            x = output if output is not None else args[0]
-            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()
-            stats[key] = m if key not in stats else torch.maximum(stats[key], m)
-        return hook
-
-    lin = family.linears(layer)
-    hooks = [family.norm(layer, "input").register_forward_hook(lambda m, a, o, f=rec("attn_in"): f(m, a, o)),
-             family.norm(layer, "post").register_forward_hook(lambda m, a, o, f=rec("mlp_in"): f(m, a, o)),
-             lin["down_proj"].register_forward_pre_hook(rec("down_in"))]
-    try:
-        out = run_layer(layer, inps, kwargs, batch_size, out=torch.empty_like(inps))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, stats
-
-
-def _init_scales(layer, family: Family, stats: dict) -> dict[str, torch.Tensor]:
-    lin = family.linears(layer)
-    consumers = {"attn_in": ("q_proj", "k_proj", "v_proj"), "mlp_in": ("gate_proj", "up_proj"),
-                 "down_in": ("down_proj",)}
-    return {site: smooth_scale(stats[site], [lin[r].weight for r in roles]) for site, roles in consumers.items()}
 
 
 @torch.no_grad()
@@ -213,12 +152,12 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start."""
     device = inps.device
     layer = layer.float()
-    targets, stats = _input_absmax(layer, family, inps, kwargs, cfg.batch_size)
+    targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size, out=torch.empty_like(inps))
     original = copy.deepcopy(layer) if saved is None else None
     use_amp = amp
     while True:
         gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
-        transforms = layer_transforms(model_config, cfg, gen, _init_scales(layer, family, stats))
+        transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats))
         quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
         layer.to(device)
         if saved is not None:
@@ -239,11 +178,13 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
 
 def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: CalibConfig, seed: int = 0,
               progress: bool = True, out_dir: str | Path | None = None, resume: bool = True,
-              log=None) -> nn.Module:
+              log=None) -> dict:
     """Calibrate FlatQuant on `windows` (nsamples, seqlen) and quantize `model` in place.
 
     out_dir: if given, the learned parameters are saved there (safetensors per layer + JSON settings)
-    and a run interrupted earlier resumes from the layers already saved."""
+    and a run interrupted earlier resumes from the layers already saved. Returns the report:
+    {"calib_layers": one row per layer (losses, resumed, and with GPTQ its output errors), "gptq": GPTQ's
+    settings and time (with GPTQ weights only)}."""
     if windows is None:
         raise ValueError("flatquant needs calibration windows")
     family = family_for(model)
@@ -251,67 +192,68 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     amp = cfg.recipe == "svd-amp" and device.type == "cuda"
-    store_dtype = model_dtype if device.type == "cuda" else torch.float32
     log = log or (lambda msg: tqdm.write(msg))
     store = artifacts.LayerStore(out_dir, model.config, qcfg, cfg) if out_dir is not None else None
     if store is not None and not resume:
         store.clear()
 
     install_attention_hook(model)
-    t0 = time.time()
-    gptq = qcfg.weight_quantizer == "gptq"
+    with_gptq = qcfg.weight_quantizer == "gptq"
     states = []  # with GPTQ: each layer's learned float32 tensors, for GPTQ's target weights
-    inps, kwargs = capture_layer_inputs(model, family, windows, store_dtype)
-    report = []
-    bar = tqdm(range(len(layers)), desc="flatquant layers", disable=not progress)
-    for i in bar:
+
+    def step(i, layer, inps, kwargs):
         saved = store.load_layer(i) if store is not None and resume else None
-        layer, targets, row = calibrate_layer(layers[i], family, model.config, qcfg, cfg, inps, kwargs,
+        layer, targets, row = calibrate_layer(layer, family, model.config, qcfg, cfg, inps, kwargs,
                                               seed * 100003 + i, amp, saved=saved, log=log, index=i)
         layers[i] = layer
         if store is not None and saved is None:
             store.save_layer(i, layer)
-        if gptq:
+        if with_gptq:
             states.append(artifacts.layer_state(layer))
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
-        report.append(row)
-        bar.set_postfix(loss=f"{row['loss_before']:.3g}->{row['loss_after']:.3g}")
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
             + (" (resumed)" if saved is not None else ""))
-        inps = targets  # full-precision outputs feed the next layer
-    inps = targets = None  # free the activations before GPTQ captures its own
-    gptq_summary = None
-    if gptq:  # an interrupted GPTQ pass reruns whole: each layer's inputs depend on the GPTQ layers before it
-        from flatquant.methods.gptq import apply_gptq
+        return targets, row  # full-precision outputs feed the next layer
 
-        rows = apply_gptq(model, windows, qcfg, batch_size=cfg.batch_size, progress=progress, log=log,
-                          restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j),
-                          on_layer_done=(lambda j, lay: store.save_layer(j, lay)) if store is not None else None)
-        for row, g in zip(report, rows):
-            row["gptq_rtn_err"], row["gptq_err"] = g["rtn_err"], g["gptq_err"]
-        gptq_summary = {k: v for k, v in model.gptq_report.items() if k != "layers"}
-    model.flatquant_report = {"layers": report, "seconds": time.time() - t0}
+    report = run_layerwise(model, family, windows, step, dtype=store_dtype(model), desc="flatquant layers",
+                           progress=progress)
+    out = {"calib_layers": report}
+    if with_gptq:  # an interrupted GPTQ pass reruns whole: each layer's inputs depend on the GPTQ layers before it
+        g = gptq.apply_gptq(model, windows, qcfg, batch_size=cfg.batch_size, progress=progress, log=log,
+                       restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j),
+                       on_layer_done=(lambda j, lay: store.save_layer(j, lay)) if store is not None else None)
+        for row, r in zip(report, g["layers"]):
+            row["gptq_rtn_err"], row["gptq_err"] = r["rtn_err"], r["gptq_err"]
+        out["gptq"] = {k: v for k, v in g.items() if k != "layers"}
     if store is not None:
-        store.finish(report, gptq_summary)
-    return model
+        store.finish(report, out.get("gptq"))
+    return out
 
 
 def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | None = None,
                     calib: torch.Tensor | None = None, batch_size: int = 4, progress: bool = False,
                     log=None) -> nn.Module:
-    """Quantize `model` with FlatQuant parameters saved by `calibrate` (no recalibration).
+    """Quantize `model` with FlatQuant parameters saved by `calibrate` (no recalibration); returns it.
 
     qcfg may change the bit widths used at evaluation; the transforms are reused as learned. Weights:
     RTN, or with qcfg.weight_quantizer "gptq" the saved GPTQ weights when they were made with the same
-    weight settings (QuantConfig.gptq_settings), else GPTQ runs now on `calib` (post-hoc GPTQ on the
+    weight settings (artifacts.gptq_plan), else GPTQ runs now on `calib` (post-hoc GPTQ on the
     learned transforms)."""
+    load_calibrated_with_report(model, out_dir, qcfg, calib, batch_size, progress, log)
+    return model
+
+
+def load_calibrated_with_report(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | None = None,
+                                calib: torch.Tensor | None = None, batch_size: int = 4, progress: bool = False,
+                                log=None) -> dict:
+    """`load_calibrated`, returning the report instead: {"gptq": ...} where GPTQ weights were loaded
+    ("loaded_from") or computed now, else {}."""
     meta = artifacts.read_meta(out_dir)
     saved_q, cfg = QuantConfig.from_dict(meta["quant"]), CalibConfig.from_dict(meta["calib"])
     qcfg = qcfg or saved_q
-    saved_gptq = qcfg.weight_quantizer == "gptq" and saved_q.gptq_settings() == qcfg.gptq_settings()
-    posthoc = qcfg.weight_quantizer == "gptq" and not saved_gptq
-    if posthoc and calib is None:
+    plan = artifacts.gptq_plan(meta, qcfg)
+    if plan == "run" and calib is None:
         raise ConfigError(f"{out_dir} holds no GPTQ weights for these settings, and GPTQ needs calibration "
                           "windows to compute them")
     family = family_for(model)
@@ -329,20 +271,14 @@ def load_calibrated(model: nn.Module, out_dir: str | Path, qcfg: QuantConfig | N
         transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0))
         quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
         layer.to(device)
-        artifacts.load_layer_state(layer, saved, i, gptq=saved_gptq)
-        if posthoc:
+        artifacts.load_layer_state(layer, saved, i, gptq=plan == "saved")
+        if plan == "run":
             states.append(saved)
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
-    if posthoc:
-        from flatquant.methods.gptq import apply_gptq
-
-        apply_gptq(model, calib, qcfg, batch_size=batch_size, progress=progress, log=log,
-                   restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j))
-    elif saved_gptq:
-        model.gptq_report = {**meta.get("gptq", {}), "loaded_from": str(out_dir)}
-    return model
-
-
-def summary_json(model) -> str:
-    return json.dumps(getattr(model, "flatquant_report", {}), indent=2)
+    if plan == "run":
+        return {"gptq": gptq.apply_gptq(model, calib, qcfg, batch_size=batch_size, progress=progress, log=log,
+                                   restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j))}
+    if plan == "saved":
+        return {"gptq": {**meta.get("gptq", {}), "loaded_from": str(out_dir)}}
+    return {}

@@ -39,14 +39,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flatquant.calib.layerwise import run_layerwise, store_dtype
+from flatquant.calib.train_step import run_layer
 from flatquant.config import ConfigError, QuantConfig
-from flatquant.errors import FlatQuantError
+from flatquant.core.modules import freeze, unfreeze
 from flatquant.core.quantizer import Quantizer, dequantize, quantize_asymmetric, quantize_symmetric
+from flatquant.errors import FlatQuantError
+from flatquant.models.families import family_for
 
 DAMP_RETRIES = 4  # Cholesky attempts; each one multiplies the dampening by 10
-# The four input sites of a decoder layer and the projections that read each one: one Hessian per site.
-SITES = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
-         "down_in": ("down_proj",)}
 
 
 class GPTQError(FlatQuantError):
@@ -202,9 +203,12 @@ def quantizer_alpha(q: Quantizer) -> torch.Tensor | float:
 
 def _site_quantizers(layer: nn.Module, family) -> dict[str, Quantizer]:
     """The activation quantizer of each input site: its input is the linears' actual (transformed) input."""
-    lin = family.linears(layer)
-    return {"attn_in": family.norm(layer, "input").site.quantizer, "o_in": lin["o_proj"].input_site.quantizer,
-            "mlp_in": family.norm(layer, "post").site.quantizer, "down_in": lin["down_proj"].input_site.quantizer}
+    out = {}
+    for site in family.sites:
+        norm = family.site_norm(site)
+        out[site] = (family.norm(layer, norm).site if norm is not None
+                     else family.site_linears(layer, site)[0].input_site).quantizer
+    return out
 
 
 def _tensors(module: nn.Module):
@@ -225,10 +229,9 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
     The layer must be unfrozen, with its parameters at the precision its target weights should be read at.
     Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
     linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs)."""
-    lin = family.linears(layer)
     ref = rtn = new = 0.0
-    for site, roles in SITES.items():
-        mods = [lin[r] for r in roles if lin[r].w_quantizer.enabled]
+    for site in family.sites:
+        mods = [m for m in family.site_linears(layer, site) if m.w_quantizer.enabled]
         if not mods:
             continue
         h = hessians[site]
@@ -251,7 +254,7 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
 @torch.no_grad()
 def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: QuantConfig, batch_size: int = 4,
                progress: bool = True, log=None, restore: Callable[[int, nn.Module], None] | None = None,
-               on_layer_done: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
+               on_layer_done: Callable[[int, nn.Module], None] | None = None) -> dict:
     """GPTQ weights for every quantized linear of `model` (quantized with its transforms and frozen), layer by
     layer as GPTQ does: the Hessians of a layer's four input sites come from one forward pass of the layer as
     it evaluates (transforms, activation and KV quantization, its current weights) on the outputs of the
@@ -261,29 +264,19 @@ def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: Quant
 
     restore(i, layer): called on the unfrozen float32 layer before its target weights are read (FlatQuant
     puts back its learned float32 parameters). on_layer_done(i, layer): after the codes are set, still in
-    float32 (to save it). Returns one row per layer ({"layer", "rtn_err", "gptq_err", "seconds"}); the
-    summary is also left in `model.gptq_report`."""
-    from flatquant.methods.flatquant import capture_layer_inputs
-    from flatquant.models.families import family_for
-    from flatquant.core.modules import freeze, unfreeze
-    from flatquant.calib.train_step import run_layer
-
+    float32 (to save it). Returns the report: the windows, settings and seconds, and "layers" (one row per
+    layer: {"layer", "rtn_err", "gptq_err", "seconds"})."""
     if calib_windows is None:
         raise ConfigError("GPTQ needs calibration windows")
     family = family_for(model)
-    layers = family.decoder_layers(model)
-    if not all(hasattr(layer, "fq_transforms") for layer in layers):
+    if not all(hasattr(layer, "fq_transforms") for layer in family.decoder_layers(model)):
         raise ValueError("apply_gptq needs a quantized model (quantize its layers first)")
     log = log or (lambda msg: tqdm.write(msg))
-    device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
-    store_dtype = model_dtype if device.type == "cuda" else torch.float32
     t0 = time.time()
-    inps, kwargs = capture_layer_inputs(model, family, calib_windows, store_dtype)
-    rows = []
-    for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
+
+    def step(i, layer, inps, kwargs):
         t = time.time()
-        layer = layers[i]
         dtypes = {name: x.dtype for name, x in _tensors(layer)}
         hessians: dict[str, Hessian] = {}
 
@@ -310,10 +303,12 @@ def apply_gptq(model: nn.Module, calib_windows: torch.Tensor | None, qcfg: Quant
         _restore_dtypes(layer, dtypes)
         run_layer(layer, inps, kwargs, batch_size, model_dtype, out=inps)  # in place: batch by batch
         row["seconds"] = round(time.time() - t, 2)
-        rows.append(row)
         log(f"gptq layer {i:3d}: linear output error (relative) rtn {row['rtn_err']:.4g} -> gptq "
             f"{row['gptq_err']:.4g} ({row['seconds']:.1f} s)")
-    model.gptq_report = {"nsamples": int(calib_windows.shape[0]), "seqlen": int(calib_windows.shape[1]),
-                         "damp": qcfg.gptq_damp, "block": qcfg.gptq_block, "act_order": qcfg.gptq_act_order,
-                         "seconds": round(time.time() - t0, 2), "layers": rows}
-    return rows
+        return inps, row
+
+    rows = run_layerwise(model, family, calib_windows, step, dtype=store_dtype(model), desc="gptq layers",
+                         progress=progress)
+    return {"nsamples": int(calib_windows.shape[0]), "seqlen": int(calib_windows.shape[1]),
+            "damp": qcfg.gptq_damp, "block": qcfg.gptq_block, "act_order": qcfg.gptq_act_order,
+            "seconds": round(time.time() - t0, 2), "layers": rows}

@@ -18,7 +18,7 @@ def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[Laye
     conf = model.config
     hidden, inter = conf.hidden_size, conf.intermediate_size
     heads = conf.num_attention_heads
-    head_dim = getattr(conf, "head_dim", None) or hidden // heads
+    head_dim = family.head_dim(conf)
     out = []
     for _ in family.decoder_layers(model):
         o_in = FixedKronecker.random_hadamard(heads * head_dim, gen, factors=(heads, head_dim), signs=False,

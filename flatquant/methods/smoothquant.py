@@ -13,6 +13,7 @@ from flatquant.core.transforms import ChannelScale
 from flatquant.methods.stats import input_absmax
 
 ALPHA = 0.5
+SCALED_SITES = ("attn_in", "mlp_in", "down_in")  # o_in: attention cannot absorb a scale under GQA
 
 
 def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = ALPHA) -> torch.Tensor:
@@ -21,17 +22,16 @@ def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return c.clamp(min=1e-5)
 
 
+def site_scales(layer, family, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scale of each site that can fold one (SCALED_SITES), from its activation max |x| and the weights
+    of the projections that read it."""
+    return {site: smooth_scale(stats[site], [m.weight for m in family.site_linears(layer, site)])
+            for site in SCALED_SITES}
+
+
 def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:
     if calib is None:
         raise ValueError("smoothquant needs calibration windows for its activation statistics")
     stats = input_absmax(model, family, calib)
-    out = []
-    for i, layer in enumerate(family.decoder_layers(model)):
-        lin = family.linears(layer)
-        out.append(LayerTransforms(
-            attn_in=ChannelScale(smooth_scale(stats[i]["attn_in"],
-                                              [lin[r].weight for r in ("q_proj", "k_proj", "v_proj")])),
-            mlp_in=ChannelScale(smooth_scale(stats[i]["mlp_in"], [lin[r].weight for r in ("gate_proj", "up_proj")])),
-            down_in=ChannelScale(smooth_scale(stats[i]["down_in"], [lin["down_proj"].weight])),
-        ))
-    return out
+    return [LayerTransforms(**{site: ChannelScale(c) for site, c in site_scales(layer, family, stats[i]).items()})
+            for i, layer in enumerate(family.decoder_layers(model))]

@@ -11,6 +11,14 @@ from torch import nn
 
 from flatquant.errors import ModelError
 
+# The input sites of a decoder layer and the projections (by role) that read each one. attn_in and mlp_in
+# are shared inputs behind a norm (NORM_SITES); o_in and down_in feed one projection each.
+SITES: dict[str, tuple[str, ...]] = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",),
+                                     "mlp_in": ("gate_proj", "up_proj"), "down_in": ("down_proj",)}
+NORM_SITES = {"attn_in": "input", "mlp_in": "post"}  # site -> the norm (Family.norm) that produces it
+ROLES = tuple(r for roles in SITES.values() for r in roles)
+ATTN_ROLES = SITES["attn_in"] + SITES["o_in"]
+
 
 @dataclass(frozen=True)
 class Family:
@@ -28,8 +36,38 @@ class Family:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
-    qkv_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+
+    # ---- site map --------------------------------------------------------------------------
+    @property
+    def sites(self) -> dict[str, tuple[str, ...]]:
+        """Input site -> the projection roles that read it (in a fixed order)."""
+        return SITES
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES
+
+    @property
+    def kv(self) -> tuple[str, str]:
+        """The roles whose outputs are the KV cache (keys, values)."""
+        return SITES["attn_in"][1], SITES["attn_in"][2]
+
+    @property
+    def producer(self) -> dict[str, str]:
+        """Site -> the projection whose output rows produce it (only where a scale folds into them)."""
+        return {"down_in": SITES["mlp_in"][1]}
+
+    @staticmethod
+    def head_dim(config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def site_norm(self, site: str) -> str | None:
+        """"input" / "post" for a site fed through a norm, None for a site fed by one projection."""
+        return NORM_SITES.get(site)
+
+    def site_linears(self, layer: nn.Module, site: str) -> list[nn.Module]:
+        lin = self.linears(layer)
+        return [lin[r] for r in SITES[site]]
 
     # ---- lookups -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -44,15 +82,10 @@ class Family:
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         """The seven projections of a decoder layer, by role name."""
         attn, mlp = self.attention(layer), self.mlp_module(layer)
-        return {
-            "q_proj": getattr(attn, self.q_proj), "k_proj": getattr(attn, self.k_proj),
-            "v_proj": getattr(attn, self.v_proj), "o_proj": getattr(attn, self.o_proj),
-            "gate_proj": getattr(mlp, self.gate_proj), "up_proj": getattr(mlp, self.up_proj),
-            "down_proj": getattr(mlp, self.down_proj),
-        }
+        return {r: getattr(attn if r in ATTN_ROLES else mlp, getattr(self, r)) for r in ROLES}
 
     def set_linear(self, layer: nn.Module, role: str, module: nn.Module) -> None:
-        parent = self.attention(layer) if role in ("q_proj", "k_proj", "v_proj", "o_proj") else self.mlp_module(layer)
+        parent = self.attention(layer) if role in ATTN_ROLES else self.mlp_module(layer)
         setattr(parent, getattr(self, role), module)
 
     def norm(self, layer: nn.Module, which: str) -> nn.Module:
@@ -71,8 +104,8 @@ def _get(root: nn.Module, dotted: str):
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral")),
-    "qwen2": Family("qwen2", ("qwen2",), qkv_bias=True),
-    "qwen3": Family("qwen3", ("qwen3",), qk_norm=True),
+    "qwen2": Family("qwen2", ("qwen2",)),  # q/k/v carry a bias: QuantLinear keeps any bias
+    "qwen3": Family("qwen3", ("qwen3",)),  # per-head q/k norm sits inside attention, before RoPE and the KV hook
 }
 
 

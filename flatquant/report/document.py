@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
+from flatquant.io import atomic_write_text
 from flatquant.report.common import KERNEL_KIND, _caption, _commands, _distinct, _fmt_scalar, _short_commit, _table
 from flatquant.report.kernels import classify, kernels_section
 from flatquant.report.plots import make_plots
@@ -40,9 +40,9 @@ from flatquant.report.tables import (
     recipe_section,
     zeroshot_section,
 )
-from flatquant.results import atomic_write_text, load_records
+from flatquant.results import load_records
 
-__all__ = ["KERNEL_KIND", "load_all", "main", "make_plots", "render_markdown", "write_report"]
+__all__ = ["KERNEL_KIND", "load_all", "make_plots", "render_markdown", "write_report"]
 
 NOTE_SMOLLM2 = (
     "The SmolLM2 'FP16' baseline is the dequantized Q4_1 GGUF (SmolLM2-135M-Instruct.Q4_1.gguf): its linear "
@@ -139,7 +139,6 @@ def render_markdown(records: list[dict], plots: list[str | Path] | None = None) 
     return "\n".join(lines).rstrip() + "\n"
 
 
-
 # --------------------------------------------------------------------------------------------- entry
 ARCHIVE_DIR = "archive"
 
@@ -179,14 +178,3 @@ def write_report(results_dir: str | Path = "results", out_md: str | Path = "docs
     rel = [Path(os.path.relpath(p, out_md.parent if str(out_md.parent) else ".")) for p in plots]
     atomic_write_text(out_md, render_markdown(records, rel))
     return plots
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flatquant.report.document ARGS` is `flatquant report ARGS` (same options, checks and errors)."""
-    from flatquant.cli import main as cli_main
-
-    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

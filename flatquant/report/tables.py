@@ -54,11 +54,30 @@ from flatquant.report.common import (
 )
 
 ABLATION_FLAGS = [("lt", "LT"), ("ps", "PS"), ("lct", "LCT")]
+SECTIONS = {  # heading and introduction of each section with one table per (model, seqlen)
+    "ppl": ("Perplexity (Table 1 layout)",
+         "Lower is better. Non-overlapping windows of `seqlen` tokens (GPTQ/QuaRot/FlatQuant protocol). "
+         "**Bold**: best in its bit setting. A value marked with `(n=...)` used fewer windows than the "
+         "rest of its column."),
+    "ablation": ("Ablation (Table 3 layout)",
+         "Perplexity (lower is better) as FlatQuant's components are added to RTN W4A4KV4: LT = learnable "
+         "Kronecker transforms, PS = per-channel scaling, LCT = learnable clipping thresholds. **Bold**: best "
+         "in its column."),
+    "recipe": ("Training recipes (Table 4 layout)",
+         "FlatQuant W4A4KV4 calibrated with each training recipe: perplexity, calibration time and peak GPU "
+         "memory (largest CUDA allocation over the run: calibration and evaluation)."),
+}
 RECIPE_NOTES = {"svd-amp": "SVD-form transforms (Cayley-orthogonal factors), bf16 mixed precision",
                 "direct-fp32": "full matrices with an explicit inverse, float32"}
 
 
 # --------------------------------------------------------------------------------------------- cells
+def _section(groups: dict, key: str) -> tuple[list[str], list]:
+    """A section's heading and introduction (none when it has no groups), and its groups in table order."""
+    title, intro = SECTIONS[key]
+    return ([f"## {title}", "", intro, ""] if groups else []), sorted(groups.items(), key=_group_sort)
+
+
 def _data_txt(recs, seqlen) -> str:
     present = _present_datasets(recs)
     windows = _full_windows(recs)
@@ -104,14 +123,8 @@ def _main_recipe_txt(recs, costs: bool = True) -> str:
 
 
 def ppl_section(records) -> list[str]:
-    groups = _ppl_groups(records)
-    if not groups:
-        return []
-    out = ["## Perplexity (Table 1 layout)", "",
-           ("Lower is better. Non-overlapping windows of `seqlen` tokens (GPTQ/QuaRot/FlatQuant protocol). "
-            "**Bold**: best in its bit setting. A value marked with `(n=...)` used fewer windows than the "
-            "rest of its column."), ""]
-    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
+    out, groups = _section(_ppl_groups(records), "ppl")
+    for (model, seqlen), rows in groups:
         recs = _row_records(rows)
         full_windows = _full_windows(recs)
         extra_ds = sorted({str(r.get("dataset")) for r in recs} - {d for d, _ in DATASETS})
@@ -171,14 +184,8 @@ def _main_ref(records, model, seqlen) -> str:
 
 
 def ablation_section(records) -> list[str]:
-    groups = _ablation_groups(records)
-    if not groups:
-        return []
-    out = ["## Ablation (Table 3 layout)", "",
-           ("Perplexity (lower is better) as FlatQuant's components are added to RTN W4A4KV4: LT = learnable "
-            "Kronecker transforms, PS = per-channel scaling, LCT = learnable clipping thresholds. **Bold**: best "
-            "in its column."), ""]
-    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
+    out, groups = _section(_ablation_groups(records), "ablation")
+    for (model, seqlen), rows in groups:
         rows = dict(sorted(rows.items(), key=lambda kv: _ablation_key(kv[0])))
         table, recs = _variant_table(rows, flags=True)
         calibrated = [r for r in recs if r.get("calib")]
@@ -190,12 +197,8 @@ def ablation_section(records) -> list[str]:
 
 def recipe_section(records) -> list[str]:
     groups = _variant_groups(records, _is_recipe, lambda r: str(r["variant"])[len(RECIPE):] + _wq_suffix(r))
-    if not groups:
-        return []
-    out = ["## Training recipes (Table 4 layout)", "",
-           ("FlatQuant W4A4KV4 calibrated with each training recipe: perplexity, calibration time and peak GPU "
-            "memory (largest CUDA allocation over the run: calibration and evaluation)."), ""]
-    for (model, seqlen), rows in sorted(groups.items(), key=_group_sort):
+    out, groups = _section(groups, "recipe")
+    for (model, seqlen), rows in groups:
         recs = _row_records(rows)
         full_windows = _full_windows(recs)
         table_rows = []
@@ -281,11 +284,11 @@ def calib_cost_section(records) -> list[str]:
     per_layer = (f"s / layer = fixed + {extrap[0].split('_')[2]} × s / epoch; " if extrap else "")
     return ["## Calibration cost (one decoder layer)", "",
             ("Calibration time of one decoder layer (random weights and inputs), measured by "
-             "`benchmarks/bench_calib_layer.py` over a few epochs and extrapolated to the full number of epochs "
-             "and to the whole model."), "",
+         "`benchmarks/bench_calib_layer.py` over a few epochs and extrapolated to the full number of epochs "
+         "and to the whole model."), "",
             _table([h for h, _, _ in cols], rows, [a for _, _, a in cols]), "",
             (f"Measured over {runs} epoch(s) per shape; fixed = the once-per-layer costs (setup, CUDA graph "
              f"capture, the loss before and after training); {per_layer}model = layers × s / layer. "
-             "Peak GPU memory is the largest CUDA allocation. "
+         "Peak GPU memory is the largest CUDA allocation. "
              + _caption(recs)), ""]
 

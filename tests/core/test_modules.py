@@ -3,8 +3,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from flatquant import QuantConfig, quantize
-from flatquant.models.families import family_for
 from flatquant.core.modules import KVQuant, NormWithSite, QuantLinear, quant_linears
+from flatquant.models.families import family_for
 
 METHODS = ["rtn", "smoothquant", "quarot"]
 
@@ -13,7 +13,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", METHODS)
 def test_baselines_exact_at_16_bits(tiny_model_factory, family, method):
     model = tiny_model_factory(family)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from flatquant import QuantConfig, calib_preset, quantize
-from flatquant.methods.flatquant import calibrate, load_calibrated
-from flatquant.errors import CheckpointError
 from flatquant.core.modules import quant_linears
+from flatquant.errors import CheckpointError
+from flatquant.methods.flatquant import calibrate, load_calibrated
 
 
 def _rel(a, b):
@@ -17,7 +17,7 @@ def _windows(model, n=4, seqlen=24, seed=0):
     return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("recipe", ["svd-amp", "direct-fp32"])
 def test_all_placements_exact_at_16_bits(tiny_model_factory, family, recipe):
     model = tiny_model_factory(family)
@@ -35,8 +35,9 @@ def test_all_placements_exact_at_16_bits(tiny_model_factory, family, recipe):
 def test_calibration_lowers_layer_loss(tiny_model_factory):
     model = tiny_model_factory("llama")
     ids = _windows(model, n=8, seqlen=32)
-    calibrate(model, QuantConfig(4, 4, 4), ids, calib_preset("tiny", epochs=6, batch_size=4), progress=False)
-    for row in model.flatquant_report["layers"]:
+    report = calibrate(model, QuantConfig(4, 4, 4), ids, calib_preset("tiny", epochs=6, batch_size=4), progress=False)
+    assert not hasattr(model, "flatquant_report")  # the report is the return value
+    for row in report["calib_layers"]:
         assert row["loss_after"] < row["loss_before"]
 
 
@@ -86,8 +87,8 @@ def test_resume_equals_uninterrupted(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setattr(cal_mod, "train_layer", real_train)
     assert json.loads((tmp_path / "b" / "flatquant.json").read_text())["layers_done"] == [0]
     resumed = tiny_model_factory("llama")
-    calibrate(resumed, QuantConfig(4, 4, 4), ids, cfg, progress=False, out_dir=tmp_path / "b")
-    assert resumed.flatquant_report["layers"][0]["resumed"]
+    report = calibrate(resumed, QuantConfig(4, 4, 4), ids, cfg, progress=False, out_dir=tmp_path / "b")
+    assert report["calib_layers"][0]["resumed"]
     with torch.no_grad():
         assert torch.allclose(full(ids).logits, resumed(ids).logits, atol=1e-6)
 
@@ -120,7 +121,7 @@ def test_saved_transforms_reused_at_other_bits(tiny_model_factory, tmp_path):
         assert _rel(other(ids).logits, ref) < 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_reparameterized_model_matches_training_mode(tiny_model_factory, family):
     from flatquant.core.reparam import reparameterize
 
@@ -168,8 +169,8 @@ def test_nan_loss_under_mixed_precision_is_retried_in_float32(tiny_model_factory
 
 def test_nonfinite_inputs_are_reported_not_hidden():
     """train_layer flags a non-finite loss (checked once per epoch) instead of returning a number."""
-    from flatquant.methods.flatquant import train_layer
     from flatquant.core.transforms import KroneckerAffine
+    from flatquant.methods.flatquant import train_layer
 
     class Toy(torch.nn.Module):
         def __init__(self):

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from flatquant import QuantConfig, calib_preset, quantize
-from flatquant.methods.flatquant import calibrate, load_calibrated
+from flatquant import QuantConfig, calib_preset, quantize, quantize_with_report
 from flatquant.config import ConfigError
-from flatquant.eval.perplexity import perplexity
-from flatquant.methods.gptq import GPTQError, Hessian, factor_hessian, gptq, gptq_quantize, row_grid
 from flatquant.core.modules import quant_linears
 from flatquant.core.quantizer import fake_quantize
+from flatquant.eval.perplexity import perplexity
+from flatquant.methods.flatquant import calibrate, load_calibrated, load_calibrated_with_report
+from flatquant.methods.gptq import GPTQError, Hessian, factor_hessian, gptq, gptq_quantize, row_grid
 
 
 def _correlated_inputs(n=96, tokens=2048, seed=0):
@@ -173,16 +173,17 @@ def test_baselines_with_gptq_weights(tiny_model_factory, method):
     for bits in ((4, 4, 4), (4, 16, 16)):
         for wq in ("rtn", "gptq"):
             model = copy.deepcopy(base)
-            quantize(model, QuantConfig(*bits, weight_quantizer=wq, w_clip_search=method == "quarot"), method=method,
-                     calib=ids, progress=False)
+            report = quantize_with_report(model, QuantConfig(*bits, weight_quantizer=wq,
+                                                             w_clip_search=method == "quarot"),
+                                          method=method, calib=ids, progress=False)
             out[bits, wq] = (_logit_err(model, ids, ref),
                              perplexity(model, ids.reshape(1, -1), seqlen=32, progress=False)["ppl"])
             if wq == "gptq":
                 for m in quant_linears(model):
                     assert m.gptq_codes.dtype == torch.int8 and m.gptq_codes.abs().max() <= 8
                     assert torch.equal(m._cached[0], m.gptq_weight(m._cached[0].dtype))
-                assert [r["layer"] for r in model.gptq_report["layers"]] == [0, 1]
-                assert all(r["gptq_err"] < 0.9 * r["rtn_err"] for r in model.gptq_report["layers"])
+                assert [r["layer"] for r in report["gptq"]["layers"]] == [0, 1]
+                assert all(r["gptq_err"] < 0.9 * r["rtn_err"] for r in report["gptq"]["layers"])
     # on calibration-like data (the windows GPTQ saw): lower output error, perplexity no worse than RTN's + 2%
     (err_rtn, ppl_rtn), (err_gptq, ppl_gptq) = out[(4, 4, 4), "rtn"], out[(4, 4, 4), "gptq"]
     assert err_gptq < err_rtn and ppl_gptq == ppl_gptq and ppl_gptq < 1.02 * ppl_rtn, out
@@ -203,15 +204,15 @@ def test_flatquant_gptq_save_load_reparam(tiny_model_factory, tmp_path):
     ids = _windows(base)
     qcfg = QuantConfig(4, 4, 4, weight_quantizer="gptq")
     model = copy.deepcopy(base)
-    calibrate(model, qcfg, ids, calib_preset("tiny", nsamples=8, seqlen=32), progress=False, out_dir=tmp_path / "p")
-    rows = model.flatquant_report["layers"]
+    report = calibrate(model, qcfg, ids, calib_preset("tiny", nsamples=8, seqlen=32), progress=False,
+                       out_dir=tmp_path / "p")
+    rows = report["calib_layers"]
     assert all(r["loss_after"] < r["loss_before"] and r["gptq_err"] < r["gptq_rtn_err"] for r in rows)
     meta = json.loads((tmp_path / "p" / "flatquant.json").read_text())
     assert meta["complete"] and meta["quant"]["weight_quantizer"] == "gptq" and meta["gptq"]["nsamples"] == 8
     # saved with each layer, loaded back: identical logits, and nothing is recomputed
     fresh = copy.deepcopy(base)
-    load_calibrated(fresh, tmp_path / "p")
-    assert fresh.gptq_report["loaded_from"] == str(tmp_path / "p")
+    assert load_calibrated_with_report(fresh, tmp_path / "p")["gptq"]["loaded_from"] == str(tmp_path / "p")
     with torch.no_grad():
         logits = model(ids).logits
         assert torch.equal(logits, fresh(ids).logits)
@@ -238,8 +239,8 @@ def test_posthoc_gptq_on_rtn_parameters(tiny_model_factory, tmp_path):
         ref = base(ids).logits
     rtn, post = copy.deepcopy(base), copy.deepcopy(base)
     load_calibrated(rtn, tmp_path / "p")
-    load_calibrated(post, tmp_path / "p", qcfg, calib=ids)
-    assert all(m.has_gptq for m in quant_linears(post)) and post.gptq_report["nsamples"] == 8
+    report = load_calibrated_with_report(post, tmp_path / "p", qcfg, calib=ids)
+    assert all(m.has_gptq for m in quant_linears(post)) and report["gptq"]["nsamples"] == 8
     assert _logit_err(post, ids, ref) < _logit_err(rtn, ids, ref)
 
 
@@ -257,8 +258,8 @@ def test_parameters_saved_before_gptq_fields_still_load(tiny_model_factory, tmp_
     fresh = copy.deepcopy(base)
     load_calibrated(fresh, tmp_path / "p")
     resumed = copy.deepcopy(base)  # the saved config compares equal to today's: every layer is resumed
-    calibrate(resumed, QuantConfig(4, 4, 4), ids, cfg, progress=False, out_dir=tmp_path / "p")
-    assert all(r["resumed"] for r in resumed.flatquant_report["layers"])
+    report = calibrate(resumed, QuantConfig(4, 4, 4), ids, cfg, progress=False, out_dir=tmp_path / "p")
+    assert all(r["resumed"] for r in report["calib_layers"])
     with torch.no_grad():
         assert torch.equal(first(ids).logits, fresh(ids).logits)
         assert torch.equal(first(ids).logits, resumed(ids).logits)

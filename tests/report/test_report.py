@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 from flatquant.report import document as report
-
 from flatquant.report import kernels as report_kernels
 from flatquant.results import load_records, write_record
 
