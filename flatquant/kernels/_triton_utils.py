@@ -14,6 +14,26 @@ import triton
 import triton.language as tl
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Fixed at import, like the kernels' decoration (the interpreter is chosen before the kernel modules load).
+_INTERPRETED = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mask_and(mask, ok):
+    """mask & ok for a block mask and a scalar condition, as a boolean block. Triton 3.9's interpreter gives
+    that `&` an integer dtype (a scalar comparison keeps its operands' integer type when splatted), which
+    tl.load / tl.store refuse; `!= 0` makes it boolean there. On the GPU it is the plain `&`."""
+    if _INTERPRETED:
+        return (mask & ok) != 0
+    else:
+        return mask & ok
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (a kernel launched while the previous one finishes; it waits in
     `gdc_wait` before reading that kernel's output): Hopper (sm_90) and newer, never in the interpreter."""
@@ -62,9 +82,6 @@ def stream_state(name: str, device: torch.device, extra, make):
     return _STREAM_STATE[key]
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_dtype(dt: torch.dtype):

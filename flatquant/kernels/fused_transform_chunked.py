@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels._triton_utils import (
+    mask_and,
     _div_rn,
     _mm,
     _round_clamp_product,
@@ -124,11 +125,11 @@ def _load_chunk(xb, tok_ok, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, 
     K), in K chunks: k in [0, K0) and [K0, K0 + K1) (the second is the first again when K1 = 0: unused)."""
     a = O + tl.arange(0, C)
     k = tl.arange(0, K0)
-    Xa = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+    Xa = tl.load(xb + a[None, :] * N2 + k[:, None], mask=mask_and((k[:, None] < N2) & (a[None, :] < N1), tok_ok),
                  other=0.0).to(DT)
     if K1 > 0:
         k = K0 + tl.arange(0, K1)
-        Xb = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+        Xb = tl.load(xb + a[None, :] * N2 + k[:, None], mask=mask_and((k[:, None] < N2) & (a[None, :] < N1), tok_ok),
                      other=0.0).to(DT)
     else:
         Xb = Xa
@@ -229,10 +230,10 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
         qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         ob = out_ptr + t * stride_o + h[None, :] * N2 + j[:, None]
         if PACK:
-            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om & tok_ok)
+            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=mask_and(om, tok_ok))
         else:
-            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om & tok_ok)
-            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om & tok_ok)
+            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=mask_and(om, tok_ok))
+            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=mask_and(om, tok_ok))
 
 
 def chunked_config(config: dict | None = None) -> dict:

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels._triton_utils import (
+    mask_and,
     _div_rn,
     _mm,
     _mm_f32rhs,
@@ -162,7 +163,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
         t = (pid + it * nprog).to(tl.int64)
         tok_ok = t < M
         xb = x_ptr + t * stride_x
-        X = tl.load(xb + i[:, None] * N2 + j[None, :], mask=xmask & tok_ok, other=0.0).to(DT)
+        X = tl.load(xb + i[:, None] * N2 + j[None, :], mask=mask_and(xmask, tok_ok), other=0.0).to(DT)
         if HAS_P2:
             T = _mm(X, P2, IS_F32, INTERP)
         else:
@@ -176,7 +177,7 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
                 if HAS_P2:
                     Tr = _mm(X, P2r, IS_F32, INTERP)
                 else:
-                    Tr = tl.load(xb + i[:, None] * N2 + (j[None, :] + S) % N2, mask=xmask & tok_ok,
+                    Tr = tl.load(xb + i[:, None] * N2 + (j[None, :] + S) % N2, mask=mask_and(xmask, tok_ok),
                                  other=0.0).to(tl.float32)
                 YA = _mm_f32rhs(P1A, Tr, DT, IS_F32, SPLIT, INTERP)
                 YB = _mm_f32rhs(P1B, Tr, DT, IS_F32, SPLIT, INTERP)
@@ -189,9 +190,9 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
         if PACK:
             qhi = _quantize(Yhi, s, MAXQ, INTERP)
             byte = (qlo & 15) | ((qhi & 15) << 4)
-            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
+            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=mask_and(valid, tok_ok))
         else:
-            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
+            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=mask_and(valid, tok_ok))
     _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
 
 
@@ -230,7 +231,7 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                     for k0 in range(0, N2, BK):
                         kk = k0 + kb
                         X = tl.load(xb + i[:, None] * N2 + kk[None, :],
-                                    mask=(i[:, None] < N1) & (kk[None, :] < N2) & tok_ok, other=0.0).to(DT)
+                                    mask=mask_and((i[:, None] < N1) & (kk[None, :] < N2), tok_ok), other=0.0).to(DT)
                         pmask = (kk[:, None] < N2) & cm[None, :]
                         P2 = tl.load(p2_ptr + kk[:, None] * N2 + cols[None, :], mask=pmask, other=0.0).to(DT)
                         T += _mm(X, P2, IS_F32, INTERP)
@@ -239,7 +240,7 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                                           other=0.0).to(DT)
                             Tr += _mm(X, P2r, IS_F32, INTERP)
                 else:
-                    xm = (i[:, None] < N1) & cm[None, :] & tok_ok
+                    xm = mask_and((i[:, None] < N1) & cm[None, :], tok_ok)
                     T = tl.load(xb + i[:, None] * N2 + cols[None, :], mask=xm, other=0.0).to(DT).to(tl.float32)
                     Tr = tl.load(xb + i[:, None] * N2 + colsr[None, :], mask=xm, other=0.0).to(DT).to(tl.float32)
                 for r0 in range(0, RTOT, BR):
@@ -271,9 +272,9 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                         if PACK:
                             qhi = _quantize(Yhi, s, MAXQ, INTERP)
                             byte = (qlo & 15) | ((qhi & 15) << 4)
-                            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=valid & tok_ok)
+                            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=mask_and(valid, tok_ok))
                         else:
-                            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=valid & tok_ok)
+                            tl.store(ob + rows * N2 + c, _code_cast(qlo, ob.dtype.element_ty), mask=mask_and(valid, tok_ok))
             if ps == 0:
                 s = _scale(amax, alpha, MAXQ, INTERP)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
