@@ -148,8 +148,7 @@ def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
 
     Four full-rate instructions and no conversion unit: one IEEE addition of 1.5 * 2**23 (on the GPU
     add.rn, kept apart from the product before it, so the rounding is that of fl(v)), then
-    `_codes_of_rounded_sum`. The earlier form (clamp, rint, clamp, convert) cost two conversions per
-    element (FRND and F2I, 16 per cycle per SM on sm_90) and four min/max."""
+    `_codes_of_rounded_sum` (clamp, rint, clamp, convert would cost two conversions per element)."""
     if INTERP:
         t = v + _ROUND_MAGIC  # numpy: one IEEE float32 addition
     else:
@@ -177,9 +176,8 @@ def _div_rn(a, b, INTERP: tl.constexpr):
     hardware division's fast path: reciprocal estimate, one Newton step, quotient, one residual
     correction (each residual an exact FMA), correctly rounded for operands in the normal range away from
     overflow (here: scales, their inverses and activations over a scale; a denormal quotient can only
-    round to code 0). libdevice's div_rn adds a range check and a slow-path subroutine call (a stack
-    frame in the kernel). In time the two measured the same at decode (benchmarks/probe_transform_stages.py
-    at 01c52dd: within 0.2 us per call); tests/kernels checks this one bit for bit against torch."""
+    round to code 0). libdevice's div_rn adds a range check and a slow-path call (docs/KERNELS.md);
+    tests/kernels checks this one bit for bit against torch."""
     if INTERP:
         return tl.math.div_rn(a, b)
     else:

@@ -1,7 +1,7 @@
 """One-launch decode linear (M = 1 by default): Kronecker transform + int4 quantize + packed-weight GEMV.
 
 At M = 1 the two-kernel path (fused transform, then the dp4a gemv launched as its programmatic dependent)
-spends most of its time in fixed latencies: the transform's chain of dependent steps (~2.5 us), the
+spends most of its time in fixed latencies: the transform's chain of dependent steps, the
 dependent grid's release once the transform has finished, and the gemv's own ramp. Here every program
 does all of it for its own rows of W, with nothing to wait for:
 
@@ -54,9 +54,9 @@ def supported(m: int, n_in: int, n_out: int, p1, p2, bits: int, x: torch.Tensor,
 
 def decode_linear_config(n_out: int, n1p: int, n2p: int, device: torch.device, config: dict | None = None,
                          routes: RouteConfig = DEFAULT_ROUTES) -> dict:
-    """Rows of W per program (ROWS: about one program per SM, unless the config names it), warps (8 for 128-row factor tiles or when
-    ROWS >= 64, else 4), int32 words per row and K step (WORDS_PER_THREAD words per thread) and L2_PREFETCH
-    (routes.fused_decode_l2_prefetch)."""
+    """Rows of W per program (ROWS: about one program per SM unless the config names it), warps (8 for
+    128-row factor tiles or when ROWS >= 64, else 4), int32 words per row and K step (WORDS_PER_THREAD words
+    per thread) and L2_PREFETCH (routes.fused_decode_l2_prefetch)."""
     cfg = dict(config or {})
     if "ROWS" not in cfg:
         cfg["ROWS"] = 16 if interpreting() else min(128, max(16, triton.next_power_of_2(

@@ -7,9 +7,9 @@ The defaults are the measured choices (docs/KERNELS.md, "Dispatch"). A caller th
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 ONE_BYTE_ROUTES = ("int_mm", "scaled_mm", "tma_int8", "tma_fp8")
 TRITON_GEMM_ROUTES = ("int8", "fp8")

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.gemm.decode import w4a4_gemm_decode
+from tolerances import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
+
 from flatquant.kernels.fused_decode import fused_decode_linear, supported
-from flatquant.kernels.transform.dispatch import fused_transform_quantize
+from flatquant.kernels.gemm.decode import w4a4_gemm_decode
 from flatquant.kernels.linear import W4A4Linear
 from flatquant.kernels.reference import (
     kron_transform_reference,
@@ -18,7 +19,7 @@ from flatquant.kernels.reference import (
     unpack_int4,
     w4a4_gemm_reference,
 )
-from tolerances import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter truncates bf16 casts
 

@@ -11,11 +11,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.routes import DEFAULT_ROUTES
-from flatquant.kernels.transform import dispatch as ftq
-from flatquant.kernels.transform.chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
-from flatquant.kernels.transform.dispatch import fused_transform_quantize
-from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
 from tolerances import (
     DEVICE,
     ON_GPU,
@@ -24,6 +19,12 @@ from tolerances import (
     max_rounded_t_flips,
     rounded_t_tie_tol,
 )
+
+from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
+from flatquant.kernels.routes import DEFAULT_ROUTES
+from flatquant.kernels.transform import dispatch as ftq
+from flatquant.kernels.transform.chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 
 def _factor(n, dtype=torch.float32):

@@ -13,10 +13,6 @@ pytest.importorskip("triton")
 
 import triton
 import triton.language as tl
-
-from flatquant.kernels._triton_utils import _round_clamp
-from flatquant.kernels.transform.dispatch import fused_transform_quantize
-from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
 from tolerances import (
     DEVICE,
     ON_GPU,
@@ -26,6 +22,10 @@ from tolerances import (
     max_rounded_t_flips,
     rounded_t_tie_tol,
 )
+
+from flatquant.kernels._triton_utils import _round_clamp
+from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 
 @triton.jit

@@ -10,6 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from tolerances import DEVICE, ON_GPU
+
+from flatquant.kernels.gemm import decode as decode_gemm
 from flatquant.kernels.gemm.cublas import (
     int_mm_gemm,
     route_supported,
@@ -17,7 +20,6 @@ from flatquant.kernels.gemm.cublas import (
     scaled_mm_gemm,
     unpack_int4_codes,
 )
-from flatquant.kernels.gemm import decode as decode_gemm
 from flatquant.kernels.gemm.decode import w4a4_gemm_decode
 from flatquant.kernels.reference import (
     pack_int4,
@@ -27,7 +29,6 @@ from flatquant.kernels.reference import (
     w4a4_gemm_reference,
 )
 from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
-from tolerances import DEVICE, ON_GPU
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -22}
 
@@ -235,7 +236,7 @@ def test_cublas_routes_gpu(m, n, k):
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
-    """Small M through the CUDA-core dp4a kernel (the default up to RouteConfig.gemv_max_m, any M <= 16 when pinned; its
+    """Small M through the CUDA-core dp4a kernel (the default up to routes.gemv_max_m, any M <= 16 when pinned; its
     weight tiles requested one or two steps ahead, or its loop pipelined through shared memory) and
     through the tensor-core kernel in both operand
     orders, its K loop pipelined MMA_STAGES (3) deep, 4 deep or not at all: all equal the reference; a K
@@ -333,8 +334,6 @@ def test_decode_layer_pdl_in_cuda_graph(m, l2):
 def test_route_config_values_and_validation():
     """RouteConfig is immutable, validated, and its decode settings reach the decode GEMM's config."""
     import dataclasses
-
-    from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_ROUTES.small_m_max = 1

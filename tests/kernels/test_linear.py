@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tolerances import DEVICE, TIE_TOL, rounded_t_tie_tol, tie_flip_slack
 
 from flatquant.kernels.linear import W4A4Linear, set_backend
 from flatquant.kernels.reference import kron_factors, kron_transform_reference, transform_quantize_reference
-from tolerances import DEVICE, TIE_TOL, rounded_t_tie_tol, tie_flip_slack
 
 
 def _layer(in_f, out_f, bits=4, transform="both", bias=True, act_clip=0.9, device=DEVICE):
@@ -94,8 +94,8 @@ def test_every_gemm_route_matches_reference(route, tokens):
     which is not what this test is about."""
     pytest.importorskip("triton")
     from flatquant.kernels.gemm.decode import activation_format
-    from flatquant.kernels.transform.dispatch import fused_transform_quantize
     from flatquant.kernels.reference import w4a4_gemm_reference
+    from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
     m, *_ = _layer(96, 40, transform="both")
     m.gemm_route = route

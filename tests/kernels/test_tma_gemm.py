@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from tolerances import DEVICE, ON_GPU
+
 from flatquant.kernels.gemm.tma import DEFAULT_CONFIGS, FORMATS, config_for, tma_gemm, tma_supported
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}

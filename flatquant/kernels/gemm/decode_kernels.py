@@ -8,6 +8,7 @@ import triton.language as tl
 
 from flatquant.kernels._triton_utils import gdc_wait, prefetch_l2
 
+
 @triton.jit
 def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, KH, stride_am, stride_wn,
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
@@ -249,13 +250,14 @@ def _gemv_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride
                  ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr, EMULATE: tl.constexpr,
                  USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  PREFETCH: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr):
-    """M <= GEMV_MAX_M on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
+    """M <= routes.gemv_max_m on the CUDA cores with 4-way byte dot products (dp4a), no tensor-core tile (which
     would be mostly padding at M = 1). a and w are read as int32 words (4 packed bytes = 8 int4 codes).
     Per weight word: low and high nibbles become unsigned bytes code + 8 in two logic ops (XOR 0x8 flips
     a two's-complement nibble to offset binary), then two dp4a against the activation's signed bytes; the
     offset comes off at the end as 8 * sum(activation codes). That is ~4 integer instructions per 8
-    multiply-adds where a byte-wise unpack needs ~3 per multiply-add. Word products accumulate in a (BLOCK_M, BLOCK_N, BLOCK_KW) int32 tile, reduced
-    once at the end. 8-bit codes: one dp4a per word of signed bytes, no offset."""
+    multiply-adds where a byte-wise unpack needs ~3 per multiply-add. Word products accumulate in a
+    (BLOCK_M, BLOCK_N, BLOCK_KW) int32 tile, reduced once at the end. 8-bit codes: one dp4a per word of
+    signed bytes, no offset."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -22,8 +22,8 @@ semantics: V rounded once to the half dtype before the second dot; y * (1/s) rou
 
 At 11008 this is 6.3 MFLOP per token instead of 8.4 (14336 / 13824: 7.3 instead of 8.4; 5120: 2.4 instead
 of 3.1). `fused_transform_quantize` takes it (`dispatch.default_kernel`) at more than
-`RouteConfig.split_max_m` tokens where a factor is not a power of two and `chunked_supported` (even n1 of 16 to 128, 64 <= n2 <= 128), or when
-asked for with kernel="chunked".
+`RouteConfig.split_max_m` tokens where a factor is not a power of two and `chunked_supported` (even n1 of
+16 to 128, 64 <= n2 <= 128), or when asked for with kernel="chunked".
 """
 from __future__ import annotations
 
@@ -31,8 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import mask_and, _div_rn, _mm, _round_clamp_product, _scale, next_pow2, num_sms
-from flatquant.kernels._triton_utils import triton_dtype
+from flatquant.kernels._triton_utils import (
+    _div_rn,
+    _mm,
+    _round_clamp_product,
+    _scale,
+    mask_and,
+    next_pow2,
+    num_sms,
+    triton_dtype,
+)
 from flatquant.kernels.transform.common import store_code_pair
 
 # Programs per SM of the persistent grid, warps (64 Yᵀ rows per warpgroup), the pipeline depth of the token

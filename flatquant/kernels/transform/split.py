@@ -13,8 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import _div_rn, _mm, _round_clamp_product, _scale, next_pow2, num_sms
-from flatquant.kernels._triton_utils import stream_state, triton_dtype
+from flatquant.kernels._triton_utils import (
+    _div_rn,
+    _mm,
+    _round_clamp_product,
+    _scale,
+    next_pow2,
+    num_sms,
+    stream_state,
+    triton_dtype,
+)
 from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
 from flatquant.kernels.transform.common import pdl_trigger, store_code_pair
 

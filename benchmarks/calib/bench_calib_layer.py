@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flatquant.methods.flatquant import _init_scales, _input_absmax, layer_transforms, train_layer
 from flatquant.config import QuantConfig, calib_preset
-from flatquant.models.families import FAMILIES
 from flatquant.core.modules import ATTN_IMPL, quantize_layer, register_attention
+from flatquant.methods.flatquant import _init_scales, _input_absmax, layer_transforms, train_layer
+from flatquant.models.families import FAMILIES
 from flatquant.results import atomic_write_text, provenance
 
 SHAPES = {
