@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels._triton_utils import _mm, _mm_f32rhs, _quantize, _scale, mask_and, next_pow2, num_sms
-from flatquant.kernels.transform.common import code_cast, pack_nibbles, pdl_trigger, persistent_start
+from flatquant.kernels.transform.common import code_cast, pdl_trigger, persistent_start
 
 # Tile sizes of the tiled kernel.
 TILED_BLOCK_N = 64
@@ -89,11 +89,13 @@ def _fused_onchip_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x,
         s = _scale(amax, alpha, MAXQ, INTERP)
         tl.store(scale_ptr + t, s, mask=tok_ok)
         qlo = _quantize(Ylo, s, MAXQ, INTERP)
-        ob = out_ptr + t * stride_o + rows * N2 + c
+        ob = out_ptr + t * stride_o
         if PACK:
-            tl.store(ob, pack_nibbles(qlo, _quantize(Yhi, s, MAXQ, INTERP)), mask=mask_and(valid, tok_ok))
+            qhi = _quantize(Yhi, s, MAXQ, INTERP)
+            byte = (qlo & 15) | ((qhi & 15) << 4)
+            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=mask_and(valid, tok_ok))
         else:
-            tl.store(ob, code_cast(qlo, ob.dtype.element_ty), mask=mask_and(valid, tok_ok))
+            tl.store(ob + rows * N2 + c, code_cast(qlo, ob.dtype.element_ty), mask=mask_and(valid, tok_ok))
     pdl_trigger(TRIGGER, 2, INTERP)  # RouteConfig.pdl_trigger "end"
 
 
@@ -168,9 +170,13 @@ def _fused_tiled_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, 
                                                            axis=0))
                     else:
                         qlo = _quantize(Ylo, s, MAXQ, INTERP)
-                        codes = pack_nibbles(qlo, _quantize(Yhi, s, MAXQ, INTERP)) if PACK else \
-                            code_cast(qlo, ob.dtype.element_ty)
-                        tl.store(ob + rows * N2 + c, codes, mask=mask_and(valid, tok_ok))
+                        if not PACK:  # (the order of the per-token kernel's store, branches swapped)
+                            tl.store(ob + rows * N2 + c, code_cast(qlo, ob.dtype.element_ty),
+                                     mask=mask_and(valid, tok_ok))
+                        else:
+                            qhi = _quantize(Yhi, s, MAXQ, INTERP)
+                            byte = (qlo & 15) | ((qhi & 15) << 4)
+                            tl.store(ob + rows * N2 + c, byte.to(tl.uint8), mask=mask_and(valid, tok_ok))
             if ps == 0:
                 s = _scale(amax, alpha, MAXQ, INTERP)
                 tl.store(scale_ptr + t, s, mask=tok_ok)
