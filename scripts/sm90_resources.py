@@ -29,10 +29,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flatquant.kernels import fused_transform_chunked as fc
-from flatquant.kernels import fused_transform_quant as ftq
 from flatquant.kernels._triton_utils import next_pow2
 from flatquant.kernels.reference import kron_factors
+from flatquant.kernels.transform import block as ftq
+from flatquant.kernels.transform import chunked as fc
 
 SIGNATURE = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "out_ptr": "*u8", "scale_ptr": "*fp32",
              "M": "i32", "stride_x": "i32", "stride_o": "i32", "alpha": "fp32", "NITER": "i32"}
@@ -98,11 +98,11 @@ def cases():
 
 
 def gemm_cases():
-    """The TMA GEMM (tma_gemm.py) in each config of benchmarks/bench_tma_gemm.py, bf16 output."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    """The TMA GEMM (gemm/tma.py) in each config of benchmarks/kernels/bench_tma_gemm.py, bf16 output."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "kernels"))
     from bench_tma_gemm import SWEEP
 
-    from flatquant.kernels import tma_gemm as tg
+    from flatquant.kernels.gemm import tma as tg
 
     for name, fmt, cfg in SWEEP:
         ty = "i8" if fmt == "int8" else "fp8e4nv"

@@ -14,6 +14,26 @@ import triton
 import triton.language as tl
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Fixed at import, like the kernels' decoration (the interpreter is chosen before the kernel modules load).
+_INTERPRETED = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mask_and(mask, ok):
+    """mask & ok for a block mask and a scalar condition, as a boolean block. Triton 3.9's interpreter gives
+    that `&` an integer dtype (a scalar comparison keeps its operands' integer type when splatted), which
+    tl.load / tl.store refuse; `!= 0` makes it boolean there. On the GPU it is the plain `&`."""
+    if _INTERPRETED:
+        return (mask & ok) != 0
+    else:
+        return mask & ok
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (a kernel launched while the previous one finishes; it waits in
     `gdc_wait` before reading that kernel's output): Hopper (sm_90) and newer, never in the interpreter."""
@@ -62,9 +82,6 @@ def stream_state(name: str, device: torch.device, extra, make):
     return _STREAM_STATE[key]
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_dtype(dt: torch.dtype):
@@ -131,8 +148,7 @@ def _round_clamp(v, MAXQ: tl.constexpr, INTERP: tl.constexpr):
 
     Four full-rate instructions and no conversion unit: one IEEE addition of 1.5 * 2**23 (on the GPU
     add.rn, kept apart from the product before it, so the rounding is that of fl(v)), then
-    `_codes_of_rounded_sum`. The earlier form (clamp, rint, clamp, convert) cost two conversions per
-    element (FRND and F2I, 16 per cycle per SM on sm_90) and four min/max."""
+    `_codes_of_rounded_sum` (clamp, rint, clamp, convert would cost two conversions per element)."""
     if INTERP:
         t = v + _ROUND_MAGIC  # numpy: one IEEE float32 addition
     else:
@@ -160,9 +176,8 @@ def _div_rn(a, b, INTERP: tl.constexpr):
     hardware division's fast path: reciprocal estimate, one Newton step, quotient, one residual
     correction (each residual an exact FMA), correctly rounded for operands in the normal range away from
     overflow (here: scales, their inverses and activations over a scale; a denormal quotient can only
-    round to code 0). libdevice's div_rn adds a range check and a slow-path subroutine call (a stack
-    frame in the kernel). In time the two measured the same at decode (benchmarks/probe_transform_stages.py
-    at 01c52dd: within 0.2 us per call); tests/kernels checks this one bit for bit against torch."""
+    round to code 0). libdevice's div_rn adds a range check and a slow-path call (docs/KERNELS.md);
+    tests/kernels checks this one bit for bit against torch."""
     if INTERP:
         return tl.math.div_rn(a, b)
     else:

@@ -1,7 +1,7 @@
 """One-launch decode linear (M = 1 by default): Kronecker transform + int4 quantize + packed-weight GEMV.
 
 At M = 1 the two-kernel path (fused transform, then the dp4a gemv launched as its programmatic dependent)
-spends most of its time in fixed latencies: the transform's chain of dependent steps (~2.5 us), the
+spends most of its time in fixed latencies: the transform's chain of dependent steps, the
 dependent grid's release once the transform has finished, and the gemv's own ramp. Here every program
 does all of it for its own rows of W, with nothing to wait for:
 
@@ -18,8 +18,8 @@ does all of it for its own rows of W, with nothing to wait for:
 Same semantics as `fused_transform_quantize` followed by `w4a4_gemm_decode` (the same codes, exact
 integer sums, the same float32 epilogue order). Packed int4 only; even n1 with factor tiles on chip (the
 block kernel's case); rows of whole int32 words. `supported` says whether a call qualifies;
-`W4A4Linear` takes this path for M <= FUSED_MAX_M when it does. Off by default: measured slower than
-the two launches it replaces (see FUSED_MAX_M).
+`W4A4Linear` takes this path for M <= RouteConfig.fused_decode_max_m when it does. Off by default (0):
+measured slower than the two launches it replaces (docs/KERNELS.md, "One-launch decode").
 """
 from __future__ import annotations
 
@@ -27,32 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import (
-    interpreting,
-    next_pow2,
-    num_sms,
-    stream_state,
-    triton_dtype,
-)
-from flatquant.kernels.decode_gemm import _lines, _prefetch_rows, gemv_step
-from flatquant.kernels.fused_transform_quant import ONCHIP_MAX_ELEMENTS, block_codes, load_block_factors
+from flatquant.kernels._triton_utils import interpreting, next_pow2, num_sms, stream_state, triton_dtype
+from flatquant.kernels.gemm.decode import _lines
+from flatquant.kernels.gemm.decode_kernels import _prefetch_rows, gemv_step
 from flatquant.kernels.reference import dot_dtype_for, kron_factors
+from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
+from flatquant.kernels.transform.block import block_codes, load_block_factors
+from flatquant.kernels.transform.common import ONCHIP_MAX_ELEMENTS
 
-# Tokens per call this path takes in W4A4Linear: 0, i.e. off. On the H200 at 2f62032 it was slower than the
-# two-launch path at M = 1 on every decode shape (bench_decode_parts.py, CUDA graphs; 4096 x 4096, 4096 ->
-# 14336, 14336 -> 4096): 8.7 / 16.2 / 19.0 us against 7.3 / 12.5 / 15.8 us, and 8.2 / 14.1 / 16.0 us at best
-# without the L2 prefetch (results/archive/kernels-h200-2f62032/). With about one program per SM the gemv
-# part has one 16-32 KB weight tile in flight per SM, where the separate gemv kernel keeps ~8 programs'
-# tiles in flight, and the transform it repeats per program is not shorter than the dependent launch it
-# saves. Set it to 1 (or pass through `fused_decode_linear`) to use the path.
-FUSED_MAX_M = 0
-# Ask L2 for each program's weight rows before the transform (one request per 128-byte line); at 2f62032
-# the kernel was faster without (above).
-L2_PREFETCH = False
 # int32 weight words per thread in one K step (per register buffer; two buffers are live).
 WORDS_PER_THREAD = 32
-# Rows of W per program; None: about one program per SM (`decode_linear_config`).
-ROWS = None
 
 
 def supported(m: int, n_in: int, n_out: int, p1, p2, bits: int, x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -68,17 +52,19 @@ def supported(m: int, n_in: int, n_out: int, p1, p2, bits: int, x: torch.Tensor,
             and w.data_ptr() % 16 == 0)
 
 
-def decode_linear_config(n_out: int, n1p: int, n2p: int, device: torch.device, config: dict | None = None) -> dict:
-    """Rows of W per program (ROWS: about one program per SM), warps (8 for 128-row factor tiles or when
-    ROWS >= 64, else 4) and int32 words per row and K step (WORDS_PER_THREAD words per thread)."""
+def decode_linear_config(n_out: int, n1p: int, n2p: int, device: torch.device, config: dict | None = None,
+                         routes: RouteConfig = DEFAULT_ROUTES) -> dict:
+    """Rows of W per program (ROWS: about one program per SM unless the config names it), warps (8 for
+    128-row factor tiles or when ROWS >= 64, else 4), int32 words per row and K step (WORDS_PER_THREAD words
+    per thread) and L2_PREFETCH (routes.fused_decode_l2_prefetch)."""
     cfg = dict(config or {})
     if "ROWS" not in cfg:
-        cfg["ROWS"] = 16 if interpreting() else ROWS or min(128, max(16, triton.next_power_of_2(
+        cfg["ROWS"] = 16 if interpreting() else min(128, max(16, triton.next_power_of_2(
             triton.cdiv(n_out, num_sms(device)))))
     cfg.setdefault("num_warps", 8 if (n1p >= 128 or cfg["ROWS"] >= 64) else 4)
     if "KW" not in cfg:
         cfg["KW"] = 16 if interpreting() else max(16, WORDS_PER_THREAD * 32 * cfg["num_warps"] // cfg["ROWS"])
-    cfg.setdefault("L2_PREFETCH", L2_PREFETCH)
+    cfg.setdefault("L2_PREFETCH", routes.fused_decode_l2_prefetch)
     return cfg
 
 
@@ -151,7 +137,8 @@ def _scratch(device: torch.device, nbytes: int) -> torch.Tensor:
 
 def fused_decode_linear(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tensor | None, alpha: float,
                         w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                        out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+                        out_dtype: torch.dtype | None = None, config: dict | None = None,
+                        routes: RouteConfig | None = None) -> torch.Tensor:
     """y = Q_a(x kron(P1, P2)) Q_w(W)ᵀ (+ bias) in one launch for x (M, n_in) with M <= 4 (see the module
     docstring); w (n_out, n_in/2) packed int4, w_scale (n_out,), bias (n_out,) or None. The same result as
     `fused_transform_quantize` + `w4a4_gemm_decode`. config: {"ROWS", "num_warps", "KW", "L2_PREFETCH"}
@@ -171,7 +158,7 @@ def fused_decode_linear(x: torch.Tensor, p1: torch.Tensor | None, p2: torch.Tens
     p1c = p1.to(device=x.device, dtype=dd).contiguous()
     p2c = p2.to(device=x.device, dtype=dd).contiguous() if p2 is not None else p1c
     n1p, n2p = next_pow2(n1), next_pow2(n2)
-    cfg = decode_linear_config(n_out, n1p, n2p, x.device, config)
+    cfg = decode_linear_config(n_out, n1p, n2p, x.device, config, routes or DEFAULT_ROUTES)
     rows, bkw = int(cfg["ROWS"]), int(cfg["KW"])
     kw = n_in // 8
     grid = triton.cdiv(n_out, rows)

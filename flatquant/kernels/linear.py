@@ -11,54 +11,44 @@ Two backends with the same semantics (`flatquant.kernels.reference`):
 - "triton": the Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
 Switch with `module.backend = "triton"` or `set_backend(model, "triton")`.
 
-GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in_features:
-- M <= fused_decode.FUSED_MAX_M (0 by default: off, measured slower) where that kernel takes the case
-  (`uses_fused_decode`): transform, quantize and GEMV in one launch (fused_decode.py);
-- M <= SMALL_M_MAX (16, decode): "decode" (decode_gemm.py: reads the packed int4 weight, split-K);
-- M >= TMA_M_MIN (None: off): TMA_ROUTE ("tma_int8" / "tma_fp8": the TMA GEMM on one-byte codes with the row-wise
-  scales in its epilogue, tma_gemm.py; Hopper+, K % 16 == 0);
-- M >= LARGE_M_MIN: LARGE_M_ROUTE ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm": cuBLASLt
-  INT8 + scale epilogue; cublas_routes.py);
-  where the chosen route does not take the sizes / output dtype / bits, the next of FALLBACK_ROUTES
-  that does, else the Triton GEMM;
-- otherwise (and as the last fallback) the Triton GEMM `w4a4_gemm` on DEFAULT_GEMM_ROUTE.
+GEMM route dispatch (Triton backend), by the number of tokens M = x.numel() / in_features, steered by the
+layer's `routes` (a `flatquant.kernels.routes.RouteConfig`; DEFAULT_ROUTES unless given):
+- M <= routes.fused_decode_max_m (0 by default: off) where that kernel takes the case (`uses_fused_decode`):
+  transform, quantize and GEMV in one launch (fused_decode.py);
+- M <= routes.small_m_max (16, decode): "decode" (gemm/decode.py: reads the packed int4 weight);
+- M >= routes.tma_m_min (None: off): routes.tma_route ("tma_int8" / "tma_fp8": the TMA GEMM on one-byte
+  codes, gemm/tma.py; Hopper+, K % 16 == 0);
+- M >= routes.large_m_min: routes.large_m_route ("scaled_mm": cuBLASLt FP8 with row-wise scales; "int_mm":
+  cuBLASLt INT8 + scale epilogue; gemm/cublas.py); where the chosen route does not take the sizes / output
+  dtype / bits, the next of routes.fallback_routes that does, else the Triton GEMM;
+- otherwise (and as the last fallback) the Triton GEMM `w4a4_gemm` on routes.triton_gemm_route.
 `gemm_route` pins one route for every M: "int8" / "fp8" (Triton GEMM), "decode" (M <= 16 only, else
 the Triton GEMM), "int_mm", "scaled_mm", "tma_int8", "tma_fp8" (falling back like "auto" where
-unsupported). The thresholds are module constants so that the benchmark's records can set them.
-The cuBLAS and TMA routes need the weight unpacked to one byte per code: it is built once and cached in the
-layer (`_cast_cache`; the packed `qweight` stays the stored/state_dict format). That cache costs N·K
-bytes per layer on top of the N·K/2 packed bytes; `clear_cache()` drops it.
+unsupported). The cuBLAS and TMA routes need the weight unpacked to one byte per code: it is built once and
+cached in the layer (`_cast_cache`; the packed `qweight` stays the stored/state_dict format). That cache
+costs N·K bytes per layer on top of the N·K/2 packed bytes; `clear_cache()` drops it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from flatquant.kernels import reference as ref
 from flatquant.core.quantizer import quantize_symmetric
+from flatquant.kernels import reference as ref
+from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
 
 BACKENDS = ("reference", "triton")
 GEMM_ROUTES = ("auto", "int8", "fp8", "decode", "int_mm", "scaled_mm", "tma_int8", "tma_fp8")
-SMALL_M_MAX = 16
-LARGE_M_MIN = 17
-LARGE_M_ROUTE = "scaled_mm"
-# None: the TMA GEMM only where pinned (gemm_route="tma_int8" / "tma_fp8"). On the H100 (541ef8d,
-# results/archive/kernels-h100-541ef8d/bench_w4a4_linear.json) tma_int8 and scaled_mm were within run-to-run
-# noise of each other at M >= 4096 (scaled_mm ahead on the up shapes, tma_int8 on the down shapes), so
-# auto keeps scaled_mm; TMA_ROUTE is the faster of the two TMA formats there.
-TMA_M_MIN = None
-TMA_ROUTE = "tma_int8"
-FALLBACK_ROUTES = ("scaled_mm", "int_mm", "tma_int8", "tma_fp8")
 # The code format each one-byte-code route reads: the fused kernel writes activations in it directly.
 CODE_FORMAT = {"int_mm": "int8", "scaled_mm": "fp8", "tma_int8": "int8", "tma_fp8": "fp8"}
 
 
 def one_byte_gemm(route: str):
     """The GEMM of a CODE_FORMAT route: (a_codes, sa, w_codes, sw, bias, out_dtype) -> (M, N)."""
-    from flatquant.kernels import cublas_routes as cb
-    from flatquant.kernels.tma_gemm import tma_gemm
+    from flatquant.kernels.gemm import cublas
+    from flatquant.kernels.gemm.tma import tma_gemm
 
-    return {"int_mm": cb.int_mm_gemm, "scaled_mm": cb.scaled_mm_gemm}.get(route, tma_gemm)
+    return {"int_mm": cublas.int_mm_gemm, "scaled_mm": cublas.scaled_mm_gemm}.get(route, tma_gemm)
 
 
 class W4A4Linear(nn.Module):
@@ -66,12 +56,13 @@ class W4A4Linear(nn.Module):
 
     Buffers: qweight (out, in/2) uint8 packed (int8 (out, in) for 8 bits), weight_scale (out,) float32,
     bias (out,) float32 or None, p1 (n1, n1) / p2 (n2, n2) float32 or None, alpha (scalar float32).
+    `routes` (RouteConfig, not saved) steers the Triton backend's kernel choices.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  p1: torch.Tensor | None = None, p2: torch.Tensor | None = None, alpha: float = 1.0,
                  backend: str = "reference", gemm_route: str | None = None, split_intermediate: bool = False,
-                 out_dtype: torch.dtype | None = None):
+                 out_dtype: torch.dtype | None = None, routes: RouteConfig | None = None):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -95,6 +86,7 @@ class W4A4Linear(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
         self._cast_cache: dict = {}
         self.backend = backend
+        self.routes = routes or DEFAULT_ROUTES
 
     # ------------------------------------------------------------------------------ building ---
     @classmethod
@@ -165,7 +157,7 @@ class W4A4Linear(nn.Module):
         """qweight unpacked to one code per byte (int8 or float8 e4m3), cached: the weight is static."""
         key = ("wcodes", fmt, self.qweight.device)
         if key not in self._cast_cache:
-            from flatquant.kernels.cublas_routes import unpack_int4_codes
+            from flatquant.kernels.gemm.cublas import unpack_int4_codes
 
             dt = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
             self._cast_cache[key] = (unpack_int4_codes(self.qweight, dt) if self.bits == 4
@@ -174,26 +166,25 @@ class W4A4Linear(nn.Module):
 
     def gemm_route_for(self, m: int, out_dtype: torch.dtype, device: torch.device) -> str:
         """The route the Triton backend takes for M tokens (see the module docstring)."""
-        from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
-
+        rc = self.routes
         want = self.gemm_route or "auto"
         if want in ("int8", "fp8"):
             return want
-        if want == "decode" or (want == "auto" and m <= SMALL_M_MAX):
-            return "decode" if m <= SMALL_M_MAX else DEFAULT_GEMM_ROUTE
-        if want == "auto" and m < LARGE_M_MIN:
-            return DEFAULT_GEMM_ROUTE
+        if want == "decode" or (want == "auto" and m <= rc.small_m_max):
+            return "decode" if m <= rc.small_m_max else rc.triton_gemm_route
+        if want == "auto" and m < rc.large_m_min:
+            return rc.triton_gemm_route
         if want == "auto":
-            want = TMA_ROUTE if TMA_M_MIN is not None and m >= TMA_M_MIN else LARGE_M_ROUTE
-        for r in (want,) + tuple(r for r in FALLBACK_ROUTES if r != want):
+            want = rc.tma_route if rc.tma_m_min is not None and m >= rc.tma_m_min else rc.large_m_route
+        for r in (want,) + tuple(r for r in rc.fallback_routes if r != want):
             if self.route_takes(r, m, out_dtype, device):
                 return r
-        return DEFAULT_GEMM_ROUTE
+        return rc.triton_gemm_route
 
     def route_takes(self, route: str, m: int, out_dtype: torch.dtype, device: torch.device) -> bool:
         """Whether a one-byte-code route (CODE_FORMAT) takes this layer's sizes, M, output dtype and bits."""
-        from flatquant.kernels.cublas_routes import route_supported
-        from flatquant.kernels.tma_gemm import tma_supported
+        from flatquant.kernels.gemm.cublas import route_supported
+        from flatquant.kernels.gemm.tma import tma_supported
 
         n, k = self.out_features, self.in_features
         if CODE_FORMAT[route] == "fp8" and self.bits != 4:
@@ -204,12 +195,12 @@ class W4A4Linear(nn.Module):
 
     def uses_fused_decode(self, x2: torch.Tensor) -> bool:
         """Whether the Triton backend runs `x2` ((M, in)) through the one-launch decode kernel
-        (`fused_decode.py`: M <= FUSED_MAX_M, route auto/decode, a case that kernel takes)."""
-        from flatquant.kernels import fused_decode
-
-        if (self._backend != "triton" or x2.shape[0] > fused_decode.FUSED_MAX_M or self.split_intermediate
+        (`fused_decode.py`: M <= routes.fused_decode_max_m, route auto/decode, a case that kernel takes)."""
+        if (self._backend != "triton" or x2.shape[0] > self.routes.fused_decode_max_m or self.split_intermediate
                 or (self.gemm_route or "auto") not in ("auto", "decode")):
             return False  # (the cheap checks first: this runs on every forward)
+        from flatquant.kernels import fused_decode
+
         p1, p2 = self._factors(x2.dtype)
         return fused_decode.supported(x2.shape[0], self.in_features, self.out_features, p1, p2, self.bits, x2,
                                       self.qweight)
@@ -234,23 +225,26 @@ class W4A4Linear(nn.Module):
             from flatquant.kernels import fused_decode
 
             y = fused_decode.fused_decode_linear(x2, p1, p2, alpha, self.qweight, self.weight_scale, self.bias,
-                                                 out_dtype)
+                                                 out_dtype, routes=self.routes)
         else:
-            from flatquant.kernels import decode_gemm
-            from flatquant.kernels.decode_gemm import w4a4_gemm_decode
-            from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-            from flatquant.kernels.w4a4_gemm import w4a4_gemm
+            from flatquant.kernels.gemm.decode import activation_format, w4a4_gemm_decode
+            from flatquant.kernels.gemm.w4a4_gemm import w4a4_gemm
+            from flatquant.kernels.transform import fused_transform_quantize
 
             route = self.gemm_route_for(x2.shape[0], out_dtype, x.device)
             # one-byte-code routes: the fused kernel writes the codes unpacked (int8 / fp8), no unpack pass.
             fmt = CODE_FORMAT.get(route)
             if route == "decode":  # the tensor-core decode kernel takes the codes one per byte (no unpack)
-                fmt = decode_gemm.activation_format(x2.shape[0], self.out_features, self.in_features // 2,
-                                                    x.device, self.bits)
-            a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits,
-                                             split_intermediate=self.split_intermediate, out_format=fmt)
+                fmt = activation_format(x2.shape[0], self.out_features, self.in_features // 2, x.device, self.bits,
+                                        self.routes)
+            a, sa = fused_transform_quantize(x2, p1, p2, alpha, self.bits, split_intermediate=self.split_intermediate,
+                                             out_format=fmt, routes=self.routes)
             if route == "decode":
-                y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits)
+                y = w4a4_gemm_decode(a, sa, self.qweight, self.weight_scale, self.bias, out_dtype, self.bits,
+                                     routes=self.routes)
+            elif route.startswith("tma_"):
+                y = one_byte_gemm(route)(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype,
+                                         config=self.routes.tma_configs.get(fmt))
             elif fmt is not None:
                 y = one_byte_gemm(route)(a, sa, self._weight_codes(fmt), self.weight_scale, self.bias, out_dtype)
             else:
@@ -264,9 +258,11 @@ class W4A4Linear(nn.Module):
                 f"alpha={float(self.alpha):.4g}, backend={self._backend}")
 
 
-def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Switch every W4A4Linear inside `module` to `backend` ("reference" | "triton")."""
+def set_backend(module: nn.Module, backend: str, routes: RouteConfig | None = None) -> nn.Module:
+    """Switch every W4A4Linear inside `module` to `backend` ("reference" | "triton"), and to `routes` if given."""
     for m in module.modules():
         if isinstance(m, W4A4Linear):
             m.backend = backend
+            if routes is not None:
+                m.routes = routes
     return module

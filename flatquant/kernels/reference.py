@@ -81,21 +81,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([lo, hi], dim=-1).to(torch.int8)
 
 
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Storage format for `bits`: packed uint8 for 4 bits, int8 for 8 bits."""
-    if bits == 4:
-        return pack_int4(codes)
-    if bits == 8:
-        return codes.to(torch.int8)
-    raise ValueError(f"bits must be 4 or 8, got {bits}")
+    _check_bits(bits)
+    return pack_int4(codes) if bits == 4 else codes.to(torch.int8)
 
 
 def unpack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 4:
-        return unpack_int4(stored)
-    if bits == 8:
-        return stored.to(torch.int8)
-    raise ValueError(f"bits must be 4 or 8, got {bits}")
+    """Inverse of `pack_codes`: int8 codes."""
+    _check_bits(bits)
+    return unpack_int4(stored) if bits == 4 else stored.to(torch.int8)
 
 
 # ------------------------------------------------------------------------- transform/quantize ---

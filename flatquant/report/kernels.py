@@ -1,9 +1,9 @@
 """Kernel-benchmark tables and plot for docs/RESULTS.md (part of flatquant.report.document).
 
-Input: the entries of results/kernels/*.json (JSON lists written by benchmarks/bench_fused_transform.py and
-benchmarks/bench_w4a4_linear.py), loaded by flatquant.report.document.load_all with kind "kernel_bench". Each entry
-has kernel, shape, median_ms, baseline, baseline_median_ms, speedup, achieved_gbps, device, git_commit,
-command; entries are recognised by their shape, not by file name:
+Input: the entries of results/kernels/*.json (JSON lists written by benchmarks/kernels/bench_fused_transform.py
+and benchmarks/kernels/bench_w4a4_linear.py), loaded by flatquant.report.document.load_all with kind
+"kernel_bench". Each entry has kernel, shape, median_ms, baseline, baseline_median_ms, speedup, achieved_gbps,
+device, git_commit, command; entries are recognised by their shape, not by file name:
 
 * fused transform + quantize: shape with "hidden" and "phase" (plus one "device_copy" entry: the
   copy-bandwidth measurement) -> paper Table 6 layout: speedup over unfused PyTorch per hidden size,
@@ -283,7 +283,8 @@ def _decode_parts_section(entries) -> list[str]:
         rows.append(row)
     head = ["Layer (in → out)", "M"] + [f"{label} µs" for _, label in DECODE_PARTS] + ["layer vs BF16"]
     return ["### Decode, piece by piece", "",
-            ("`benchmarks/bench_decode_parts.py`: each piece replayed from its own CUDA graph over at least 8 rotated "
+            ("`benchmarks/kernels/bench_decode_parts.py`: each piece replayed from its own CUDA graph over at least 8 "
+             "rotated "
              "weight sets (and at least twice the L2 in packed int4; no launch overhead): the BF16 GEMV, the fused "
              "transform + quantize alone, the decode GEMM alone (default config), and the whole W4A4 layer (the "
              "median of three runs of the default; at M = 1 also as one launch: transform, quantize and GEMV in "
@@ -336,7 +337,8 @@ def _tma_sweep_section(entries) -> list[str]:
     n_exact = sum(1 for v in exact.values() if v)
     inexact = sorted(k for k, v in exact.items() if v is False)
     return ["### Large-M GEMM alone: the TMA kernel against cuBLASLt", "",
-            ("`benchmarks/bench_tma_gemm.py`: the GEMM on codes one per byte with per-token and per-channel scales "
+            ("`benchmarks/kernels/bench_tma_gemm.py`: the GEMM on codes one per byte with per-token and per-channel "
+             "scales "
              "(bf16 out), speedup over BF16 cuBLAS on the same rotated inputs; for the TMA kernel (`tma_gemm.py`) "
              "the fastest config of the sweep (named: tile M×N×K, pipeline stages, and the one change from the "
              "default) among those that passed the GPU exactness check (float32 output equal to `torch._int_mm` "
@@ -353,7 +355,8 @@ def kernels_section(entries: list[dict]) -> list[str]:
         return []
     return ["## Kernels", "",
             ("Median GPU times of the Triton / cuBLASLt kernels against their PyTorch baselines "
-             "(`benchmarks/bench_fused_transform.py`, `benchmarks/bench_w4a4_linear.py`); > 1× is faster."), ""] + body
+             "(`benchmarks/kernels/bench_fused_transform.py`, `benchmarks/kernels/bench_w4a4_linear.py`); "
+             "> 1× is faster."), ""] + body
 
 
 # --------------------------------------------------------------------------------------------- plot

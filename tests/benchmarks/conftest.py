@@ -1,4 +1,4 @@
-"""Shared by the tests of benchmarks/*.py: load a script (not a package module) by its file name."""
+"""Shared by the tests of benchmarks/*/*.py: load a script (not a package module) by its file name."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,12 +11,14 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="session")
 def load_script():
-    """load_script("run_accuracy") -> the module benchmarks/run_accuracy.py, loaded once."""
+    """load_script("run_accuracy") -> the module benchmarks/accuracy/run_accuracy.py (the one script of that name
+    under benchmarks/), loaded once."""
     cache = {}
 
     def load(name: str):
         if name not in cache:
-            spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+            (path,) = BENCHMARKS.glob(f"*/{name}.py")
+            spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
             cache[name] = mod

@@ -1,4 +1,4 @@
-"""benchmarks/bench_tma_gemm.py's choice of the fastest exact config per code format (pure Python)."""
+"""benchmarks/kernels/bench_tma_gemm.py's choice of the fastest exact config per code format (pure Python)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""benchmarks/run_accuracy.py --quick on a tiny saved model: the gptq part end to end (CPU smoke run)."""
+"""benchmarks/accuracy/run_accuracy.py --quick on a tiny saved model: the gptq part end to end (CPU smoke run)."""
 from __future__ import annotations
 
 import json

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.decode_gemm import w4a4_gemm_decode
+from tolerances import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
+
 from flatquant.kernels.fused_decode import fused_decode_linear, supported
-from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+from flatquant.kernels.gemm.decode import w4a4_gemm_decode
 from flatquant.kernels.linear import W4A4Linear
 from flatquant.kernels.reference import (
     kron_transform_reference,
@@ -18,7 +19,7 @@ from flatquant.kernels.reference import (
     unpack_int4,
     w4a4_gemm_reference,
 )
-from flatquant.kernels.testing import DEVICE, ON_GPU, ROUNDED_T_SCALE_RTOL, assert_codes_match, rounded_t_tie_tol
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter truncates bf16 casts
 
@@ -88,25 +89,26 @@ def test_fused_decode_edge_tokens_and_refusals():
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_layer_takes_the_fused_decode_path(m, monkeypatch):
-    """W4A4Linear (Triton backend) at M <= FUSED_MAX_M runs the one-launch kernel and gives the same output
-    as the two-kernel path (FUSED_MAX_M = 0, the default)."""
-    from flatquant.kernels import fused_decode as fd
+    """W4A4Linear (Triton backend) at M <= routes.fused_decode_max_m runs the one-launch kernel and gives the
+    same output as the two-kernel path (fused_decode_max_m = 0, the default)."""
+    from dataclasses import replace
 
-    assert fd.FUSED_MAX_M == 0
     from flatquant.kernels import fused_decode, linear
+    from flatquant.kernels.routes import DEFAULT_ROUTES
 
+    assert DEFAULT_ROUTES.fused_decode_max_m == 0
     n1, n2, n_out = 16, 32, 48
     layer = W4A4Linear.from_float(torch.randn(n_out, n1 * n2, device=DEVICE) / 16, torch.randn(n_out, device=DEVICE),
-                                  _factor(n1), _factor(n2), act_clip=0.9, backend="triton")
-    x = (torch.randn(3, m, n1 * n2) * 2).to(DTYPE).to(DEVICE)[:, 0]  # a (3, n) view: M = 3 > FUSED_MAX_M
+                                  _factor(n1), _factor(n2), act_clip=0.9, backend="triton",
+                                  routes=replace(DEFAULT_ROUTES, fused_decode_max_m=2))
+    x = (torch.randn(3, m, n1 * n2) * 2).to(DTYPE).to(DEVICE)[:, 0]  # a (3, n) view: M = 3 > fused_decode_max_m
     x1 = x[:m]
-    monkeypatch.setattr(fused_decode, "FUSED_MAX_M", 2)
     calls = []
     real = fused_decode.fused_decode_linear
     monkeypatch.setattr(fused_decode, "fused_decode_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = layer(x1)
     assert calls == [1]
-    monkeypatch.setattr(fused_decode, "FUSED_MAX_M", 0)
+    linear.set_backend(layer, "triton", routes=DEFAULT_ROUTES)
     assert torch.equal(y, layer(x1)) and len(calls) == 1
     assert linear.W4A4Linear is W4A4Linear
 

@@ -4,16 +4,14 @@ Same bounds as the block kernel's tests (test_fused_transform_quant.py): the ker
 to the half dtype (the reference with round_intermediate=True); codes equal bit for bit, or off by one
 only near a .5 tie; on the CPU fp32 and fp16 inputs (the interpreter's bf16 cast truncates).
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels import fused_transform_quant as ftq
-from flatquant.kernels.fused_transform_chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
-from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
-from flatquant.kernels.testing import (
+from tolerances import (
     DEVICE,
     ON_GPU,
     ROUNDED_T_SCALE_RTOL,
@@ -21,6 +19,12 @@ from flatquant.kernels.testing import (
     max_rounded_t_flips,
     rounded_t_tie_tol,
 )
+
+from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
+from flatquant.kernels.routes import DEFAULT_ROUTES
+from flatquant.kernels.transform import dispatch as ftq
+from flatquant.kernels.transform.chunked import chunked_supported, n1_chunks, n2_chunks, rows_padded
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 
 def _factor(n, dtype=torch.float32):
@@ -117,20 +121,20 @@ def test_chunked_errors_and_default_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="chunked kernel"):
         fused_transform_quantize(_inputs(3, 40 * 64, torch.float16), _factor(40), _factor(64), kernel="chunked",
                                  split_intermediate=True)
-    # the default takes it for more than SPLIT_MAX_M tokens with a non-power-of-two n1, and only then
-    import flatquant.kernels.fused_transform_chunked as fc
+    # the default takes it for more than split_max_m tokens with a non-power-of-two n1, and only then
     calls = []
-    real = fc.launch_chunked
-    monkeypatch.setattr(fc, "launch_chunked", lambda *a, **k: (calls.append(a[7:9]), real(*a, **k)))
+    real = ftq.launch_chunked
+    monkeypatch.setattr(ftq, "launch_chunked", lambda *a, **k: (calls.append(a[7:9]), real(*a, **k)))
     p1, p2, p64 = _factor(40), _factor(64), _factor(64)
-
-    def run_default(m, n1, f1):  # the default dispatch on m tokens of n1 x 64 factors
-        fused_transform_quantize(_inputs(m, n1 * 64, torch.float16), f1, p2)
+    prefill = DEFAULT_ROUTES.split_max_m + 1
     for on in (False, True):
-        monkeypatch.setattr(ftq, "CHUNKED_DEFAULT", on)
+        routes = replace(DEFAULT_ROUTES, chunked_prefill=on)
+
+        def run_default(m, n1, f1):  # the default dispatch on m tokens of n1 x 64 factors
+            fused_transform_quantize(_inputs(m, n1 * 64, torch.float16), f1, p2, routes=routes)
         calls.clear()
-        run_default(ftq.SPLIT_MAX_M + 1, 40, p1)   # non-power-of-two n1, prefill: chunked when on
-        run_default(ftq.SPLIT_MAX_M + 1, 64, p64)  # n1 = 64: the block kernel
+        run_default(prefill, 40, p1)   # non-power-of-two n1, prefill: chunked when on
+        run_default(prefill, 64, p64)  # n1 = 64: the block kernel
         run_default(2, 40, p1)                     # decode: not chunked
         assert calls == ([(40, 64)] if on else [])
 
@@ -157,10 +161,10 @@ def test_default_kernel_choice():
     """The dispatch at the model sizes: chunked at prefill where a factor is not a power of two, the block
     kernel where both are, the split kernel at decode with 128 x 128 tiles, the per-token / tiled kernels
     for odd n1 or factors off chip."""
-    from flatquant.kernels.fused_transform_quant import default_kernel
+    from flatquant.kernels.transform.dispatch import default_kernel
 
     dev = torch.device(DEVICE)
-    prefill = ftq.SPLIT_MAX_M + 1
+    prefill = DEFAULT_ROUTES.split_max_m + 1
     assert [default_kernel(prefill, n1, n2, True, dev) for n1, n2 in ((86, 128), (108, 128), (112, 128), (64, 80))] \
         == ["chunked"] * 4
     assert default_kernel(prefill, 64, 64, True, dev) == "block" and default_kernel(prefill, 64, 128, True, dev) == "block"

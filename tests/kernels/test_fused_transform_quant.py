@@ -2,7 +2,7 @@
 
 Codes must equal the reference bit for bit, or differ by one only where the reference's
 pre-rounding value y / scale is within 1e-3 of a .5 tie (float32 summation order; see
-flatquant.kernels.testing). Scales: float32 dots -> rtol 1e-5 (summation order); fp16/bf16 inputs ->
+tests/kernels/tolerances.py). Scales: float32 dots -> rtol 1e-5 (summation order); fp16/bf16 inputs ->
 the kernel's float32 intermediate is carried as hi + lo halves (2^-16 relative for bf16) -> rtol 1e-4;
 the faster variants that round T = X P2 to the half dtype -> rtol 2^-9 (ROUNDED_T_RTOL) and a wider tie band.
 """
@@ -13,11 +13,7 @@ pytest.importorskip("triton")
 
 import triton
 import triton.language as tl
-
-from flatquant.kernels._triton_utils import _round_clamp
-from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
-from flatquant.kernels.testing import (
+from tolerances import (
     DEVICE,
     ON_GPU,
     ROUNDED_T_SCALE_RTOL,
@@ -26,6 +22,10 @@ from flatquant.kernels.testing import (
     max_rounded_t_flips,
     rounded_t_tie_tol,
 )
+
+from flatquant.kernels._triton_utils import _round_clamp
+from flatquant.kernels.reference import kron_transform_reference, transform_quantize_reference, unpack_codes
+from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
 
 @triton.jit
@@ -56,8 +56,7 @@ def _check(x, p1, p2, alpha, bits, split=True, **kw):
     q, s = fused_transform_quantize(x, p1, p2, alpha, bits, split_intermediate=split, **kw)
     qr, sr = transform_quantize_reference(x, p1, p2, alpha, bits, round_intermediate=not split)
     assert q.shape == qr.shape and q.dtype == qr.dtype and s.shape == sr.shape and s.dtype == torch.float32
-    # T rounded to the half dtype (not split): see ROUNDED_T_SCALE_RTOL (1e-4 was too tight: seed 62931867 on
-    # the CPU gave 1.48e-4)
+    # T rounded to the half dtype (not split): see ROUNDED_T_SCALE_RTOL
     rtol = 1e-5 if x.dtype == torch.float32 else 1e-4 if split else ROUNDED_T_SCALE_RTOL
     torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=rtol, atol=0)
     y = kron_transform_reference(x, p1, p2, round_intermediate=not split)
@@ -272,8 +271,7 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
     the cross-program state (generation per token, published maxima) carried correctly over calls: each
     call on fresh inputs equals the reference, and the generation moves by one per call and token when a
     token has several programs (one program per token needs no state)."""
-    from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels import fused_transform_split as fts
+    from flatquant.kernels.transform import split as fts
 
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)
     for m in (3, 1, 16):
@@ -284,21 +282,24 @@ def test_split_kernel_column_blocks_and_repeated_calls(cb):
         assert s[0].item() == pytest.approx(1e-8) and not unpack_codes(q, 4)[0].any()  # the all-zero token
         gen, _ = fts._split_state(torch.device(DEVICE))
         several = fts.split_programs(48, {"CB": cb})[1] > 1
-        assert torch.equal(gen - before, (torch.arange(ftq.SPLIT_MAX_M, device=DEVICE) < m).long() * several)
+        assert torch.equal(gen - before, (torch.arange(fts.SPLIT_CAPACITY, device=DEVICE) < m).long() * several)
 
 
-def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monkeypatch):
-    from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels import fused_transform_split as fts
+def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only():
+    from dataclasses import replace
 
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+    from flatquant.kernels.transform import split as fts
+
+    max_m = DEFAULT_ROUTES.split_max_m
     p1, p2 = _factor(8, DEVICE), _factor(48, DEVICE)  # tiles 16 x 64: two 32-column programs per token
-    for min_tile, m, used in ((16 * 64, ftq.SPLIT_MAX_M, True), (16 * 64, ftq.SPLIT_MAX_M + 1, False),
-                              (ftq.SPLIT_MIN_TILE, 2, False)):
-        monkeypatch.setattr(ftq, "SPLIT_MIN_TILE", min_tile)
+    for min_tile, m, used in ((16 * 64, max_m, True), (16 * 64, max_m + 1, False),
+                              (DEFAULT_ROUTES.split_min_tile, 2, False)):
+        routes = replace(DEFAULT_ROUTES, split_min_tile=min_tile)
         gen, _ = fts._split_state(torch.device(DEVICE))
         before = int(gen.sum())
         x = _inputs(m, 8 * 48, torch.float16, DEVICE)
-        _check(x, p1, p2, 0.9, 4, split=False)
+        _check(x, p1, p2, 0.9, 4, split=False, routes=routes)
         gen, _ = fts._split_state(torch.device(DEVICE))
         assert (int(gen.sum()) > before) == used
     # a column block of at least n2: one program per token, the cross-program state left alone
@@ -308,7 +309,7 @@ def test_split_kernel_is_the_default_for_few_tokens_and_large_factors_only(monke
     _check(_inputs(3, 8 * 48, torch.float16, DEVICE), _factor(8, DEVICE), _factor(48, DEVICE), 0.9, 4, split=False,
            kernel="split", config={"CB": 64})
     assert torch.equal(fts._split_state(torch.device(DEVICE))[0], before)
-    x = _inputs(ftq.SPLIT_MAX_M + 1, 8 * 48, torch.float16, DEVICE)
+    x = _inputs(fts.SPLIT_CAPACITY + 1, 8 * 48, torch.float16, DEVICE)
     with pytest.raises(ValueError, match="at most"):
         fused_transform_quantize(x, p1, p2, kernel="split")
     with pytest.raises(ValueError, match="even n1"):

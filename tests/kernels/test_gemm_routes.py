@@ -10,14 +10,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.cublas_routes import (
+from tolerances import DEVICE, ON_GPU
+
+from flatquant.kernels.gemm import decode as decode_gemm
+from flatquant.kernels.gemm.cublas import (
     int_mm_gemm,
     route_supported,
     scale_epilogue,
     scaled_mm_gemm,
     unpack_int4_codes,
 )
-from flatquant.kernels.decode_gemm import w4a4_gemm_decode
+from flatquant.kernels.gemm.decode import w4a4_gemm_decode
 from flatquant.kernels.reference import (
     pack_int4,
     quantize_weight_reference,
@@ -25,7 +28,7 @@ from flatquant.kernels.reference import (
     unpack_int4,
     w4a4_gemm_reference,
 )
-from flatquant.kernels.testing import DEVICE, ON_GPU
+from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -22}
 
@@ -200,7 +203,7 @@ def test_decode_l2_prefetch_same_result(m, n, k):
     """Both decode kernels with and without the L2 prefetch of their weight slice (a hint: the results must
     be bitwise equal), over default tiles, a K that is not a whole number of steps and rows that end
     inside a 128-byte line; and equal to the reference."""
-    from flatquant.kernels import decode_gemm
+    from flatquant.kernels.gemm import decode as decode_gemm
 
     a, sa, qw, sw, b = _operands(m, n, k)
     base = decode_gemm.decode_config(n, k // 2, torch.device(DEVICE))
@@ -211,7 +214,7 @@ def test_decode_l2_prefetch_same_result(m, n, k):
 
 
 def test_prefetch_lines_per_row():
-    from flatquant.kernels.decode_gemm import _lines
+    from flatquant.kernels.gemm.decode import _lines
 
     assert [_lines(s, 128) for s in (0, -5, 1, 128, 129, 2048, 7168)] == [0, 0, 1, 1, 2, 16, 64]
 
@@ -233,7 +236,7 @@ def test_cublas_routes_gpu(m, n, k):
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 1000), (8, 72)])
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
-    """Small M through the CUDA-core dp4a kernel (the default up to GEMV_MAX_M, any M <= 16 when pinned; its
+    """Small M through the CUDA-core dp4a kernel (the default up to routes.gemv_max_m, any M <= 16 when pinned; its
     weight tiles requested one or two steps ahead, or its loop pipelined through shared memory) and
     through the tensor-core kernel in both operand
     orders, its K loop pipelined MMA_STAGES (3) deep, 4 deep or not at all: all equal the reference; a K
@@ -250,9 +253,9 @@ def test_decode_gemm_small_m_kernels(kernel, bits, k, m):
 
 def test_decode_gemv_extreme_codes_limits_and_default():
     """The dp4a kernel's offset arithmetic at the extreme codes (-8 x -8 and 7 x -8, exact); it is the
-    default up to GEMV_MAX_M; pinned, it refuses rows that are not whole int32 words, and the default
+    default up to RouteConfig.gemv_max_m; pinned, it refuses rows that are not whole int32 words, and the default
     then falls back to the tensor-core kernel."""
-    from flatquant.kernels import decode_gemm
+    from flatquant.kernels.gemm import decode as decode_gemm
 
     n, k = 24, 520
     for m, av, wv in [(1, -8, -8), (4, 7, -8), (2, -8, 7)]:
@@ -260,8 +263,9 @@ def test_decode_gemv_extreme_codes_limits_and_default():
         w = pack_int4(torch.full((n, k), wv, dtype=torch.int8)).to(DEVICE)
         y = w4a4_gemm_decode(a, torch.ones(m, device=DEVICE), w, torch.ones(n, device=DEVICE), None, torch.float32)
         assert torch.all(y == float(av * wv * k))
-    assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M, n, k // 2, torch.device(DEVICE))["KERNEL"] == "gemv"
-    assert decode_gemm.resolved_config(decode_gemm.GEMV_MAX_M + 1, n, k // 2, torch.device(DEVICE))["KERNEL"] == "mma"
+    gemv_max_m = DEFAULT_ROUTES.gemv_max_m
+    assert decode_gemm.resolved_config(gemv_max_m, n, k // 2, torch.device(DEVICE))["KERNEL"] == "gemv"
+    assert decode_gemm.resolved_config(gemv_max_m + 1, n, k // 2, torch.device(DEVICE))["KERNEL"] == "mma"
     assert decode_gemm.resolved_config(1, n, 150, torch.device(DEVICE), word_aligned=False)["KERNEL"] == "mma"
     # above 4096 x 4096 weights the dp4a kernel stays the default only to M = 2 (K <= 4096) or M = 1 (longer K)
     dev = torch.device(DEVICE)
@@ -279,7 +283,7 @@ def test_decode_gemv_extreme_codes_limits_and_default():
 def test_decode_gemm_split_k_workspace_left_zero_and_reused():
     """The one-launch split-K reduction: repeated calls (other M, other operands, same N) stay exact, and the
     shared workspace and arrival counters are zero again after each call (the next call relies on that)."""
-    from flatquant.kernels import decode_gemm
+    from flatquant.kernels.gemm import decode as decode_gemm
 
     n, k = 48, 256
     cfg = dict(KERNEL="mma", BLOCK_N=16, BLOCK_K=32, SPLIT_K=4)
@@ -294,41 +298,55 @@ def test_decode_gemm_split_k_workspace_left_zero_and_reused():
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: GPU only")
 @pytest.mark.parametrize("l2", [False, True])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_decode_layer_pdl_in_cuda_graph(m, l2, monkeypatch):
+def test_decode_layer_pdl_in_cuda_graph(m, l2):
     """The decode GEMM launched as a programmatic dependent of the fused transform (it may start before the
     transform has finished and must wait before reading the codes; with and without its weight's L2
     prefetch before that wait), replayed from a CUDA graph on fresh inputs: bitwise equal to the plain
     launch each time (same codes, exact integer sums)."""
-    from flatquant.kernels import decode_gemm
-    from flatquant.kernels.linear import W4A4Linear
+    from dataclasses import replace
 
-    monkeypatch.setattr(decode_gemm, "L2_PREFETCH", {kern: l2 for kern in decode_gemm.L2_PREFETCH})
+    from flatquant.kernels.linear import W4A4Linear
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+
+    base = replace(DEFAULT_ROUTES, l2_prefetch_gemv=l2, l2_prefetch_mma=l2)
+    pdl_on, pdl_off = (replace(base, pdl_gemv=on, pdl_mma=on) for on in (True, False))
     k, n = 4096, 4096
     p1 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
     p2 = torch.linalg.qr(torch.randn(64, 64, device=DEVICE))[0]
-    layer = W4A4Linear.from_float(torch.randn(n, k, device=DEVICE) / 64, None, p1, p2, backend="triton")
+    layer = W4A4Linear.from_float(torch.randn(n, k, device=DEVICE) / 64, None, p1, p2, backend="triton",
+                                  routes=pdl_on)  # whichever kernel M picks
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-    with decode_gemm.pdl_for_all(True):  # whichever kernel M picks
-        layer(x)  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
+    layer(x)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
     for _ in range(3):
         x.copy_(torch.randn_like(x) * 3)
         graph.replay()
-        with decode_gemm.pdl_for_all(False):
-            y_plain = layer(x)
+        layer.routes = pdl_off
+        y_plain = layer(x)
+        layer.routes = pdl_on
         torch.cuda.synchronize()
         assert torch.equal(y, y_plain)
 
 
-def test_pdl_for_all_restores_the_defaults():
-    from flatquant.kernels import decode_gemm
+def test_route_config_values_and_validation():
+    """RouteConfig is immutable, validated, and its decode settings reach the decode GEMM's config."""
+    import dataclasses
 
-    default = dict(decode_gemm.PDL)
-    with pytest.raises(RuntimeError):
-        with decode_gemm.pdl_for_all(True):
-            assert all(decode_gemm.PDL.values()) and set(decode_gemm.PDL) == set(default)
-            raise RuntimeError
-    assert decode_gemm.PDL == default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_ROUTES.small_m_max = 1
+    for bad in (dict(large_m_route="cutlass"), dict(pdl_trigger="middle"), dict(triton_gemm_route="int4"),
+                dict(fallback_routes=("int8",))):
+        with pytest.raises(ValueError):
+            RouteConfig(**bad)
+    assert DEFAULT_ROUTES.pdl("gemv") and DEFAULT_ROUTES.pdl("mma") and not DEFAULT_ROUTES.l2_prefetch("mma")
+    assert [RouteConfig(pdl_trigger=t).pdl_trigger_code() for t in (None, "start", "end")] == [0, 1, 2]
+    dev, n, kh = torch.device(DEVICE), 4096, 2048
+    assert decode_gemm.resolved_config(2, n, kh, dev)["KERNEL"] == "gemv"
+    assert decode_gemm.resolved_config(2, n, kh, dev, routes=RouteConfig(gemv_max_m=1))["KERNEL"] == "mma"
+    over = RouteConfig(decode_overrides={"GEMV_PREFETCH": 2, "num_stages": 1})
+    assert decode_gemm.resolved_config(1, n, kh, dev, routes=over)["GEMV_PREFETCH"] == 2
+    assert "GEMV_PREFETCH" not in decode_gemm.resolved_config(1, n, kh, dev, config={"KERNEL": "gemv"}, routes=over)
+    assert RouteConfig(tma_configs={"int8": {"BLOCK_M": 64}}).as_dict()["tma_configs"] == {"int8": {"BLOCK_M": 64}}

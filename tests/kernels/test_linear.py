@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tolerances import DEVICE, TIE_TOL, rounded_t_tie_tol, tie_flip_slack
 
 from flatquant.kernels.linear import W4A4Linear, set_backend
 from flatquant.kernels.reference import kron_factors, kron_transform_reference, transform_quantize_reference
-from flatquant.kernels.testing import DEVICE, TIE_TOL, rounded_t_tie_tol, tie_flip_slack
 
 
 def _layer(in_f, out_f, bits=4, transform="both", bias=True, act_clip=0.9, device=DEVICE):
@@ -93,9 +93,9 @@ def test_every_gemm_route_matches_reference(route, tokens):
     .5 tie between kernel and reference transform (allowed and tested in test_fused_transform_quant),
     which is not what this test is about."""
     pytest.importorskip("triton")
-    from flatquant.kernels.decode_gemm import activation_format
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+    from flatquant.kernels.gemm.decode import activation_format
     from flatquant.kernels.reference import w4a4_gemm_reference
+    from flatquant.kernels.transform.dispatch import fused_transform_quantize
 
     m, *_ = _layer(96, 40, transform="both")
     m.gemm_route = route
@@ -118,29 +118,32 @@ def test_every_gemm_route_matches_reference(route, tokens):
 
 
 def test_route_dispatch_and_weight_cache(monkeypatch):
-    from flatquant.kernels import linear as lin_mod
-    from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE
+    from dataclasses import replace
+
+    from flatquant.kernels.gemm import tma as tma_gemm
+    from flatquant.kernels.gemm.w4a4_gemm import DEFAULT_GEMM_ROUTE
+    from flatquant.kernels.routes import DEFAULT_ROUTES
 
     m, *_ = _layer(64, 32, device="cpu")
     cuda, bf16, f16 = torch.device("cuda"), torch.bfloat16, torch.float16
     assert m.gemm_route_for(1, bf16, cuda) == "decode"
-    assert m.gemm_route_for(lin_mod.SMALL_M_MAX, bf16, cuda) == "decode"
-    from flatquant.kernels import tma_gemm
-
-    hopper = [False]
+    assert m.gemm_route_for(DEFAULT_ROUTES.small_m_max, bf16, cuda) == "decode"
+    hopper = [False]  # a fake device capability: the real check needs a GPU
     monkeypatch.setattr(tma_gemm, "tma_supported", lambda m_, n, k, dev: hopper[0] and k % 16 == 0)
-    monkeypatch.setattr(lin_mod, "LARGE_M_ROUTE", "scaled_mm")
-    monkeypatch.setattr(lin_mod, "TMA_M_MIN", 2048)
+    m.routes = replace(DEFAULT_ROUTES, large_m_route="scaled_mm", tma_m_min=2048)
     assert m.gemm_route_for(2047, bf16, cuda) == "scaled_mm"
     assert m.gemm_route_for(2047, f16, cuda) == "int_mm"  # row-wise _scaled_mm is bf16-only
-    assert m.gemm_route_for(4096, bf16, cuda) == "scaled_mm"  # no Hopper: the first of FALLBACK_ROUTES that takes it
+    assert m.gemm_route_for(4096, bf16, cuda) == "scaled_mm"  # no Hopper: the first of fallback_routes that takes it
     hopper[0] = True
-    assert m.gemm_route_for(4096, bf16, cuda) == lin_mod.TMA_ROUTE
-    monkeypatch.setattr(lin_mod, "TMA_M_MIN", None)  # off: LARGE_M_ROUTE at every large M
+    assert m.gemm_route_for(4096, bf16, cuda) == m.routes.tma_route
+    set_backend(m, "reference", routes=replace(m.routes, tma_m_min=None))  # off: large_m_route at every large M
+    assert m.backend == "reference" and m.routes.tma_m_min is None
     assert m.gemm_route_for(1 << 20, bf16, cuda) == "scaled_mm"
+    m.routes = replace(DEFAULT_ROUTES, small_m_max=4, large_m_min=64, large_m_route="int_mm")
+    assert [m.gemm_route_for(t, bf16, cuda) for t in (4, 5, 64)] == ["decode", DEFAULT_GEMM_ROUTE, "int_mm"]
+    m.routes = DEFAULT_ROUTES
     m.gemm_route = "tma_fp8"
     assert m.gemm_route_for(64, bf16, cuda) == "tma_fp8"
-    m.gemm_route = None
     m.gemm_route = "decode"
     assert m.gemm_route_for(64, bf16, cuda) == DEFAULT_GEMM_ROUTE
     odd, *_ = _layer(36, 20, device="cpu")  # K, N not multiples of 8: cuBLASLt refuses

@@ -1,4 +1,4 @@
-"""The TMA GEMM (flatquant/kernels/tma_gemm.py) vs integer references. The integer sum must be exact in
+"""The TMA GEMM (flatquant/kernels/gemm/tma.py) vs integer references. The integer sum must be exact in
 both code formats (int32 wgmma; fp8 with float32 promotion), so float32 output with unit scales equals
 the int64 product exactly; with scales, bias and a bf16/fp16 output the only difference left is the
 final rounding (one unit in the last place, as in test_w4a4_gemm.py)."""
@@ -7,8 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from flatquant.kernels.testing import DEVICE, ON_GPU
-from flatquant.kernels.tma_gemm import DEFAULT_CONFIGS, FORMATS, config_for, tma_gemm, tma_supported
+from tolerances import DEVICE, ON_GPU
+
+from flatquant.kernels.gemm.tma import DEFAULT_CONFIGS, FORMATS, config_for, tma_gemm, tma_supported
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
@@ -90,7 +91,7 @@ def test_default_configs_complete():
     for fmt in FORMATS:
         cfg = DEFAULT_CONFIGS[fmt]
         assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg)
-        assert set(config_for(fmt)) <= set(__import__("flatquant.kernels.tma_gemm", fromlist=["x"]).CONFIG_KEYS)
+        assert set(config_for(fmt)) <= set(__import__("flatquant.kernels.gemm.tma", fromlist=["x"]).CONFIG_KEYS)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="model sizes with the default tiles: GPU only")

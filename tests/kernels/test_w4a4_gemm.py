@@ -7,14 +7,15 @@ import torch
 
 pytest.importorskip("triton")
 
+from tolerances import DEVICE, ON_GPU
+
+from flatquant.kernels.gemm.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 from flatquant.kernels.reference import (
     quantize_weight_reference,
     transform_quantize_reference,
     unpack_codes,
     w4a4_gemm_reference,
 )
-from flatquant.kernels.testing import DEVICE, ON_GPU
-from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -22}
 

@@ -4,8 +4,8 @@ kernel, a one-program 8 KB load + store) next to the fused transform kernels (bl
 GEMM, all replayed from CUDA graphs. With --eager it only runs each piece a few times, for a profiler
 (`ncu --metrics gpu__time_duration.sum`): the kernels' own durations, without the graph's launch cost.
 
-    PYTHONPATH=. python benchmarks/probe_decode_latency.py --out results/kernels/probe_decode_latency.json
-    ncu --metrics gpu__time_duration.sum --csv python benchmarks/probe_decode_latency.py --eager
+    PYTHONPATH=. python benchmarks/probes/probe_decode_latency.py --out results/kernels/probe_decode_latency.json
+    ncu --metrics gpu__time_duration.sum --csv python benchmarks/probes/probe_decode_latency.py --eager
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 import triton
@@ -36,13 +37,13 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--eager", action="store_true", help="run each piece 3 times, no timing (for ncu)")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import RecordWriter, base_fields, require_cuda, time_pieces
+    from _common import RecordWriter, base_fields, require_cuda, time_pieces
 
     require_cuda("probe_decode_latency.py")
-    from flatquant.kernels.decode_gemm import activation_format, w4a4_gemm_decode
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-    from flatquant.kernels.reference import quantize_weight_reference
     from flatquant.core.transforms import kron_factors
+    from flatquant.kernels.gemm.decode import activation_format, w4a4_gemm_decode
+    from flatquant.kernels.reference import quantize_weight_reference
+    from flatquant.kernels.transform import fused_transform_quantize
 
     dev = torch.device("cuda")
     base = base_fields()

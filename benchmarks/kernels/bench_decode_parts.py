@@ -3,24 +3,24 @@
 BF16 GEMV baseline, the fused transform + quantize alone, the decode GEMM alone (default config and a
 small config sweep), and the whole layer. Says where the decode time goes. JSON list out.
 
-    PYTHONPATH=. python benchmarks/bench_decode_parts.py --out results/kernels/bench_decode_parts.json
+    PYTHONPATH=. python benchmarks/kernels/bench_decode_parts.py --out results/kernels/bench_decode_parts.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 # Configs swept per M: the CUDA-core dp4a kernel ("gemv": rows, K bytes per step, warps) where it is the
-# default (M <= GEMV_MAX_M), the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) with the weight as
+# default (M <= RouteConfig.gemv_max_m), the tensor-core kernel ("mma": BLOCK_N, BLOCK_K, SPLIT_K) with the weight as
 # the MMA's A operand (SWAP_AB) at M = 16, the other operand order's default and the dp4a kernel pinned,
 # for comparison.
 GEMV_SWEEP = [dict(KERNEL="gemv", GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
@@ -58,33 +58,19 @@ TRANSFORM_SWEEP += [dict(kernel="block", config=dict(num_warps=nw, num_stages=1)
 TRANSFORM_SWEEP += [dict(kernel="token")]
 
 # --layer-sweep: the whole layer (not the GEMM alone: at decode the two kernels overlap, and a GEMM that is
-# faster alone can be slower behind the transform) with one decode setting changed at a time. Tags name
-# (module, attribute values): gemv rows x K bytes per step x warps where the dp4a kernel is the default, at
-# M = 1 (a step as long as the row requests the whole weight slice before the PDL wait), else tensor-core
-# tiles (BLOCK_N x SUB x BLOCK_K), and the transform's split kernel (columns per program, warps).
-def _layer_sweep(gemv_default: bool, decode_gemm, fused_transform_split):
-    gemv = {f"gemv_{bn}x{bk}_w{nw}": (decode_gemm, dict(GEMV_CONFIG={
-        **decode_gemm.GEMV_CONFIG, 1: dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw, SWAP_AB=True)}))
-        for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
-    mma = {f"mma_{bn}x{sub}x{bk}": (decode_gemm, dict(decode_config=lambda *_, c=dict(BLOCK_N=bn, SUB=sub, BLOCK_K=bk,
-                                                                                      SPLIT_K=1, MMA_WARPS=sub): dict(c)))
+# faster alone can be slower behind the transform) with one decode setting changed at a time, as RouteConfig
+# fields: gemv rows x K bytes per step x warps at M = 1 where the dp4a kernel is the default (other M keep
+# the default), else tensor-core tiles (BLOCK_N x SUB x BLOCK_K), and the transform's split kernel
+# (columns per program, warps).
+def _layer_sweep(gemv_default: bool, m: int) -> dict[str, dict]:
+    gemv = {f"gemv_{bn}x{bk}_w{nw}": dict(decode_overrides=dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=nw,
+                                                                SWAP_AB=True) if m <= 1 else {})
+            for bn, bk, nw in [(4, 2048, 2), (8, 2048, 4), (2, 1024, 1), (2, 2048, 1), (8, 1024, 4), (4, 512, 2)]}
+    mma = {f"mma_{bn}x{sub}x{bk}": dict(decode_overrides=dict(BLOCK_N=bn, SUB=sub, BLOCK_K=bk, SPLIT_K=1, MMA_WARPS=sub))
            for bn, sub, bk in [(32, 4, 256), (16, 4, 256), (32, 2, 128), (16, 2, 256), (32, 4, 128), (32, 2, 256)]}
-    split = {f"split_cb{cb}_w{nw}": (fused_transform_split, dict(SPLIT_BLOCK_C=cb, SPLIT_WARPS=nw))
+    split = {f"split_cb{cb}_w{nw}": dict(split_columns=cb, split_warps=nw)
              for cb, nw in [(16, 8), (64, 8), (32, 4), (128, 8)]}
     return {**(gemv if gemv_default else mma), **split}
-
-
-@contextlib.contextmanager
-def _patched(module, **values):
-    """Module attributes set to `values` inside the block (read at call time by the decode GEMM), then restored."""
-    saved = {name: getattr(module, name) for name in values}
-    try:
-        for name, value in values.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def main() -> int:
@@ -96,15 +82,18 @@ def main() -> int:
     ap.add_argument("--sweep-set", default="all", choices=sorted(SWEEP_SETS),
                     help="which config sweep: all, or sub (tensor-core tiles x K sub-ranges at M = 1 and 16, no transform sweep)")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import RecordWriter, base_fields, graph_ms, require_cuda, rotation_count
+    from _common import RecordWriter, base_fields, graph_ms, require_cuda, rotation_count
 
     require_cuda("bench_decode_parts.py")
-    from flatquant.kernels import decode_gemm, fused_decode, fused_transform_quant, fused_transform_split
-    from flatquant.kernels.decode_gemm import resolved_config, w4a4_gemm_decode
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+    from dataclasses import replace
+
+    from flatquant.core.transforms import kron_factors
+    from flatquant.kernels.gemm import decode as decode_gemm
+    from flatquant.kernels.gemm.decode import resolved_config, w4a4_gemm_decode
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import quantize_weight_reference
-    from flatquant.core.transforms import kron_factors
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+    from flatquant.kernels.transform import fused_transform_quantize
 
     dev = torch.device("cuda")
     base = base_fields()
@@ -139,7 +128,9 @@ def main() -> int:
         default = resolved_config(m, n, k // 2, dev)
         layers = [W4A4Linear.from_float(w.float(), None, p1.float(), p2.float(), backend="triton") for w in ws]
 
-        def layer_ms():
+        def layer_ms(**routes):  # the layers under DEFAULT_ROUTES with `routes` changed
+            for lay in layers:
+                lay.routes = replace(DEFAULT_ROUTES, **routes)
             return graph_ms([lambda x=x, lay=lay: lay(x) for x, lay in zip(xs, layers)])
 
         # The default layer is timed three times (first, after the PDL pair, last) and reported as the median:
@@ -152,40 +143,34 @@ def main() -> int:
         # pipelined (synchronous loads), or fed packed activation codes (unpacked in its registers).
         wholes = {}
         for tag, on in (("pdl_on", True), ("pdl_off", False)):
-            with decode_gemm.pdl_for_all(on):
-                wholes[tag] = layer_ms()
+            wholes[tag] = layer_ms(pdl_gemv=on, pdl_mma=on)
         wholes_default.append(layer_ms())
-        gemv = decode_gemm.GEMV_CONFIG
-        # tag -> (module, attribute values); then the transform on the block kernel at every size (by default
+        # tag -> RouteConfig fields; then the transform on the block kernel at every size (by default
         # 128 x 128 factor tiles take the split kernel at these M).
-        variants = {"gemv_prefetch2": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 2}
-                                                                      for m_, c in gemv.items()})),
-                    "gemv_pipelined": (decode_gemm, dict(GEMV_CONFIG={m_: {**c, "GEMV_PREFETCH": 0, "GEMV_STAGES": 3}
-                                                                      for m_, c in gemv.items()}))}
+        variants = {"gemv_prefetch2": dict(decode_overrides={"GEMV_PREFETCH": 2}),
+                    "gemv_pipelined": dict(decode_overrides={"GEMV_PREFETCH": 0, "GEMV_STAGES": 3})}
         if resolved_config(m, n, k // 2, dev)["KERNEL"] == "mma":
-            variants.update(mma_stages1=(decode_gemm, dict(MMA_STAGES=1)),
-                            mma_packed_activations=(decode_gemm, dict(MMA_UNPACKED_ACTIVATIONS=False)),
-                            mma_signed_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="signed")),
-                            mma_offset_weight=(decode_gemm, dict(MMA_WEIGHT_NIBBLES="offset")))
+            variants.update(mma_stages1=dict(decode_overrides={"num_stages": 1}),
+                            mma_packed_activations=dict(mma_unpacked_activations=False),
+                            mma_signed_weight=dict(decode_overrides={"W_NIBBLES": "signed"}),
+                            mma_offset_weight=dict(decode_overrides={"W_NIBBLES": "offset"}))
         if 1 < m <= decode_gemm.gemv_max_m(n, k // 2):  # the tensor-core kernel where the dp4a kernel is the default
-            variants["mma_not_gemv"] = (decode_gemm, dict(GEMV_MAX_M=1))
+            variants["mma_not_gemv"] = dict(gemv_max_m=1)
         # M = 1: the one-launch kernel (fused_decode.py; off by default), with and without its L2 prefetch
         if m == 1:
-            variants["fused_decode_on"] = (fused_decode, dict(FUSED_MAX_M=1))
-            variants["fused_decode_on_l2"] = (fused_decode, dict(FUSED_MAX_M=1, L2_PREFETCH=True))
+            variants["fused_decode_on"] = dict(fused_decode_max_m=1)
+            variants["fused_decode_on_l2"] = dict(fused_decode_max_m=1, fused_decode_l2_prefetch=True)
         # both decode kernels asking L2 for their weight slice before the PDL wait, on and off
-        variants["l2_prefetch_on"] = (decode_gemm, dict(L2_PREFETCH={kern: True for kern in decode_gemm.L2_PREFETCH}))
-        variants["l2_prefetch_off"] = (decode_gemm, dict(L2_PREFETCH={kern: False for kern in decode_gemm.L2_PREFETCH}))
-        variants["transform_block"] = (fused_transform_quant, dict(SPLIT_MAX_M=0))
+        variants["l2_prefetch_on"] = dict(l2_prefetch_gemv=True, l2_prefetch_mma=True)
+        variants["l2_prefetch_off"] = dict(l2_prefetch_gemv=False, l2_prefetch_mma=False)
+        variants["transform_block"] = dict(split_max_m=0)
         # the transform's PDL trigger (letting the GEMM start) after its stores, or never
-        variants["trigger_end"] = (fused_transform_quant, dict(PDL_TRIGGER="end"))
-        variants["trigger_none"] = (fused_transform_quant, dict(PDL_TRIGGER=None))
+        variants["trigger_end"] = dict(pdl_trigger="end")
+        variants["trigger_none"] = dict(pdl_trigger=None)
         if args.layer_sweep:
-            gemv_default = resolved_config(m, n, k // 2, dev)["KERNEL"] == "gemv"
-            variants.update(_layer_sweep(gemv_default, decode_gemm, fused_transform_split))
-        for tag, (module, values) in variants.items():
-            with _patched(module, **values):
-                wholes[tag] = layer_ms()
+            variants.update(_layer_sweep(resolved_config(m, n, k // 2, dev)["KERNEL"] == "gemv", m))
+        for tag, routes in variants.items():
+            wholes[tag] = layer_ms(**routes)
         wholes_default.append(layer_ms())
         whole = statistics.median(wholes_default)
         for name, ms, extra in ([("bf16_gemv", bf16, {}), ("fused_transform_quant", fused, {"out_format": fmt}),
@@ -226,8 +211,7 @@ def main() -> int:
         mma = [r for r in swept if r["config"]["KERNEL"] == "mma" and r["config"].get("SWAP_AB")]
         if mma:  # the whole layer with the fastest swept tensor-core config as the decode default (any M)
             best = min(mma, key=lambda r: r["median_ms"])["config"]
-            with _patched(decode_gemm, decode_config=lambda *_, cfg=best: dict(cfg)):
-                ms = layer_ms()
+            ms = layer_ms(decode_overrides=best)
             out.add({"kernel": "w4a4_linear_auto_best_mma", "shape": shape, "median_ms": ms,
                      "baseline": "bf16_gemv_cudagraph", "baseline_median_ms": bf16, "speedup": bf16 / ms,
                      "timing": "cuda_graph", "config": best, "achieved_gbps": n * k * 2 / (ms * 1e-3) / 1e9})

@@ -12,7 +12,7 @@ Parts (run in this order, each writes JSON records to --results-dir):
   longcalib  FlatQuant + GPTQ at W4A4KV4 with a larger calibration budget (--long-nsamples windows,
              --long-epochs epochs; variant "calib-<n>x<seqlen>-e<epochs>"): perplexity and zero-shot
 Example:
-  python benchmarks/run_accuracy.py --model /root/stage/model.gguf --data-dir .data --parts baselines,flatquant
+  python benchmarks/accuracy/run_accuracy.py --model /root/stage/model.gguf --data-dir .data --parts baselines,flatquant
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flatquant.config import CalibConfig, calib_preset, method_config
 from flatquant.models.loading import load_model

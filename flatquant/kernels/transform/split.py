@@ -1,11 +1,11 @@
 """The split kernel: fused transform + quantize at decode, one token's Y columns spread over G programs.
 
-A token alone is a few microseconds of latency for one program, so at decode (at most SPLIT_MAX_M tokens,
-`fused_transform_quant.default_kernel`) program g of the token computes the Y columns [g*CB, (g+1)*CB) and
-the programs meet for the per-token max through tagged slots in global memory. Same math, rounding and
-output layout as the block kernel (`fused_transform_quant._fused_block_kernel`); semantics:
+A token alone is a few microseconds of latency for one program, so at decode (`RouteConfig.split_max_m`
+tokens at most, `dispatch.default_kernel`) program g of the token computes the Y columns [g*CB, (g+1)*CB)
+and the programs meet for the per-token max through tagged slots in global memory. Same math, rounding and
+output layout as the block kernel (`block._fused_block_kernel`); semantics:
 `reference.transform_quantize_reference(..., round_intermediate=True)`. Called through
-`fused_transform_quant.fused_transform_quantize(..., kernel="split")`.
+`fused_transform_quantize(..., kernel="split")`.
 """
 from __future__ import annotations
 
@@ -23,16 +23,13 @@ from flatquant.kernels._triton_utils import (
     stream_state,
     triton_dtype,
 )
-from flatquant.kernels.fused_transform_quant import SPLIT_MAX_M, _code_cast, _pdl_trigger, pdl_trigger
+from flatquant.kernels.routes import DEFAULT_ROUTES, RouteConfig
+from flatquant.kernels.transform.common import pdl_trigger, store_code_pair
 
-# 32 columns on 8 warps: the best of the 52b9cb8 sweep at 14336 (112 x 128) for M = 1, 4 and 16 (9.4-9.9 us
-# against 10.0-10.6 us for 16 columns on 4 warps; results/archive/kernels-h200-52b9cb8/). A config with
-# CB >= n2 gives one program per token (G = 1), which skips the cross-program maximum; on the H200 at
-# 01c52dd that layout was slower inside the layer (transform + PDL-launched GEMM) than the block kernel
-# at 4096 (8.7 against 7.4 us at 4096 x 4096, M = 1) and no faster at 14336
-# (results/archive/kernels-h200-01c52dd/bench_decode_parts.json), so it is not the default.
-SPLIT_BLOCK_C = 32
-SPLIT_WARPS = 8
+# Tokens one call may take: the size of the cross-program state (RouteConfig.split_max_m picks the kernel).
+SPLIT_CAPACITY = 16
+# Slots per token of the cross-program maximum (>= programs per token: at most 128 / 16 = 8 on chip).
+SPLIT_SLOTS = 16
 
 
 @triton.jit
@@ -55,7 +52,7 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
     must be resident together: the launcher keeps G * tokens <= SMs. PHASE 0 is that one launch. The
     CPU interpreter runs programs one after another, so there a poll would never end: it launches
     PHASE 1 (compute, publish) and then PHASE 2 (compute again, read the slots, quantize, store)."""
-    _pdl_trigger(TRIGGER, 1, INTERP)  # at the start (PDL_TRIGGER "start")
+    pdl_trigger(TRIGGER, 1, INTERP)  # RouteConfig.pdl_trigger "start"
     g = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     if G > 1:
@@ -106,40 +103,31 @@ def _fused_split_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, gen_ptr, slot
         qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         om = (h[:, None] < H) & (c[None, :] < N2)
         ob = out_ptr + t * stride_o + h[:, None] * N2 + c[None, :]
-        if PACK:
-            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
-        else:
-            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om)
-            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om)
-    _pdl_trigger(TRIGGER, 2, INTERP)  # after the stores (PDL_TRIGGER "end")
-
-
-# Slots per token of the split kernel's cross-program maximum (>= its programs per token: at most
-# 128 / 16 = 8 for on-chip factors).
-SPLIT_SLOTS = 16
+        store_code_pair(ob, qlo, qhi, om, H * N2, PACK)
+    pdl_trigger(TRIGGER, 2, INTERP)  # RouteConfig.pdl_trigger "end"
 
 
 def _split_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 generation per token and int64 slots (token, program): the split kernel's state, kept on the
     device between calls, per (device, stream)."""
     return stream_state("fused_split", device, None, lambda d: (
-        torch.zeros(SPLIT_MAX_M, device=d, dtype=torch.int64),
-        torch.zeros((SPLIT_MAX_M, SPLIT_SLOTS), device=d, dtype=torch.int64)))
+        torch.zeros(SPLIT_CAPACITY, device=d, dtype=torch.int64),
+        torch.zeros((SPLIT_CAPACITY, SPLIT_SLOTS), device=d, dtype=torch.int64)))
 
 
-def split_programs(n2: int, config: dict | None = None) -> tuple[int, int]:
-    """(columns per program CB, programs per token G) of the split kernel."""
-    cb = min(next_pow2(int((config or {}).get("CB", SPLIT_BLOCK_C))), next_pow2(n2))
+def split_programs(n2: int, config: dict | None = None, routes: RouteConfig = DEFAULT_ROUTES) -> tuple[int, int]:
+    """(columns per program CB, programs per token G) of the split kernel (config "CB" over the routes')."""
+    cb = min(next_pow2(int((config or {}).get("CB", routes.split_columns))), next_pow2(n2))
     return cb, triton.cdiv(n2, cb)
 
 
 def launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int, n2: int, pack: bool, bits: int,
-                 dd: torch.dtype, interp: bool, config: dict | None) -> None:
+                 dd: torch.dtype, interp: bool, config: dict | None, routes: RouteConfig = DEFAULT_ROUTES) -> None:
     """Launch `_fused_split_kernel`: grid (G, tokens), one launch on the GPU, two in the interpreter."""
     m = x2.shape[0]
-    if m > SPLIT_MAX_M:
-        raise ValueError(f"the split kernel takes at most {SPLIT_MAX_M} tokens, got {m}")
-    cb, g = split_programs(n2, config)
+    if m > SPLIT_CAPACITY:
+        raise ValueError(f"the split kernel takes at most {SPLIT_CAPACITY} tokens, got {m}")
+    cb, g = split_programs(n2, config, routes)
     if g > SPLIT_SLOTS:
         raise ValueError(f"the split kernel takes at most {SPLIT_SLOTS} programs per token, got {g}")
     if not interp and g * m > num_sms(x2.device):
@@ -147,8 +135,8 @@ def launch_split(x2, p1c, p2c, has_p2: bool, out, scale, alpha32: float, n1: int
     gen, slots = _split_state(x2.device)
     consts = dict(N1=n1, N2=n2, N1P=next_pow2(n1), N2P=next_pow2(n2), H=n1 // 2, HP=next_pow2(n1 // 2), CB=cb, G=g,
                   GP=SPLIT_SLOTS, HAS_P2=has_p2, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=pdl_trigger(),
-                  num_warps=int((config or {}).get("num_warps", SPLIT_WARPS)))
+                  DT=triton_dtype(dd), INTERP=interp, TRIGGER=routes.pdl_trigger_code(),
+                  num_warps=int((config or {}).get("num_warps", routes.split_warps)))
     args = (x2, p1c, p2c, out, scale, gen, slots, x2.stride(0), out.stride(0), alpha32)
     for phase in ((1, 2) if interp and g > 1 else (0,)):  # one program per token: no wait, one launch
         _fused_split_kernel[(g, m)](*args, PHASE=phase, **consts)

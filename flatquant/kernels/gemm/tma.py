@@ -2,16 +2,13 @@
 
     y[m, n] = (sum_k a[m, k] * w[n, k]) * sa[m] * sw[n] (+ bias[n])   -> bf16 / fp16 / fp32
 
-Why it exists: at M in the thousands the W4A4 layer is bound by tensor-core throughput. On the H100,
-cuBLASLt FP8 with row-wise scales (`torch._scaled_mm`, full float32 accumulation; `cublas_routes.py`)
-ran at only 1.48-1.60x BF16 at M >= 8192, while the same GEMM with one scale per tensor ran at
-1.73-1.91x, cuBLASLt INT8 (`torch._int_mm` + epilogue) at 0.89-1.18x, and the Triton GEMM in
-`w4a4_gemm.py`, which unpacks nibbles inside its main loop (its operands then reach the tensor cores
-through registers, not straight from shared memory), at 0.47-0.55x (results/kernels/bench_w4a4_linear.json,
-ce40e0a). This kernel reads
-codes already one per byte (the fused transform writes them so, `out_format="int8" | "fp8"`; the
-layer caches its weight so) through the TMA unit straight into shared memory, feeds wgmma, and applies
-the per-token and per-channel scales (and bias) on the accumulator before the single store.
+Why it exists: at M in the thousands the W4A4 layer is bound by tensor-core throughput, and on the H100
+cuBLASLt FP8 with row-wise scales (`cublas.py`) and the Triton GEMM in `w4a4_gemm.py` (which unpacks
+nibbles in its main loop, so its operands reach the tensor cores through registers) ran well below the
+FP8 / INT8 peak (docs/KERNELS.md, "Large M"). This kernel reads codes already one per byte (the fused
+transform writes them so, `out_format="int8" | "fp8"`; the layer caches its weight so) through the TMA
+unit straight into shared memory, feeds wgmma, and applies the per-token and per-channel scales (and
+bias) on the accumulator before the single store.
 
 Two code formats, the same integer result:
 - "int8": int8 x int8 -> int32 wgmma. Exact.
@@ -21,11 +18,9 @@ Two code formats, the same integer result:
   (8192 at 128); the float32 total is exact below 2**24. tests/kernels/test_tma_gemm.py checks that
   with the largest codes on the GPU.
 
-  Without promotion (imprecise_k = 0, "fast accumulation") the running sum itself stays in the narrow
-  accumulator, and it is not exact: on the H100 (541ef8d, benchmarks/bench_tma_gemm.py's check) all-7
-  codes at K = 14336 came out 177344 short of 702464, and other odd-product cases were off by up to
-  1081344 at K = 28672 (random codes, whose sums stay small, were exact). It stays a config option only
-  to measure what promotion costs.
+  Without promotion (imprecise_k = 0, "fast accumulation") the running sum stays in the narrow
+  accumulator and is not exact (docs/KERNELS.md); it stays a config option only to measure what
+  promotion costs.
 
 `tma_gemm` takes a config (CONFIG_KEYS: tile sizes, warps, stages, persistent or one program per tile,
 imprecise_k for fp8 (0: no promotion, not exact; measured only), flatten (Triton's loop flattening),
@@ -39,16 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from flatquant.kernels._triton_utils import interpreting
+from flatquant.kernels._triton_utils import interpreting, num_sms
 
 FORMATS = ("int8", "fp8")
 
-# Keyed by code format: the fastest exact config of each in the H100 sweep at 541ef8d (results/kernels/
-# bench_tma_gemm.json, M = 4096 / 8192 / 16384 on five Llama shapes; geometric mean over the 15 points).
-# int8: 128 x 256 outputs per program from two warpgroups, 3 stages, the tile loop flattened so that the next
-# tile's loads start during this tile's epilogue: 1.43-1.54x BF16. fp8: the same tiles with promotion every
-# 128 products, 1.23-1.43x (it spills: promotion keeps a second float32 accumulator; 128 x 128 tiles do not
-# spill and ran at 1.07-1.26x).
+# Keyed by code format: the fastest exact config of each in the H100 sweep (docs/KERNELS.md, "Large M"):
+# 128 x 256 tiles on two warpgroups, 3 stages; int8 with the tile loop flattened (the next tile's loads
+# start during this tile's epilogue), fp8 with promotion every 128 products.
 DEFAULT_CONFIGS = {
     "int8": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
                  flatten=True),
@@ -133,12 +125,6 @@ def _tma_gemm_kernel(a_desc, w_desc, c_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M,
             tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def tma_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
              config: dict | None = None) -> torch.Tensor:
@@ -171,7 +157,7 @@ def tma_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor
     sw = w_scale.reshape(-1).float().contiguous()
     b = bias.reshape(-1).float().contiguous() if bias is not None else sw
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    programs = min(tiles, _num_sms(a.device)) if cfg.get("persistent", True) else tiles
+    programs = min(tiles, num_sms(a.device)) if cfg.get("persistent", True) else tiles
     interp = interpreting()
     _tma_gemm_kernel[(programs,)](
         a_desc, w_desc, c_desc, sa, sw, b, out, m, n, k, out.stride(0), tiles, programs, triton.cdiv(tiles, programs),

@@ -1,6 +1,6 @@
 """Fused transform + quantize at prefill for factors that are not powers of two, without padding them to one.
 
-The block kernel (`fused_transform_quant._fused_block_kernel`) pads both factor tiles to powers of two.
+The block kernel (`block._fused_block_kernel`) pads both factor tiles to powers of two.
 At the Llama/Qwen sizes 11008 = 86 x 128, 13824 = 108 x 128 and 14336 = 112 x 128, n1 is padded to 128,
 and at 5120 = 64 x 80 n2 is: the dots then do 8.4 MFLOP per token at 11008 where 4.7 carry data, and at
 prefill the kernel is bound by that work (KERNELS.md, "Known limits").
@@ -21,9 +21,9 @@ the block kernel. The per-token max, scale, codes and the store are the block ke
 semantics: V rounded once to the half dtype before the second dot; y * (1/s) rounded half to even).
 
 At 11008 this is 6.3 MFLOP per token instead of 8.4 (14336 / 13824: 7.3 instead of 8.4; 5120: 2.4 instead
-of 3.1). `fused_transform_quantize` takes it (`default_kernel`) at more than SPLIT_MAX_M tokens where a
-factor is not a power of two and `chunked_supported` (even n1 of 16 to 128, 64 <= n2 <= 128), or when
-asked for with kernel="chunked".
+of 3.1). `fused_transform_quantize` takes it (`dispatch.default_kernel`) at more than
+`RouteConfig.split_max_m` tokens where a factor is not a power of two and `chunked_supported` (even n1 of
+16 to 128, 64 <= n2 <= 128), or when asked for with kernel="chunked".
 """
 from __future__ import annotations
 
@@ -36,18 +36,15 @@ from flatquant.kernels._triton_utils import (
     _mm,
     _round_clamp_product,
     _scale,
+    mask_and,
     next_pow2,
     num_sms,
     triton_dtype,
 )
-from flatquant.kernels.fused_transform_quant import _code_cast
+from flatquant.kernels.transform.common import store_code_pair
 
-# Programs per SM of the persistent grid, warps, and the software-pipeline depth of the token loop (Triton
-# streams the next tokens' X tiles into shared memory by cp.async, num_stages deep). One token per step: its
-# Yᵀ tiles are N2P rows (128 at most sizes this kernel is for), 64 rows per warpgroup. PREFETCH is the
-# alternative to Triton's pipelining: the next token's tiles requested into registers before this token's
-# dots (the loop is then not pipelined, and needs more registers: 180-204 instead of 136-151 per thread at
-# 11008-14336; sm_90, scripts/sm90_resources.py).
+# Programs per SM of the persistent grid, warps (64 Yᵀ rows per warpgroup), the pipeline depth of the token
+# loop's X loads, and PREFETCH: the next token's tiles requested into registers instead (more registers).
 CHUNKED_PROGRAMS_PER_SM = 2
 CHUNKED_WARPS = 8
 CHUNKED_STAGES = 3
@@ -124,11 +121,11 @@ def _load_chunk(xb, tok_ok, O: tl.constexpr, C: tl.constexpr, N1: tl.constexpr, 
     K), in K chunks: k in [0, K0) and [K0, K0 + K1) (the second is the first again when K1 = 0: unused)."""
     a = O + tl.arange(0, C)
     k = tl.arange(0, K0)
-    Xa = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+    Xa = tl.load(xb + a[None, :] * N2 + k[:, None], mask=mask_and((k[:, None] < N2) & (a[None, :] < N1), tok_ok),
                  other=0.0).to(DT)
     if K1 > 0:
         k = K0 + tl.arange(0, K1)
-        Xb = tl.load(xb + a[None, :] * N2 + k[:, None], mask=(k[:, None] < N2) & (a[None, :] < N1) & tok_ok,
+        Xb = tl.load(xb + a[None, :] * N2 + k[:, None], mask=mask_and((k[:, None] < N2) & (a[None, :] < N1), tok_ok),
                      other=0.0).to(DT)
     else:
         Xb = Xa
@@ -166,12 +163,13 @@ def _chunk_math(Xa, Xb, p2ta, p2tb, lo, hi, Ylo, Yhi, K1: tl.constexpr, HAS_P2: 
 
 
 @triton.jit
-def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha, NITER,
-                          NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N2P: tl.constexpr,
-                          H: tl.constexpr, HP: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-                          C2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_P2: tl.constexpr,
-                          PACK: tl.constexpr, PREFETCH: tl.constexpr, IS_F32: tl.constexpr, MAXQ: tl.constexpr,
-                          DT: tl.constexpr, INTERP: tl.constexpr):
+def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, alpha,
+                          NITER, NITER_C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                          N2P: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, C0: tl.constexpr,
+                          C1: tl.constexpr, C2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+                          HAS_P2: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr,
+                          IS_F32: tl.constexpr, MAXQ: tl.constexpr, DT: tl.constexpr,
+                          INTERP: tl.constexpr):
     """A persistent grid walks the tokens, one per step (module docstring). The factors are loaded once per
     program: P2ᵀ in its K chunks ((N2P, K0) and (N2P, K1)) and P1's row chunks C0, C1, C2 (0 = absent) in
     column halves. Without PREFETCH, Triton pipelines the X loads (num_stages); with it, the next token's X
@@ -228,11 +226,7 @@ def _fused_chunked_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_x
         qlo = _round_clamp_product(Ylo, inv, MAXQ, INTERP)
         qhi = _round_clamp_product(Yhi, inv, MAXQ, INTERP)
         ob = out_ptr + t * stride_o + h[None, :] * N2 + j[:, None]
-        if PACK:
-            tl.store(ob, ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om & tok_ok)
-        else:
-            tl.store(ob, _code_cast(qlo, ob.dtype.element_ty), mask=om & tok_ok)
-            tl.store(ob + H * N2, _code_cast(qhi, ob.dtype.element_ty), mask=om & tok_ok)
+        store_code_pair(ob, qlo, qhi, mask_and(om, tok_ok), H * N2, PACK)
 
 
 def chunked_config(config: dict | None = None) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Large-M GEMM alone (codes one per byte, row-wise scales): the TMA kernel (flatquant/kernels/tma_gemm.py)
+"""Large-M GEMM alone (codes one per byte, row-wise scales): the TMA kernel (flatquant/kernels/gemm/tma.py)
 in each config of a sweep, int8 and fp8, against BF16 cuBLAS, cuBLASLt FP8 with row-wise scales (the
 scaled_mm route), cuBLASLt FP8 with one scale per tensor (not usable for W4A4: shown as the rate the
 hardware reaches) and cuBLASLt INT8 (the int_mm route). Side by side on the same rotated inputs.
@@ -8,7 +8,7 @@ Each config is first checked for exactness on the GPU: float32 output with unit 
 torch._int_mm's int32 sums exactly at K = 14336 and 28672 (`exact_cases`: random codes, the largest codes,
 and odd products whose sums need every bit). A config that is not exact is recorded and not timed.
 
-    PYTHONPATH=. python benchmarks/bench_tma_gemm.py --out results/kernels/bench_tma_gemm.json [--quick]
+    PYTHONPATH=. python benchmarks/kernels/bench_tma_gemm.py --out results/kernels/bench_tma_gemm.json [--quick]
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 
@@ -98,12 +99,13 @@ def main() -> int:
                          "bench_w4a4_linear.py --tma-configs")
     args = ap.parse_args()
 
-    from flatquant.kernels.bench_utils import require_cuda
+    from _common import require_cuda
 
     require_cuda("bench_tma_gemm.py")
-    from flatquant.kernels import cublas_routes as cb
-    from flatquant.kernels.bench_utils import RecordWriter, Rotator, base_fields, bench_ms, rotation_count
-    from flatquant.kernels.tma_gemm import DEFAULT_CONFIGS, tma_gemm
+    from _common import RecordWriter, Rotator, base_fields, bench_ms, rotation_count
+
+    from flatquant.kernels.gemm import cublas as cb
+    from flatquant.kernels.gemm.tma import DEFAULT_CONFIGS, tma_gemm
 
     dev = torch.device("cuda")
     bf16, f8 = torch.bfloat16, torch.float8_e4m3fn

@@ -19,10 +19,12 @@ Two tensor-core routes:
 Scales and bias are applied in the epilogue in float32, in the reference's order.
 8-bit codes (bits=8, int8 storage) use the int8 route with one dot per tile.
 
-`DEFAULT_GEMM_ROUTE` picks the route used by `w4a4_gemm` / `W4A4Linear`; set it from the benchmark
-(`benchmarks/bench_w4a4_linear.py` records both).
+`w4a4_gemm` takes DEFAULT_GEMM_ROUTE unless a route is named (`W4A4Linear` names
+RouteConfig.triton_gemm_route; benchmarks/kernels/bench_w4a4_linear.py records both).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -154,20 +156,16 @@ def _w4a4_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, KH, s
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_autotuned = None
-
-
+@functools.cache
 def _get_autotuned():
-    global _autotuned
-    if _autotuned is None:
-        kw = dict(configs=_configs(), key=["M_BUCKET", "N", "KH", "HAS_BIAS", "PACK", "FP8"],
-                  prune_configs_by={"early_config_prune": _prune})
-        inner = triton.heuristics({"EVEN_K": lambda args: args["KH"] % args["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
-        try:
-            _autotuned = triton.autotune(warmup=5, rep=20, **kw)(inner)
-        except TypeError:  # a Triton without warmup/rep
-            _autotuned = triton.autotune(**kw)(inner)
-    return _autotuned
+    """The autotuned kernel, built on first use (once per process)."""
+    kw = dict(configs=_configs(), key=["M_BUCKET", "N", "KH", "HAS_BIAS", "PACK", "FP8"],
+              prune_configs_by={"early_config_prune": _prune})
+    inner = triton.heuristics({"EVEN_K": lambda args: args["KH"] % args["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
+    try:
+        return triton.autotune(warmup=5, rep=20, **kw)(inner)
+    except TypeError:  # a Triton without warmup/rep
+        return triton.autotune(**kw)(inner)
 
 
 def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

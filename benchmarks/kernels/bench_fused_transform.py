@@ -9,7 +9,7 @@ Achieved bandwidth counts the bytes the fused kernel must move (activations read
 int4 + float32 scale written once) over its median time, against the device's measured copy bandwidth
 (a large device-to-device copy, bytes read + written).
 
-    PYTHONPATH=. python benchmarks/bench_fused_transform.py --out results/kernels/fused_transform.json [--quick]
+    PYTHONPATH=. python benchmarks/kernels/bench_fused_transform.py --out results/kernels/fused_transform.json [--quick]
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 
@@ -50,10 +51,10 @@ def main() -> int:
     ap.add_argument("--hidden", default=None, help="comma list of hidden sizes (default: all six, or the quick two)")
     args = ap.parse_args()
 
-    from flatquant.kernels.bench_utils import require_cuda
+    from _common import require_cuda
 
     require_cuda("bench_fused_transform.py")
-    from flatquant.kernels.bench_utils import (
+    from _common import (
         RecordWriter,
         Rotator,
         base_fields,
@@ -62,13 +63,10 @@ def main() -> int:
         graph_ms,
         rotation_count,
     )
-    from flatquant.kernels.fused_transform_chunked import chunked_supported
-    from flatquant.kernels.fused_transform_quant import (
-        default_kernel,
-        fused_transform_quantize,
-        unfused_transform_quantize_torch,
-    )
+
     from flatquant.kernels.reference import kron_factors
+    from flatquant.kernels.transform import default_kernel, fused_transform_quantize, unfused_transform_quantize_torch
+    from flatquant.kernels.transform.chunked import chunked_supported
 
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
@@ -156,7 +154,7 @@ def main() -> int:
 def _prefill_inputs(n: int, n1: int, n2: int, batch: int):
     """Row-major bf16 orthogonal factors, `batch` prefill sequences of random activations in enough copies to
     rotate past the L2, and the bytes the fused kernel must move: (q1, q2, tokens, xs, rotator, bytes)."""
-    from flatquant.kernels.bench_utils import Rotator, rotation_count
+    from _common import Rotator, rotation_count
 
     dev = torch.device(DEVICE)
     q1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
@@ -170,9 +168,11 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = F
     """Block-kernel configs around the default (block_config) at prefill: tokens per step x warps x stages,
     or (occupancy) pipeline stages x a register cap (maxnreg) x programs per SM, e.g. two programs of
     128 x 128 tiles per SM with one stage and at most 128 registers per thread."""
-    from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels.bench_utils import bench_ms
+    from _common import bench_ms
+
     from flatquant.kernels.reference import kron_factors
+    from flatquant.kernels.transform import block as ftq
+    from flatquant.kernels.transform import fused_transform_quantize
 
     for n in hidden:
         n1, n2 = kron_factors(n)
@@ -194,7 +194,7 @@ def _sweep(writer, hidden, copy_gbps, args, batch: int = 16, occupancy: bool = F
             cfgs.append(default)
         for cfg in cfgs:
             try:
-                t = bench_ms(rot(lambda x, cfg=cfg: ftq.fused_transform_quantize(x, q1, q2, ALPHA, 4, config=cfg)),
+                t = bench_ms(rot(lambda x, cfg=cfg: fused_transform_quantize(x, q1, q2, ALPHA, 4, config=cfg)),
                              args.warmup_ms, args.rep_ms)
             except Exception as e:  # e.g. out of shared memory / registers for this config
                 writer.add(dict(kernel="fused_block_sweep", shape={"hidden": n, "tokens": tokens}, config=cfg,
@@ -224,10 +224,12 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
     at most 128 registers per thread, so that two programs fit on an SM where shared memory allows) against the
     block kernel (its default, and with the prefetch switched) at prefill, side by side on the same inputs. Sizes
     the chunked kernel does not take (5120 = 64 x 80) time the block kernel only."""
-    from flatquant.kernels import fused_transform_chunked as fc
-    from flatquant.kernels import fused_transform_quant as ftq
-    from flatquant.kernels.bench_utils import bench_ms
+    from _common import bench_ms
+
     from flatquant.kernels.reference import kron_factors
+    from flatquant.kernels.transform import block as ftq
+    from flatquant.kernels.transform import chunked as fc
+    from flatquant.kernels.transform import fused_transform_quantize
 
     for n in hidden:
         n1, n2 = kron_factors(n)
@@ -242,7 +244,7 @@ def _sweep_chunked(writer, hidden, copy_gbps, args, batch: int = 16) -> None:
             if kernel == "chunked" and not fc.chunked_supported(n1, n2, True):
                 continue
             try:
-                t = bench_ms(rot(lambda x, k=kernel, c=cfg: ftq.fused_transform_quantize(x, q1, q2, ALPHA, 4, kernel=k,
+                t = bench_ms(rot(lambda x, k=kernel, c=cfg: fused_transform_quantize(x, q1, q2, ALPHA, 4, kernel=k,
                                                                                         config=c)),
                              args.warmup_ms, args.rep_ms)
             except Exception as e:  # e.g. out of shared memory / registers for this config

@@ -5,7 +5,7 @@ the issue's targets are missed. A diagnostic (which unit limits each kernel), no
 serialises the kernels and flushes the caches between them, so its durations are not layer times.
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight ... \
-        python benchmarks/profile_cases.py --cases decode,prefill
+        python benchmarks/probes/profile_cases.py --cases decode,prefill
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 
@@ -25,12 +26,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="decode,prefill")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import require_cuda
+    from _common import require_cuda
 
     require_cuda("profile_cases.py")
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
-    from flatquant.kernels.linear import W4A4Linear
     from flatquant.core.transforms import kron_factors
+    from flatquant.kernels.linear import W4A4Linear
+    from flatquant.kernels.transform import fused_transform_quantize
 
     dev = torch.device("cuda")
     runs = []  # (label, fn)

@@ -10,7 +10,7 @@ scale and its inverse from float32 '/' (approximate), libdevice's IEEE division 
 and a slow-path call) or the library's inline IEEE division (`_div_rn`). Diagnostic,
 JSON list out; `--eager` runs each piece a few times without timing, for a profiler.
 
-    PYTHONPATH=. python benchmarks/probe_transform_stages.py --out results/kernels/probe_transform_stages.json
+    PYTHONPATH=. python benchmarks/probes/probe_transform_stages.py --out results/kernels/probe_transform_stages.json
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 import triton
@@ -90,28 +91,20 @@ def _stage_kernel(x_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, sink_ptr, never, al
              ((qlo & 15) | ((qhi & 15) << 4)).to(tl.uint8), mask=om)
 
 
-def _with_trigger(trigger, fn):
-    """fn() with the library kernels' PDL trigger at `trigger` ("start", "end", None)."""
-    from flatquant.kernels import fused_transform_quant
-
-    saved, fused_transform_quant.PDL_TRIGGER = fused_transform_quant.PDL_TRIGGER, trigger
-    try:
-        return fn()
-    finally:
-        fused_transform_quant.PDL_TRIGGER = saved
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--eager", action="store_true", help="run each piece 3 times, no timing (for ncu)")
     ap.add_argument("--only", default=None, help="a regex: run only the pieces whose name matches")
     args = ap.parse_args()
-    from flatquant.kernels.bench_utils import RecordWriter, base_fields, require_cuda, time_pieces
+    from _common import RecordWriter, base_fields, require_cuda, time_pieces
 
     require_cuda("probe_transform_stages.py")
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+    from dataclasses import replace
+
     from flatquant.core.transforms import kron_factors
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+    from flatquant.kernels.transform import fused_transform_quantize
 
     dev = torch.device("cuda")
     base = base_fields()
@@ -151,10 +144,11 @@ def main() -> int:
                              ("block_w8_s1", dict(kernel="block", config=dict(num_warps=8, num_stages=1))),
                              ("split_default", dict(kernel="split")),
                              ("library_default", {})]:
-                for trig in ("start", "end", None):
+                for trig in ("start", "end", None):  # the library kernels' PDL trigger (RouteConfig.pdl_trigger)
+                    routes = replace(DEFAULT_ROUTES, pdl_trigger=trig)
                     pieces.append((name if trig == "start" else f"{name}_trigger_{trig}", shape,
-                                   lambda x=x, p1=p1, p2=p2, kw=kw, trig=trig: _with_trigger(
-                                       trig, lambda: fused_transform_quantize(x, p1, p2, 1.0, 4, **kw))))
+                                   lambda x=x, p1=p1, p2=p2, kw=kw, routes=routes: fused_transform_quantize(
+                                       x, p1, p2, 1.0, 4, routes=routes, **kw)))
     time_pieces(pieces, out, args.eager, args.only)
     return 0
 

@@ -1,12 +1,11 @@
-"""Comparison helpers for kernel tests (importable without triton)."""
+"""Tolerances and comparison helpers of the kernel tests (importable without triton; tests/kernels/conftest.py
+puts this folder on sys.path). Why each bound holds: docs/KERNELS.md, "Test tolerances"."""
 from __future__ import annotations
 
 import torch
 
-# Triton and torch may round values at a .5 tie differently only through float32 summation order or the
-# last bit of y / scale (a division in one, a multiply by the reciprocal in another): a code may then differ
-# by one, and only where the reference's pre-rounding value y / scale lies within this distance of a .5 tie
-# (seed 1983796734 gave an exact 2.5 with no transform at all). Everywhere else codes must be equal bit for bit.
+# Kernel and reference may round a value at a .5 tie differently (float32 summation order, y / s against
+# y * (1 / s)): a code may differ by one only where y / scale lies within this distance of a tie.
 TIE_TOL = 1e-3
 
 
@@ -51,10 +50,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 
-# The block, chunked and decode kernels round T = X P2 once to the half dtype. Float32 summation order (numpy's in
-# the interpreter, the tensor cores' on the GPU) can flip that rounding of a T element by one ulp (2^-8 relative
-# for bf16, 2^-10 for fp16; 2^-8 covers both), which moves y by about that much of the token's max |y|: scales
-# then agree within ROUNDED_T_SCALE_RTOL, and a code may differ by one within twice that, in code units, of a tie.
+# Kernels that round T = X P2 once to the half dtype may flip that rounding by one ulp (2^-8 relative covers
+# bf16 and fp16) through float32 summation order: scales agree within ROUNDED_T_SCALE_RTOL, and a code may
+# differ by one within twice that, in code units, of a tie.
 ROUNDED_T_ULP = 2.0 ** -8
 ROUNDED_T_SCALE_RTOL = 2.0 ** -9
 
@@ -68,7 +66,5 @@ def rounded_t_tie_tol(dtype: torch.dtype, bits: int, alpha: float) -> float:
 
 def max_rounded_t_flips(numel: int, bits: int) -> float:
     """How many codes may flip at ties when T is rounded to the half dtype: 1e-3 of them at 4 bits, and
-    proportionally more for finer codes (a flipped T element moves y by the same fraction of the token's
-    max, i.e. maxq / 7 times as many code units at `bits` as at 4; at 8 bits, fp16, n2 = 112 seed 1176978504
-    gave 20 flips in 15,680 codes, 0.13 %)."""
+    maxq / 7 times that at `bits` (a flipped T element moves y by the same fraction of the token's max)."""
     return max(1.0, 1e-3 * numel * (2 ** (bits - 1) - 1) / 7)

@@ -7,7 +7,7 @@ TMA GEMM on int8 / fp8 codes).
 At M <= 16 the auto layer is also timed from a CUDA graph (no Python launch overhead), against bf16
 timed the same way.
 
-    PYTHONPATH=. python benchmarks/bench_w4a4_linear.py --out results/kernels/w4a4_linear.json [--quick]
+    PYTHONPATH=. python benchmarks/kernels/bench_w4a4_linear.py --out results/kernels/w4a4_linear.json [--quick]
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/ (_common)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 
 import torch
 
@@ -24,6 +25,8 @@ MS = [1, 16, 256, 2048, 8192, 16384]
 QUICK_SHAPES = [(4096, 11008), (11008, 4096)]
 QUICK_MS = [1, 16, 4096]
 DEVICE = "cuda"
+# tma_gemm's defaults for the config keys a --tma-configs entry may leave out.
+TMA_UNSET = dict(persistent=True, imprecise_k=128, flatten=False, tma_store=False)
 
 
 def scaled_mm_fp8(dev):
@@ -61,21 +64,20 @@ def main() -> int:
     ap.add_argument("--routes", default=None, help="full-linear routes to time, e.g. auto,scaled_mm (default: all)")
     ap.add_argument("--no-gemm-only", action="store_true", help="skip the GEMM-alone timings")
     ap.add_argument("--tma-m-min", type=int, default=None,
-                    help="for this run, auto dispatch takes the TMA GEMM (--tma-route) from this M up (linear.TMA_M_MIN)")
-    ap.add_argument("--tma-route", default=None, choices=("tma_int8", "tma_fp8"), help="linear.TMA_ROUTE for this run")
+                    help="for this run, auto dispatch takes the TMA GEMM (--tma-route) from this M up (RouteConfig.tma_m_min)")
+    ap.add_argument("--tma-route", default=None, choices=("tma_int8", "tma_fp8"), help="RouteConfig.tma_route for this run")
     ap.add_argument("--tma-configs", default=None,
                     help="JSON {format: config} replacing the TMA GEMM's DEFAULT_CONFIGS for this run (as written by "
                          "bench_tma_gemm.py --best-out); recorded in each record's dispatch")
     args = ap.parse_args()
 
-    from flatquant.kernels.bench_utils import require_cuda
+    from _common import require_cuda
 
     require_cuda("bench_w4a4_linear.py")
     import copy
+    from dataclasses import replace
 
-    from flatquant.kernels import linear as lin_mod
-    from flatquant.kernels import tma_gemm
-    from flatquant.kernels.bench_utils import (
+    from _common import (
         RecordWriter,
         Rotator,
         base_fields,
@@ -83,21 +85,26 @@ def main() -> int:
         graph_ms,
         rotation_count,
     )
-    from flatquant.kernels.decode_gemm import w4a4_gemm_decode
-    from flatquant.kernels.fused_transform_quant import fused_transform_quantize
+
+    from flatquant.kernels import linear as lin_mod
+    from flatquant.kernels.gemm import tma as tma_gemm
+    from flatquant.kernels.gemm.decode import w4a4_gemm_decode
+    from flatquant.kernels.gemm.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.kernels.reference import kron_factors
-    from flatquant.kernels.w4a4_gemm import DEFAULT_GEMM_ROUTE, ROUTES, w4a4_gemm
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+    from flatquant.kernels.transform import fused_transform_quantize
 
-    if args.tma_configs:
+    tma_configs = {}
+    if args.tma_configs:  # each replaces its format's default config (unset keys: tma_gemm's own defaults)
         import json
 
         with open(args.tma_configs) as f:
-            tma_gemm.DEFAULT_CONFIGS.update(json.load(f))
-    if args.tma_m_min is not None:
-        lin_mod.TMA_M_MIN = args.tma_m_min
-    if args.tma_route:
-        lin_mod.TMA_ROUTE = args.tma_route
+            tma_configs = {fmt: {**TMA_UNSET, **cfg} for fmt, cfg in json.load(f).items()}
+    routes = replace(DEFAULT_ROUTES, tma_configs=tma_configs,
+                     **({} if args.tma_m_min is None else {"tma_m_min": args.tma_m_min}),
+                     **({"tma_route": args.tma_route} if args.tma_route else {}))
+    tma_used = {fmt: {**cfg, **routes.tma_configs.get(fmt, {})} for fmt, cfg in tma_gemm.DEFAULT_CONFIGS.items()}
 
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
@@ -110,10 +117,10 @@ def main() -> int:
         ms_list = [int(v) for v in args.ms.split(",")]
     only_routes = set(args.routes.split(",")) if args.routes else None
     writer = RecordWriter(args.out, {**base_fields(), "default_gemm_route": DEFAULT_GEMM_ROUTE,
-                                     "dispatch": dict(small_m_max=lin_mod.SMALL_M_MAX, large_m_min=lin_mod.LARGE_M_MIN,
-                                                      large_m_route=lin_mod.LARGE_M_ROUTE,
-                                                      tma_m_min=lin_mod.TMA_M_MIN, tma_route=lin_mod.TMA_ROUTE,
-                                                      tma_configs=tma_gemm.DEFAULT_CONFIGS)})
+                                     "dispatch": dict(small_m_max=routes.small_m_max, large_m_min=routes.large_m_min,
+                                                      large_m_route=routes.large_m_route,
+                                                      tma_m_min=routes.tma_m_min, tma_route=routes.tma_route,
+                                                      tma_configs=tma_used)})
     smm, smm_reason = scaled_mm_fp8(dev)
     if smm is None:
         print(f"FP8 baseline skipped: {smm_reason}")
@@ -125,7 +132,7 @@ def main() -> int:
         w_bf16 = w.to(bf16)
         p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0]
         p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0]
-        lin = W4A4Linear.from_float(w, None, p1, p2, act_clip=0.9, backend="triton")
+        lin = W4A4Linear.from_float(w, None, p1, p2, act_clip=0.9, backend="triton", routes=routes)
         # Layer copies (own weight buffers) rotated like the bf16 weights: a 4096 x 11008 int4 weight
         # (22 MB) fits in the 50 MB L2, so timing one layer over and over would flatter the W4A4 side. As
         # many copies as make twice the L2 (12 at 4096 x 4096, whose 4 copies were 34 MB), at least 4.
@@ -190,8 +197,9 @@ def main() -> int:
                     if fmt not in codes_by_fmt:
                         codes_by_fmt[fmt] = [fused_transform_quantize(x, qp1, qp2, 0.9, 4, out_format=fmt) for x in xs]
                     codes = codes_by_fmt[fmt]
-                    gemms[r] = (codes, lambda a, sa, i, fmt=fmt, fn=fn: fn(a, sa, wcodes[fmt][i], lins[i].weight_scale,
-                                                                           None, bf16))
+                    cfg = {"config": routes.tma_configs.get(fmt)} if r.startswith("tma_") else {}
+                    gemms[r] = (codes, lambda a, sa, i, fmt=fmt, fn=fn, cfg=cfg: fn(a, sa, wcodes[fmt][i],
+                                                                                   lins[i].weight_scale, None, bf16, **cfg))
             for r, (acts, fn) in gemms.items():
                 sets = [(*acts[i % nset], i % len(lins)) for i in range(max(nset, len(lins)))]
                 try:
@@ -244,7 +252,7 @@ def _route_choice(writer) -> None:
     best = {m: min(rt, key=lambda k: sum(rt[k]) / len(rt[k])) for m, rt in by_m.items()}
     writer.add(dict(kernel="route_choice", shape=None, median_ms=None, baseline=None, baseline_median_ms=None,
                     speedup=None, achieved_gbps=None, fastest_linear_route_by_M=best,
-                    note="set SMALL_M_MAX / LARGE_M_MIN / LARGE_M_ROUTE / TMA_M_MIN / TMA_ROUTE in flatquant/kernels/linear.py from this"))
+                    note="set small_m_max / large_m_min / large_m_route / tma_m_min / tma_route of RouteConfig (flatquant/kernels/routes.py) from this"))
     print("fastest full-linear route by M:", best)
 
 
