@@ -9,7 +9,7 @@ runs in a serving loop), over as many cache copies as make at least twice the L2
 cache is not read from L2; median of triton.testing.do_bench. achieved_gbps = bytes the kernel must
 read (codes, scales and zeros for KV4; bf16 K and V for the baseline; plus q and the output) / time.
 
-    PYTHONPATH=. python benchmarks/bench_kv4_attention.py --out results/kernels/kv4_attention.json [--quick]
+    PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --out results/kernels/kv4_attention.json [--quick]
 
 --sweep also times the kernel at other sequence-split counts, block sizes and warp counts (records
 kv4_decode_attention_sweep, with config).
