@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels import kv4_reference as ref
+from flatquant.kernels._triton_utils import _mm, interpreting, num_sms
 
 BLOCK_N = 64            # tokens per inner step
 MIN_SPLIT_TOKENS = 256  # a split covers at least this many cache positions
@@ -34,25 +35,10 @@ NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(1, int(n))))
 
-
-@triton.jit
-def _dot(a, b, IS_F32: tl.constexpr, INTERP: tl.constexpr):
-    """a @ b, float32 accumulator; float32 operands with IEEE products. The interpreter's half
-    precision dot is not exact, so there the (same) values are upcast first."""
-    if INTERP:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        if IS_F32:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
 
 
 @triton.jit
@@ -102,7 +88,7 @@ def quantize_kv(x: torch.Tensor, clip: float | torch.Tensor = 1.0):
     """Same as `kv4_reference.quantize_kv` (identical codes, scales and zeros), one Triton launch."""
     d = x.shape[-1]
     ref.check_head_dim(d)
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         return ref.quantize_kv(x, clip)
     lead = x.shape[:-1]
     xr = x.detach().reshape(-1, d).contiguous()
@@ -119,7 +105,7 @@ def quantize_kv(x: torch.Tensor, clip: float | torch.Tensor = 1.0):
     d2_pad = _pow2(d // 2, 1)
     block_r = max(1, min(64, 4096 // d2_pad))
     _quantize_kv_kernel[(triton.cdiv(n, block_r),)](xr, codes, scale, zero, clip_t, n, d // 2,
-                                                   BLOCK_R=block_r, D2_PAD=d2_pad, INTERP=_interpreting())
+                                                   BLOCK_R=block_r, D2_PAD=d2_pad, INTERP=interpreting())
     return codes, scale, zero
 
 
@@ -174,7 +160,7 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
         kz = kz + 8388608.0
         k_lo = (_nibble_f32(kc & 15) - kz[:, None]).to(DT)  # integers in [-15, 15]: exact in DT
         k_hi = (_nibble_f32(kc >> 4) - kz[:, None]).to(DT)
-        s = _dot(qe, tl.trans(k_lo), IS_F32, INTERP) + _dot(qo, tl.trans(k_hi), IS_F32, INTERP)
+        s = _mm(qe, tl.trans(k_lo), IS_F32, INTERP) + _mm(qo, tl.trans(k_hi), IS_F32, INTERP)
         s = s * (ks * qk_scale)[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -189,15 +175,15 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
         v_hi = _nibble_f32(vc >> 4) - vz[:, None]
         w = p * vs[None, :]
         if IS_F32:
-            pv_e = _dot(w, v_lo, True, INTERP)
-            pv_o = _dot(w, v_hi, True, INTERP)
+            pv_e = _mm(w, v_lo, True, INTERP)
+            pv_o = _mm(w, v_hi, True, INTERP)
         else:
             w_hi = w.to(tl.bfloat16)
             w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
             vb_lo = v_lo.to(tl.bfloat16)
             vb_hi = v_hi.to(tl.bfloat16)
-            pv_e = _dot(w_hi, vb_lo, False, INTERP) + _dot(w_lo, vb_lo, False, INTERP)
-            pv_o = _dot(w_hi, vb_hi, False, INTERP) + _dot(w_lo, vb_hi, False, INTERP)
+            pv_e = _mm(w_hi, vb_lo, False, INTERP) + _mm(w_lo, vb_lo, False, INTERP)
+            pv_o = _mm(w_hi, vb_hi, False, INTERP) + _mm(w_lo, vb_hi, False, INTERP)
         acc_e = acc_e * corr[:, None] + pv_e
         acc_o = acc_o * corr[:, None] + pv_o
         m_i = m_new
@@ -244,7 +230,7 @@ def _combine_kernel(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS, D, sq_b, sq_h,
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return num_sms(device)  # cached: decode calls it every step
 
 
 def choose_splits(batch: int, hkv: int, s_max: int, block_n: int, device: torch.device) -> int:
@@ -263,7 +249,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     (lengths above S_max are clamped to S_max here). num_splits / block_n / num_warps override the defaults."""
     b, hq, hkv, s_max, d = ref.check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                    lengths)
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         return ref.decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
@@ -300,7 +286,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         HKV=hkv, G=g, G_PAD=_pow2(g), D2=d // 2, D2_PAD=_pow2(d // 2), BLOCK=block_n, DIRECT=direct,
-        IS_F32=q.dtype == torch.float32, INTERP=_interpreting(), num_warps=num_warps or NUM_WARPS)
+        IS_F32=q.dtype == torch.float32, INTERP=interpreting(), num_warps=num_warps or NUM_WARPS)
     if not direct:
         _combine_kernel[(b * hq,)](opart, lse, out, ns, d, out.stride(0), out.stride(1),
                                    HQ=hq, NS_PAD=_pow2(ns, 2), D_PAD=_pow2(d), num_warps=4)
