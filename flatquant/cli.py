@@ -3,6 +3,7 @@
     flatquant quantize --model smollm2-135m --preset cpu-quick --output out/smollm2-w4a4kv4
     flatquant eval --model smollm2-135m --method quarot --w-bits 4 --a-bits 4 --kv-bits 4 --dataset wikitext2
     flatquant report
+Records go to flatquant-results/ unless --results-dir says otherwise (results/ holds the published ones).
 User errors (bad model, bits, data, checkpoint, path) print one line and exit with status 2.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from flatquant.cli_help import EXAMPLES, USER_RESULTS, _Help
 from flatquant.config import METHODS, PRESETS, WEIGHT_QUANTIZERS, CalibConfig, ConfigError, QuantConfig, calib_preset
 from flatquant.errors import CheckpointError, DataError, FlatQuantError
 
@@ -45,9 +47,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, model directory, .gguf file or hub id")
     p.add_argument("--model-name", default=None,
                    help="model name recorded in results (default: derived from --model, e.g. SmolLM2-135M-Instruct)")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--kv-bits", type=int, default=4)
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2-16 (16 = not quantized)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2-16 (16 = not quantized)")
+    p.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits, 2-16 (16 = not quantized)")
     p.add_argument("--w-clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel weight clip-ratio search (default: on for quarot/smoothquant)")
     p.add_argument("--weight-quantizer", default=None, choices=WEIGHT_QUANTIZERS,
@@ -55,39 +57,49 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "the saved weights' quantizer)")
     p.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4, or text file paths")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (lm-eval), e.g. arc_easy,piqa")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most this many examples per task")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="perplexity: at most this many windows")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None,
+                   help="zero-shot: at most this many examples per task (default: all)")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="perplexity: at most this many windows (default: all; 8 with --preset cpu-quick, 2 with tiny)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="perplexity windows per forward pass (default: 8 on a GPU, 1 on a CPU to save memory)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $FLATQUANT_DATA_DIR or ../shared/data)")
-    p.add_argument("--results-dir", default="results", help="where JSON records go ('' = none)")
+    p.add_argument("--results-dir", default=USER_RESULTS,
+                   help="where JSON records go ('' = none; the project's published records live in results/)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="calibration recipe preset")
-    p.add_argument("--calib-samples", type=int, default=None)
-    p.add_argument("--calib-seqlen", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--recipe", default=None, choices=["svd-amp", "direct-fp32"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="model precision (default: float16 on a GPU, float32 on a CPU)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="calibration recipe preset (default: paper on a GPU, cpu-quick on a CPU)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the preset's)")
+    p.add_argument("--calib-seqlen", type=int, default=None,
+                   help="tokens per calibration window (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="calibration epochs per layer (default: the preset's)")
+    p.add_argument("--recipe", default=None, choices=["svd-amp", "direct-fp32"],
+                   help="training recipe (default: the preset's, svd-amp)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and transforms")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flatquant", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="flatquant", description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="calibrate FlatQuant, save its parameters, compare with baselines")
+    q = sub.add_parser("quantize", help="calibrate FlatQuant, save its parameters, compare with baselines",
+                       formatter_class=_Help)
     _add_common(q)
-    q.add_argument("--output", required=True, help="folder for the learned parameters (safetensors + JSON)")
+    q.add_argument("--output", required=True, help="folder for the learned parameters (safetensors + JSON); required")
     q.add_argument("--no-resume", action="store_true", help="recalibrate even if --output holds saved layers")
     q.add_argument("--compare", default="fp16,rtn,quarot", help="baselines evaluated next to flatquant ('' = none)")
-    e = sub.add_parser("eval", help="quantize with one method and evaluate perplexity / zero-shot")
+    e = sub.add_parser("eval", help="quantize with one method and evaluate perplexity / zero-shot",
+                       formatter_class=_Help)
     _add_common(e)
-    e.add_argument("--method", default="fp16", choices=METHODS)
+    e.add_argument("--method", default="fp16", choices=METHODS, help="quantization method")
     e.add_argument("--params", default=None, help="flatquant: folder saved by `flatquant quantize`")
-    r = sub.add_parser("report", help="render results/*.json into docs/RESULTS.md and plots")
-    r.add_argument("--results-dir", default="results")
-    r.add_argument("--out", default="docs/RESULTS.md")
-    r.add_argument("--plots-dir", default="docs/plots")
+    r = sub.add_parser("report", help="render results/*.json into docs/RESULTS.md and plots", formatter_class=_Help)
+    r.add_argument("--results-dir", default="results", help="folder of JSON records to render (read recursively)")
+    r.add_argument("--out", default="docs/RESULTS.md", help="markdown file to write")
+    r.add_argument("--plots-dir", default="docs/plots", help="folder for the PNG plots")
     return parser
 
 
@@ -120,9 +132,11 @@ def _check_params(params: str) -> dict:
     return meta
 
 
-def _setup(args):
+def _setup(args, precheck: tuple = ()):
     import torch
 
+    from flatquant import guards
+    from flatquant.calib.integrity import check_finite_weights
     from flatquant.models.loading import load_model
 
     qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
@@ -150,7 +164,8 @@ def _setup(args):
 
     max_windows = args.max_windows if args.max_windows is not None else PRESET_EVAL_WINDOWS.get(preset)
     spec = EvalSpec(datasets=[d for d in args.dataset.split(",") if d], seqlen=args.seqlen, max_windows=max_windows,
-                    batch_size=args.batch_size, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
+                    batch_size=args.batch_size or (8 if dev.type == "cuda" else 1),
+                    tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
                     data_dir=args.data_dir)
     from flatquant import data
 
@@ -166,7 +181,9 @@ def _setup(args):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars
+    guards.precheck_params(list(precheck), args.model)  # saved parameters vs config.json, before the weights
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    check_finite_weights(model, args.model)
     for ds in spec.datasets:  # tokenized once, here: a text shorter than one window fails before any work
         ids = data.eval_tokens(tokenizer, ds, data_dir=args.data_dir, seqlen=args.seqlen)
         if ids.shape[1] < args.seqlen:
@@ -179,7 +196,9 @@ def _clip_search(args, method: str) -> bool:
     return args.w_clip_search if args.w_clip_search is not None else method in ("quarot", "smoothquant")
 
 
-def _print_table(records: list[dict]) -> None:
+def _print_table(records: list[dict], results_dir: str | None = None) -> None:
+    from flatquant.guards import summary_lines
+
     rows = [r for r in records if r.get("kind") == "ppl"]
     if rows:
         print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}  weights")
@@ -192,6 +211,7 @@ def _print_table(records: list[dict]) -> None:
             tasks = ", ".join(f"{k}={v['value']:.1f}" for k, v in r["tasks"].items())
             print(f"{r['method']:<12} zero-shot avg={r['average']:.2f} ({tasks}) weights "
                   f"{r.get('weight_quantizer', '-')}")
+    print("\n" + "\n".join(summary_lines(records, results_dir)))
 
 
 def _model_name(args) -> str:
@@ -243,14 +263,20 @@ def cmd_eval(args) -> int:
         if args.method != "flatquant":
             raise ConfigError("--params only applies to --method flatquant")
         _check_params(args.params)
-    qcfg, ccfg, spec, model, tok = _setup(args)
+    qcfg, ccfg, spec, model, tok = _setup(args, precheck=(Path(args.params),) if args.params else ())
     if args.method == "fp16":
         qcfg = QuantConfig(16, 16, 16)
     qcfg = replace(qcfg, w_clip_search=_clip_search(args, args.method))
     calib_cfg = ccfg  # the preset's windows: what GPTQ and smoothquant calibrate on
     saved_gptq = False
+    extra = None
     if args.params is not None:
         meta = _check_saved_calibration(Path(args.params), model, qcfg, None)
+        from flatquant.guards import params_note
+
+        extra, note = params_note(args.params, qcfg, model)  # trained bits and model fingerprint, recorded
+        if note:
+            print(f"flatquant: {note}", file=sys.stderr)
         ccfg = CalibConfig.from_dict(meta["calib"])  # the record names the recipe the parameters came from
         saved_q = QuantConfig.from_dict(meta["quant"])
         if args.weight_quantizer in (None, saved_q.weight_quantizer):  # default: the saved weights as they are
@@ -262,14 +288,15 @@ def cmd_eval(args) -> int:
     calib = calibration_data(tok, calib_cfg, args.data_dir) if needs_calib else None
     records = run_config(model, tok, _model_name(args), args.method, qcfg, spec, ccfg=ccfg, calib=calib,
                          params_dir=args.params, results_dir=args.results_dir or None, seed=args.seed,
-                         progress=not args.no_progress)
-    _print_table(records)
+                         progress=not args.no_progress, extra=extra)
+    _print_table(records, args.results_dir)
     return 0
 
 
 def cmd_quantize(args) -> int:
     from dataclasses import replace
 
+    from flatquant import guards
     from flatquant.calib.artifacts import META
     from flatquant.runner import calibration_data, run_config
 
@@ -282,15 +309,18 @@ def cmd_quantize(args) -> int:
         if method not in METHODS or method == "flatquant":
             raise ConfigError(f"--compare: unknown baseline {method!r}; choose from "
                               f"{', '.join(m for m in METHODS if m != 'flatquant')}")
-    qcfg, ccfg, spec, model, tok = _setup(args)
+    work = out.with_name(out.name + ".partial")
+    qcfg, ccfg, spec, model, tok = _setup(args, precheck=() if args.no_resume else (out, work))
     fq_cfg = replace(qcfg, w_clip_search=False)
     # Calibrate into a temporary sibling folder (per-layer checkpoints live there until done),
     # then rename: the output folder only ever holds a complete calibration.
-    work = out.with_name(out.name + ".partial")
     reuse = not args.no_resume and (out / META).is_file()
     for folder in ([] if args.no_resume else [out, work]):
         if (folder / META).is_file():  # saved parameters must fit, before any work is done
             _check_saved_calibration(folder, model, fq_cfg, ccfg)
+            guards.check_fingerprint(folder, model)
+    if reuse:
+        print(f"flatquant: reusing the finished calibration in {out} (--no-resume recalibrates)", file=sys.stderr)
     calib = calibration_data(tok, ccfg, args.data_dir)
     if args.no_resume and work.exists():
         shutil.rmtree(work)
@@ -301,6 +331,8 @@ def cmd_quantize(args) -> int:
         records += run_config(model, tok, name, method, q, spec, ccfg=ccfg, calib=calib,
                               results_dir=args.results_dir or None, seed=args.seed, progress=not args.no_progress)
     params = out if reuse else work
+    if params == work and not (work / META).is_file():
+        guards.stamp_fingerprint(work, model, fq_cfg, ccfg)  # resuming checks it
     records += run_config(model, tok, name, "flatquant", fq_cfg, spec, ccfg=ccfg,
                           calib=calib, params_dir=str(params), results_dir=args.results_dir or None, seed=args.seed,
                           progress=not args.no_progress)
@@ -310,8 +342,8 @@ def cmd_quantize(args) -> int:
         elif out.exists():
             out.rmdir()  # empty folder left by the user
         work.rename(out)
-    _print_table(records)
-    print(f"\nFlatQuant parameters saved to {out}/")
+    _print_table(records, args.results_dir)
+    print(f"FlatQuant parameters saved to {out}/")
     return 0
 
 
@@ -339,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # unwritable folder, full disk, ...: one line, no traceback
         print(f"flatquant: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        print(f"flatquant: error: safetensors: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flatquant: interrupted", file=sys.stderr)

@@ -43,6 +43,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
              progress: bool = True) -> list[dict]:
     """Perplexity on each dataset and zero-shot tasks; one record each (written if results_dir)."""
     from flatquant.eval.perplexity import perplexity
+    from flatquant.guards import check_finite_ppl
 
     records = []
     device = next(model.parameters()).device
@@ -52,7 +53,9 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
             ids = data_mod.eval_tokens(tokenizer, ds, data_dir=spec.data_dir, seqlen=spec.seqlen)
         t = time.time()
         res = perplexity(model, ids, seqlen=spec.seqlen, max_windows=spec.max_windows,
-                         batch_size=spec.batch_size, device=device, progress=progress)
+                         batch_size=spec.batch_size, device=device, progress=progress,
+                         desc=f"{base_record.get('method', '')} ppl {ds}")
+        check_finite_ppl(base_record.get("method", "model"), ds, res["ppl"])  # NaN/inf: an error, never a record
         rec = {**base_record, "kind": "ppl", "dataset": ds, "seqlen": spec.seqlen, "windows": res["windows"],
                "max_windows": spec.max_windows, "ppl": res["ppl"], "eval_seconds": round(time.time() - t, 2)}
         records.append(rec)

@@ -152,6 +152,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_dir=None, limit: 
 
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lm_eval.models.huggingface").addFilter(  # we pass a model object on purpose
+        lambda rec: "`pretrained` model kwarg is not of type `str`" not in str(rec.msg))
 
     with tempfile.TemporaryDirectory(prefix="flatquant-tasks-") as tmp, _no_retie(model):
         if offline:
