@@ -105,9 +105,21 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
         # windows, settings, per-layer output errors (FlatQuant: in calib_layers), or where it was loaded from
         base["gptq"] = {k: v for k, v in model.gptq_report.items() if k != "layers" or "calib_layers" not in base}
     base.update(extra or {})
+    _drop_unquantized_weights(model)
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
     return records
+
+
+@torch.no_grad()
+def _drop_unquantized_weights(model) -> None:
+    """Frozen quantized linears compute from their cached weight only: free the float weight they keep
+    (this copy is evaluated and then discarded), so evaluation does not hold every linear twice."""
+    from flatquant.core.modules import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m._cached is not None and m.weight is not None:
+            m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)
 
 
 def _complete(params_dir) -> bool:

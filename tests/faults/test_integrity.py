@@ -113,3 +113,18 @@ def test_user_records_stay_out_of_the_published_folder():
         assert cli.build_parser().parse_args(command).results_dir == "flatquant-results"
     assert "/flatquant-results/" in (ROOT / ".gitignore").read_text().splitlines()
     assert "--results-dir" in Path(ROOT / "scripts" / "gpu" / "all.sh").read_text()
+
+
+def test_capped_runs_never_replace_or_hide_full_records():
+    from flatquant.report.common import _latest
+    from flatquant.results import record_name
+
+    full = {"kind": "zeroshot", "model": "M", "method": "quarot", "w_bits": 4, "a_bits": 4, "kv_bits": 4,
+            "limit": None, "date": "2026-01-01"}
+    assert record_name({**full, "limit": 20}) != record_name(full) == "zeroshot-M-quarot-W4A4KV4.json"
+    ppl = {**full, "kind": "ppl", "dataset": "wikitext2", "seqlen": 2048, "windows": 148, "max_windows": None}
+    quick = {**ppl, "windows": 8, "max_windows": 8, "date": "2026-02-01", "device": "cpu"}
+    assert record_name(quick) != record_name(ppl)
+    assert _latest([ppl, quick]) == [ppl] and _latest([quick, ppl]) == [ppl]
+    rerun = {**ppl, "date": "2026-03-01"}
+    assert _latest([ppl, rerun]) == [rerun]
