@@ -1,7 +1,7 @@
 """Time the README's main job and measure its peak memory; write one JSON record (kind "main_job").
 
     python scripts/measure_main_job.py                       # the README's quick start, on this machine
-    python scripts/measure_main_job.py --out results/main_job-cpu.json -- flatquant eval --max-windows 2 ...
+    python scripts/measure_main_job.py --out /tmp/piece.json -- flatquant eval --method rtn --max-windows 2  # a piece
 
 Run it on an idle machine: the wall time is only meaningful when nothing else competes for the cores.
 Peak RSS is the largest resident set of the job's process (getrusage of the waited-for child).

@@ -139,9 +139,10 @@ def test_reuse_is_announced_and_training_bits_recorded(fenv, tmp_path, capsys):
     rc, _, err = run(quantize_args(fenv, params, ""), capsys)
     assert rc == 0 and "reusing the finished calibration" in err, err
     results = tmp_path / "results"
-    rc, _, err = run(eval_args(fenv, results, "--method", "flatquant", "--params", params, "--w-bits", "8",
-                               "--a-bits", "8", "--kv-bits", "8"), capsys)
+    rc, out, err = run(eval_args(fenv, results, "--method", "flatquant", "--params", params, "--w-bits", "8",
+                                 "--a-bits", "8", "--kv-bits", "8"), capsys)
     assert rc == 0 and "trained at W4A4KV4 and are evaluated at W8A8KV8" in err, err
+    assert "lower is better" in out and "not comparable" in out and f"1 JSON record(s) written to {results}" in out
     (rec,) = records(results)
     assert rec["params_trained_bits"] == "W4A4KV4" and (rec["w_bits"], rec["a_bits"]) == (8, 8)
     assert rec["params_model_fingerprint"] == rec["model_fingerprint"]

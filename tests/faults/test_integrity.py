@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import ROOT, H, run
+from fault_helpers import ROOT, H
 from safetensors.torch import load_file, save
 
 from flatquant.calib import integrity
@@ -33,17 +33,12 @@ def test_safetensors_bytes_do_not_depend_on_order(tmp_path):
     assert integrity.sha256_file(tmp_path / "one.safetensors") == one
 
 
-def test_saved_files_are_0644_and_reproducible(fenv, tmp_path, capsys):
-    from fault_helpers import layer_bytes, quantize_args
-
+def test_saved_files_are_0644(fenv):
+    """(Byte-reproducibility across runs and processes: test_interrupts compares resumed runs with the reference.)"""
     files = [p for p in fenv["ref"].rglob("*") if p.is_file()]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), \
         {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
-    out = tmp_path / "again"
-    rc, _, err = run(quantize_args(fenv, out, ""), capsys)
-    assert rc == 0, err
-    assert layer_bytes(out) == layer_bytes(fenv["ref"])
-    assert (out / "flatquant.json").read_bytes() == (fenv["ref"] / "flatquant.json").read_bytes()
+    assert sorted(p.name for p in (fenv["ref"] / "layers").iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(3)]
 
 
 def test_training_that_ends_worse_keeps_the_start(monkeypatch, tiny_tokenizer):
