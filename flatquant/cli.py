@@ -3,6 +3,7 @@
     flatquant quantize --model smollm2-135m --preset cpu-quick --output out/smollm2-w4a4kv4
     flatquant eval --model smollm2-135m --method quarot --w-bits 4 --a-bits 4 --kv-bits 4 --dataset wikitext2
     flatquant report
+Records go to flatquant-results/ unless --results-dir says otherwise (results/ holds the published ones).
 User errors (bad model, bits, data, checkpoint, path) print one line and exit with status 2.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from flatquant.cli_help import EXAMPLES, USER_RESULTS, _Help
 from flatquant.config import (
     METHODS,
     PRESET_EVAL_WINDOWS,
@@ -53,9 +55,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, model directory, .gguf file or hub id")
     p.add_argument("--model-name", default=None,
                    help="model name recorded in results (default: derived from --model, e.g. SmolLM2-135M-Instruct)")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--kv-bits", type=int, default=4)
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2-16 (16 = not quantized)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2-16 (16 = not quantized)")
+    p.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits, 2-16 (16 = not quantized)")
     p.add_argument("--w-clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel weight clip-ratio search (default: on for quarot/smoothquant)")
     p.add_argument("--weight-quantizer", default=None, choices=WEIGHT_QUANTIZERS,
@@ -63,39 +65,49 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "the saved weights' quantizer)")
     p.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4, or text file paths")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (lm-eval), e.g. arc_easy,piqa")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most this many examples per task")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="perplexity: at most this many windows")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None,
+                   help="zero-shot: at most this many examples per task (default: all)")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="perplexity: at most this many windows (default: all; 8 with --preset cpu-quick, 2 with tiny)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="perplexity windows per forward pass (default: 8 on a GPU, 1 on a CPU to save memory)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $FLATQUANT_DATA_DIR or ../shared/data)")
-    p.add_argument("--results-dir", default="results", help="where JSON records go ('' = none)")
+    p.add_argument("--results-dir", default=USER_RESULTS,
+                   help="where JSON records go ('' = none; the project's published records live in results/)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="calibration recipe preset")
-    p.add_argument("--calib-samples", type=int, default=None)
-    p.add_argument("--calib-seqlen", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--recipe", default=None, choices=["svd-amp", "direct-fp32"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="model precision (default: float16 on a GPU, float32 on a CPU)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="calibration recipe preset (default: paper on a GPU, cpu-quick on a CPU)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the preset's)")
+    p.add_argument("--calib-seqlen", type=int, default=None,
+                   help="tokens per calibration window (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="calibration epochs per layer (default: the preset's)")
+    p.add_argument("--recipe", default=None, choices=["svd-amp", "direct-fp32"],
+                   help="training recipe (default: the preset's, svd-amp)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and transforms")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flatquant", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="flatquant", description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="calibrate FlatQuant, save its parameters, compare with baselines")
+    q = sub.add_parser("quantize", help="calibrate FlatQuant, save its parameters, compare with baselines",
+                       formatter_class=_Help)
     _add_common(q)
-    q.add_argument("--output", required=True, help="folder for the learned parameters (safetensors + JSON)")
+    q.add_argument("--output", required=True, help="folder for the learned parameters (safetensors + JSON); required")
     q.add_argument("--no-resume", action="store_true", help="recalibrate even if --output holds saved layers")
     q.add_argument("--compare", default="fp16,rtn,quarot", help="baselines evaluated next to flatquant ('' = none)")
-    e = sub.add_parser("eval", help="quantize with one method and evaluate perplexity / zero-shot")
+    e = sub.add_parser("eval", help="quantize with one method and evaluate perplexity / zero-shot",
+                       formatter_class=_Help)
     _add_common(e)
-    e.add_argument("--method", default="fp16", choices=METHODS)
+    e.add_argument("--method", default="fp16", choices=METHODS, help="quantization method")
     e.add_argument("--params", default=None, help="flatquant: folder saved by `flatquant quantize`")
-    r = sub.add_parser("report", help="render results/*.json into docs/RESULTS.md and plots")
-    r.add_argument("--results-dir", default="results")
-    r.add_argument("--out", default="docs/RESULTS.md")
-    r.add_argument("--plots-dir", default="docs/plots")
+    r = sub.add_parser("report", help="render results/*.json into docs/RESULTS.md and plots", formatter_class=_Help)
+    r.add_argument("--results-dir", default="results", help="folder of JSON records to render (read recursively)")
+    r.add_argument("--out", default="docs/RESULTS.md", help="markdown file to write")
+    r.add_argument("--plots-dir", default="docs/plots", help="folder for the PNG plots")
     return parser
 
 
@@ -115,9 +127,11 @@ def _check_writable(path: str | Path, what: str = "folder") -> None:
         raise FlatQuantError(f"cannot write to {path}: {probe} is not writable")
 
 
-def _setup(args):
+def _setup(args, precheck: tuple = ()):
     import torch
 
+    from flatquant import guards
+    from flatquant.calib.integrity import check_finite_weights
     from flatquant.models.loading import load_model
 
     # None = the method's default (method_config), so the CLI and `XConfig()` in Python agree
@@ -147,7 +161,8 @@ def _setup(args):
 
     max_windows = args.max_windows if args.max_windows is not None else PRESET_EVAL_WINDOWS.get(preset)
     spec = EvalSpec(datasets=[d for d in args.dataset.split(",") if d], seqlen=args.seqlen, max_windows=max_windows,
-                    batch_size=args.batch_size, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
+                    batch_size=args.batch_size or (8 if dev.type == "cuda" else 1),
+                    tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
                     data_dir=args.data_dir)
     from flatquant import data
 
@@ -163,7 +178,9 @@ def _setup(args):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars
+    guards.precheck_params(list(precheck), args.model)  # saved parameters vs config.json, before the weights
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    check_finite_weights(model, args.model)
     for ds in spec.datasets:  # tokenized once, here: a text shorter than one window fails before any work
         ids = data.eval_tokens(tokenizer, ds, data_dir=args.data_dir, seqlen=args.seqlen)
         if ids.shape[1] < args.seqlen:
@@ -172,7 +189,9 @@ def _setup(args):
     return settings, ccfg, spec, model, tokenizer
 
 
-def _print_table(records: list[dict]) -> None:
+def _print_table(records: list[dict], results_dir: str | None = None) -> None:
+    from flatquant.guards import summary_lines
+
     rows = [r for r in records if r.get("kind") == "ppl"]
     if rows:
         print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}  weights")
@@ -185,6 +204,7 @@ def _print_table(records: list[dict]) -> None:
             tasks = ", ".join(f"{k}={v['value']:.1f}" for k, v in r["tasks"].items())
             print(f"{r['method']:<12} zero-shot avg={r['average']:.2f} ({tasks}) weights "
                   f"{r.get('weight_quantizer', '-')}")
+    print("\n" + "\n".join(summary_lines(records, results_dir)))
 
 
 def _model_name(args) -> str:
@@ -199,12 +219,18 @@ def cmd_eval(args) -> int:
         if args.method != "flatquant":
             raise ConfigError("--params only applies to --method flatquant")
         artifacts.check_finished(args.params)
-    settings, ccfg, spec, model, tok = _setup(args)
+    settings, ccfg, spec, model, tok = _setup(args, precheck=(Path(args.params),) if args.params else ())
     qcfg = method_config(args.method, **settings, **({"calib": ccfg} if args.method == "flatquant" else {}))
     calib_cfg = ccfg  # the preset's windows: what GPTQ and smoothquant calibrate on
     gptq = "run" if qcfg.weight_quantizer == "gptq" else None
+    extra = None
     if args.params is not None:
         meta = artifacts.check_saved_calibration(Path(args.params), model.config, qcfg, None)
+        from flatquant.guards import params_note
+
+        extra, note = params_note(args.params, qcfg, model)  # trained bits and model fingerprint, recorded
+        if note:
+            print(f"flatquant: {note}", file=sys.stderr)
         ccfg = CalibConfig.from_dict(meta["calib"])  # the record names the recipe the parameters came from
         qcfg = artifacts.eval_weight_settings(qcfg, meta, args.weight_quantizer)
         gptq = artifacts.gptq_plan(meta, qcfg)
@@ -212,13 +238,13 @@ def cmd_eval(args) -> int:
     calib = calibration_data(tok, calib_cfg, args.data_dir) if needs_calib else None
     records = run_config(model, tok, _model_name(args), args.method, qcfg, spec, ccfg=ccfg, calib=calib,
                          params_dir=args.params, results_dir=args.results_dir or None, seed=args.seed,
-                         progress=not args.no_progress)
-    _print_table(records)
+                         progress=not args.no_progress, extra=extra)
+    _print_table(records, args.results_dir)
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from flatquant import io
+    from flatquant import guards, io
     from flatquant.calib import artifacts
     from flatquant.runner import calibration_data, run_config
 
@@ -231,15 +257,18 @@ def cmd_quantize(args) -> int:
         if method not in METHODS or method == "flatquant":
             raise ConfigError(f"--compare: unknown baseline {method!r}; choose from "
                               f"{', '.join(m for m in METHODS if m != 'flatquant')}")
-    settings, ccfg, spec, model, tok = _setup(args)
+    work = io.partial_folder(out)
+    settings, ccfg, spec, model, tok = _setup(args, precheck=() if args.no_resume else (out, work))
     fq_cfg = method_config("flatquant", **{**settings, "w_clip_search": False}, calib=ccfg)
     # Calibrate into the work folder <output>.partial (per-layer checkpoints live there until done), then
     # rename: the output folder only ever holds a complete calibration.
-    work = io.partial_folder(out)
     reuse = not args.no_resume and (out / artifacts.META).is_file()
     for folder in ([] if args.no_resume else [out, work]):
         if (folder / artifacts.META).is_file():  # saved parameters must fit, before any work is done
             artifacts.check_saved_calibration(folder, model.config, fq_cfg, ccfg)
+            guards.check_fingerprint(folder, model)
+    if reuse:
+        print(f"flatquant: reusing the finished calibration in {out} (--no-resume recalibrates)", file=sys.stderr)
     calib = calibration_data(tok, ccfg, args.data_dir)
     if args.no_resume:
         io.discard_partial(out)
@@ -250,13 +279,15 @@ def cmd_quantize(args) -> int:
                               calib=calib, results_dir=args.results_dir or None, seed=args.seed,
                               progress=not args.no_progress)
     params = out if reuse else work
+    if params == work and not (work / artifacts.META).is_file():
+        guards.stamp_fingerprint(work, model, fq_cfg, ccfg)  # resuming checks it
     records += run_config(model, tok, name, "flatquant", fq_cfg, spec, ccfg=ccfg,
                           calib=calib, params_dir=str(params), results_dir=args.results_dir or None, seed=args.seed,
                           progress=not args.no_progress)
     if params == work:
         io.commit_folder(out)  # --no-resume: the new calibration replaces the old one
-    _print_table(records)
-    print(f"\nFlatQuant parameters saved to {out}/")
+    _print_table(records, args.results_dir)
+    print(f"FlatQuant parameters saved to {out}/")
     return 0
 
 
@@ -284,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # unwritable folder, full disk, ...: one line, no traceback
         print(f"flatquant: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        print(f"flatquant: error: safetensors: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flatquant: interrupted", file=sys.stderr)

@@ -98,6 +98,8 @@ def _read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
                     break
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
+    except UnicodeDecodeError as e:  # binary or non-UTF-8 content
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return texts
 
 

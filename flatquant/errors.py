@@ -15,3 +15,7 @@ class DataError(FlatQuantError):
 
 class CheckpointError(FlatQuantError):
     """Corrupt or mismatched saved parameters."""
+
+
+class NonFiniteError(FlatQuantError, FloatingPointError):
+    """A NaN/inf where a number is needed (a damaged model, a diverged calibration, a perplexity)."""

@@ -87,6 +87,9 @@ def record_name(record: dict) -> str:
         parts.append(record["variant"])
     if record.get("dataset"):
         parts.append(record["dataset"])
+    for key, tag in (("max_windows", "maxwin"), ("limit", "limit")):  # a capped run never replaces a full one
+        if record.get(key) is not None:
+            parts.append(f"{tag}{record[key]}")
     return _slug("_".join(str(p) for p in parts if p)) + ".json"
 
 

@@ -44,6 +44,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
              progress: bool = True) -> list[dict]:
     """Perplexity on each dataset and zero-shot tasks; one record each (written if results_dir)."""
     from flatquant.eval.perplexity import perplexity
+    from flatquant.guards import check_finite_ppl
 
     records = []
     device = next(model.parameters()).device
@@ -53,7 +54,9 @@ def evaluate(model, tokenizer, spec: EvalSpec, base_record: dict, results_dir: s
             ids = data_mod.eval_tokens(tokenizer, ds, data_dir=spec.data_dir, seqlen=spec.seqlen)
         t = time.time()
         res = perplexity(model, ids, seqlen=spec.seqlen, max_windows=spec.max_windows,
-                         batch_size=spec.batch_size, device=device, progress=progress)
+                         batch_size=spec.batch_size, device=device, progress=progress,
+                         desc=f"{base_record.get('method', '')} ppl {ds}")
+        check_finite_ppl(base_record.get("method", "model"), ds, res["ppl"])  # NaN/inf: an error, never a record
         rec = {**base_record, "kind": "ppl", "dataset": ds, "seqlen": spec.seqlen, "windows": res["windows"],
                "max_windows": spec.max_windows, "ppl": res["ppl"], "eval_seconds": round(time.time() - t, 2)}
         records.append(rec)
@@ -101,7 +104,18 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     # (FlatQuant: in calib_layers), or where its weights were loaded from ("gptq")
     base.update(report)
     base.update(extra or {})
+    _drop_unquantized_weights(model)
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
     return records
 
+
+@torch.no_grad()
+def _drop_unquantized_weights(model) -> None:
+    """Frozen quantized linears compute from their cached weight only: free the float weight they keep
+    (this copy is evaluated and then discarded), so evaluation does not hold every linear twice."""
+    from flatquant.core.modules import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m._cached is not None and m.weight is not None:
+            m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)

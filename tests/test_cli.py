@@ -190,8 +190,8 @@ def test_eval_gptq_record_next_to_rtn(env, tmp_path, capsys):
         assert rc == 0, err
     by_wq = {r["weight_quantizer"]: r for r in records(results)}
     assert set(by_wq) == {"rtn", "gptq"}
-    assert sorted(p.name for p in results.glob("*.json")) == ["ppl-tiny-llama-quarot-W4A4KV4-gptq-wikitext2.json",
-                                                              "ppl-tiny-llama-quarot-W4A4KV4-wikitext2.json"]
+    assert sorted(p.name for p in results.glob("*.json")) == ["ppl-tiny-llama-quarot-W4A4KV4-gptq-wikitext2-maxwin2.json",
+                                                              "ppl-tiny-llama-quarot-W4A4KV4-wikitext2-maxwin2.json"]
     gptq = by_wq["gptq"]["gptq"]
     assert gptq["nsamples"] == 4 and gptq["seqlen"] == 32 and gptq["act_order"] and len(gptq["layers"]) == 2
     assert "gptq" not in by_wq["rtn"]
@@ -230,7 +230,7 @@ def test_eval_params_posthoc_gptq(env, tmp_path, capsys):
     (rec,) = records(results)
     assert rec["weight_quantizer"] == "gptq" and rec["gptq"]["nsamples"] == 4 and len(rec["gptq"]["layers"]) == 2
     assert rec["calib"]["epochs"] == 2  # the recipe of the saved transforms
-    assert (results / "ppl-tiny-llama-flatquant-W4A4KV4-gptq-wikitext2.json").is_file()
+    assert (results / "ppl-tiny-llama-flatquant-W4A4KV4-gptq-wikitext2-maxwin2.json").is_file()
 
 
 def test_report_renders_markdown(env, tmp_path, capsys):

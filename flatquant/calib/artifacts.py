@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from flatquant.calib import integrity
 from flatquant.config import CalibConfig, QuantConfig
 from flatquant.core.modules import QuantLinear
 from flatquant.errors import CheckpointError
@@ -200,6 +201,7 @@ class LayerStore:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
             self.meta["layers_done"] = old.get("layers_done", [])
+        integrity.carry_meta(self)  # model fingerprint and per-file checksums
 
     def _path(self, i: int) -> Path:
         return layer_path(self.dir, i)
@@ -209,22 +211,25 @@ class LayerStore:
             shutil.rmtree(self.dir / "layers")
         (self.dir / META).unlink(missing_ok=True)
         self.meta["layers_done"] = []
+        self.meta.pop("checksums", None)
 
     def load_layer(self, i: int) -> dict[str, torch.Tensor] | None:
         path = self._path(i)
         if not path.is_file():
             return None
+        integrity.verify_layer_file(path, self.meta.get("checksums"))
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+        integrity.check_finite_state(state, path)
+        return state
 
     def save_layer(self, i: int, layer: torch.nn.Module) -> None:
         path = self._path(i)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(layer_state(layer), str(tmp), metadata={"format": FORMAT, "layer": str(i)})
-        tmp.replace(path)
+        digest = integrity.write_safetensors(path, layer_state(layer), {"format": FORMAT, "layer": str(i)})
+        self.meta.setdefault("checksums", {})[path.name] = digest
         self.meta["layers_done"] = sorted(set(self.meta["layers_done"]) | {i})
         atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")
 

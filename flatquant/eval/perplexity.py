@@ -37,9 +37,29 @@ def _window_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torc
     return torch.cat(out)
 
 
+def _head_nll(model, batch: torch.Tensor, positions: int) -> torch.Tensor | None:
+    """Mean next-token NLL per window (B,) from the decoder's hidden states, with the output head applied
+    `positions` positions at a time, so no (B, L, V) logits tensor exists. None when the model does not
+    expose the standard decoder / output-embedding split (the caller then uses the full logits)."""
+    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    decoder = get_dec() if callable(get_dec) else None
+    head = get_head() if callable(get_head) else None
+    if decoder is None or head is None or decoder is model or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    hidden = decoder(input_ids=batch, use_cache=False)[0]  # (B, L, H), final norm applied
+    total = torch.zeros(batch.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, batch.shape[1] - 1, positions):
+        e = min(s + positions, batch.shape[1] - 1)
+        lg = head(hidden[:, s:e]).float()
+        tg = batch[:, s + 1:e + 1]
+        total += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), reduction="none").view(tg.shape).sum(1)
+    return total / (batch.shape[1] - 1)
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               batch_size: int = 8, device: str | torch.device | None = None, progress: bool = True) -> dict:
+               batch_size: int = 8, device: str | torch.device | None = None, progress: bool = True,
+               desc: str | None = None) -> dict:
     """Perplexity of ``model`` on ``input_ids`` (1, N) over ``N // seqlen`` windows of ``seqlen`` tokens.
 
     Returns ``dict(ppl, nll, windows, tokens, seqlen, max_windows)``; ``tokens`` = windows * seqlen.
@@ -73,18 +93,20 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=nwin, desc=f"ppl (seqlen {seqlen})", unit="win", disable=not progress) if tqdm else None
+    bar = tqdm(total=nwin, desc=desc or f"ppl (seqlen {seqlen})", unit="win", disable=not progress) if tqdm else None
     try:
         for start in range(0, nwin, batch_size):
             batch = windows[start: start + batch_size].to(dev)
-            out = model(input_ids=batch, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            nll = _window_nll(logits, batch, chunk)
+            nll = _head_nll(model, batch, max(1, (64 << 20) // (4 * vocab * batch.shape[0])))  # ~64 MB of logits
+            if nll is None:
+                out = model(input_ids=batch, use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                nll = _window_nll(logits, batch, chunk)
+                del out, logits
             if not torch.isfinite(nll).all():
                 nll_sum = float("nan")
             else:
                 nll_sum += float(nll.double().sum().item())
-            del out, logits
             if bar is not None:
                 bar.update(batch.shape[0])
     finally:

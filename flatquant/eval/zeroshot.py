@@ -130,6 +130,11 @@ def _metric_value(task_result: dict, metric: str) -> float:
     raise FlatQuantError(f"lm-eval returned no {metric!r} (got {sorted(task_result)})")
 
 
+def _drop_model_object_notice(record: logging.LogRecord) -> bool:
+    """lm-eval warns when given a model object instead of a name; passing one is what we mean to do."""
+    return "`pretrained` model kwarg is not of type `str`" not in str(record.msg)
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_dir=None, limit: float | None = None,
                       batch_size: int = 32, device=None, seed: int = 1234) -> dict:
     """Zero-shot accuracy of ``model`` (a transformers causal LM object) on ``tasks``.
@@ -152,6 +157,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_dir=None, limit: 
 
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_drop_model_object_notice)
 
     with tempfile.TemporaryDirectory(prefix="flatquant-tasks-") as tmp, _no_retie(model):
         if offline:

@@ -26,7 +26,7 @@ from flatquant.calib.train_step import LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
 from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
-from flatquant.errors import CheckpointError
+from flatquant.errors import CheckpointError, NonFiniteError
 from flatquant.methods import gptq
 from flatquant.methods.smoothquant import site_scales
 from flatquant.models.families import Family, family_for
@@ -155,6 +155,7 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size, out=torch.empty_like(inps))
     original = copy.deepcopy(layer) if saved is None else None
     use_amp = amp
+    trained = None
     while True:
         gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
         transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats))
@@ -164,15 +165,21 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
             artifacts.load_layer_state(layer, saved, index)
             before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
             break
+        start = {k: v.clone() for k, v in artifacts.layer_state(layer).items()}  # kept if training ends worse
         before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log)
+        if finite and after > before:
+            trained, after = after, before
+            layer.load_state_dict(start, strict=False)
         if finite or not use_amp:
             break
         log(f"layer {index}: loss became NaN/inf under mixed precision; retrying in float32")
         use_amp = False
         layer = copy.deepcopy(original)
     if not math.isfinite(after):
-        raise FloatingPointError(f"layer {index}: calibration diverged even in float32")
+        raise NonFiniteError(f"layer {index}: calibration diverged (NaN/inf loss) even in float32")
     row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}
+    if saved is None and trained is not None:
+        row["loss_trained"] = trained  # training ended worse than the start: the start was kept
     return layer, targets, row
 
 
@@ -213,7 +220,9 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
         freeze(layer, dtype=model_dtype)
         layer.to(model_dtype)
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
-            + (" (resumed)" if saved is not None else ""))
+            + (" (resumed)" if saved is not None else "")
+            + (f" (training reached {row['loss_trained']:.4g}; kept the initial parameters)"
+               if "loss_trained" in row else ""))
         return targets, row  # full-precision outputs feed the next layer
 
     report = run_layerwise(model, family, windows, step, dtype=store_dtype(model), desc="flatquant layers",

@@ -82,9 +82,30 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """Return (model, tokenizer) for a built-in name, a .gguf path, a model directory or a hub id.
 
     The architecture is checked against the family registry before any weight is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or default_dtype(device)
+    spec, source, kwargs, config = _source_config(spec)
+    family_for(config)  # unknown architecture -> clear error before loading weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except Exception as e:
+        raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def load_config(spec: str):
+    """The model's configuration only (config.json or GGUF metadata), without reading any weight."""
+    return _source_config(spec)[3]
+
+
+def _source_config(spec: str):
+    """(spec, source, from_pretrained kwargs, config) for a built-in name, .gguf path, folder or hub id."""
+    from transformers import AutoConfig
+
     kwargs: dict = {}
     if spec in BUILTIN:
         spec = str(builtin_gguf(spec))
@@ -106,14 +127,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as e:  # any loader failure becomes one clear line
+        if kwargs.get("use_safetensors"):  # a folder with a config.json that transformers cannot read
+            raise ModelError(f"{path / 'config.json'}: unreadable model configuration ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
         raise ModelError(f"cannot load model {spec!r}: not a built-in name ({', '.join(BUILTIN)}), "
                          f"a model directory, a .gguf file or a reachable hub id ({type(e).__name__})") from e
-    family_for(config)  # unknown architecture -> clear error before loading weights
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as e:
-        raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    model.to(device).eval()
-    model.config.use_cache = False
-    return model, tokenizer
+    return spec, source, kwargs, config

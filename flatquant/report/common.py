@@ -167,13 +167,16 @@ def _num(x) -> bool:
 
 
 def _latest(records: list[dict]) -> list[dict]:
-    """One record per configuration (the newest by date) - a re-run replaces the older number."""
+    """One record per configuration: the one over the most windows, then the newest by date - a re-run
+    replaces the older number, but a run capped to fewer windows never hides a full one."""
     best: dict = {}
     for r in records:
         key = (r.get("kind"), r.get("model"), r.get("method"), _bits(r), r.get("weight_quantizer"),
                r.get("variant"), r.get("dataset"), r.get("seqlen"), r.get("limit"))
-        if key not in best or str(r.get("date", "")) >= str(best[key].get("date", "")):
-            best[key] = r
+        rank = (r.get("windows") if isinstance(r.get("windows"), int) else 0, str(r.get("date", "")))
+        if key not in best or rank >= best[key][0]:
+            best[key] = (rank, r)
+    best = {k: r for k, (_, r) in best.items()}
     return list(best.values())
 
 

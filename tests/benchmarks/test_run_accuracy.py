@@ -26,16 +26,17 @@ def test_quick_gptq_part(load_script, tiny_model_dir, tiny_data_dir, shared_data
                "--zeroshot-batch-size", "4"])
     assert rc == 0
     names = sorted(p.name for p in results.glob("*.json"))
-    assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-c4.json",
-                     "ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-wikitext2.json",
-                     "ppl-Tiny-quarot-W4A4KV4-gptq-c4.json", "ppl-Tiny-quarot-W4A4KV4-gptq-wikitext2.json",
-                     "zeroshot-Tiny-flatquant-W4A4KV4-gptq-paper-recipe.json", "zeroshot-Tiny-quarot-W4A4KV4-gptq.json"]
+    assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-c4-maxwin2.json",  # --quick caps windows
+                     "ppl-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-wikitext2-maxwin2.json",
+                     "ppl-Tiny-quarot-W4A4KV4-gptq-c4-maxwin2.json", "ppl-Tiny-quarot-W4A4KV4-gptq-wikitext2-maxwin2.json",
+                     "zeroshot-Tiny-flatquant-W4A4KV4-gptq-paper-recipe-limit2.json",
+                     "zeroshot-Tiny-quarot-W4A4KV4-gptq-limit2.json"]
     recs = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
     for r in recs.values():
         assert r["weight_quantizer"] == "gptq" and r["w_bits"] == 4
         assert r["w_clip_search"] is (r["method"] == "quarot")
     assert json.loads((work / "flatquant_w4a4kv4_gptq" / "flatquant.json").read_text())["complete"]
-    assert len(recs["zeroshot-Tiny-quarot-W4A4KV4-gptq.json"]["tasks"]) == 6
+    assert len(recs["zeroshot-Tiny-quarot-W4A4KV4-gptq-limit2.json"]["tasks"]) == 6
     log = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
     assert len(log) == 3 and all("gptq:" in l and "wall" in l for l in log)
 
@@ -50,9 +51,9 @@ def test_quick_longcalib_part(load_script, tiny_model_dir, tiny_data_dir, shared
                "--results-dir", str(results), "--work-dir", str(work), "--zeroshot-batch-size", "4"])
     assert rc == 0
     names = sorted(p.name for p in results.glob("*.json"))
-    assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-c4.json",
-                     "ppl-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-wikitext2.json",
-                     "zeroshot-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3.json"]
+    assert names == ["ppl-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-c4-maxwin2.json",
+                     "ppl-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-wikitext2-maxwin2.json",
+                     "zeroshot-Tiny-flatquant-W4A4KV4-gptq-calib-6x64-e3-limit2.json"]
     for p in results.glob("*.json"):
         r = json.loads(p.read_text())
         assert r["variant"] == "calib-6x64-e3" and r["weight_quantizer"] == "gptq"

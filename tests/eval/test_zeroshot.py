@@ -59,7 +59,7 @@ def test_configs_resolve(tmp_path, shared_data_dir):
     assert flat  # both built without touching the network
 
 
-def test_six_tasks_on_tiny_model(tiny_model_factory, tiny_tokenizer, shared_data_dir, monkeypatch):
+def test_six_tasks_on_tiny_model(tiny_model_factory, tiny_tokenizer, shared_data_dir, monkeypatch, caplog):
     if shared_data_dir is None:
         pytest.skip("../shared/data not present")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -80,3 +80,4 @@ def test_six_tasks_on_tiny_model(tiny_model_factory, tiny_tokenizer, shared_data
     assert model.lm_head.weight is lm_head  # lm-eval's tie_weights() call was neutralised
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert "tie_weights" not in vars(model)
+    assert "`pretrained` model kwarg" not in caplog.text  # lm-eval's model-object notice is filtered
