@@ -14,8 +14,10 @@ from flatquant.calib import integrity
 
 KILL_SCRIPT = """
 import os, signal, sys
-from flatquant import cli
+from flatquant import cli, config
 from flatquant.calib import artifacts
+config.PRESETS["tiny"] = dict(nsamples=4, seqlen=32, epochs=2, batch_size=2)  # tests/conftest.py TINY_PRESET
+config.PRESET_EVAL_WINDOWS["tiny"] = 2
 at, sig = int(os.environ["FQ_STOP_AT"]), getattr(signal, os.environ["FQ_SIGNAL"])
 save = artifacts.LayerStore.save_layer
 def stop_then_save(self, i, layer):
