@@ -6,6 +6,15 @@
 from flatquant.api import quantize
 from flatquant.config import CalibConfig, QuantConfig, calib_preset
 from flatquant.errors import FlatQuantError
+from flatquant.runtime import load_quantized, save_quantized
 
-__all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "quantize"]
+try:  # `quant_method: "flatquant"` checkpoints load through AutoModelForCausalLM.from_pretrained
+    from flatquant.runtime import register as _register
+
+    _register()
+except ImportError:  # pragma: no cover - transformers without the quantizer registry
+    pass
+
+__all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "load_quantized", "quantize",
+           "save_quantized"]
 __version__ = "0.1.0"
