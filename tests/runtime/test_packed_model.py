@@ -162,3 +162,38 @@ def test_checkpoint_size_and_config(packed_dirs):
     assert (path / "tokenizer.json").is_file()
     info = flatquant.runtime.export.fp16_bytes(cfg)
     assert info > 0
+
+
+def test_half_checkpoint_computed_in_float32_matches(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """A float16 export (as on the GPU) holds the same numbers: loaded in float32 it matches the fake-quant
+    model of the same float16 weights run in float32 (in float16, rounding alone flips 4-bit codes)."""
+    from flatquant import QuantConfig, quantize
+    from flatquant.core.modules import freeze
+    from flatquant.models.loading import load_model
+
+    model, _ = load_model(str(tiny_model_dir), dtype=torch.float16)
+    quantize(model, QuantConfig(4, 4, 4), method="quarot", progress=False)
+    flatquant.save_quantized(model, tmp_path / "half", tokenizer=tiny_tokenizer)
+    assert (tmp_path / "half" / "config.json").read_text().count('"dtype": "float16"') == 2
+    model.float()
+    freeze(model, torch.float32)
+    packed = flatquant.load_quantized(tmp_path / "half", device="cpu", dtype=torch.float32)
+    ids = _ids(tiny_tokenizer)
+    with torch.no_grad():
+        assert _close(model(ids, use_cache=False).logits, packed(ids).logits, TIGHT)
+
+
+def test_pipeline_and_lm_eval(packed_dirs, tiny_tokenizer, shared_data_dir):
+    from transformers import pipeline
+
+    packed = flatquant.load_quantized(packed_dirs("llama"), device="cpu")
+    out = pipeline("text-generation", model=packed, tokenizer=tiny_tokenizer)("The quick", max_new_tokens=4,
+                                                                               do_sample=False)
+    assert out[0]["generated_text"].startswith("The quick")
+    if shared_data_dir is None:
+        pytest.skip("lm-eval part needs the shared zero-shot data")
+    from flatquant.eval.zeroshot import evaluate_zeroshot
+
+    res = evaluate_zeroshot(packed, tiny_tokenizer, ["piqa"], data_dir=str(shared_data_dir), limit=2, batch_size=2,
+                            device="cpu")
+    assert res["piqa"]["n"] == 2
