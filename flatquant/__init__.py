@@ -6,14 +6,17 @@
 from flatquant.api import quantize
 from flatquant.config import CalibConfig, QuantConfig, calib_preset
 from flatquant.errors import FlatQuantError
-from flatquant.runtime import load_quantized, save_quantized
+from flatquant.runtime.hf import register_when_imported
 
-try:  # `quant_method: "flatquant"` checkpoints load through AutoModelForCausalLM.from_pretrained
-    from flatquant.runtime import register as _register
+register_when_imported()  # `quant_method: "flatquant"` folders load through AutoModelForCausalLM.from_pretrained
 
-    _register()
-except ImportError:  # pragma: no cover - transformers without the quantizer registry
-    pass
+
+def __getattr__(name: str):  # the packed runtime (and the kernels it needs) loads on first use
+    if name in ("save_quantized", "load_quantized"):
+        from flatquant import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'flatquant' has no attribute {name!r}")
 
 __all__ = ["CalibConfig", "FlatQuantError", "QuantConfig", "calib_preset", "load_quantized", "quantize",
            "save_quantized"]

@@ -3,10 +3,43 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 from flatquant.runtime import layout
 
 _REGISTERED = False
+_AUTO = "transformers.quantizers.auto"
+
+
+class _RegisterAfterImport:
+    """Import hook: run `register()` right after transformers imports its quantizer registry (it costs
+    seconds to import, and only loading a model needs it)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _AUTO:
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:  # pragma: no cover
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_when_imported() -> None:
+    """Register now if transformers' quantizer registry is loaded, else as soon as it is."""
+    if _AUTO in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 def register() -> None:
