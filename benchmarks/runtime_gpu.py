@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flatquant  # noqa: E402
 from flatquant.results import write_record  # noqa: E402
+from flatquant.runtime.kvcache import set_runtime_backend  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
            "The three primary colors are", "To make a cup of tea, first",
@@ -156,6 +157,7 @@ def part_model_memory(base: dict, args, ckpt: Path, packed) -> dict:
         torch.cuda.empty_cache()
         before = _allocated(dev)
         again = flatquant.load_quantized(ckpt, device=dev)
+        set_runtime_backend(again, args.backend)
         rec["packed_allocated_bytes"] = _allocated(dev) - before
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--stack-layers", type=int, default=4)
     ap.add_argument("--parts", default="ppl,generation,memory,stack")
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+                    help="kernels of the packed model (auto: Triton on CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model on the CPU (for the test)")
     args = ap.parse_args(argv)
     parts = set(filter(None, args.parts.split(",")))
@@ -286,6 +290,8 @@ def main(argv=None) -> int:
                       "bytes_fp16": info["bytes_fp16"], "ratio": info["bytes_packed"] / info["bytes_fp16"],
                       "export_seconds": round(export_s, 2)}, args.out_dir)
         packed = flatquant.load_quantized(ckpt, device=dev)
+        set_runtime_backend(packed, args.backend)
+        base["backend"] = args.backend
         jobs = [("ppl", lambda: part_ppl(base, fake, packed, tok, args)),
                 ("generation", lambda: [part_generation(base, fake, packed, tok, args)]),
                 ("memory", lambda: [part_model_memory(base, args, ckpt, packed)]),

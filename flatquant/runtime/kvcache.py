@@ -23,9 +23,9 @@ MIN_CAPACITY = 256
 _NOTE = "_fq_pending"
 
 
-def kv4(device: torch.device):
-    """The KV4 kernels for a device: Triton on CUDA, the PyTorch reference elsewhere."""
-    if device.type == "cuda":
+def kv4(device: torch.device, backend: str = "auto"):
+    """The KV4 kernels: Triton on CUDA, the PyTorch reference elsewhere (or as `backend` forces)."""
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         from flatquant.kernels import kv4_attention as mod
     else:
         from flatquant.kernels import kv4_reference as mod
@@ -66,7 +66,7 @@ class PackedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, s, d = key_states.shape
-        ops = kv4(key_states.device)
+        ops = kv4(key_states.device, self.kv.backend)
         k = self.kv.transform_key(key_states)
         prev = self.length
         self._reserve(b, h, d, prev + s)
@@ -84,7 +84,7 @@ class PackedLayer(DynamicLayer):
         return key_states, value_states  # placeholders: packed_attention reads the cache
 
     def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ops, n, st = kv4(self.device), self.length, self.store
+        ops, n, st = kv4(self.device, self.kv.backend), self.length, self.store
         return tuple(ops.dequantize_kv(st[f"{t}_codes"][:, :, :n], st[f"{t}_scale"][:, :, :n],
                                        st[f"{t}_zero"][:, :, :n], dtype) for t in ("k", "v"))
 
@@ -139,7 +139,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, **
     note = kv.__dict__.pop(_NOTE, None)
     query = kv.transform_query(query)
     if note is None:  # no cache: quantize the current keys / values here
-        ops = kv4(key.device)
+        ops = kv4(key.device, kv.backend)
         key = ops.dequantize_kv(*ops.quantize_kv(kv.transform_key(key), kv.k_clip), key.dtype)
         value = ops.dequantize_kv(*ops.quantize_kv(value, kv.v_clip), value.dtype)
     else:
@@ -149,7 +149,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, **
             st = cache_layer.store
             lengths = torch.full((b,), cache_layer.length, dtype=torch.int32, device=query.device)
             sm = scaling if scaling is not None else d ** -0.5
-            out = kv4(query.device).decode_attention(
+            out = kv4(query.device, kv.backend).decode_attention(
                 query[:, :, 0].contiguous(), st["k_codes"], st["k_scale"], st["k_zero"], st["v_codes"],
                 st["v_scale"], st["v_zero"], lengths, sm)
             return out.unsqueeze(1), None  # (B, 1, Hq, D), as sdpa_attention_forward returns
@@ -177,7 +177,7 @@ def _cache_hook(module, args, kwargs):
 
     dev = module.__dict__.get("_fq_first_linear")
     dev = dev.qweight.device.type if dev is not None else "cpu"
-    if module.__dict__.get("_fq_backend_device") != dev:
+    if module.__dict__.get("_fq_backend_device") != dev and "_fq_forced_backend" not in module.__dict__:
         set_backend(module, "triton" if dev == "cuda" else "reference")
         module.__dict__["_fq_backend_device"] = dev
     use_cache = kwargs.get("use_cache")
@@ -191,6 +191,24 @@ def _cache_hook(module, args, kwargs):
                          "(or a PackedKVCache), not a filled float cache")
     kwargs["past_key_values"] = PackedKVCache(module)
     return args, kwargs
+
+
+def set_runtime_backend(model, backend: str = "auto") -> None:
+    """Pin the kernels of a packed model: "triton" or "reference" for the linears and the KV4 attention;
+    "auto" (default) = Triton on CUDA, the reference elsewhere, chosen at each forward from the device."""
+    from flatquant.kernels.linear import set_backend
+    from flatquant.runtime.modules import PackedKV
+
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be auto, triton or reference, got {backend!r}")
+    model.__dict__.pop("_fq_backend_device", None)
+    model.__dict__.pop("_fq_forced_backend", None)
+    if backend != "auto":
+        model.__dict__["_fq_forced_backend"] = backend
+        set_backend(model, backend)
+    for m in model.modules():
+        if isinstance(m, PackedKV):
+            m.backend = backend
 
 
 def install_runtime(model) -> None:

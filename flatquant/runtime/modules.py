@@ -68,6 +68,7 @@ class PackedKV(nn.Module):
             self.register_buffer(f"{side}_p2", _factor(key_factors.get("p2")))
         self.register_buffer("k_clip", torch.ones((), dtype=torch.float32))
         self.register_buffer("v_clip", torch.ones((), dtype=torch.float32))
+        self.backend = "auto"  # KV4 kernels: auto (Triton on CUDA) | triton | reference (set_runtime_backend)
 
     def transform_key(self, k: torch.Tensor) -> torch.Tensor:
         return _kron(k, self.key_p1, self.key_p2)

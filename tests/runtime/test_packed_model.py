@@ -197,3 +197,23 @@ def test_pipeline_and_lm_eval(packed_dirs, tiny_tokenizer, shared_data_dir):
     res = evaluate_zeroshot(packed, tiny_tokenizer, ["piqa"], data_dir=str(shared_data_dir), limit=2, batch_size=2,
                             device="cpu")
     assert res["piqa"]["n"] == 2
+
+
+def test_triton_backend_matches_reference(packed_dirs, tiny_tokenizer):
+    """The GPU kernels (here in Triton's CPU interpreter, float32): prefill and decode as the reference."""
+    from flatquant.runtime import set_runtime_backend
+
+    packed = flatquant.load_quantized(packed_dirs("qwen3"), device="cpu")
+    ids = _ids(tiny_tokenizer, length=12, seed=4)
+    logits = {}
+    for backend in ("reference", "triton"):
+        set_runtime_backend(packed, backend)
+        assert all(m.backend == backend for m in packed.modules() if isinstance(m, W4A4Linear))
+        with torch.no_grad():
+            out = packed(ids[:, :8])
+            steps = [out.logits]
+            for t in range(8, 12):
+                out = packed(ids[:, t:t + 1], past_key_values=out.past_key_values)
+                steps.append(out.logits)
+        logits[backend] = torch.cat(steps, 1)
+    assert _close(logits["reference"], logits["triton"], TIGHT)
