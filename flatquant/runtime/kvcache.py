@@ -78,10 +78,9 @@ class PackedLayer(DynamicLayer):
             self.store[f"{tag}_zero"][:, :, prev:prev + s] = zero
             out.append(ops.dequantize_kv(codes, scale, zero, key_states.dtype) if prev == 0 else None)
         self.length = prev + s
-        self.kv.__dict__[_NOTE] = (self, prev, s)
-        if prev == 0:
-            return out[0], out[1]
-        return key_states, value_states  # placeholders: packed_attention reads the cache
+        keys, values = (out[0], out[1]) if prev == 0 else (key_states, value_states)  # later: read the cache
+        self.kv.__dict__[_NOTE] = (self, prev, s, keys)
+        return keys, values
 
     def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ops, n, st = kv4(self.device, self.kv.backend), self.length, self.store
@@ -137,13 +136,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, **
 
     kv = getattr(module, layout.KV_MODULE)
     note = kv.__dict__.pop(_NOTE, None)
+    if note is not None and note[3] is not key:  # left by an update whose attention never ran
+        note = None
     query = kv.transform_query(query)
     if note is None:  # no cache: quantize the current keys / values here
         ops = kv4(key.device, kv.backend)
         key = ops.dequantize_kv(*ops.quantize_kv(kv.transform_key(key), kv.k_clip), key.dtype)
         value = ops.dequantize_kv(*ops.quantize_kv(value, kv.v_clip), value.dtype)
     else:
-        cache_layer, prev, new = note
+        cache_layer, prev, new, _ = note
         if prev > 0 and new == 1 and attention_mask is None and not kwargs.get("output_attentions"):
             b, hq, _, d = query.shape
             st = cache_layer.store
