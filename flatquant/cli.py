@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results-dir", default="results", help="folder of JSON records to render (read recursively)")
     r.add_argument("--out", default="docs/RESULTS.md", help="markdown file to write")
     r.add_argument("--plots-dir", default="docs/plots", help="folder for the PNG plots")
+    from flatquant.runtime.cli_commands import add_parsers
+
+    parser.runtime_commands = add_parsers(sub)  # export, generate
     return parser
 
 
@@ -307,9 +310,11 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report,
+                **parser.runtime_commands}[args.command](args)
     except FlatQuantError as e:
         print(f"flatquant: error: {e}", file=sys.stderr)
         return 2
