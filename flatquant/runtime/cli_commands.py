@@ -12,16 +12,19 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def add_parsers(sub) -> dict:
     """Register the two subcommands; returns {name: handler}."""
-    x = sub.add_parser("export", help="write a packed W4A4KV4 checkpoint from saved FlatQuant parameters")
+    from flatquant.cli_help import _Help
+
+    x = sub.add_parser("export", help="write a packed W4A4KV4 checkpoint from saved FlatQuant parameters",
+                       formatter_class=_Help)
     x.add_argument("--params", required=True, help="folder saved by `flatquant quantize`")
     x.add_argument("--model", required=True, help="the model the parameters belong to (name, folder, .gguf)")
     x.add_argument("--output", required=True, help="checkpoint folder to write (replaced atomically)")
     x.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="embeddings, norms, lm_head")
     x.add_argument("--device", default="cpu", help="where the weights are folded (cpu is enough)")
-    g = sub.add_parser("generate", help="generate text with a packed checkpoint")
+    g = sub.add_parser("generate", help="generate text with a packed checkpoint", formatter_class=_Help)
     g.add_argument("--model", required=True, help="packed checkpoint folder (from `flatquant export`)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--prompt", required=True, help="the text to continue (or the user message with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate (greedy)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template, if it has one")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return {"export": cmd_export, "generate": cmd_generate}
