@@ -65,17 +65,19 @@ class StaticCache:
     def fill_random(self, length: int, seed: int = 0) -> None:
         """Random content in [0, length) (speed does not depend on the values), length set to `length`."""
         g = torch.Generator(device=self.device).manual_seed(seed)
+        dev = self.device
         for lay in self.layers:
             for name, t in lay.items():
-                view = t[:, :, :length]
-                if t.dtype == torch.uint8:
-                    view.copy_(torch.randint(0, 256, view.shape, generator=g, device=self.device, dtype=torch.int32))
-                elif name.endswith("zero"):
-                    view.copy_(torch.randint(0, 16, view.shape, generator=g, device=self.device).float())
-                elif name.endswith("scale"):
-                    view.copy_(torch.rand(view.shape, generator=g, device=self.device) * 0.05 + 0.01)
-                else:
-                    view.copy_(torch.randn(view.shape, generator=g, device=self.device, dtype=torch.float32) * 0.5)
+                for b in range(self.batch):  # one sequence at a time: no large temporaries
+                    view = t[b, :, :length]
+                    if t.dtype == torch.uint8:
+                        view.copy_(torch.randint(0, 256, view.shape, generator=g, device=dev, dtype=torch.int32))
+                    elif name.endswith("zero"):
+                        view.copy_(torch.randint(0, 16, view.shape, generator=g, device=dev).float())
+                    elif name.endswith("scale"):
+                        view.copy_(torch.rand(view.shape, generator=g, device=dev) * 0.05 + 0.01)
+                    else:
+                        view.copy_(torch.randn(view.shape, generator=g, device=dev) * 0.5)
         self.set_length(length)
 
     # ---- writes ---------------------------------------------------------------------------------
@@ -177,7 +179,9 @@ class StaticDecoder:
             att = cache.decode_attention(i, q[:, :, 0], self.scale).reshape(b, 1, hq * d)
         else:
             kd, vd = kd_vd
-            att = F.scaled_dot_product_attention(q, kd, vd, is_causal=s > 1, scale=self.scale, enable_gqa=hq != hkv)
+            if hq != hkv:  # GQA: repeat K/V (a small copy next to the GEMMs) so every SDPA backend takes it
+                kd, vd = kd.repeat_interleave(hq // hkv, dim=1), vd.repeat_interleave(hq // hkv, dim=1)
+            att = F.scaled_dot_product_attention(q, kd, vd, is_causal=s > 1, scale=self.scale)
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
         x, res = self._norm(h, res, lay.post_norm)
