@@ -89,8 +89,9 @@ def _memory_tables(shape, recs, latest) -> list[str]:
             cells = []
             for b in batches:
                 r = next((x for x in dec if x["row"] == row and x["batch"] == b), None)
+                peak = "-" if r is None or r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.1f}"
                 cells.append("-" if r is None else
-                             f"{r['peak_mem_gib']:.1f} / {(r['weights_bytes'] + r['kv_cache_bytes']) / GIB:.1f}")
+                             f"{peak} / {(r['weights_bytes'] + r['kv_cache_bytes']) / GIB:.1f}")
             body.append([ROW_LABEL.get(row, row)] + cells)
         out += [f"**{shape}: decode memory (GiB)** — measured peak / weights + KV cache (tensor bytes; the W4 rows' "
                 "peak includes the one-byte weight copy the cuBLAS route keeps, `cast_cache_bytes`)", "",
