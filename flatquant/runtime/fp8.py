@@ -52,7 +52,10 @@ def quantize_fp8(x2: torch.Tensor, pad_to: int = 16):
 
 
 class Fp8Linear(nn.Module):
-    """y = (Q(x) · sa) (W_q · sw)ᵀ in bf16. Buffers: weight (out, in) float8_e4m3fn, weight_scale (1, out) float32."""
+    """y = (Q(x) · sa) (W_q · sw)ᵀ in bf16. Buffers: weight (out, in) float8_e4m3fn, weight_scale (1, out) float32.
+    fast_accum: Hopper's fast FP8 accumulation (what serving engines use) where torch._scaled_mm takes it."""
+
+    fast_accum_ok: bool | None = None  # None: not tried yet on this process's GPU
 
     def __init__(self, in_features: int, out_features: int, device=None, fast_accum: bool = True):
         super().__init__()
@@ -76,8 +79,17 @@ class Fp8Linear(nn.Module):
         m = x2.shape[0]
         if x.is_cuda:
             q, s = quantize_fp8(x2)
-            y = torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.weight_scale, out_dtype=torch.bfloat16,
-                                 use_fast_accum=self.fast_accum)
+            fast = self.fast_accum and Fp8Linear.fast_accum_ok is not False
+            try:
+                y = torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.weight_scale,
+                                     out_dtype=torch.bfloat16, use_fast_accum=fast)
+            except RuntimeError:
+                if not fast:
+                    raise
+                Fp8Linear.fast_accum_ok = False  # this build refuses it with row-wise scales: plain accumulation
+                return self.forward(x)
+            if fast:
+                Fp8Linear.fast_accum_ok = True
             y = y[0] if isinstance(y, tuple) else y
         else:
             q, s = quantize_fp8_reference(x2)
