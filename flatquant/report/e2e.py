@@ -56,8 +56,10 @@ def _phase_tables(shape, recs, latest, phase) -> list[str]:
     key = lambda row, b: (shape, row, phase, b, seq if phase == "prefill" else 1, 0 if phase == "prefill" else seq)
     get = lambda row, b: latest.get(key(row, b))
     what = f"prefill of {seq} tokens" if phase == "prefill" else f"one decode step at KV length {seq}"
-    out = [f"**{shape}: {what}** — median ms (decode: CUDA-graph replays; × floor = time / bytes-read floor "
-           "at the measured copy bandwidth)", ""]
+    timing = _distinct(sel, "timing").replace("cuda_graph", "CUDA-graph replays")
+    floor = ("; × floor = time / (bytes the step reads / measured copy bandwidth)"
+             if any(r.get("floor_ratio") for r in sel) else "")
+    out = [f"**{shape}: {what}** — median ms ({timing}{floor})", ""]
     head = ["row"] + [f"b={b}" for b in batches]
     body = []
     for row in rows:
