@@ -121,22 +121,30 @@ class Bench:
         self.free()
         self.usable = torch.cuda.mem_get_info()[0]
         self.copy_gbps, ms = copy_bandwidth_gbps()
-        bad = fused_ops.self_check(self.device)
+        err = lambda exc: f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        try:
+            bad = fused_ops.self_check(self.device)
+        except Exception as exc:  # a kernel that does not build: the decoder uses the PyTorch ops
+            bad = err(exc)
         self.fused = bad is None
-        x = torch.randn(64, 4096, device="cuda").bfloat16() * 3
-        q, s = fp8.quantize_fp8(x)
-        qr, sr = fp8.quantize_fp8_reference(x, 16)
-        fp8_mismatch = float((q.view(torch.uint8) != qr.view(torch.uint8)).float().mean())
-        lin = fp8.Fp8Linear.from_float(torch.randn(256, 4096, device="cuda") * 0.02)
-        y = lin(x[:8])
-        ref = x[:8].float() @ (lin.weight.float() * lin.weight_scale.t()).t()
-        fp8_err = float((y.float() - ref).abs().max() / ref.abs().max())
-        self.w.add({"kind": "e2e", "phase": "setup", "copy_gbps": self.copy_gbps, "copy_ms": ms,
-                    "usable_bytes": self.usable, "fused_ops": self.fused, "fused_ops_error": bad,
-                    "fp8_quant_mismatch": fp8_mismatch, "fp8_scale_equal": bool(torch.equal(s, sr)),
-                    "fp8_linear_rel_err": fp8_err, "fp8_fast_accum": fp8.Fp8Linear.fast_accum_ok})
+        rec = {"kind": "e2e", "phase": "setup", "copy_gbps": self.copy_gbps, "copy_ms": ms,
+               "usable_bytes": self.usable, "fused_ops": self.fused, "fused_ops_error": bad}
+        try:
+            x = torch.randn(64, 4096, device="cuda").bfloat16() * 3
+            q, s = fp8.quantize_fp8(x)
+            qr, sr = fp8.quantize_fp8_reference(x, 16)
+            lin = fp8.Fp8Linear.from_float(torch.randn(256, 4096, device="cuda") * 0.02)
+            y = lin(x[:8])
+            ref = x[:8].float() @ (lin.weight.float() * lin.weight_scale.t()).t()
+            rec.update({"fp8_quant_mismatch": float((q.view(torch.uint8) != qr.view(torch.uint8)).float().mean()),
+                        "fp8_scale_equal": bool(torch.equal(s, sr)),
+                        "fp8_linear_rel_err": float((y.float() - ref).abs().max() / ref.abs().max()),
+                        "fp8_fast_accum": fp8.Fp8Linear.fast_accum_ok})
+        except Exception as exc:  # the fp8 row's cases will record their own errors
+            rec["fp8_error"] = err(exc)
+        self.w.add(rec)
         print(f"copy {self.copy_gbps:.0f} GB/s, usable {self.usable / GIB:.1f} GiB, fused ops {self.fused}, "
-              f"fp8 quant mismatch {fp8_mismatch:.2e}", flush=True)
+              f"fp8 check {({k: v for k, v in rec.items() if k.startswith('fp8')})}", flush=True)
 
     # ---- accounting -------------------------------------------------------------------------------
     @staticmethod
