@@ -1,0 +1,414 @@
+"""End-to-end speed and memory of whole models on one GPU (issue 24; the paper's Fig. 4, 9, 10, Tables 20-22).
+
+Random-weight models of real shapes (flatquant.runtime.synthetic: Llama-2-7B, Llama-3-8B), one row at a time,
+all run by the same static decoder (flatquant.runtime.static: static KV cache, CUDA-graph decode step, the
+same attention code where the format allows):
+  bf16 | fp8 (W8A8, per-token / per-channel, BF16 KV) | int4 (W4A4KV4, no transforms) | flatquant (W4A4KV4).
+Phases:
+  decode    one decode step (all layers + lm_head) at KV length --kv-len, captured in a CUDA graph, median of
+            replays; the cache holds random contents of that length (values do not change speed); floor =
+            bytes the step must read (weights as its GEMM route reads them + KV) / measured copy bandwidth;
+  prefill   --seqlen tokens per sequence into an empty cache (eager), last-token logits, median of runs;
+  layer_mem one decoder layer's decode memory at batch 1 (Table 20): its tensor bytes + the measured peak of
+            its KV cache and activations, KV lengths --layer-kv;
+  max_batch (computed, after decode) the largest batch at --kv-len that fits the free GPU memory, from the
+            measured bytes per sequence (KV + the largest decode case's activations) and the weights.
+Records ("kind": "e2e") go to --out, a JSON list rewritten after every record (a cut-short run keeps its
+rows). A case that does not fit is recorded with "oom": true. --max-seconds: no new case after that.
+
+GPU (one H100, default run about 5-6 minutes, --quick about 2):
+  PYTHONPATH=$PWD timeout 420 python benchmarks/bench_e2e.py --out $OUT/e2e.json
+CPU pipeline check on a tiny shape with the reference kernels (a test runs it):
+  python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flatquant.kernels.bench_utils import RecordWriter, base_fields, copy_bandwidth_gbps  # noqa: E402
+from flatquant.kernels.linear import CODE_FORMAT, W4A4Linear  # noqa: E402
+from flatquant.runtime import fp8, fused_ops, synthetic  # noqa: E402
+
+GIB = 2 ** 30
+DEFAULT = dict(shapes="llama2-7b,llama3-8b", rows="bf16,flatquant,fp8,int4", phases="decode,prefill,layer_mem",
+               decode_batches="1,8,32,64", prefill_batches="1,4,16", layer_kv="256,512,1024,2048")
+QUICK = dict(shapes="llama2-7b", decode_batches="1,32", prefill_batches="4", layer_kv="2048")
+SMOKE = dict(shapes="tiny", decode_batches="1,2", prefill_batches="2", layer_kv="16")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="JSON file (a list of records, rewritten after each one)")
+    p.add_argument("--shapes")
+    p.add_argument("--rows")
+    p.add_argument("--phases")
+    p.add_argument("--batches", help="decode and prefill batches (overrides both lists)")
+    p.add_argument("--decode-batches")
+    p.add_argument("--prefill-batches")
+    p.add_argument("--layer-kv", help="KV lengths of the one-layer memory phase")
+    p.add_argument("--seqlen", type=int, help="prefill tokens per sequence (default 2048)")
+    p.add_argument("--kv-len", type=int, help="KV length of the decode step (default 2048)")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute subset (Llama-2-7B shape, fewer batches)")
+    p.add_argument("--smoke", action="store_true", help="the whole pipeline on the CPU, tiny shape, reference kernels")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="start no new case after this many seconds")
+    p.add_argument("--w4-large-route", default="scaled_mm", choices=("scaled_mm", "int8", "fp8", "auto"),
+                   help="W4A4 GEMM route at decode batches above 16 (scaled_mm: auto's choice)")
+    p.add_argument("--no-graph", action="store_true", help="time decode eagerly (no CUDA graph)")
+    a = p.parse_args(argv)
+    preset = {**DEFAULT, **(SMOKE if a.smoke else QUICK if a.quick else {})}
+    for key, val in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, val)
+    if a.batches:
+        a.decode_batches = a.prefill_batches = a.batches
+    a.seqlen = a.seqlen or (16 if a.smoke else 2048)
+    a.kv_len = a.kv_len or (16 if a.smoke else 2048)
+    split = lambda s, f=str: [f(x) for x in s.split(",") if x]
+    a.shapes, a.rows, a.phases = split(a.shapes), split(a.rows), split(a.phases)
+    a.decode_batches, a.prefill_batches, a.layer_kv = (split(a.decode_batches, int), split(a.prefill_batches, int),
+                                                       split(a.layer_kv, int))
+    for s in a.shapes:
+        synthetic.shape_of(s)
+    bad = [r for r in a.rows if r not in synthetic.ROWS] + [x for x in a.phases if x not in
+                                                            ("decode", "prefill", "layer_mem", "max_batch")]
+    if bad:
+        raise SystemExit(f"bench_e2e: unknown row or phase {bad[0]!r}")
+    return a
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.cuda = not args.smoke
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.t0 = time.time()
+        if self.cuda:
+            base = base_fields()
+        else:
+            from flatquant.results import provenance
+
+            base = provenance("cpu")
+        self.w = RecordWriter(args.out, base)
+        self.copy_gbps = None
+        self.usable = None
+        self.fused = True
+
+    def out_of_time(self) -> bool:
+        return time.time() - self.t0 > self.a.max_seconds
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def setup(self):
+        if not self.cuda:
+            return
+        self.free()
+        self.usable = torch.cuda.mem_get_info()[0]
+        self.copy_gbps, ms = copy_bandwidth_gbps()
+        err = lambda exc: f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        try:
+            bad = fused_ops.self_check(self.device)
+        except Exception as exc:  # a kernel that does not build: the decoder uses the PyTorch ops
+            bad = err(exc)
+        self.fused = bad is None
+        rec = {"kind": "e2e", "phase": "setup", "copy_gbps": self.copy_gbps, "copy_ms": ms,
+               "usable_bytes": self.usable, "fused_ops": self.fused, "fused_ops_error": bad}
+        try:
+            x = torch.randn(64, 4096, device="cuda").bfloat16() * 3
+            q, s = fp8.quantize_fp8(x)
+            qr, sr = fp8.quantize_fp8_reference(x, 16)
+            lin = fp8.Fp8Linear.from_float(torch.randn(256, 4096, device="cuda") * 0.02)
+            y = lin(x[:8])
+            ref = x[:8].float() @ (lin.weight.float() * lin.weight_scale.t()).t()
+            rec.update({"fp8_quant_mismatch": float((q.view(torch.uint8) != qr.view(torch.uint8)).float().mean()),
+                        "fp8_scale_equal": bool(torch.equal(s, sr)),
+                        "fp8_linear_rel_err": float((y.float() - ref).abs().max() / ref.abs().max()),
+                        "fp8_fast_accum": fp8.Fp8Linear.fast_accum_ok})
+        except Exception as exc:  # the fp8 row's cases will record their own errors
+            rec["fp8_error"] = err(exc)
+        self.w.add(rec)
+        print(f"copy {self.copy_gbps:.0f} GB/s, usable {self.usable / GIB:.1f} GiB, fused ops {self.fused}, "
+              f"fp8 check {({k: v for k, v in rec.items() if k.startswith('fp8')})}", flush=True)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    @staticmethod
+    def w4_linears(dec):
+        return [m for lay in dec.layers for m in (lay.qkv, lay.o, lay.gate_up, lay.down) if isinstance(m, W4A4Linear)]
+
+    def cast_bytes(self, dec) -> int:
+        return sum(t.numel() * t.element_size() for m in self.w4_linears(dec) for t in m._cast_cache.values()
+                   if isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype in (torch.int8, torch.float8_e4m3fn))
+
+    def step_read_bytes(self, dec, batch: int) -> int:
+        """Bytes one decode step must read besides the KV cache: every linear's weight as its route reads it."""
+        n = dec.lm_head.numel() * dec.lm_head.element_size()
+        for lay in dec.layers:
+            for m in (lay.qkv, lay.o, lay.gate_up, lay.down):
+                if isinstance(m, W4A4Linear):
+                    route = m.gemm_route_for(batch, torch.bfloat16, self.device)
+                    codes = m.out_features * m.in_features  # one byte per code on the cuBLAS routes, else packed
+                    n += codes if route in CODE_FORMAT else codes // 2
+                    n += m.weight_scale.numel() * 4 + sum(p.numel() * 4 for p in (m.p1, m.p2) if p is not None)
+                else:
+                    n += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        return n
+
+    def set_routes(self, dec, batch: int, decode: bool = True):
+        route = None if batch <= 16 or not decode or self.a.w4_large_route == "auto" else self.a.w4_large_route
+        for m in self.w4_linears(dec):
+            m.gemm_route = route
+
+    # ---- timing -----------------------------------------------------------------------------------
+    def _events(self, fn, n: int) -> list[float]:
+        if not self.cuda:
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+            return out
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for e0, e1 in ev:
+            e0.record()
+            fn()
+            e1.record()
+        torch.cuda.synchronize()
+        return [e0.elapsed_time(e1) for e0, e1 in ev]
+
+    def time_decode(self, dec, cache, ids) -> dict:
+        step = lambda: dec.decode_step(ids, cache, advance=False)
+        if not self.cuda or self.a.no_graph:
+            step()
+            self.sync()
+            est = statistics.median(self._events(step, 2))
+            n = 2 if self.a.smoke else max(3, min(30, int(300 / max(est, 1e-3))))
+            return {"times": self._events(step, n), "timing": "eager"}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                eager = step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        eager = eager.clone()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                out = step()
+        except RuntimeError as exc:  # not capturable: time the eager step instead, and say so
+            torch.cuda.synchronize()
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"graph capture failed ({msg}); timing eagerly", flush=True)
+            return {"times": self._events(step, 10), "timing": "eager", "graph_error": msg}
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        match = bool(torch.equal(out, eager))
+        close = float((out.float() - eager.float()).abs().max() / eager.float().abs().max().clamp_min(1e-6))
+        est = statistics.median(self._events(g.replay, 3))
+        n = max(10, min(200, int(600 / max(est, 1e-3))))
+        times = self._events(g.replay, n)
+        del g
+        return {"times": times, "timing": "cuda_graph", "graph_matches_eager": match, "graph_vs_eager_rel": close}
+
+    # ---- cases ------------------------------------------------------------------------------------
+    def record(self, shape, row, phase, batch, seqlen, kv_len, **kw):
+        rec = {"kind": "e2e", "model_shape": shape, "row": row, "phase": phase, "batch": batch, "seqlen": seqlen,
+               "kv_len": kv_len, "median_ms": None, "tokens_per_s": None, "peak_mem_gib": None, "oom": False,
+               "copy_gbps": self.copy_gbps, "fused_ops": self.fused and self.cuda, **kw}
+        full = self.w.add(rec)
+        ms = full.get("median_ms")
+        print(f"{shape} {row:9s} {phase:8s} b={batch} s={seqlen} kv={kv_len}: "
+              + ("OOM" if full["oom"] else f"{ms:.3f} ms" if ms is not None else
+                 f"{full.get('error') or ''}{full.get('peak_mem_gib') or ''}")
+              + (f" floor x{full['floor_ratio']:.2f}" if full.get("floor_ratio") else ""), flush=True)
+        return full
+
+    def guarded(self, fn, shape, row, phase, batch, seqlen, kv_len):
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            self.free()
+            return self.record(shape, row, phase, batch, seqlen, kv_len, oom=True)
+        except Exception as exc:  # one failing case must not stop the run
+            self.free()
+            return self.record(shape, row, phase, batch, seqlen, kv_len,
+                               error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+    def peak_reset(self):
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self):
+        return torch.cuda.max_memory_allocated() / GIB if self.cuda else None
+
+    def decode_case(self, dec, shape, row, batch):
+        kv = self.a.kv_len
+        self.set_routes(dec, batch)
+        self.peak_reset()
+        cache = dec.new_cache(batch, kv + 1)
+        cache.fill_random(kv)
+        ids = torch.randint(0, dec.embed.shape[0], (batch, 1), device=self.device)
+        t = self.time_decode(dec, cache, ids)
+        ms = statistics.median(t.pop("times"))
+        kv_read = cache.bytes_per_token() * batch * (kv + 1)
+        floor_bytes = self.step_read_bytes(dec, batch) + kv_read
+        floor_ms = floor_bytes / (self.copy_gbps * 1e9) * 1e3 if self.copy_gbps else None
+        rec = self.record(shape, row, "decode", batch, 1, kv, median_ms=ms, tokens_per_s=batch / ms * 1e3,
+                          peak_mem_gib=self.peak_gib(), weights_bytes=dec.weight_bytes(),
+                          cast_cache_bytes=self.cast_bytes(dec), kv_cache_bytes=cache.nbytes(),
+                          kv_bytes_per_token=cache.bytes_per_token(), floor_bytes=floor_bytes, floor_ms=floor_ms,
+                          floor_ratio=ms / floor_ms if floor_ms else None, w4_route=self.route_name(dec, batch), **t)
+        del cache
+        self.free()
+        return rec
+
+    def route_name(self, dec, batch):
+        lins = self.w4_linears(dec)
+        return lins[0].gemm_route_for(batch, torch.bfloat16, self.device) if lins else None
+
+    def prefill_case(self, dec, shape, row, batch):
+        s = self.a.seqlen
+        self.set_routes(dec, batch * s, decode=False)
+        self.peak_reset()
+        cache = dec.new_cache(batch, s)
+        ids = torch.randint(0, dec.embed.shape[0], (batch, s), device=self.device)
+
+        def run():
+            cache.set_length(0)
+            dec.prefill(ids, cache)
+        run()
+        self.sync()
+        est = statistics.median(self._events(run, 1))
+        n = 1 if self.a.smoke else max(2, min(10, int(1500 / max(est, 1e-3))))
+        times = []
+        for _ in range(n):
+            cache.set_length(0)
+            times += self._events(lambda: dec.prefill(ids, cache), 1)
+        ms = statistics.median(times)
+        rec = self.record(shape, row, "prefill", batch, s, 0, median_ms=ms, tokens_per_s=batch * s / ms * 1e3,
+                          peak_mem_gib=self.peak_gib(), weights_bytes=dec.weight_bytes(),
+                          cast_cache_bytes=self.cast_bytes(dec), kv_cache_bytes=cache.nbytes(), n_timed=n,
+                          timing="eager", w4_route=self.route_name(dec, batch * s))
+        del cache
+        self.free()
+        return rec
+
+    def layer_mem_case(self, dec, shape, row, kv):
+        self.set_routes(dec, 1)
+        h = torch.randn(1, 1, dec.embed.shape[1], device=self.device).to(dec.embed.dtype)
+        dec.decode_layers(h, dec.new_cache(1, kv + 1, n_layers=1), 1)  # compile / cast caches outside the peak
+        self.free()
+        self.peak_reset()
+        base = torch.cuda.memory_allocated() if self.cuda else 0
+        cache = dec.new_cache(1, kv + 1, n_layers=1)
+        cache.fill_random(kv)
+        dec.decode_layers(h, cache, 1)
+        self.sync()
+        dyn = (torch.cuda.max_memory_allocated() - base) if self.cuda else cache.nbytes()
+        lb = dec.layer_bytes(0)
+        rec = self.record(shape, row, "layer_mem", 1, 1, kv, peak_mem_gib=(lb + dyn) / GIB, layer_weight_bytes=lb,
+                          kv_cache_bytes=cache.nbytes(), dynamic_peak_bytes=dyn,
+                          computed="layer tensor bytes + measured peak of its KV cache and activations")
+        del cache
+        self.free()
+        return rec
+
+    def max_batch(self, dec, shape, row, decodes):
+        ok = [r for r in decodes if r and r.get("median_ms") is not None and r.get("peak_mem_gib")]
+        if not ok or not self.usable:
+            return
+        r = max(ok, key=lambda r: r["batch"])
+        per_seq_kv = r["kv_bytes_per_token"] * (self.a.kv_len + 1)
+        act = max(0.0, r["peak_mem_gib"] * GIB - r["weights_bytes"] - r["cast_cache_bytes"] - r["kv_cache_bytes"])
+        per_seq = per_seq_kv + act / r["batch"]
+        fit = int((self.usable - r["weights_bytes"] - r["cast_cache_bytes"]) // per_seq)
+        fit_packed = int((self.usable - r["weights_bytes"]) // per_seq)
+        self.record(shape, row, "max_batch", fit, 1, self.a.kv_len, computed=True, from_batch=r["batch"],
+                    per_seq_bytes=per_seq, per_seq_kv_bytes=per_seq_kv, usable_bytes=self.usable,
+                    max_batch_without_cast_cache=fit_packed, weights_bytes=r["weights_bytes"],
+                    cast_cache_bytes=r["cast_cache_bytes"])
+
+    # ---- driver -----------------------------------------------------------------------------------
+    def run_row(self, shape, row):
+        a = self.a
+        cap = max(a.seqlen, a.kv_len + 1, max(a.layer_kv) + 1)
+        t = time.time()
+        dec = synthetic.build(shape, row, self.device, torch.bfloat16, fused=self.fused, cap=cap)
+        self.sync()
+        print(f"built {shape} {row} in {time.time() - t:.1f} s ({dec.weight_bytes() / GIB:.2f} GiB)", flush=True)
+        jobs = []  # the targets' cases first (decode b=32, prefill b=4), then the rest, then Table 20
+        if "decode" in a.phases:
+            jobs += [("decode", b) for b in a.decode_batches]
+        if "prefill" in a.phases:
+            jobs += [("prefill", b) for b in a.prefill_batches]
+        jobs.sort(key=lambda j: (j not in (("decode", 32), ("prefill", 4)),))
+        if "layer_mem" in a.phases:
+            jobs += [("layer_mem", kv) for kv in a.layer_kv]
+        decodes = []
+        for phase, x in jobs:
+            if self.out_of_time():
+                print(f"time budget reached: skipping the rest of {shape} {row}", flush=True)
+                break
+            fn = {"decode": lambda: self.decode_case(dec, shape, row, x),
+                  "prefill": lambda: self.prefill_case(dec, shape, row, x),
+                  "layer_mem": lambda: self.layer_mem_case(dec, shape, row, x)}[phase]
+            b, s, kv = ((1, 1, x) if phase == "layer_mem" else (x, 1, a.kv_len) if phase == "decode"
+                        else (x, a.seqlen, 0))
+            rec = self.guarded(fn, shape, row, phase, b, s, kv)
+            if phase == "decode":
+                decodes.append(rec)
+        if "decode" in a.phases or "max_batch" in a.phases:
+            self.max_batch(dec, shape, row, decodes)
+        del dec
+        self.free()
+
+    def run(self):
+        self.setup()
+        for shape in self.a.shapes:
+            for row in self.a.rows:
+                if self.out_of_time():
+                    print(f"time budget reached ({self.a.max_seconds:.0f} s): stopping", flush=True)
+                    return
+                try:
+                    self.run_row(shape, row)
+                except torch.OutOfMemoryError:
+                    self.free()
+                    self.record(shape, row, "build", None, None, None, oom=True)
+                except Exception as exc:
+                    self.free()
+                    self.record(shape, row, "build", None, None, None,
+                                error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_e2e: needs a CUDA GPU (none found); use --smoke for the CPU pipeline check.", file=sys.stderr)
+        return 2
+    if args.smoke:
+        torch.manual_seed(0)
+        torch.set_num_threads(1)  # tiny tensors: threads only add overhead
+    Bench(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""A static KV cache and a CUDA-graph-friendly decoder over the runtime's modules (docs/E2E.md).
+
+StaticCache: per-layer K/V preallocated for (batch, capacity); `length` cached tokens, the same for every
+sequence, kept on the device (`length_t`, what a captured graph reads) and mirrored on the host. Formats:
+"float" (the model dtype, (B, Hkv, S, D)) and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md;
+the same tensors and quantize_kv calls as flatquant.runtime.kvcache.PackedLayer).
+
+StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) whose linears are any callables
+(the runtime's W4A4Linear, FP8 or dense), with the runtime's semantics:
+- prefill into an empty cache: SDPA (causal) on the current keys / values; with KV4 on their dequantized
+  codes and the query times P_h^-T (PackedKV), as flatquant.runtime.kvcache.packed_attention does;
+- decode (one token per sequence): the new K/V written at position `length_t` (no host value read, so the
+  step can be captured in a CUDA graph), then attention over [0, length + 1): decode_attention on the packed
+  cache for KV4, SDPA on the first length + 1 positions for float K/V.
+Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flatquant.runtime import fused_ops
+from flatquant.runtime.kvcache import kv4
+
+KV4_NAMES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+
+
+class StaticCache:
+    """K/V of every layer for `batch` sequences of up to `capacity` tokens (see the module docstring)."""
+
+    def __init__(self, fmt: str, n_layers: int, batch: int, hkv: int, head_dim: int, capacity: int,
+                 device, dtype=torch.bfloat16):
+        if fmt not in ("float", "kv4"):
+            raise ValueError(f"cache format must be 'float' or 'kv4', got {fmt!r}")
+        self.fmt, self.batch, self.hkv, self.head_dim, self.capacity = fmt, batch, hkv, head_dim, capacity
+        self.device, self.dtype = torch.device(device), dtype
+        shape = (batch, hkv, capacity)
+        self.layers = []
+        for _ in range(n_layers):
+            if fmt == "float":
+                self.layers.append({n: torch.zeros(shape + (head_dim,), dtype=dtype, device=device)
+                                    for n in ("k", "v")})
+            else:
+                self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
+                                                   dtype=torch.uint8 if n.endswith("codes") else torch.float32,
+                                                   device=device) for n in KV4_NAMES})
+        self.length = 0
+        self.length_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # attended tokens during a step
+
+    def set_length(self, n: int) -> None:
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"length {n} outside [0, {self.capacity}]")
+        self.length = n
+        self.length_t.fill_(n)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lay in self.layers for t in lay.values())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one sequence takes in every layer."""
+        return self.nbytes() // (self.batch * self.capacity)
+
+    @torch.no_grad()
+    def fill_random(self, length: int, seed: int = 0) -> None:
+        """Random content in [0, length) (speed does not depend on the values), length set to `length`."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        dev = self.device
+        for lay in self.layers:
+            for name, t in lay.items():
+                for b in range(self.batch):  # one sequence at a time: no large temporaries
+                    view = t[b, :, :length]
+                    if t.dtype == torch.uint8:
+                        view.copy_(torch.randint(0, 256, view.shape, generator=g, device=dev, dtype=torch.int32))
+                    elif name.endswith("zero"):
+                        view.copy_(torch.randint(0, 16, view.shape, generator=g, device=dev).float())
+                    elif name.endswith("scale"):
+                        view.copy_(torch.rand(view.shape, generator=g, device=dev) * 0.05 + 0.01)
+                    else:
+                        view.copy_(torch.randn(view.shape, generator=g, device=dev) * 0.5)
+        self.set_length(length)
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def write(self, i: int, k: torch.Tensor, v: torch.Tensor, kv_mod, decode: bool):
+        """Store the new K/V (B, Hkv, S, D) of layer i (at length_t when decoding, at 0 in a prefill).
+        Returns what prefill attention reads: K/V as stored (dequantized for KV4)."""
+        lay = self.layers[i]
+        if self.fmt == "float":
+            new = {"k": k.to(self.dtype), "v": v.to(self.dtype)}
+        else:
+            ops = kv4(k.device)
+            new = {}
+            for tag, x, clip in (("k", k, kv_mod.k_clip), ("v", v, kv_mod.v_clip)):
+                codes, scale, zero = ops.quantize_kv(x, clip)
+                new.update({f"{tag}_codes": codes, f"{tag}_scale": scale, f"{tag}_zero": zero})
+        for name, t in new.items():
+            if decode:
+                lay[name].index_copy_(2, self.length_t, t)
+            else:
+                lay[name][:, :, :t.shape[2]] = t
+        if decode:
+            return None
+        if self.fmt == "float":
+            return new["k"], new["v"]
+        ops = kv4(k.device)
+        return tuple(ops.dequantize_kv(new[f"{t}_codes"], new[f"{t}_scale"], new[f"{t}_zero"], k.dtype)
+                     for t in ("k", "v"))
+
+    def decode_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (B, Hq, D) of the new token over positions [0, length + 1) -> (B, Hq, D)."""
+        lay = self.layers[i]
+        if self.fmt == "kv4":
+            return kv4(q.device).decode_attention(q.contiguous(), lay["k_codes"], lay["k_scale"], lay["k_zero"],
+                                                  lay["v_codes"], lay["v_scale"], lay["v_zero"], self.lengths,
+                                                  scale)
+        n = self.length + 1
+        b, hq, d = q.shape
+        g = hq // self.hkv  # the G query heads of one kv head attend as G rows: no K/V repeat
+        out = F.scaled_dot_product_attention(q.reshape(b, self.hkv, g, d), lay["k"][:, :, :n], lay["v"][:, :, :n],
+                                             scale=scale)
+        return out.reshape(b, hq, d)
+
+
+class Layer:
+    """One decoder layer: norm weights, linears (callables on (..., in)), the KV module (PackedKV or None)."""
+
+    def __init__(self, in_norm, post_norm, qkv, o, gate_up, down, kv=None):
+        self.in_norm, self.post_norm = in_norm, post_norm
+        self.qkv, self.o, self.gate_up, self.down, self.kv = qkv, o, gate_up, down, kv
+
+
+def rope_table(positions: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (positions, head_dim) as Hugging Face's default rotary embedding computes them."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    freqs = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class StaticDecoder:
+    """See the module docstring. cos / sin: (max positions, D) rope tables in the model dtype."""
+
+    def __init__(self, embed, layers: list[Layer], norm, lm_head, cos, sin, hq: int, hkv: int, head_dim: int,
+                 eps: float, kv_format: str, fused: bool = True):
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.cos, self.sin = cos, sin
+        self.hq, self.hkv, self.head_dim, self.eps = hq, hkv, head_dim, eps
+        self.kv_format, self.fused = kv_format, fused
+        self.scale = head_dim ** -0.5
+
+    def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> StaticCache:
+        if capacity > self.cos.shape[0]:
+            raise ValueError(f"capacity {capacity} beyond the rope table ({self.cos.shape[0]} positions)")
+        return StaticCache(self.kv_format, n_layers or len(self.layers), batch, self.hkv, self.head_dim, capacity,
+                           self.embed.device, self.embed.dtype)
+
+    def _norm(self, x, res, w):
+        return fused_ops.add_rmsnorm(x, res, w, self.eps, fused=self.fused)
+
+    def _layer(self, i: int, lay: Layer, h, res, cache: StaticCache, decode: bool, cos, sin):
+        b, s, _ = h.shape
+        hq, hkv, d = self.hq, self.hkv, self.head_dim
+        x, res = self._norm(h, res, lay.in_norm)
+        qkv = lay.qkv(x)
+        qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
+        qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]  # HF's apply_rotary_pos_emb
+        q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+        v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
+        if lay.kv is not None:
+            k = lay.kv.transform_key(k)
+            q = lay.kv.transform_query(q)
+        kd_vd = cache.write(i, k, v, lay.kv, decode)
+        if decode:
+            att = cache.decode_attention(i, q[:, :, 0], self.scale).reshape(b, 1, hq * d)
+        else:
+            kd, vd = kd_vd
+            if hq != hkv:  # GQA: repeat K/V (a small copy next to the GEMMs) so every SDPA backend takes it
+                kd, vd = kd.repeat_interleave(hq // hkv, dim=1), vd.repeat_interleave(hq // hkv, dim=1)
+            att = F.scaled_dot_product_attention(q, kd, vd, is_causal=s > 1, scale=self.scale)
+            att = att.transpose(1, 2).reshape(b, s, hq * d)
+        h = lay.o(att)
+        x, res = self._norm(h, res, lay.post_norm)
+        h = lay.down(fused_ops.silu_mul(lay.gate_up(x), fused=self.fused))
+        return h, res
+
+    def _run(self, h, cache: StaticCache, decode: bool, cos, sin, layers=None):
+        res = None
+        for i, lay in enumerate(self.layers if layers is None else layers):
+            h, res = self._layer(i, lay, h, res, cache, decode, cos, sin)
+        return h, res
+
+    def _logits(self, h, res):
+        x, _ = self._norm(h, res, self.norm)
+        return F.linear(x[:, -1], self.lm_head)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """Fill an empty cache with `ids` (B, S); the last token's logits (B, vocab)."""
+        if cache.length != 0:
+            raise ValueError("prefill needs an empty cache (set_length(0))")
+        s = ids.shape[1]
+        if s > cache.capacity:
+            raise ValueError(f"{s} tokens do not fit a cache of capacity {cache.capacity}")
+        cos, sin = self.cos[None, :s], self.sin[None, :s]
+        h, res = self._run(F.embedding(ids, self.embed), cache, False, cos, sin)
+        cache.set_length(s)
+        return self._logits(h, res)
+
+    @torch.no_grad()
+    def decode_step(self, ids: torch.Tensor, cache: StaticCache, advance: bool = True) -> torch.Tensor:
+        """One token per sequence (ids (B, 1)) at position `length`; logits (B, vocab). No host value is
+        read, so the call can be captured in a CUDA graph (with advance=False: replays repeat the step)."""
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+        cache.lengths.copy_((cache.length_t + 1).to(torch.int32).expand(cache.batch))
+        cos, sin = self.cos[cache.length_t][None], self.sin[cache.length_t][None]  # (1, 1, D)
+        h, res = self._run(F.embedding(ids, self.embed), cache, True, cos, sin)
+        out = self._logits(h, res)
+        if advance:
+            cache.length_t += 1
+            cache.length += 1
+        return out
+
+    @torch.no_grad()
+    def decode_layers(self, h: torch.Tensor, cache: StaticCache, n_layers: int = 1) -> torch.Tensor:
+        """The first n_layers of a decode step on hidden states h (B, 1, hidden) (one-layer memory)."""
+        cache.lengths.copy_((cache.length_t + 1).to(torch.int32).expand(cache.batch))
+        cos, sin = self.cos[cache.length_t][None], self.sin[cache.length_t][None]
+        return self._run(h, cache, True, cos, sin, layers=self.layers[:n_layers])[0]
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        """The model's stored tensors (no caches of casts), each once."""
+        seen, out = set(), []
+        mods = [self.embed, self.norm, self.lm_head]
+        for lay in self.layers:
+            mods += [lay.in_norm, lay.post_norm, lay.qkv, lay.o, lay.gate_up, lay.down, lay.kv]
+        for m in mods:
+            ts = [m] if isinstance(m, torch.Tensor) else [] if m is None else list(m.state_dict().values())
+            for t in ts:
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+        return out
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def layer_bytes(self, i: int = 0) -> int:
+        lay, n = self.layers[i], 0
+        for m in (lay.in_norm, lay.post_norm, lay.qkv, lay.o, lay.gate_up, lay.down, lay.kv):
+            ts = [m] if isinstance(m, torch.Tensor) else [] if m is None else list(m.state_dict().values())
+            n += sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+        return n
+
+
+def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecoder:
+    """A StaticDecoder over a packed Hugging Face model's own modules (flatquant.runtime.modules): the fused
+    W4A4Linears, PackedKV, norms, embedding and lm_head are shared, not copied."""
+    from flatquant.models.families import family_for
+    from flatquant.runtime import layout
+
+    family = family_for(model)
+    if family.qk_norm:
+        raise ValueError("the static decoder does not implement per-head q/k norms")
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    layers = []
+    for layer in family.decoder_layers(model):
+        attn, mlp, lin = family.attention(layer), family.mlp_module(layer), family.linears(layer)
+        layers.append(Layer(family.norm(layer, "input").weight, family.norm(layer, "post").weight,
+                            getattr(attn, layout.FUSED_QKV), lin["o_proj"], getattr(mlp, layout.FUSED_GATE_UP),
+                            lin["down_proj"], getattr(attn, layout.KV_MODULE)))
+    embed = model.get_input_embeddings().weight
+    if cos is None:
+        pos = torch.arange(cfg.max_position_embeddings, device=embed.device)[None]
+        cos, sin = model.base_model.rotary_emb(embed[:1], pos)
+        cos, sin = cos[0], sin[0]
+    return StaticDecoder(embed, layers, model.base_model.norm.weight, model.get_output_embeddings().weight, cos, sin,
+                         hq, hkv, d, cfg.rms_norm_eps, "kv4", fused=fused)
