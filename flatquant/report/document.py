@@ -30,6 +30,7 @@ from pathlib import Path
 
 from flatquant.io import atomic_write_text
 from flatquant.report.common import KERNEL_KIND, _caption, _commands, _distinct, _fmt_scalar, _short_commit, _table
+from flatquant.report.e2e import e2e_section
 from flatquant.report.kernels import classify, kernels_section
 from flatquant.report.plots import make_plots
 from flatquant.report.tables import (
@@ -69,7 +70,7 @@ def _flatten(d: dict, prefix: str = "", depth: int = 0) -> dict:
 
 
 def _other_section(records) -> list[str]:
-    others = [r for r in records if r.get("kind", "ppl") not in ("ppl", "zeroshot", "calib_cost", KERNEL_KIND)
+    others = [r for r in records if r.get("kind", "ppl") not in ("ppl", "zeroshot", "calib_cost", KERNEL_KIND, "e2e")
               or (r.get("kind", "ppl") == "ppl" and "ppl" not in r)
               or (r.get("kind") == KERNEL_KIND and classify(r) is None)]
     if not others:
@@ -129,6 +130,7 @@ def render_markdown(records: list[dict], plots: list[str | Path] | None = None) 
     lines += other_variants_section(records)
     lines += calib_cost_section(records)
     lines += kernels_section([r for r in records if r.get("kind") == KERNEL_KIND])
+    lines += e2e_section(records)
     lines += _other_section(records)
     if plots:
         lines += ["## Plots", ""]

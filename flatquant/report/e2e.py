@@ -1,4 +1,4 @@
-"""The end-to-end section of docs/RESULTS.md (records of benchmarks/bench_e2e.py, kind "e2e"): decode and
+"""The end-to-end section of docs/RESULTS.md (records of benchmarks/runtime/bench_e2e.py, kind "e2e"): decode and
 prefill time per row and batch, speedups over BF16 and FP8 (the paper's Fig. 4), memory (Tables 20-22), the
 computed largest batch, and the issue's targets checked against the records."""
 from __future__ import annotations
@@ -183,7 +183,7 @@ def e2e_section(records: list[dict]) -> list[str]:
     cur = list(latest.values())
     out = ["## End-to-end speed and memory", "",
            "Random-weight models of real shapes in one runtime (static KV cache, CUDA-graph decode; "
-           "`benchmarks/bench_e2e.py`, method in docs/E2E.md).", ""]
+           "`benchmarks/runtime/bench_e2e.py`, method in docs/E2E.md).", ""]
     for shape in sorted({r.get("model_shape") for r in cur if r.get("model_shape")}):
         sr = [r for r in cur if r.get("model_shape") == shape]
         out += [f"### {shape}", ""]

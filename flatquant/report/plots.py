@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import flatquant.report.common as rc
+from flatquant.report.e2e import e2e_plots
 from flatquant.report.kernels import kernel_plots
 
 
@@ -161,5 +162,6 @@ def make_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
         if path is not None:
             paths.append(path)
     paths += kernel_plots([r for r in records if r.get("kind") == rc.KERNEL_KIND], out_dir)
+    paths += e2e_plots(records, out_dir)
     return paths
 

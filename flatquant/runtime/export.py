@@ -151,7 +151,7 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
     for name, mod in layer.named_modules():  # anything else of the layer (e.g. Qwen3's q_norm / k_norm)
         parts = name.split(".") if name else []
         chain = [layer.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
-        if any(isinstance(m, skip) or isinstance(m, nn.ModuleDict) and m is layer.fq_transforms for m in chain):
+        if any(isinstance(m, skip) or (isinstance(m, nn.ModuleDict) and m is layer.fq_transforms) for m in chain):
             continue
         for pname, p in list(mod._parameters.items()) + [(k, v) for k, v in mod._buffers.items()
                                                           if k not in mod._non_persistent_buffers_set]:

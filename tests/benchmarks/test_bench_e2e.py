@@ -1,4 +1,4 @@
-"""benchmarks/bench_e2e.py: --smoke runs every row and phase on the CPU and writes a JSON list of records;
+"""benchmarks/runtime/bench_e2e.py: --smoke runs every row and phase on the CPU and writes a JSON list of records;
 without CUDA a real run is refused in one line; the records render in the report section."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""benchmarks/runtime_gpu.py --smoke: every part runs on the CPU and writes its records."""
+"""benchmarks/runtime/runtime_gpu.py --smoke: every part runs on the CPU and writes its records."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_smoke_run_writes_records(tiny_data_dir, tmp_path):
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "runtime_gpu.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "runtime" / "runtime_gpu.py"
     spec = importlib.util.spec_from_file_location("_bench_runtime_gpu", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

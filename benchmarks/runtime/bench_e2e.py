@@ -17,9 +17,9 @@ Records ("kind": "e2e") go to --out, a JSON list rewritten after every record (a
 rows). A case that does not fit is recorded with "oom": true. --max-seconds: no new case after that.
 
 GPU (one H100, default run about 5-6 minutes, --quick about 2):
-  PYTHONPATH=$PWD timeout 420 python benchmarks/bench_e2e.py --out $OUT/e2e.json
+  PYTHONPATH=$PWD timeout 420 python benchmarks/runtime/bench_e2e.py --out $OUT/e2e.json
 CPU pipeline check on a tiny shape with the reference kernels (a test runs it):
-  python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.json
+  python benchmarks/runtime/bench_e2e.py --smoke --out /tmp/e2e.json
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flatquant.kernels.bench_utils import RecordWriter, base_fields, copy_bandwidth_gbps  # noqa: E402
-from flatquant.kernels.linear import CODE_FORMAT, W4A4Linear  # noqa: E402
-from flatquant.runtime import fp8, fused_ops, synthetic  # noqa: E402
+from flatquant.kernels.bench_utils import RecordWriter, base_fields, copy_bandwidth_gbps
+
+from flatquant.kernels.linear import CODE_FORMAT, W4A4Linear
+from flatquant.runtime import fp8, fused_ops, synthetic
 
 GIB = 2 ** 30
 DEFAULT = dict(shapes="llama2-7b,llama3-8b", rows="bf16,flatquant,fp8,int4", phases="decode,prefill,layer_mem",

@@ -12,7 +12,7 @@ Records are JSON files under --out-dir (flatquant.results.write_record). --smoke
 tiny random model on the CPU (a test does), calibrated with the tiny preset.
 
 GPU (about 2-3 minutes on an H100, most of it Triton compilation):
-  python benchmarks/runtime_gpu.py --out-dir $OUT/results
+  python benchmarks/runtime/runtime_gpu.py --out-dir $OUT/results
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import flatquant  # noqa: E402
-from flatquant.results import write_record  # noqa: E402
-from flatquant.runtime.kvcache import set_runtime_backend  # noqa: E402
+import flatquant
+from flatquant.results import write_record
+from flatquant.runtime.kvcache import set_runtime_backend
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
            "The three primary colors are", "To make a cup of tea, first",
@@ -214,7 +214,7 @@ def part_stack_memory(base: dict, args) -> dict:
         cfg = LlamaConfig(**shape, num_hidden_layers=n)
         hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
         d = hidden // heads
-        f = lambda k: dict(zip(("p1", "p2"), kron_factors(k)))  # noqa: E731
+        f = lambda k: dict(zip(("p1", "p2"), kron_factors(k)))
         sites = {"attn_in": f(hidden), "o_in": {"p1": heads, "p2": None}, "mlp_in": f(hidden),
                  "down_in": f(shape["intermediate_size"])}
         block = quant_block(4, 4, 4, d, sites, {"p1": None, "p2": d}, str(dt).split(".")[-1])
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--model-name", default="SmolLM2-135M-Instruct")
-    ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "checks" /
+    ap.add_argument("--params", default=str(Path(__file__).resolve().parents[2] / "checks" /
                                             "smollm2-w4a4kv4-paper-params"))
     ap.add_argument("--variant", default="paper-recipe")
     ap.add_argument("--out-dir", default="results/runtime")
