@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (_common)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
-from flatquant.kernels.bench_utils import RecordWriter, base_fields, copy_bandwidth_gbps
+from _common import RecordWriter, base_fields, copy_bandwidth_gbps
 
 from flatquant.kernels.linear import CODE_FORMAT, W4A4Linear
 from flatquant.runtime import fp8, fused_ops, synthetic

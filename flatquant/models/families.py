@@ -36,6 +36,7 @@ class Family:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    qk_norm: bool = False  # per-head RMSNorm on q and k inside attention, before RoPE (Qwen3)
 
     # ---- site map --------------------------------------------------------------------------
     @property
@@ -105,7 +106,7 @@ def _get(root: nn.Module, dotted: str):
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral")),
     "qwen2": Family("qwen2", ("qwen2",)),  # q/k/v carry a bias: QuantLinear keeps any bias
-    "qwen3": Family("qwen3", ("qwen3",)),  # per-head q/k norm sits inside attention, before RoPE and the KV hook
+    "qwen3": Family("qwen3", ("qwen3",), qk_norm=True),  # q/k norm inside attention, before RoPE and the KV hook
 }
 
 

@@ -25,7 +25,6 @@ from flatquant.models.families import family_for
 from flatquant.runtime import layout
 
 SHARD_BYTES = 2 << 30
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 def _refuse(msg: str):
@@ -111,8 +110,9 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
     w = {role: _weight(lin[role], role) for role in lin}
     if scale["down_in"] is not None:  # row scales are equivariant: c_d moves into up_proj's quantized rows
         c = scale["down_in"].double().cpu()
-        codes, s, b = w["up_proj"]
-        w["up_proj"] = (codes, s / c, None if b is None else b / c)
+        producer = family.producer["down_in"]
+        codes, s, b = w[producer]
+        w[producer] = (codes, s / c, None if b is None else b / c)
     for which, site in (("input", "attn_in"), ("post", "mlp_in")):
         norm = norms[which]
         if not isinstance(norm, NormWithSite):
@@ -121,10 +121,11 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
         if scale[site] is not None:
             nw = nw / scale[site].double()
         out[f"{lp}.{rel[id(norm)]}.weight"] = nw.to(dtype).cpu().contiguous()
-    groups = ((f"{attn_p}.{layout.FUSED_QKV}", QKV, "attn_in", norms["input"].site),
-              (f"{mlp_p}.{layout.FUSED_GATE_UP}", GATE_UP, "mlp_in", norms["post"].site),
-              (f"{lp}.{rel[id(lin['o_proj'])]}", ("o_proj",), "o_in", lin["o_proj"].input_site),
-              (f"{lp}.{rel[id(lin['down_proj'])]}", ("down_proj",), "down_in", lin["down_proj"].input_site))
+    (o_role,), (down_role,) = family.sites["o_in"], family.sites["down_in"]
+    groups = ((f"{attn_p}.{layout.FUSED_QKV}", family.sites["attn_in"], "attn_in", norms["input"].site),
+              (f"{mlp_p}.{layout.FUSED_GATE_UP}", family.sites["mlp_in"], "mlp_in", norms["post"].site),
+              (f"{lp}.{rel[id(lin[o_role])]}", (o_role,), "o_in", lin[o_role].input_site),
+              (f"{lp}.{rel[id(lin[down_role])]}", (down_role,), "down_in", lin[down_role].input_site))
     for prefix, roles, site, act in groups:
         if not isinstance(act, ActSite):
             _refuse(f"{roles[0]} has no activation quantizer")
@@ -187,7 +188,7 @@ def fake_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     tied = _tied_key(model)
     tensors.pop(tied, None)
     conf = model.config
-    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
+    head_dim = family.head_dim(conf)
     block = layout.quant_block(4, 4, 4, head_dim, meta["sites"], meta["key_transform"], str(dtype).split(".")[-1])
     return tensors, block
 

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from flatquant.errors import CheckpointError
+from flatquant.models.families import SITES as SITE_ROLES
 
 QUANT_METHOD = "flatquant"
 LAYOUT_VERSION = 1
@@ -36,7 +37,7 @@ def quant_block(w_bits: int, a_bits: int, kv_bits: int, head_dim: int, sites: di
                      "granularity": "per-token-head", "packing": "int4-pairs"},
         "sites": sites,  # site -> {"p1": n1 or None, "p2": n2 or None}
         "key_transform": key_factors,  # {"p1": n1 or None, "p2": n2 or None} (query factors: same sizes)
-        "fused": {FUSED_QKV: ["q_proj", "k_proj", "v_proj"], FUSED_GATE_UP: ["gate_proj", "up_proj"]},
+        "fused": {FUSED_QKV: list(SITE_ROLES["attn_in"]), FUSED_GATE_UP: list(SITE_ROLES["mlp_in"])},
         "dtype": dtype,
     }
 

@@ -105,8 +105,8 @@ def convert_model(model: nn.Module, qc: dict, device: str | torch.device = "meta
             lin = family.linears(layer)
             attn, mlp = family.attention(layer), family.mlp_module(layer)
             for fused_name, roles, parent, site in (
-                    (layout.FUSED_QKV, ("q_proj", "k_proj", "v_proj"), attn, "attn_in"),
-                    (layout.FUSED_GATE_UP, ("gate_proj", "up_proj"), mlp, "mlp_in")):
+                    (layout.FUSED_QKV, family.sites["attn_in"], attn, "attn_in"),
+                    (layout.FUSED_GATE_UP, family.sites["mlp_in"], mlp, "mlp_in")):
                 rows = [lin[r].out_features for r in roles]
                 fused = _linear(lin[roles[0]].in_features, sum(rows), _has_bias(*(lin[r] for r in roles)),
                                 sites.get(site))
@@ -116,7 +116,8 @@ def convert_model(model: nn.Module, qc: dict, device: str | torch.device = "meta
                 for role, n in zip(roles, rows):
                     family.set_linear(layer, role, SiteProjection(group, role, start, start + n))
                     start += n
-            for role, site in (("o_proj", "o_in"), ("down_proj", "down_in")):
+            for site in ("o_in", "down_in"):
+                (role,) = family.sites[site]
                 old = lin[role]
                 family.set_linear(layer, role, _linear(old.in_features, old.out_features, _has_bias(old),
                                                        sites.get(site)))

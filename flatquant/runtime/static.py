@@ -270,7 +270,7 @@ def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecod
         raise ValueError("the static decoder does not implement per-head q/k norms")
     cfg = model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    d = family.head_dim(cfg)
     layers = []
     for layer in family.decoder_layers(model):
         attn, mlp, lin = family.attention(layer), family.mlp_module(layer), family.linears(layer)
