@@ -13,7 +13,7 @@ from typing import ClassVar
 from flatquant.errors import FlatQuantError
 
 METHODS = ("fp16", "rtn", "smoothquant", "quarot", "flatquant")
-WEIGHT_QUANTIZERS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's closed-form updates (flatquant/gptq.py)
+WEIGHT_QUANTIZERS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's closed-form updates (flatquant/methods/gptq.py)
 
 
 class ConfigError(FlatQuantError, ValueError):
