@@ -263,6 +263,20 @@ def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> None:
             m.freeze(dtype)
 
 
+@torch.no_grad()
+def cast_weights(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a frozen layer's model tensors (weights, norms, biases) to `dtype`. The transforms', quantizers'
+    and GPTQ tensors keep their precision, so a later fold or export computes exactly what `freeze` did."""
+    kept = {id(sub) for m in layer.modules() if isinstance(m, (Transform, Quantizer)) for sub in m.modules()}
+    for m in layer.modules():
+        if id(m) in kept:
+            continue
+        keep = QuantLinear.GPTQ_BUFFERS if isinstance(m, QuantLinear) else ()
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t is not None and t.is_floating_point() and name not in keep:
+                t.data = t.data.to(dtype)
+
+
 def unfreeze(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (Transform, QuantLinear)):
@@ -275,6 +289,7 @@ __all__ = [
     "LayerTransforms",
     "NormWithSite",
     "QuantLinear",
+    "cast_weights",
     "freeze",
     "install_attention_hook",
     "kron_apply",

@@ -24,7 +24,7 @@ from flatquant.calib import artifacts as artifacts
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
 from flatquant.calib.train_step import LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
-from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quantize_layer
+from flatquant.core.modules import LayerTransforms, cast_weights, freeze, install_attention_hook, quantize_layer
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 from flatquant.errors import CheckpointError, NonFiniteError
 from flatquant.methods import gptq
@@ -218,7 +218,7 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
         if with_gptq:
             states.append(artifacts.layer_state(layer))
         freeze(layer, dtype=model_dtype)
-        layer.to(model_dtype)
+        cast_weights(layer, model_dtype)
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
             + (" (resumed)" if saved is not None else "")
             + (f" (training reached {row['loss_trained']:.4g}; kept the initial parameters)"
@@ -284,7 +284,7 @@ def load_calibrated_with_report(model: nn.Module, out_dir: str | Path, qcfg: Qua
         if plan == "run":
             states.append(saved)
         freeze(layer, dtype=model_dtype)
-        layer.to(model_dtype)
+        cast_weights(layer, model_dtype)
     if plan == "run":
         return {"gptq": gptq.apply_gptq(model, calib, qcfg, batch_size=batch_size, progress=progress, log=log,
                                    restore=lambda j, lay: artifacts.load_layer_state(lay, states[j], j))}

@@ -127,3 +127,30 @@ def test_quant_linear_holds_gptq_weights():
         m.set_gptq(codes[:4], scale)
     m.clear_gptq()
     assert not m.has_gptq and torch.equal(m.effective_weight_and_bias()[0], rtn)
+
+
+def test_cast_weights_keeps_what_freeze_computed_from(tiny_model_factory):
+    """After freeze + cast to fp16, the transforms and quantizers keep float32, so recomputing a layer's
+    quantized weight (what export does) gives exactly the weight evaluation uses. A plain layer.to(fp16)
+    would round the Kronecker factors and clip logits first."""
+    from flatquant import FlatQuantConfig, calib_preset
+    from flatquant.core.modules import cast_weights, freeze, unfreeze
+    from flatquant.core.quantizer import Quantizer
+    from flatquant.core.transforms import Transform
+
+    model = tiny_model_factory("llama")
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    quantize(model, FlatQuantConfig(4, 4, 4, calib=calib_preset("tiny")), calib=ids, progress=False)
+    layer = family_for(model).decoder_layers(model)[0]
+    for m in quant_linears(layer):  # an fp16 model's weights: on the fp16 grid when freeze runs
+        m.weight.data = m.weight.data.half().float()
+    freeze(layer, dtype=torch.float16)
+    cast_weights(layer, torch.float16)
+    kept = [p for m in layer.modules() if isinstance(m, (Transform, Quantizer)) for p in m.parameters()]
+    assert len(kept) > 10 and all(p.dtype == torch.float32 for p in kept), sorted({str(p.dtype) for p in kept})
+    cached = {id(m): m._cached[0] for m in quant_linears(layer)}
+    unfreeze(layer)  # as export does: the transforms recomputed from their parameters
+    for m in quant_linears(layer):
+        assert m.weight.dtype == torch.float16
+        w, _ = m.effective_weight_and_bias(torch.float32)
+        assert torch.equal(w.half(), cached[id(m)])
