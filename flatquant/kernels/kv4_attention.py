@@ -85,7 +85,13 @@ def _quantize_kv_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, clip_ptr, n_rows,
 
 
 def quantize_kv(x: torch.Tensor, clip: float | torch.Tensor = 1.0):
-    """Same as `kv4_reference.quantize_kv` (identical codes, scales and zeros), one Triton launch."""
+    """The cache's write path: the reference quantizer (torch, on any device). `quantize_kv_triton` is not
+    yet bit-exact with it on the H100 (docs/KERNELS.md), so the cache does not use it."""
+    return ref.quantize_kv(x, clip)
+
+
+def quantize_kv_triton(x: torch.Tensor, clip: float | torch.Tensor = 1.0):
+    """`kv4_reference.quantize_kv` in one Triton launch (exact under the interpreter; not yet on the GPU)."""
     d = x.shape[-1]
     ref.check_head_dim(d)
     if x.device.type != "cuda" and not interpreting():
