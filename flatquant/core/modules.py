@@ -176,15 +176,16 @@ def _flatquant_attention(module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-def register_attention() -> None:
-    """Make `flatquant` a known attention implementation (and mask builder) in transformers."""
+def register_attention(name: str = ATTN_IMPL, fn=None) -> None:
+    """Make `name` a known attention implementation (with sdpa's mask builder) in transformers; by default
+    the fake-quant model's `flatquant` attention."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPL, _flatquant_attention)
+    AttentionInterface.register(name, fn or _flatquant_attention)
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+        AttentionMaskInterface.register(name, sdpa_mask)
     except ImportError:  # older transformers build masks without the registry
         pass
 

@@ -160,15 +160,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, **
 
 
 def register_attention() -> None:
-    from transformers import AttentionInterface
+    from flatquant.core.modules import register_attention as register
 
-    AttentionInterface.register(ATTN_IMPL, packed_attention)
-    try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
-    except ImportError:  # pragma: no cover
-        pass
+    register(ATTN_IMPL, packed_attention)
 
 
 def _cache_hook(module, args, kwargs):
