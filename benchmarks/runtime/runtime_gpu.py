@@ -7,7 +7,10 @@ From saved FlatQuant parameters (default: checks/smollm2-w4a4kv4-paper-params on
   3. greedy continuations of 5 fixed prompts (32 new tokens), packed vs fake-quant: where they part;
   4. memory: the loaded model vs the 16-bit model, and a Llama-2-7B-shaped stack of --stack-layers
      decoder layers (random weights) vs 16-bit, extrapolated per layer to 32 layers;
-  5. a checkpoint record: bytes of the safetensors files vs the 16-bit model.
+  5. a checkpoint record: bytes of the safetensors files vs the 16-bit model;
+  6. noise: the fake-quant model in a second precision (float32 on CUDA, float64 on the CPU) against the first,
+     perplexity and where greedy continuations part. 4-bit quantizers turn float round-off into whole-step
+     flips, so two exact-in-theory computations differ; this part measures how much, for the packed gap.
 Records are JSON files under --out-dir (flatquant.results.write_record). --smoke runs every part on a
 tiny random model on the CPU (a test does), calibrated with the tiny preset.
 
@@ -107,13 +110,13 @@ def fake_quant_model(model_spec: str, params: str, device, dtype):
 
 # -------------------------------------------------------------------------------------- parts ---
 
-def part_ppl(base: dict, fake, packed, tok, args) -> list[dict]:
+def part_ppl(base: dict, fake, packed, tok, args, runtimes=("fake-quant", "packed")) -> list[dict]:
     from flatquant import data as data_mod
     from flatquant.eval.perplexity import perplexity
 
     ids = data_mod.eval_tokens(tok, "wikitext2", data_dir=args.data_dir, seqlen=args.seqlen)
     recs = []
-    for runtime, model in (("fake-quant", fake), ("packed", packed)):
+    for runtime, model in zip(runtimes, (fake, packed)):
         t = time.time()
         res = perplexity(model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                          device=args.device, progress=False)
@@ -121,10 +124,11 @@ def part_ppl(base: dict, fake, packed, tok, args) -> list[dict]:
                      "max_windows": args.max_windows, "ppl": res["ppl"], "runtime": runtime,
                      "variant": f"{args.variant}-{runtime}", "eval_seconds": round(time.time() - t, 2)})
     recs[1]["ppl_vs_fake_quant"] = recs[1]["ppl"] / recs[0]["ppl"] - 1.0
+    recs[1]["fake_quant_ppl"] = recs[0]["ppl"]
     return recs
 
 
-def part_generation(base: dict, fake, packed, tok, args) -> dict:
+def part_generation(base: dict, fake, packed, tok, args, names=("fake_quant", "packed")) -> dict:
     rows = []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt")["input_ids"].to(args.device)
@@ -135,11 +139,25 @@ def part_generation(base: dict, fake, packed, tok, args) -> dict:
             a = fake.generate(ids, **kw)[0, ids.shape[1]:].tolist()
             b = packed.generate(ids, **kw)[0, ids.shape[1]:].tolist()
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        rows.append({"prompt": prompt, "fake_quant_tokens": a, "packed_tokens": b, "first_difference": first,
-                     "agree": sum(x == y for x, y in zip(a, b)), "fake_quant_text": tok.decode(a),
-                     "packed_text": tok.decode(b)})
+        rows.append({"prompt": prompt, f"{names[0]}_tokens": a, f"{names[1]}_tokens": b, "first_difference": first,
+                     "agree": sum(x == y for x, y in zip(a, b)), f"{names[0]}_text": tok.decode(a),
+                     f"{names[1]}_text": tok.decode(b)})
     return {**base, "kind": "generation", "variant": args.variant, "new_tokens": args.new_tokens, "prompts": rows,
             "identical_prompts": sum(r["first_difference"] is None for r in rows)}
+
+
+def part_noise(base: dict, fake, tok, args) -> list[dict]:
+    """The fake-quant model in a second precision vs the first: the numerical noise of the same parameters."""
+    dev = torch.device(args.device)
+    other = torch.float32 if dev.type == "cuda" else torch.float64
+    fake2, _ = fake_quant_model(args.model, args.params, args.device, other)
+    fake2.config.use_cache = True
+    name = str(other).split(".")[-1]
+    ppl = part_ppl(base, fake, fake2, tok, args, runtimes=("fake-quant", f"fake-quant-{name}"))
+    gen = part_generation(base, fake, fake2, tok, args, names=("fake_quant", f"fake_quant_{name}"))
+    gen["variant"] = f"{args.variant}-noise-{name}"
+    del fake2
+    return [ppl[1], gen]
 
 
 def part_model_memory(base: dict, args, ckpt: Path, packed) -> dict:
@@ -263,7 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--stack-layers", type=int, default=4)
-    ap.add_argument("--parts", default="ppl,generation,memory,stack")
+    ap.add_argument("--parts", default="ppl,generation,noise,memory,stack")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                     help="kernels of the packed model (auto: Triton on CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model on the CPU (for the test)")
@@ -294,6 +312,7 @@ def main(argv=None) -> int:
         base["backend"] = args.backend
         jobs = [("ppl", lambda: part_ppl(base, fake, packed, tok, args)),
                 ("generation", lambda: [part_generation(base, fake, packed, tok, args)]),
+                ("noise", lambda: part_noise(base, fake, tok, args)),
                 ("memory", lambda: [part_model_memory(base, args, ckpt, packed)]),
                 ("stack", lambda: [part_stack_memory({k: base[k] for k in ("method", "w_bits", "a_bits", "kv_bits")}
                                                      | {"model": "Llama-2-7B-shape"}, args)])]
