@@ -201,7 +201,7 @@ def error_landscape(model, windows: torch.Tensor, params: str | Path, methods=tu
         del q
         per_pos = [((g - r) ** 2).mean(dim=(0, 2)) for g, r in zip(got, ref)]
         out["methods"][method] = {"per_layer": [float(p.mean()) for p in per_pos],
-                                  "per_position": [p.tolist() for p in per_pos]}
+                                  "per_position": [[float(f"{v:.5g}") for v in p.tolist()] for p in per_pos]}
     return out
 
 

@@ -202,7 +202,7 @@ def kv_section(records) -> list[str]:
                 body.append([str(k), str(v)] + [_ppl_cell(cell.get(ds), full) for ds, _ in DATASETS]
                             + (_zs_cells(z, tasks, limits) if zrecs else []))
                 if seqlen and cell.get("wikitext2") is not None:
-                    t13[(method, k, v)][_model_name(model)] = cell["wikitext2"]
+                    t13[("fp16" if (k, v) == (16, 16) else method, k, v)][_model_name(model)] = cell["wikitext2"]
             header = ["K bits", "V bits"] + [lab for _, lab in DATASETS] + \
                 ([lab for _, lab in tasks] + ["Avg"] if zrecs else [])
             used = mine + zmine + fp + zfp
@@ -214,8 +214,11 @@ def kv_section(records) -> list[str]:
                                 [r for r in used if r.get("kind") == "zeroshot"]), ""]
     if t13:
         models = sorted({m for row in t13.values() for m in row})
-        body = [[METHOD_NAMES[m], str(k), str(v)] + [_fmt_ppl(row[mod]["ppl"]) if mod in row else "-" for mod in models]
-                for (m, k, v), row in sorted(t13.items(), key=lambda kv: (kv[0][0] != "quarot", -kv[0][1], -kv[0][2]))]
+        most = {mod: max((row[mod].get("windows") or 0) for row in t13.values() if mod in row) for mod in models}
+        body = [[METHOD_NAMES[m], str(k), str(v)] + [_ppl_cell(row.get(mod), {"wikitext2": most[mod]}) for mod in models]
+                for (m, k, v), row in sorted(t13.items(), key=lambda kv: (["fp16", "quarot"].index(kv[0][0])
+                                                                    if kv[0][0] in ("fp16", "quarot") else 2,
+                                                                    -kv[0][1], -kv[0][2]))]
         recs = [r for row in t13.values() for r in row.values()]
         out += ["### KV-cache-only quantization across models (Table 13 layout)", "",
                 _table(["Method", "K bits", "V bits"] + models, body, ["l", "r", "r"] + ["r"] * len(models)), "",

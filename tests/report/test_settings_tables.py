@@ -70,7 +70,7 @@ def test_kv_only_tables_12_and_13_with_split_bits_and_zero_shot():
         recs.append(ppl("flatquant", 16, 16, 4, val, k_bits=k, v_bits=v, kv_group_size=128))
     recs.append(ppl("quarot", 16, 16, 4, 17.8, k_bits=4, v_bits=4, kv_group_size=128))
     recs.append(zs("flatquant", 16, 16, 4, 48.5, k_bits=4, v_bits=2, kv_group_size=128, limit=100))
-    recs.append(ppl("quarot", 16, 16, 3, 18.9))  # an old record: k = v = kv_bits
+    recs.append(ppl("quarot", 16, 16, 3, 18.9, windows=8))  # an old record: k = v = kv_bits; fewer windows
     md = "\n".join(kv_section(recs))
     assert "FlatQuant (Table 12 layout)" in md and "QuaRot (Table 12 layout)" in md
     fq = md.split("FlatQuant (Table 12 layout)")[1].split("###")[0]
@@ -79,10 +79,13 @@ def test_kv_only_tables_12_and_13_with_split_bits_and_zero_shot():
     assert "| 2 | 4 | 30.00 |" in fq and "| 2 | 2 |" not in fq  # no record: no row
     assert "groups of 128" in fq
     qr = md.split("QuaRot (Table 12 layout)")[1].split("###")[0]
-    assert "| 3 | 3 | 18.90 |" in qr and "| 4 | 4 | 17.80 |" in qr
+    assert "| 3 | 3 | 18.90 (n=8) |" in qr and "| 4 | 4 | 17.80 |" in qr
+    assert "| QuaRot | 3 | 3 | 18.90 (n=8) |" in md
     t13 = md.split("Table 13 layout")[1]
     assert "| Method | K bits | V bits | M |" in t13
-    assert t13.index("| QuaRot | 4 | 4 | 17.80 |") < t13.index("| FlatQuant | 4 | 4 | 17.50 |")
+    assert t13.index("| FP16 | 16 | 16 | 17.31 |") < t13.index("| QuaRot | 4 | 4 | 17.80 |") \
+        < t13.index("| FlatQuant | 4 | 4 | 17.50 |") < t13.index("| FlatQuant | 2 | 4 | 30.00 |")
+    assert t13.count("| 16 | 16 |") == 1
 
 
 def test_split_kv_records_stay_out_of_table_1_and_do_not_collide():
