@@ -34,6 +34,7 @@ from flatquant.report.e2e import e2e_section
 from flatquant.report.figure_plots import figures_section
 from flatquant.report.kernels import classify, kernels_section
 from flatquant.report.plots import make_plots
+from flatquant.report.settings_tables import settings_sections
 from flatquant.report.tables import (
     ablation_section,
     calib_cost_section,
@@ -42,7 +43,6 @@ from flatquant.report.tables import (
     recipe_section,
     zeroshot_section,
 )
-from flatquant.report.settings_tables import settings_sections
 from flatquant.results import load_records
 
 __all__ = ["KERNEL_KIND", "load_all", "make_plots", "render_markdown", "write_report"]

@@ -37,7 +37,8 @@ class _Stop(Exception):
 
 def sorted_channel_norms(x: torch.Tensor, dim: int = 0) -> list[float]:
     """The Frobenius norm of each channel (over `dim`, the tokens or output rows), in descending order."""
-    return torch.linalg.vector_norm(x.double(), dim=dim).sort(descending=True).values.tolist()
+    norms = torch.linalg.vector_norm(x.double(), dim=dim).sort(descending=True).values
+    return [float(f"{v:.5g}") for v in norms.tolist()]  # 5 digits: the figure's JSON stays small
 
 
 def flatness_distance(d: list[float]) -> float:

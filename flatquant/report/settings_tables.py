@@ -215,10 +215,10 @@ def kv_section(records) -> list[str]:
     if t13:
         models = sorted({m for row in t13.values() for m in row})
         most = {mod: max((row[mod].get("windows") or 0) for row in t13.values() if mod in row) for mod in models}
-        body = [[METHOD_NAMES[m], str(k), str(v)] + [_ppl_cell(row.get(mod), {"wikitext2": most[mod]}) for mod in models]
-                for (m, k, v), row in sorted(t13.items(), key=lambda kv: (["fp16", "quarot"].index(kv[0][0])
-                                                                    if kv[0][0] in ("fp16", "quarot") else 2,
-                                                                    -kv[0][1], -kv[0][2]))]
+        rank = {"fp16": 0, "quarot": 1}
+        body = [[METHOD_NAMES[m], str(k), str(v)]
+                + [_ppl_cell(row.get(mod), {"wikitext2": most[mod]}) for mod in models]
+                for (m, k, v), row in sorted(t13.items(), key=lambda kv: (rank.get(kv[0][0], 2), -kv[0][1], -kv[0][2]))]
         recs = [r for row in t13.values() for r in row.values()]
         out += ["### KV-cache-only quantization across models (Table 13 layout)", "",
                 _table(["Method", "K bits", "V bits"] + models, body, ["l", "r", "r"] + ["r"] * len(models)), "",
