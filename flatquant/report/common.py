@@ -60,6 +60,8 @@ def _kv_pair(r: dict) -> tuple:
 def _trained_tag(r: dict) -> str | None:
     """The bit setting the parameters were trained at ('W4A4KV4'), from a string or a dict; None if not recorded."""
     t = r.get("trained_bits")
+    if isinstance(t, (list, tuple)) and len(t) == 3:  # (w, a, kv)
+        t = dict(zip(("w_bits", "a_bits", "kv_bits"), t))
     if isinstance(t, dict):
         return _bits(t) if _bits(t) != "-" else None
     return str(t) if t else None

@@ -116,7 +116,7 @@ def test_low_bit_table_14_with_zero_shot():
 def test_train_once_table_15():
     trained = {"trained_bits": "W4A4KV4"}
     recs = [ppl("fp16", 16, 16, 16, 17.31), zs("fp16", 16, 16, 16, 50.0),
-            ppl("flatquant", 4, 16, 16, 18.2, **trained), ppl("flatquant", 16, 4, 16, 20.3, **trained),
+            ppl("flatquant", 4, 16, 16, 18.2, **trained), ppl("flatquant", 16, 4, 16, 20.3, trained_bits=[4, 4, 4]),
             ppl("flatquant", 16, 16, 4, 17.6, trained_bits={"w_bits": 4, "a_bits": 4, "kv_bits": 4}),
             ppl("flatquant", 4, 4, 4, 28.7), zs("flatquant", 4, 16, 16, 49.1, **trained),
             ppl("flatquant", 4, 16, 16, 17.9)]  # trained at W4A16: Table 11, not 15
