@@ -108,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results-dir", default="results", help="folder of JSON records to render (read recursively)")
     r.add_argument("--out", default="docs/RESULTS.md", help="markdown file to write")
     r.add_argument("--plots-dir", default="docs/plots", help="folder for the PNG plots")
+    r.add_argument("--figures-dir", default="docs/figures", help="folder of the flatness figures (embedded if present)")
+    from flatquant.report.plot_cli import add_figure_args
+    from flatquant.report.plot_cli import add_parsers as add_plot_parser
     from flatquant.runtime.cli_commands import add_parsers
 
-    parser.runtime_commands = add_parsers(sub)  # export, generate
+    add_figure_args(r, required=False, default_name=default_model_name)  # --params: `plot`'s figures first
+    parser.runtime_commands = {**add_parsers(sub), **add_plot_parser(sub, _check_writable, default_model_name)}
     return parser
 
 
@@ -304,7 +308,12 @@ def cmd_report(args) -> int:
         raise DataError(f"no result records (*.json) in {args.results_dir}")
     _check_writable(args.out, "file")
     _check_writable(args.plots_dir)
-    paths = write_report(args.results_dir, args.out, args.plots_dir)
+    if args.params:
+        from flatquant.report.plot_cli import run_from_args
+
+        _check_writable(args.figures_dir)
+        run_from_args(args, args.figures_dir)
+    paths = write_report(args.results_dir, args.out, args.plots_dir, args.figures_dir)
     print(f"wrote {args.out}" + (f" and {len(paths)} plot(s)" if paths else ""))
     return 0
 

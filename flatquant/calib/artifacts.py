@@ -1,7 +1,8 @@
 """Saved FlatQuant parameters: one safetensors file per decoder layer plus `flatquant.json` (settings).
 
 Layout of an output folder:
-    flatquant.json            model sizes, QuantConfig, CalibConfig, layers done, per-layer losses
+    flatquant.json            model sizes, QuantConfig, CalibConfig, layers done, per-layer losses, and
+                              "epoch_losses": {layer: [mean training loss of each epoch]} (older folders lack it)
     layers/layer_000.safetensors ...   transforms, scales and clipping logits of each layer (float32), and
                               with GPTQ its weights: <linear>.gptq_codes (int8), .gptq_scale, .gptq_zero
 Every file is written to a temporary name and renamed, so an interrupted run leaves only whole files,
@@ -27,6 +28,7 @@ from flatquant.models.families import Family
 
 FORMAT = "flatquant-params-v1"
 META = "flatquant.json"
+HISTORY = "epoch_losses"  # {layer index (str): [mean training loss per epoch]}; absent in older folders
 SIZE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "num_hidden_layers")
 
@@ -56,6 +58,18 @@ def check_model_matches(meta: dict, config) -> None:
     if diff:
         k, (saved, now) = next(iter(diff.items()))
         raise CheckpointError(f"saved transforms do not fit this model: {k} is {saved} in the file, {now} in the model")
+
+
+def epoch_losses(meta: dict) -> dict[int, list[float]]:
+    """Each layer's per-epoch training losses saved in a folder's settings ({} for folders without them)."""
+    hist = meta.get(HISTORY)
+    if not isinstance(hist, dict):
+        return {}
+    out = {}
+    for k, v in hist.items():
+        if str(k).isdigit() and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            out[int(k)] = [float(x) for x in v]
+    return dict(sorted(out.items()))
 
 
 def layer_path(out_dir: str | Path, i: int) -> Path:
@@ -201,6 +215,8 @@ class LayerStore:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
             self.meta["layers_done"] = old.get("layers_done", [])
+            if isinstance(old.get(HISTORY), dict):
+                self.meta[HISTORY] = old[HISTORY]
         integrity.carry_meta(self)  # model fingerprint and per-file checksums
 
     def _path(self, i: int) -> Path:
@@ -212,6 +228,15 @@ class LayerStore:
         (self.dir / META).unlink(missing_ok=True)
         self.meta["layers_done"] = []
         self.meta.pop("checksums", None)
+        self.meta.pop(HISTORY, None)
+
+    def set_epoch_losses(self, i: int, losses: list[float] | None) -> None:
+        """Record layer i's per-epoch training losses (written with the layer's next save)."""
+        if losses:
+            self.meta.setdefault(HISTORY, {})[str(i)] = [float(x) for x in losses]
+
+    def epoch_losses(self, i: int) -> list[float] | None:
+        return self.meta.get(HISTORY, {}).get(str(i))
 
     def load_layer(self, i: int) -> dict[str, torch.Tensor] | None:
         path = self._path(i)

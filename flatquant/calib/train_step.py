@@ -66,6 +66,8 @@ class LayerStepper:
         else:
             self.opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # all losses so far finite?
+        self.loss_sum = torch.zeros((), device=self.device)  # sum of the step losses since epoch_loss()
+        self.steps = 0
         self.graph = None
         if cuda_graph and self.cuda:
             self.x, self.t = example_x.clone(), example_t.clone()
@@ -84,6 +86,7 @@ class LayerStepper:
         loss.backward()
         self.opt.step()
         self.finite &= torch.isfinite(loss.detach())  # read once per epoch: a per-step check syncs the GPU
+        self.loss_sum += loss.detach().float()
 
     def _capture(self) -> None:
         params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -107,10 +110,12 @@ class LayerStepper:
                     if torch.is_tensor(v):
                         v.zero_()
             self.finite.fill_(True)
+            self.loss_sum.zero_()
         self.graph = graph
 
     def step(self, x: torch.Tensor, t: torch.Tensor, index: int, total: int) -> None:
         """Optimisation step number `index` (0-based) of `total`, on inputs x and targets t."""
+        self.steps += 1
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             lr = cosine_lr(base, index, total)
             if torch.is_tensor(g["lr"]):
@@ -124,6 +129,13 @@ class LayerStepper:
         else:  # no graph, or a last partial batch of another shape
             self.opt.zero_grad(set_to_none=self.graph is None)  # keep the graph's static gradient buffers
             self._forward_backward_update(x, t)
+
+    def epoch_loss(self) -> float:
+        """The mean training loss of the steps since the last call (read once per epoch), then reset."""
+        mean = self.loss_sum.item() / max(self.steps, 1)
+        self.loss_sum.zero_()
+        self.steps = 0
+        return mean
 
     def all_finite(self) -> bool:
         return bool(self.finite.item())

@@ -84,9 +84,11 @@ def _clock(device: torch.device) -> float:
 
 
 def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: bool,
-                generator: torch.Generator, log=print, timings: dict | None = None) -> tuple[float, float, bool]:
+                generator: torch.Generator, log=print, timings: dict | None = None,
+                history: list | None = None) -> tuple[float, float, bool]:
     """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite).
 
+    history: if a list is given, it receives the mean training loss of each epoch.
     timings: if a dict is given, it receives wall-clock seconds of each phase (GPU-synchronised):
     loss_before, setup (optimizer, CUDA graph capture), each epoch, loss_after."""
     tick = _clock(inps.device) if timings is not None else 0.0
@@ -135,6 +137,8 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
             step += 1
         if not stepper.all_finite():
             return loss_before, float("nan"), False
+        if history is not None:
+            history.append(stepper.epoch_loss())
         lap("epoch")
     for p in layer.parameters():
         p.requires_grad_(False)
@@ -166,7 +170,8 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
             before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
             break
         start = {k: v.clone() for k, v in artifacts.layer_state(layer).items()}  # kept if training ends worse
-        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log)
+        history: list[float] = []
+        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log, history=history)
         if finite and after > before:
             trained, after = after, before
             layer.load_state_dict(start, strict=False)
@@ -180,6 +185,8 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}
     if saved is None and trained is not None:
         row["loss_trained"] = trained  # training ended worse than the start: the start was kept
+    if saved is None and history:
+        row["epoch_losses"] = history
     return layer, targets, row
 
 
@@ -214,7 +221,10 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
                                               seed * 100003 + i, amp, saved=saved, log=log, index=i)
         layers[i] = layer
         if store is not None and saved is None:
+            store.set_epoch_losses(i, row.get("epoch_losses"))
             store.save_layer(i, layer)
+        elif store is not None and store.epoch_losses(i) is not None:  # resumed: the saved history
+            row["epoch_losses"] = store.epoch_losses(i)
         if with_gptq:
             states.append(artifacts.layer_state(layer))
         freeze(layer, dtype=model_dtype)

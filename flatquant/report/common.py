@@ -48,6 +48,43 @@ def _is_main(r: dict) -> bool:
     return not r.get("variant") or r.get("variant") in MAIN_VARIANTS
 
 
+SETTING_FIELDS = ("k_bits", "v_bits", "w_group_size", "w_asym", "kv_group_size", "mixed", "trained_bits")
+
+
+def _kv_pair(r: dict) -> tuple:
+    """(K bits, V bits): records without them quantize both at kv_bits."""
+    kv = r.get("kv_bits", 16)
+    return (r.get("k_bits") or kv, r.get("v_bits") or kv)
+
+
+def _trained_tag(r: dict) -> str | None:
+    """The bit setting the parameters were trained at ('W4A4KV4'), from a string or a dict; None if not recorded."""
+    t = r.get("trained_bits")
+    if isinstance(t, (list, tuple)) and len(t) == 3:  # (w, a, kv)
+        t = dict(zip(("w_bits", "a_bits", "kv_bits"), t))
+    if isinstance(t, dict):
+        return _bits(t) if _bits(t) != "-" else None
+    return str(t) if t else None
+
+
+def _is_setting(r: dict) -> bool:
+    """A record of the paper's other settings (Tables 11-15: groups, K != V bits, per-layer mixed precision,
+    parameters trained at other bits): kept out of the Table 1/2 layouts, which cannot tell them apart."""
+    return bool(r.get("w_group_size") or r.get("kv_group_size") or r.get("mixed")
+                or len(set(_kv_pair(r))) > 1 or (_trained_tag(r) not in (None, _bits(r))))
+
+
+def _setting_key(r: dict) -> tuple:
+    """The Tables 11-15 settings of a record, with absent fields as their defaults (old records compare equal)."""
+    trained = _trained_tag(r)
+    return (_kv_pair(r), r.get("w_group_size") or None, bool(r.get("w_asym")), r.get("kv_group_size") or None,
+            str(r.get("mixed") or ""), None if trained == _bits(r) else trained)
+
+
+def _is_base(r: dict) -> bool:
+    return _is_main(r) and not _is_setting(r)
+
+
 def _method_label(r: dict) -> str:
     m = str(r.get("method", "?"))
     label = METHOD_NAMES.get(m.lower(), m)
@@ -172,7 +209,8 @@ def _latest(records: list[dict]) -> list[dict]:
     best: dict = {}
     for r in records:
         key = (r.get("kind"), r.get("model"), r.get("method"), _bits(r), r.get("weight_quantizer"),
-               r.get("variant"), r.get("dataset"), r.get("seqlen"), r.get("limit"))
+               r.get("variant"), r.get("dataset"), r.get("seqlen"), r.get("limit"),
+               _setting_key(r))
         rank = (r.get("windows") if isinstance(r.get("windows"), int) else 0, str(r.get("date", "")))
         if key not in best or rank >= best[key][0]:
             best[key] = (rank, r)
@@ -227,7 +265,7 @@ def _distinct_calib(records, with_recipe: bool = True) -> str:
 
 
 # --------------------------------------------------------------------------------------------- grouping
-def _ppl_records(records, select=_is_main):
+def _ppl_records(records, select=_is_base):
     return _latest([r for r in records if r.get("kind", "ppl") == "ppl" and "ppl" in r and select(r)])
 
 
@@ -246,7 +284,7 @@ def _variant_groups(records, select, label):
 
 def _ppl_groups(records):
     """{(model, seqlen): {row_key: {dataset: record}}} for the Table 1 rows (kind == 'ppl', main variants)."""
-    return _variant_groups(records, _is_main, _row_key)
+    return _variant_groups(records, _is_base, _row_key)
 
 
 def _ablation_groups(records):
@@ -268,7 +306,7 @@ def _is_recipe(r):
 
 
 def _is_other_variant(r):
-    return not _is_main(r) and not _is_ablation(r) and not _is_recipe(r)
+    return not _is_main(r) and not _is_ablation(r) and not _is_recipe(r) and not _is_setting(r)
 
 
 def _ablation_key(label: str):
@@ -292,7 +330,7 @@ def _zs_groups(records) -> list:
     """[((model, limit), records)] of the zero-shot records, sorted by model and limit, each group's records
     by _rec_sort."""
     groups: dict = defaultdict(list)
-    for r in _latest([r for r in records if r.get("kind") == "zeroshot"]):
+    for r in _latest([r for r in records if r.get("kind") == "zeroshot" and not _is_setting(r)]):
         groups[(str(r.get("model")), r.get("limit"))].append(r)
     return [(k, sorted(recs, key=_rec_sort))
             for k, recs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]
