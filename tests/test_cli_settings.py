@@ -61,7 +61,7 @@ def test_settings_reach_the_record(env, tmp_path, capsys):
     assert (rec["w_group_size"], rec["w_asym"], rec["kv_group_size"]) == (16, True, 8)
     assert rec["mixed"] == "down_proj=w8;layers=1:kv4" and rec["trained_bits"] is None
     assert rec["gptq"]["act_order"] is False
-    name = Path(rec["_path"] if "_path" in rec else next(results.glob("*.json"))).name
+    name = next(results.glob("*.json")).name
     assert name.startswith("ppl-tiny-llama-rtn-W3A16K2V3-g16-wasym-kvg8-mixed-") and "-gptq-" in name
     assert "W3A16K2V3" in out
 
