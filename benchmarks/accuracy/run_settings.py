@@ -22,6 +22,7 @@ Example (GPU):
       --variants base,alpha0.3,kvsplit,nmse,wd,ref --max-seconds 3000
 """
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -131,8 +132,6 @@ def qconfig(bits, method, **settings):
 
 
 def _complete(params: Path) -> bool:
-    import json
-
     meta = params / "flatquant.json"
     return meta.is_file() and bool(json.loads(meta.read_text()).get("complete"))
 
@@ -156,6 +155,9 @@ def main(argv=None) -> int:
                     help="KV groups of tables 12/13 (default: the whole head, head_dim channels)")
     ap.add_argument("--max-seconds", type=float, default=None, help="start no new row after this much wall time")
     ap.add_argument("--dry-run", action="store_true", help="print the planned rows and stop")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run rows again that <out-dir>/done.json lists as finished (default: skip them, so "
+                         "repeated calls with --max-seconds continue where the last one stopped)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny recipe, 2 windows of 64 tokens")
     args = ap.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t]
@@ -180,6 +182,7 @@ def run_rows(args, rows, datasets, zeroshot) -> int:
     import torch
 
     from flatquant import data
+    from flatquant.io import atomic_write_text
     from flatquant.models.loading import load_model
     from flatquant.runner import EvalSpec, calibration_data, run_config
 
@@ -196,8 +199,14 @@ def run_rows(args, rows, datasets, zeroshot) -> int:
     limit = args.limit if args.limit is not None else (2 if args.smoke else None)
     base_calib = CalibConfig(**SMOKE) if args.smoke else calib_preset("paper")
     windows = calibration_data(tok, base_calib, args.data_dir)
+    done_file = out / "done.json"
+    done = set() if args.rerun or not done_file.is_file() else set(json.loads(done_file.read_text()))
     t0 = time.time()
     for i, (row, _) in enumerate(rows):
+        key = f"{row.label} | {','.join(datasets)} | {','.join(tasks) if row.zeroshot else ''} | smoke={args.smoke}"
+        if key in done:
+            print(f"[{i + 1}/{len(rows)}] {row.label}: done before (in {done_file}; --rerun repeats it)")
+            continue
         if args.max_seconds is not None and time.time() - t0 >= args.max_seconds:
             print(f"--max-seconds {args.max_seconds:g} reached: {len(rows) - i} row(s) not started", flush=True)
             break
@@ -221,6 +230,8 @@ def run_rows(args, rows, datasets, zeroshot) -> int:
         ppl = ", ".join(f"{r['dataset']} {r['ppl']:.3f}" for r in recs if r["kind"] == "ppl")
         zs = "".join(f", zero-shot avg {r['average']:.2f}" for r in recs if r["kind"] == "zeroshot")
         print(f"[{i + 1}/{len(rows)}] {row.label}: {ppl}{zs} ({time.time() - t:.0f}s)", flush=True)
+        done.add(key)
+        atomic_write_text(done_file, json.dumps(sorted(done), indent=1) + "\n")
     return 0
 
 

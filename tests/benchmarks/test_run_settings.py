@@ -46,7 +46,11 @@ def test_smoke_run_writes_records(load_script, tiny_model_dir, tiny_data_dir, tm
     assert len(recs) == 1 + 3 * 2 + 4
     for r in recs.values():
         assert {"k_bits", "v_bits", "w_group_size", "w_asym", "kv_group_size", "mixed", "trained_bits"} <= set(r)
-    # a second run reuses the saved parameters; --max-seconds 0 starts no row
-    rc = mod.main(["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir), "--out-dir", str(out),
-                   "--tables", "15", "--no-zeroshot", "--datasets", "wikitext2", "--max-seconds", "0"])
-    assert rc == 0 and "4 row(s) not started" in capsys.readouterr().out
+    # a second run skips the rows done; --rerun with --max-seconds 0 starts no row
+    capsys.readouterr()
+    again = ["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir), "--out-dir", str(out),
+             "--tables", "15", "--no-zeroshot", "--datasets", "wikitext2"]
+    assert mod.main(again) == 0
+    assert capsys.readouterr().out.count("done before") == 4
+    assert mod.main([*again, "--rerun", "--max-seconds", "0"]) == 0
+    assert "4 row(s) not started" in capsys.readouterr().out
