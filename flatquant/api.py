@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from flatquant import mixed
 from flatquant.config import CalibConfig, ConfigError, FlatQuantConfig, QuantConfig, as_method_config
 from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quant_linears, quantize_layer
-from flatquant import mixed
 from flatquant.methods import flatquant as flatquant_method
 from flatquant.methods import gptq, quarot, rtn, smoothquant
 from flatquant.models.families import family_for

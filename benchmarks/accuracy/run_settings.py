@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flatquant.config import CalibConfig, calib_preset, method_config  # noqa: E402
+from flatquant.config import CalibConfig, calib_preset, method_config
 
 TASKS = ["arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "piqa", "winogrande"]
 SMOKE = dict(nsamples=2, seqlen=32, epochs=1, batch_size=2)

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flatquant import mixed
 from flatquant.calib import artifacts as artifacts
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
 from flatquant.calib.train_step import LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
 from flatquant.core.modules import LayerTransforms, cast_weights, freeze, install_attention_hook, quantize_layer
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
-from flatquant import mixed
 from flatquant.errors import CheckpointError, NonFiniteError
 from flatquant.methods import gptq
 from flatquant.methods.smoothquant import site_scales

@@ -43,7 +43,7 @@ def test_group_codes_lie_on_each_groups_grid_and_beat_rtn(act_order, symmetric):
         steps = deq[:, cols] / s + (0 if zero is None else zero[:, gi:gi + 1])
         assert torch.allclose(steps, steps.round(), atol=1e-4)  # on this group's grid
     rtn = fake_quantize(w, 3, symmetric, group_size=16)
-    err = lambda wq: (x @ (w - wq).t()).norm().item()  # noqa: E731
+    err = lambda wq: (x @ (w - wq).t()).norm().item()
     assert err(deq) < 0.9 * err(rtn)
     per_channel = gptq(w, _h(x), bits=3, symmetric=symmetric, act_order=act_order)
     assert err(deq) < err(per_channel.dequantize())  # groups: a finer grid

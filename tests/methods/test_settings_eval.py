@@ -78,7 +78,7 @@ def test_split_kv_clip_learns_two_factors(tiny_model_factory, tmp_path):
     with torch.no_grad():
         q.clip_logit_low.fill_(0.0)  # minimum clipped to half; maximum nearly unclipped
     lo, hi = torch.sigmoid(torch.tensor(0.0)), torch.sigmoid(q.clip_logit.detach())
-    from flatquant.core.quantizer import quantize_asymmetric, dequantize
+    from flatquant.core.quantizer import dequantize, quantize_asymmetric
 
     ref = dequantize(*quantize_asymmetric(x, 4, hi, lo))
     assert torch.allclose(q(x), ref)
