@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks of the rows of tables 14 and 15")
     ap.add_argument("--no-zeroshot", action="store_true", help="skip zero-shot evaluation")
     ap.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
+    ap.add_argument("--zeroshot-batch-size", type=int, default=32, help="lm-eval batch size")
     ap.add_argument("--w-group-size", type=int, default=128, help="GPTQ-g<N> row of table 11")
     ap.add_argument("--kv-group-size", type=int, default=None,
                     help="KV groups of tables 12/13 (default: the whole head, head_dim channels)")
@@ -192,7 +193,8 @@ def run_rows(args, rows, datasets, zeroshot) -> int:
     results = args.results_dir or str(out / "results")
     seqlen = 64 if args.smoke else 2048
     spec = EvalSpec(datasets=datasets, seqlen=seqlen, max_windows=2 if args.smoke else None,
-                    batch_size=2 if args.smoke else 8, data_dir=args.data_dir)
+                    batch_size=2 if args.smoke else 8, data_dir=args.data_dir,
+                    zeroshot_batch_size=args.zeroshot_batch_size)
     for ds in datasets:
         spec.tokens[ds] = data.eval_tokens(tok, ds, data_dir=args.data_dir, seqlen=seqlen)
     tasks = [t for t in args.tasks.split(",") if t] if zeroshot else []
