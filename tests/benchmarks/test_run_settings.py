@@ -54,3 +54,26 @@ def test_smoke_run_writes_records(load_script, tiny_model_dir, tiny_data_dir, tm
     assert capsys.readouterr().out.count("done before") == 4
     assert mod.main([*again, "--rerun", "--max-seconds", "0"]) == 0
     assert "4 row(s) not started" in capsys.readouterr().out
+
+
+def test_smoke_zeroshot_rows(load_script, tiny_model_dir, tiny_data_dir, shared_data_dir, tmp_path, monkeypatch):
+    """Table 14 rows carry zero-shot records next to their perplexities."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("lm_eval")
+    if shared_data_dir is None:
+        pytest.skip("../shared/data (zero-shot files) not present")
+    os.symlink(shared_data_dir / "zeroshot", tiny_data_dir / "zeroshot")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    mod = load_script("run_settings")
+    out = tmp_path / "out"
+    rc = mod.main(["--smoke", "--model", str(tiny_model_dir), "--model-name", "Tiny", "--data-dir", str(tiny_data_dir),
+                   "--out-dir", str(out), "--tables", "14", "--datasets", "wikitext2", "--tasks", "piqa",
+                   "--zeroshot-batch-size", "4"])
+    assert rc == 0
+    names = sorted(p.name for p in (out / "results").glob("*.json"))
+    assert "zeroshot-Tiny-quarot-W3A3KV3-limit2.json" in names
+    assert "zeroshot-Tiny-flatquant-W3A3KV3-paper-recipe-limit2.json" in names
+    assert sum(n.startswith("zeroshot-") for n in names) == 4 and sum(n.startswith("ppl-") for n in names) == 4
