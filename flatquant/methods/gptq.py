@@ -1,4 +1,4 @@
-"""GPTQ weight quantization (Frantar et al., ICLR 2023), per output channel, in each linear's transformed domain.
+"""GPTQ weight quantization (Frantar et al., ICLR 2023), per output channel or group, in the transformed domain.
 
 For a linear y = x Wᵀ fed with inputs x, GPTQ picks Ŵ on a fixed grid to minimise E‖x Wᵀ - x Ŵᵀ‖², row by
 row. The loss of one row w is ½ (w - ŵ) H (w - ŵ)ᵀ with H = 2/N · Σ x xᵀ. Quantizing column j to q_j and
@@ -15,7 +15,9 @@ columns after the block in one matrix product (same result, far fewer passes ove
 Details, each for a reason:
 * the grid (scale, and zero when asymmetric) is fixed per row from the full row before the sweep, with the
   layer's own clip factor (FlatQuant's learned sigmoid clip, the baselines' searched clip, else the ratio),
-  so GPTQ and RTN weights share one grid and differ only in the rounding;
+  so GPTQ and RTN weights share one grid and differ only in the rounding; with weight groups the grid is
+  per row and group of consecutive input columns, also fixed before the sweep (static groups), so it
+  combines with act order;
 * dampening λ = damp · mean(diag H) keeps H invertible; if the Cholesky still fails λ grows ×10;
 * an input that is always zero (diag H = 0) cannot affect the output: its H row becomes the identity's and
   its weights 0, so they take the grid's zero code;
