@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from flatquant import mixed
 from flatquant.config import CalibConfig, ConfigError, FlatQuantConfig, QuantConfig, as_method_config
 from flatquant.core.modules import LayerTransforms, freeze, install_attention_hook, quant_linears, quantize_layer
 from flatquant.methods import flatquant as flatquant_method
@@ -38,7 +39,8 @@ def quantize_with_report(model: nn.Module, config: QuantConfig, method: str | No
     artifacts: for flatquant, a folder for the learned parameters and per-layer checkpoints.
     """
     config = as_method_config(config, method)
-    family_for(model)  # unknown architecture: a clear error before anything else
+    family = family_for(model)  # unknown architecture: a clear error before anything else
+    mixed.check(config, family, len(family.decoder_layers(model)))  # what the mixed precision cannot honour
     if config.method == "fp16":  # no change
         return {}
     if config.weight_quantizer == "gptq" and calib is None:  # before any change to the model
@@ -78,8 +80,8 @@ QUANTIZERS: dict[str, Callable[..., dict]] = {
 def apply_transforms(model: nn.Module, family, config: QuantConfig, per_layer: list[LayerTransforms],
                      learnable_clip: bool = False) -> None:
     device = next(model.parameters()).device
-    for layer, transforms in zip(family.decoder_layers(model), per_layer):
-        quantize_layer(layer, family, config, transforms, learnable_clip)
+    for i, (layer, transforms) in enumerate(zip(family.decoder_layers(model), per_layer)):
+        quantize_layer(layer, family, config, transforms, learnable_clip, index=i)
         layer.to(device)
     install_attention_hook(model)
 

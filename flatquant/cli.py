@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from flatquant.cli_help import EXAMPLES, USER_RESULTS, _Help
+from flatquant.cli_settings import add_settings_options, calib_overrides, quant_settings
 from flatquant.config import (
     METHODS,
     PRESET_EVAL_WINDOWS,
@@ -63,6 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-quantizer", default=None, choices=WEIGHT_QUANTIZERS,
                    help="rtn (default) or gptq (closed-form updates on the calibration windows; with --params: "
                         "the saved weights' quantizer)")
+    add_settings_options(p)
     p.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4, or text file paths")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (lm-eval), e.g. arc_easy,piqa")
     p.add_argument("--limit", type=int, default=None,
@@ -143,7 +145,7 @@ def _setup(args, precheck: tuple = ()):
 
     # None = the method's default (method_config), so the CLI and `XConfig()` in Python agree
     settings = dict(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                    weight_quantizer=args.weight_quantizer, w_clip_search=args.w_clip_search)
+                    weight_quantizer=args.weight_quantizer, w_clip_search=args.w_clip_search, **quant_settings(args))
     QuantConfig(**{k: v for k, v in settings.items() if v is not None})  # bad bits: fail before any work
     for name in ("seqlen", "max_windows", "batch_size", "limit"):
         value = getattr(args, name)
@@ -163,6 +165,7 @@ def _setup(args, precheck: tuple = ()):
     preset = args.preset or ("paper" if device.startswith("cuda") else "cpu-quick")
     overrides = {k: v for k, v in {"nsamples": args.calib_samples, "seqlen": args.calib_seqlen,
                                    "epochs": args.epochs, "recipe": args.recipe}.items() if v is not None}
+    overrides.update(calib_overrides(args))
     ccfg = calib_preset(preset, seed=args.seed, **overrides)
     from flatquant.runner import EvalSpec
 
@@ -188,6 +191,12 @@ def _setup(args, precheck: tuple = ()):
     guards.precheck_params(list(precheck), args.model)  # saved parameters vs config.json, before the weights
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     check_finite_weights(model, args.model)
+    from flatquant import mixed
+    from flatquant.models.families import family_for
+
+    family = family_for(model)  # mixed precision it cannot honour: fail before any work
+    mixed.check(QuantConfig(**{k: v for k, v in settings.items() if v is not None}), family,
+                len(family.decoder_layers(model)))
     for ds in spec.datasets:  # tokenized once, here: a text shorter than one window fails before any work
         ids = data.eval_tokens(tokenizer, ds, data_dir=args.data_dir, seqlen=args.seqlen)
         if ids.shape[1] < args.seqlen:
@@ -198,12 +207,13 @@ def _setup(args, precheck: tuple = ()):
 
 def _print_table(records: list[dict], results_dir: str | None = None) -> None:
     from flatquant.guards import summary_lines
+    from flatquant.results import bits_tag
 
     rows = [r for r in records if r.get("kind") == "ppl"]
     if rows:
         print(f"\n{'method':<12} {'bits':<12} {'dataset':<10} {'windows':>7} {'ppl':>10}  weights")
         for r in rows:
-            bits = f"W{r['w_bits']}A{r['a_bits']}KV{r['kv_bits']}"
+            bits = bits_tag(r)
             print(f"{r['method']:<12} {bits:<12} {r['dataset']:<10} {r['windows']:>7} {r['ppl']:>10.3f}  "
                   f"{r.get('weight_quantizer', '-')}")
     for r in records:

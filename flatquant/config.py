@@ -51,10 +51,29 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     gptq_act_order: bool = True
+    # Weights in groups of this many input channels (None = one group per output channel).
+    w_group_size: int | None = None
+    # Key / value bits (None = kv_bits); KV groups of this many channels within a head (None = the head).
+    k_bits: int | None = None
+    v_bits: int | None = None
+    kv_group_size: int | None = None
+    # Per-layer / per-projection mixed precision (grammar: flatquant/mixed.py), or None.
+    mixed: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _check_bits(name, getattr(self, name))
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) is not None:
+                _check_bits(name, getattr(self, name))
+        for name in ("w_group_size", "kv_group_size"):
+            g = getattr(self, name)
+            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+                raise ConfigError(f"{name} must be a positive integer (or None), got {g!r}")
+        if self.mixed is not None:
+            from flatquant import mixed
+
+            mixed.parse(self.mixed)  # a spec it cannot read fails here
         for table in (self.w_bits_override, self.a_bits_override):
             for proj, bits in table.items():
                 _check_bits(f"bits for {proj}", bits)
@@ -71,23 +90,38 @@ class QuantConfig:
         if not isinstance(self.gptq_act_order, bool):
             raise ConfigError(f"gptq_act_order must be true or false, got {self.gptq_act_order!r}")
 
-    def weight_bits(self, proj: str) -> int:
-        return self.w_bits_override.get(proj, self.w_bits)
+    def _mixed(self, key: str, proj: str | None, layer: int | None, default: int) -> int:
+        if self.mixed is None:
+            return default
+        from flatquant import mixed
 
-    def act_bits(self, proj: str) -> int:
-        return self.a_bits_override.get(proj, self.a_bits)
+        return mixed.resolve(self.mixed, key, proj, layer, default)
+
+    def weight_bits(self, proj: str, layer: int | None = None) -> int:
+        """Weight bits of projection `proj` (of decoder layer `layer`: the --mixed rules for it apply)."""
+        return self._mixed("w", proj, layer, self.w_bits_override.get(proj, self.w_bits))
+
+    def act_bits(self, proj: str, layer: int | None = None) -> int:
+        return self._mixed("a", proj, layer, self.a_bits_override.get(proj, self.a_bits))
+
+    def key_bits(self, layer: int | None = None) -> int:
+        return self._mixed("k", None, layer, self.kv_bits if self.k_bits is None else self.k_bits)
+
+    def value_bits(self, layer: int | None = None) -> int:
+        return self._mixed("v", None, layer, self.kv_bits if self.v_bits is None else self.v_bits)
 
     @property
     def tag(self) -> str:
-        """Short name of the bit setting, e.g. W4A4KV4 or W4A16KV16."""
-        return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
+        """Short name of the bit setting, e.g. W4A4KV4, W4A16KV16, or W16A16K2V4 when K and V differ."""
+        k, v = self.key_bits(), self.value_bits()
+        return f"W{self.w_bits}A{self.a_bits}" + (f"KV{k}" if k == v else f"K{k}V{v}")
 
     def gptq_settings(self) -> dict:
         """What GPTQ weights depend on besides the transforms and the calibration data: two configs with
         the same settings can share saved GPTQ codes."""
         return {"weight_quantizer": self.weight_quantizer, "w_bits": self.w_bits, "w_asym": self.w_asym,
                 "w_bits_override": dict(self.w_bits_override), "damp": self.gptq_damp, "block": self.gptq_block,
-                "act_order": self.gptq_act_order}
+                "act_order": self.gptq_act_order, "w_group_size": self.w_group_size, "mixed": self.mixed}
 
     def to_dict(self) -> dict:
         """The quantizer settings (QuantConfig's fields only: a method config's extras are not saved)."""
@@ -103,6 +137,9 @@ class QuantConfig:
     def normalized(cls, d: dict) -> dict:
         """`d` as a current QuantConfig writes it, so a saved config compares equal to a new one."""
         return cls.from_dict(d).to_dict()
+
+
+LOSSES = ("mse", "nmse-token")
 
 
 @dataclass
@@ -124,6 +161,9 @@ class CalibConfig:
     dataset: str = "wiki-calib"
     seed: int = 0
     cuda_graph: bool = True  # replay each layer's training step from a CUDA graph (same maths, less overhead)
+    scale_alpha: float = 0.5  # channel-scale init max|X|^a / max|W|^(1-a) (the reference uses 0.3)
+    kv_clip_split: bool = False  # separate learnable lower/upper clip factors for the asymmetric KV quantizer
+    loss: str = "mse"  # "mse": mean squared error; "nmse-token": each token's error / its target's mean square
 
     def __post_init__(self) -> None:
         if self.recipe not in ("svd-amp", "direct-fp32"):
@@ -133,6 +173,12 @@ class CalibConfig:
         for name in ("nsamples", "seqlen", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not 0.0 <= self.scale_alpha <= 1.0:
+            raise ConfigError(f"scale_alpha must be in [0, 1], got {self.scale_alpha}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not self.weight_decay >= 0.0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,8 +186,8 @@ class CalibConfig:
     @staticmethod
     def recipe_settings(d: dict) -> dict:
         """The settings that change the learned parameters (execution-only switches dropped), for comparing
-        a saved calibration with a requested one."""
-        return {k: v for k, v in d.items() if k not in ("cuda_graph",)}
+        a saved calibration with a requested one; fields an older file lacks take their defaults."""
+        return {k: v for k, v in CalibConfig.from_dict(d).to_dict().items() if k not in ("cuda_graph",)}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibConfig:
@@ -204,7 +250,8 @@ class FP16Config(QuantConfig):
     """No change: the model as loaded (bits fixed at 16, recorded as such)."""
 
     method: ClassVar[str] = "fp16"
-    fixed: ClassVar[tuple[str, ...]] = ("w_bits", "a_bits", "kv_bits", "weight_quantizer", "w_clip_search")
+    fixed: ClassVar[tuple[str, ...]] = ("w_bits", "a_bits", "kv_bits", "weight_quantizer", "w_clip_search", "w_asym",
+                                        "w_group_size", "k_bits", "v_bits", "kv_group_size", "mixed")
     w_bits: int = 16
     a_bits: int = 16
     kv_bits: int = 16

@@ -6,6 +6,7 @@ that produced it, the git commit and the device, so it can be traced and reprodu
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -73,6 +74,29 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")
 
 
+# Settings fields and the value an older record without them means.
+SETTING_DEFAULTS = {"w_group_size": None, "w_asym": False, "kv_group_size": None, "mixed": None,
+                    "trained_bits": None}
+
+
+def bits_tag(record: dict) -> str:
+    """W4A4KV4, or W16A16K2V4 when the record's key and value bits differ (k_bits/v_bits absent: kv_bits)."""
+    k, v = record.get("k_bits", record["kv_bits"]), record.get("v_bits", record["kv_bits"])
+    return f"W{record['w_bits']}A{record['a_bits']}" + (f"KV{k}" if k == v else f"K{k}V{v}")
+
+
+def settings_tags(record: dict) -> list[str]:
+    """Name parts of the settings that differ from their defaults (none for a default record)."""
+    r = {**SETTING_DEFAULTS, **record}
+    parts = [f"g{r['w_group_size']}" if r["w_group_size"] else "", "wasym" if r["w_asym"] else "",
+             f"kvg{r['kv_group_size']}" if r["kv_group_size"] else ""]
+    if r["mixed"]:
+        parts.append("mixed-" + hashlib.sha1(str(r["mixed"]).encode()).hexdigest()[:8])
+    if r["trained_bits"] and "w_bits" in r and r["trained_bits"] != bits_tag(r):
+        parts.append(f"trained-{r['trained_bits']}")
+    return [p for p in parts if p]
+
+
 def record_name(record: dict) -> str:
     """Stable file name for a record: same configuration -> same file (a re-run replaces it). GPTQ weights
     add "gptq" after the bits; RTN names carry no weight-quantizer part (the names of older records)."""
@@ -80,7 +104,8 @@ def record_name(record: dict) -> str:
     model = model[: -len(".gguf")] if model.lower().endswith(".gguf") else model
     parts = [record.get("kind", "ppl"), model, record.get("method", "")]
     if "w_bits" in record:
-        parts.append(f"W{record['w_bits']}A{record['a_bits']}KV{record['kv_bits']}")
+        parts.append(bits_tag(record))
+    parts += settings_tags(record)
     if record.get("weight_quantizer") == "gptq":
         parts.append("gptq")
     if record.get("variant"):

@@ -84,8 +84,10 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
     model = copy.deepcopy(base_model)
     t = time.time()
+    trained_bits = None  # the bits reused parameters were trained at
     if method == "flatquant" and params_dir and (Path(params_dir) / artifacts.META).is_file() \
             and artifacts.read_meta(params_dir).get("complete"):
+        trained_bits = QuantConfig.from_dict(artifacts.read_meta(params_dir)["quant"]).tag
         report = load_calibrated_with_report(model, params_dir, qcfg, calib=calib, progress=progress)
     else:
         report = quantize_with_report(model, qcfg, method=method, calib=calib, calib_config=ccfg, seed=seed,
@@ -93,13 +95,16 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     quant_seconds = time.time() - t
     base = {"model": model_name, "method": method, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
             "kv_bits": qcfg.kv_bits, "weight_quantizer": qcfg.weight_quantizer if method != "fp16" else "-",
-            "w_clip_search": qcfg.w_clip_search, "quantize_seconds": round(quant_seconds, 2), "seed": seed}
+            "w_clip_search": qcfg.w_clip_search, "quantize_seconds": round(quant_seconds, 2), "seed": seed,
+            **settings_fields(qcfg), "trained_bits": trained_bits}
     if variant:
         base["variant"] = variant
     if method in ("flatquant", "smoothquant") and ccfg is not None:
         base["calib"] = {"nsamples": ccfg.nsamples, "seqlen": ccfg.seqlen, "dataset": ccfg.dataset,
                          **({"epochs": ccfg.epochs, "recipe": ccfg.recipe, "lt": ccfg.learn_transform,
-                             "ps": ccfg.learn_scale, "lct": ccfg.learn_clip} if method == "flatquant" else {})}
+                             "ps": ccfg.learn_scale, "lct": ccfg.learn_clip, "scale_alpha": ccfg.scale_alpha,
+                             "kv_clip_split": ccfg.kv_clip_split, "loss": ccfg.loss,
+                             "weight_decay": ccfg.weight_decay} if method == "flatquant" else {})}
     # FlatQuant's per-layer losses ("calib_layers"); GPTQ's windows, settings and per-layer output errors
     # (FlatQuant: in calib_layers), or where its weights were loaded from ("gptq")
     base.update(report)
@@ -108,6 +113,12 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
     return records
+
+
+def settings_fields(qcfg: QuantConfig) -> dict:
+    """The record fields of the settings beyond w/a/kv bits (older records lack them: the defaults)."""
+    return {"k_bits": qcfg.key_bits(), "v_bits": qcfg.value_bits(), "w_group_size": qcfg.w_group_size,
+            "w_asym": qcfg.w_asym, "kv_group_size": qcfg.kv_group_size, "mixed": qcfg.mixed}
 
 
 @torch.no_grad()

@@ -159,6 +159,11 @@ def load_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], ind
     """Load saved learned tensors into a freshly quantized layer. gptq: also set the saved GPTQ weights
     (every enabled weight quantizer must have them); otherwise saved GPTQ weights are ignored (RTN)."""
     own = {k: v for k, v in layer_state(layer).items() if not _is_gptq(k)}
+    for k in [k for k in own if k not in state and "clip_logit" in k]:
+        # that quantizer was off (16 bits) when the parameters were trained: it keeps its fixed clip ratio
+        owner, attr = k.rsplit(".", 1)
+        setattr(layer.get_submodule(owner), attr, None)
+        del own[k]
     missing = [k for k in own if k not in state]
     if missing:
         raise CheckpointError(f"layer {index}: saved parameters lack {missing[0]} (settings mismatch?)")

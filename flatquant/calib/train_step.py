@@ -50,12 +50,24 @@ def autocast(amp: bool, device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def calib_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """"mse": mean squared error; "nmse-token": each token's squared error over its target's mean square,
+    averaged over tokens (a few very large tokens, e.g. attention sinks, no longer dominate)."""
+    err = (out.float() - target.float()) ** 2
+    if kind == "mse":
+        return torch.mean(err)
+    if kind == "nmse-token":
+        return torch.mean(err.mean(-1) / target.float().pow(2).mean(-1).clamp(min=1e-12))
+    raise ValueError(f"unknown calibration loss {kind!r}")
+
+
 class LayerStepper:
-    """AdamW on `groups` (param groups with a base "lr"), minimising MSE(layer(x), target)."""
+    """AdamW on `groups` (param groups with a base "lr"), minimising calib_loss(layer(x), target)."""
 
     def __init__(self, layer: nn.Module, groups: list[dict], kwargs: dict, amp: bool, weight_decay: float,
-                 example_x: torch.Tensor, example_t: torch.Tensor, cuda_graph: bool = True, log=print):
-        self.layer, self.kwargs, self.amp = layer, kwargs, amp
+                 example_x: torch.Tensor, example_t: torch.Tensor, cuda_graph: bool = True, log=print,
+                 loss: str = "mse"):
+        self.layer, self.kwargs, self.amp, self.loss = layer, kwargs, amp, loss
         self.device = example_x.device
         self.cuda = self.device.type == "cuda"
         self.base_lrs = [g["lr"] for g in groups]
@@ -82,7 +94,7 @@ class LayerStepper:
     def _forward_backward_update(self, x: torch.Tensor, t: torch.Tensor) -> None:
         with step_cache(self.layer), autocast(self.amp, self.device):
             out = layer_output(self.layer(x.float(), **self.kwargs))
-            loss = torch.mean((out.float() - t.float()) ** 2)
+            loss = calib_loss(out, t, self.loss)
         loss.backward()
         self.opt.step()
         self.finite &= torch.isfinite(loss.detach())  # read once per epoch: a per-step check syncs the GPU

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatquant.config import QuantConfig
+from flatquant.config import ConfigError, QuantConfig
 from flatquant.core.quantizer import Quantizer, dequantize
 from flatquant.core.transforms import Transform, kron_apply
+from flatquant.mixed import check_shared_sites
 from flatquant.models.families import Family
 
 ATTN_IMPL = "flatquant"
@@ -86,10 +87,12 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_gptq(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
-        """Use GPTQ weights: codes (out, in) integers, scale and zero (out, 1); weight = (codes - zero) * scale."""
+        """Use GPTQ weights: codes (out, in) integers, scale and zero (out, 1) or (out, groups);
+        weight = (codes - zero) * scale."""
         shape = (self.out_features, self.in_features)
-        if tuple(codes.shape) != shape or tuple(scale.shape) != (shape[0], 1) \
-                or (zero is not None and tuple(zero.shape) != (shape[0], 1)):
+        groups = scale.shape[-1] if scale.dim() == 2 else 0  # (out, in / group size) with weight groups
+        if tuple(codes.shape) != shape or scale.shape[0] != shape[0] or not groups or shape[1] % groups \
+                or (zero is not None and zero.shape != scale.shape):
             raise ValueError(f"GPTQ codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit a "
                              f"{shape} weight")
         if codes.is_floating_point():
@@ -220,34 +223,47 @@ def _act_quantizer(bits: int, cfg: QuantConfig, learnable_clip: bool) -> Quantiz
     return Quantizer(bits, symmetric=not cfg.a_asym, clip_ratio=cfg.a_clip_ratio, learnable_clip=learnable_clip)
 
 
-def _weight_quantizer(bits: int, cfg: QuantConfig, out_features: int, learnable_clip: bool) -> Quantizer:
-    return Quantizer(bits, symmetric=not cfg.w_asym, learnable_clip=learnable_clip, clip_shape=(out_features, 1))
+def _weight_quantizer(bits: int, cfg: QuantConfig, lin: nn.Linear, learnable_clip: bool) -> Quantizer:
+    g = cfg.w_group_size
+    if g is not None and lin.in_features % g:
+        raise ConfigError(f"weight group size {g} does not divide a projection's {lin.in_features} inputs")
+    return Quantizer(bits, symmetric=not cfg.w_asym, group_size=g, learnable_clip=learnable_clip,
+                     clip_shape=(lin.out_features, 1))
 
 
 def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transforms: LayerTransforms,
-                   learnable_clip: bool = False) -> None:
+                   learnable_clip: bool = False, index: int | None = None, split_kv_clip: bool = False) -> None:
     """Replace the seven projections, the two norms and the attention of `layer` with quantized versions.
+    index: the decoder layer's number (per-layer mixed precision); split_kv_clip: separate learnable
+    lower/upper KV clip factors.
 
     Idempotence guard: a layer is installed once (a second call raises)."""
     if hasattr(layer, "fq_transforms"):
         raise RuntimeError("layer is already quantized")
+    check_shared_sites(cfg, family, index)
     layer.fq_transforms = transforms.as_module_dict()
     lin = family.linears(layer)
     v_role = family.kv[1]
     for site, roles in family.sites.items():
         t_in = getattr(transforms, site)
-        act = ActSite(t_in, _act_quantizer(cfg.act_bits(roles[0]), cfg, learnable_clip))
+        act = ActSite(t_in, _act_quantizer(cfg.act_bits(roles[0], index), cfg, learnable_clip))
         norm = family.site_norm(site)
         if norm is not None:  # a shared input: transformed and quantized once, behind its norm
             family.set_norm(layer, norm, NormWithSite(family.norm(layer, norm), act))
         for role in roles:
-            wq = _weight_quantizer(cfg.weight_bits(role), cfg, lin[role].out_features, learnable_clip)
+            wq = _weight_quantizer(cfg.weight_bits(role, index), cfg, lin[role], learnable_clip)
             out_t = transforms.v_head if role == v_role else None  # P_v folds into the value rows
             family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm else act, in_transform=t_in,
                                                        out_transform=out_t))
-    kv_q = dict(symmetric=not cfg.kv_asym, clip_ratio=cfg.kv_clip_ratio, learnable_clip=learnable_clip)
-    family.attention(layer).fq_kv = KVQuant(transforms.k_head, Quantizer(cfg.kv_bits, **kv_q),
-                                            Quantizer(cfg.kv_bits, **kv_q))
+    attn, g = family.attention(layer), cfg.kv_group_size
+    head_dim = getattr(attn, "head_dim", None)
+    if g is not None and head_dim is not None and (g > head_dim or head_dim % g):
+        raise ConfigError(f"KV group size {g} does not divide the head dimension {head_dim}")
+    g = None if g == head_dim else g  # one group per head: the default
+    kv_q = dict(symmetric=not cfg.kv_asym, clip_ratio=cfg.kv_clip_ratio, learnable_clip=learnable_clip,
+                group_size=g, split_clip=split_kv_clip)
+    attn.fq_kv = KVQuant(transforms.k_head, Quantizer(cfg.key_bits(index), **kv_q),
+                         Quantizer(cfg.value_bits(index), **kv_q))
 
 
 def quant_linears(module: nn.Module) -> list[QuantLinear]:

@@ -7,7 +7,8 @@ A tensor is quantized along its last dimension, optionally in groups of `group_s
 
 Symmetric: q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1), s = alpha * max|x| / (2^(b-1) - 1).
 Asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1), s = alpha * (max - min) / (2^b - 1), z = round(-alpha*min / s).
-The clip factor alpha is fixed (1.0 or a searched per-channel ratio) or learnable as sigmoid(logit).
+The clip factor alpha is fixed (1.0 or a searched per-channel ratio) or learnable as sigmoid(logit); an
+asymmetric quantizer may learn a separate factor for its minimum (split_clip).
 Rounding uses a straight-through estimator, so gradients reach the scale (hence alpha) and the input.
 16 bits or more means "not quantized": the quantizer is the identity.
 """
@@ -38,12 +39,14 @@ def quantize_symmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float =
     return codes, scale
 
 
-def quantize_asymmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float = 1.0):
-    """Integer codes, scale and zero point for asymmetric quantization over the last dim."""
+def quantize_asymmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float = 1.0,
+                        alpha_low: torch.Tensor | float | None = None):
+    """Integer codes, scale and zero point for asymmetric quantization over the last dim. alpha clips the
+    maximum, alpha_low (default: alpha) the minimum."""
     maxq = 2**bits - 1
     xf = x.float()
     xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0) * alpha
-    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * alpha
+    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * (alpha if alpha_low is None else alpha_low)
     scale = ((xmax - xmin) / maxq).clamp(min=1e-8)
     zero = round_ste(-xmin / scale)
     codes = torch.clamp(round_ste(xf / scale) + zero, 0, maxq)
@@ -53,14 +56,19 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, alpha: torch.Tensor | float 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
     """(codes - zero) * scale in float32 (zero None = symmetric); the inverse of the code functions above."""
     w = codes.float()
+    if scale.shape[-1] not in (1, w.shape[-1]):  # one scale (and zero) per group of columns
+        g = w.shape[-1] // scale.shape[-1]
+        scale = scale.repeat_interleave(g, dim=-1)
+        zero = None if zero is None else zero.repeat_interleave(g, dim=-1)
     if zero is not None:
         w = w - zero.float()
     return w * scale.float()
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
-                  group_size: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize `x` over its last dim (in groups); result has x's dtype."""
+                  group_size: int | None = None, alpha_low: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Quantize-dequantize `x` over its last dim (in groups); result has x's dtype. alpha_low: the
+    asymmetric minimum's own clip factor (default: alpha)."""
     if bits >= 16:
         return x
     shape = x.shape
@@ -70,11 +78,13 @@ def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tens
         x = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
         if isinstance(alpha, torch.Tensor) and alpha.dim() > 0:
             alpha = alpha.unsqueeze(-1)
+        if isinstance(alpha_low, torch.Tensor) and alpha_low.dim() > 0:
+            alpha_low = alpha_low.unsqueeze(-1)
     if symmetric:
         codes, scale = quantize_symmetric(x, bits, alpha)
         out = codes * scale
     else:
-        codes, scale, zero = quantize_asymmetric(x, bits, alpha)
+        codes, scale, zero = quantize_asymmetric(x, bits, alpha, alpha_low)
         out = (codes - zero) * scale
     return out.reshape(shape).to(x.dtype)
 
@@ -87,7 +97,8 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, bits: int = 16, symmetric: bool = True, group_size: int | None = None,
-                 clip_ratio: float = 1.0, learnable_clip: bool = False, clip_shape: tuple[int, ...] = (1,)):
+                 clip_ratio: float = 1.0, learnable_clip: bool = False, clip_shape: tuple[int, ...] = (1,),
+                 split_clip: bool = False):
         super().__init__()
         self.bits = int(bits)
         self.symmetric = symmetric
@@ -99,6 +110,11 @@ class Quantizer(nn.Module):
             self.clip_logit = nn.Parameter(torch.full(clip_shape, CLIP_LOGIT_INIT))
         else:
             self.clip_logit = None
+        # split_clip (asymmetric, learnable): the minimum gets its own clip factor, sigmoid(clip_logit_low)
+        if split_clip and learnable_clip and self.enabled and not symmetric:
+            self.clip_logit_low = nn.Parameter(torch.full(clip_shape, CLIP_LOGIT_INIT))
+        else:
+            self.clip_logit_low = None
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +130,8 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize(x, self.bits, self.symmetric, self.alpha(), self.group_size)
+        low = None if self.clip_logit_low is None else torch.sigmoid(self.clip_logit_low.float())
+        return fake_quantize(x, self.bits, self.symmetric, self.alpha(), self.group_size, low)
 
     @torch.no_grad()
     def search_clip(self, w: torch.Tensor, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flatquant import mixed
 from flatquant.calib import artifacts as artifacts
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
 from flatquant.calib.train_step import LayerStepper, autocast, layer_output
@@ -126,7 +127,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     total = cfg.epochs * steps_per_epoch
     first = torch.arange(min(cfg.batch_size, n), device=inps.device)
     stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, inps[first], targets[first],
-                           cuda_graph=cfg.cuda_graph, log=log)
+                           cuda_graph=cfg.cuda_graph, log=log, loss=cfg.loss)
     lap("setup")
     step = 0
     for _epoch in range(cfg.epochs):
@@ -162,8 +163,9 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     trained = None
     while True:
         gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
-        transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats))
-        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
+        transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats, cfg.scale_alpha))
+        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip, index=index,
+                       split_kv_clip=cfg.kv_clip_split)
         layer.to(device)
         if saved is not None:
             artifacts.load_layer_state(layer, saved, index)
@@ -277,6 +279,7 @@ def load_calibrated_with_report(model: nn.Module, out_dir: str | Path, qcfg: Qua
                           "windows to compute them")
     family = family_for(model)
     artifacts.check_model_matches(meta, model.config)
+    mixed.check(qcfg, family, len(family.decoder_layers(model)))
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     install_attention_hook(model)
@@ -288,7 +291,8 @@ def load_calibrated_with_report(model: nn.Module, out_dir: str | Path, qcfg: Qua
             raise CheckpointError(f"{out_dir}: parameters for layer {i} are missing")
         layer.float()
         transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0))
-        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip)
+        quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip, index=i,
+                       split_kv_clip=cfg.kv_clip_split)
         layer.to(device)
         artifacts.load_layer_state(layer, saved, i, gptq=plan == "saved")
         if plan == "run":

@@ -1,4 +1,4 @@
-"""GPTQ weight quantization (Frantar et al., ICLR 2023), per output channel, in each linear's transformed domain.
+"""GPTQ weight quantization (Frantar et al., ICLR 2023), per output channel or group, in the transformed domain.
 
 For a linear y = x Wᵀ fed with inputs x, GPTQ picks Ŵ on a fixed grid to minimise E‖x Wᵀ - x Ŵᵀ‖², row by
 row. The loss of one row w is ½ (w - ŵ) H (w - ŵ)ᵀ with H = 2/N · Σ x xᵀ. Quantizing column j to q_j and
@@ -15,7 +15,9 @@ columns after the block in one matrix product (same result, far fewer passes ove
 Details, each for a reason:
 * the grid (scale, and zero when asymmetric) is fixed per row from the full row before the sweep, with the
   layer's own clip factor (FlatQuant's learned sigmoid clip, the baselines' searched clip, else the ratio),
-  so GPTQ and RTN weights share one grid and differ only in the rounding;
+  so GPTQ and RTN weights share one grid and differ only in the rounding; with weight groups the grid is
+  per row and group of consecutive input columns, also fixed before the sweep (static groups), so it
+  combines with act order;
 * dampening λ = damp · mean(diag H) keeps H invertible; if the Cholesky still fails λ grows ×10;
 * an input that is always zero (diag H = 0) cannot affect the output: its H row becomes the identity's and
   its weights 0, so they take the grid's zero code;
@@ -62,8 +64,8 @@ class GPTQWeights:
     zero with them, so 8-bit codes fit int8; the difference codes - zero is unchanged."""
 
     codes: torch.Tensor
-    scale: torch.Tensor  # (out, 1) float32
-    zero: torch.Tensor | None = None  # (out, 1) float32; None = symmetric
+    scale: torch.Tensor  # (out, 1) float32, or (out, in / group size) with weight groups
+    zero: torch.Tensor | None = None  # scale's shape, float32; None = symmetric
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero)
@@ -95,8 +97,16 @@ class Hessian:
         return self.sum * (2.0 / max(self.count, 1))
 
 
-def row_grid(w: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0):
-    """Per-row (scale, zero or None) from the full rows, computed exactly as the RTN quantizer does."""
+def row_grid(w: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
+             group_size: int | None = None):
+    """Per-row (scale, zero or None) from the full rows, computed exactly as the RTN quantizer does; with a
+    group size, per row and group of input columns: shapes (out, in / group_size)."""
+    if group_size is not None and group_size != w.shape[-1]:
+        if w.shape[-1] % group_size:
+            raise GPTQError(f"GPTQ: group size {group_size} does not divide {w.shape[-1]} inputs")
+        a = alpha.unsqueeze(-1) if isinstance(alpha, torch.Tensor) and alpha.dim() > 0 else alpha
+        scale, zero = row_grid(w.reshape(w.shape[0], -1, group_size), bits, symmetric, a)
+        return scale[..., 0], None if zero is None else zero[..., 0]
     if symmetric:
         _, scale = quantize_symmetric(w, bits, alpha)
         return scale, None
@@ -147,26 +157,31 @@ def factor_hessian(h: torch.Tensor, damp: float = 0.01, act_order: bool = True) 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, factor: HessianFactor, bits: int, symmetric: bool = True,
-                  alpha: torch.Tensor | float = 1.0, block: int = 128) -> GPTQWeights:
-    """GPTQ codes of a weight (out, in) given its input Hessian's factor (see the module docstring)."""
+                  alpha: torch.Tensor | float = 1.0, block: int = 128, group_size: int | None = None) -> GPTQWeights:
+    """GPTQ codes of a weight (out, in) given its input Hessian's factor (see the module docstring). With a
+    group size, each row's grid is per group of consecutive input columns, fixed from the original weights
+    before the sweep (so act order and groups combine: a column keeps its group's grid whatever its turn)."""
     w = w.detach().float().clone()
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.detach().float().to(w.device)
-    scale, zero = row_grid(w, bits, symmetric, alpha)  # from the full rows, dead columns included
+    scale, zero = row_grid(w, bits, symmetric, alpha, group_size)  # from the full rows, dead columns included
     w[:, factor.dead.to(w.device)] = 0.0
-    if factor.perm is not None:
-        w = w[:, factor.perm.to(w.device)]
-    u = factor.u.to(w.device)
-    s, z = scale[:, 0], None if zero is None else zero[:, 0]
-    codes = torch.empty_like(w)
     n = w.shape[1]
+    s = scale.repeat_interleave(n // scale.shape[1], dim=1)  # each column's scale (and zero)
+    z = None if zero is None else zero.repeat_interleave(n // zero.shape[1], dim=1)
+    if factor.perm is not None:
+        perm = factor.perm.to(w.device)
+        w, s, z = w[:, perm], s[:, perm], None if z is None else z[:, perm]
+    u = factor.u.to(w.device)
+    codes = torch.empty_like(w)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, i1:i2]  # a view: the in-block updates land in w
         err = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            q, deq = _round_column(w1[:, j], s, z, bits)
+            c = i1 + j
+            q, deq = _round_column(w1[:, j], s[:, c], None if z is None else z[:, c], bits)
             codes[:, i1 + j] = q
             e = (w1[:, j] - deq) / u1[j, j]
             err[:, j] = e
@@ -183,9 +198,9 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, bits: int, symmetric: 
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool = True, alpha: torch.Tensor | float = 1.0,
-         damp: float = 0.01, block: int = 128, act_order: bool = True) -> GPTQWeights:
+         damp: float = 0.01, block: int = 128, act_order: bool = True, group_size: int | None = None) -> GPTQWeights:
     """GPTQ of one weight (out, in) for the input Hessian h (in, in)."""
-    return gptq_quantize(w, factor_hessian(h, damp, act_order), bits, symmetric, alpha, block)
+    return gptq_quantize(w, factor_hessian(h, damp, act_order), bits, symmetric, alpha, block, group_size)
 
 
 def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
@@ -238,11 +253,10 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
         factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order)
         for m in mods:
             wq = m.w_quantizer
-            if wq.group_size is not None:
-                raise GPTQError("GPTQ supports per-channel weights only (no weight group size)")
             m.clear_gptq()
             w, _ = m.effective_weight_and_bias(quantize=False)
-            res = gptq_quantize(w, factor, wq.bits, wq.symmetric, quantizer_alpha(wq), qcfg.gptq_block)
+            res = gptq_quantize(w, factor, wq.bits, wq.symmetric, quantizer_alpha(wq), qcfg.gptq_block,
+                                wq.group_size)
             m.set_gptq(res.codes, res.scale, res.zero)
             ref += output_error(w, h)
             rtn += output_error(wq(w) - w, h)

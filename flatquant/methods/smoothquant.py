@@ -22,10 +22,10 @@ def smooth_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return c.clamp(min=1e-5)
 
 
-def site_scales(layer, family, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def site_scales(layer, family, stats: dict[str, torch.Tensor], alpha: float = ALPHA) -> dict[str, torch.Tensor]:
     """The scale of each site that can fold one (SCALED_SITES), from its activation max |x| and the weights
     of the projections that read it."""
-    return {site: smooth_scale(stats[site], [m.weight for m in family.site_linears(layer, site)])
+    return {site: smooth_scale(stats[site], [m.weight for m in family.site_linears(layer, site)], alpha)
             for site in SCALED_SITES}
 
 

@@ -41,6 +41,8 @@ def _check_quantizer(q: Quantizer, what: str, symmetric: bool) -> None:
         _refuse(f"{what} has {q.bits} bits; the packed format holds W4A4KV4 only")
     if q.symmetric != symmetric or q.group_size is not None:
         _refuse(f"{what} must be {'symmetric' if symmetric else 'asymmetric'} without groups")
+    if getattr(q, "clip_logit_low", None) is not None:
+        _refuse(f"{what} has separate lower/upper clip factors; the packed format holds one")
 
 
 def _factors(t: Transform | None, what: str, online: bool = True) -> tuple:
