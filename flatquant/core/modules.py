@@ -11,7 +11,7 @@ deployed kernel does. KV quantization hooks attention through transformers' Atte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -211,9 +211,20 @@ class LayerTransforms:
     down_in: Transform | None = None  # P_d: down_proj input
     k_head: Transform | None = None  # P_h: keys after RoPE, per head
     v_head: Transform | None = None  # P_v: values per head, folded into v_proj rows
+    extra: dict[str, Transform | None] = field(default_factory=dict)  # per-layer sites, e.g. "down_in.3" (MoE)
+
+    def get(self, site: str) -> Transform | None:
+        return self.extra.get(site) if site in self.extra else getattr(self, site, None)
 
     def as_module_dict(self) -> nn.ModuleDict:
-        return nn.ModuleDict({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update({module_key(site): t for site, t in self.extra.items()})
+        return nn.ModuleDict({k: t for k, t in out.items() if t is not None})
+
+
+def module_key(site: str) -> str:
+    """The key of a site's transform in a layer's `fq_transforms` ("down_in.3" -> "down_in_3")."""
+    return site.replace(".", "_")
 
 
 def _act_quantizer(bits: int, cfg: QuantConfig, learnable_clip: bool) -> Quantizer:
@@ -226,7 +237,8 @@ def _weight_quantizer(bits: int, cfg: QuantConfig, out_features: int, learnable_
 
 def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transforms: LayerTransforms,
                    learnable_clip: bool = False) -> None:
-    """Replace the seven projections, the two norms and the attention of `layer` with quantized versions.
+    """Replace the projections (every site of family.layer_sites), the two norms and the attention of
+    `layer` with quantized versions.
 
     Idempotence guard: a layer is installed once (a second call raises)."""
     if hasattr(layer, "fq_transforms"):
@@ -234,17 +246,20 @@ def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transform
     layer.fq_transforms = transforms.as_module_dict()
     lin = family.linears(layer)
     v_role = family.kv[1]
-    for site, roles in family.sites.items():
-        t_in = getattr(transforms, site)
-        act = ActSite(t_in, _act_quantizer(cfg.act_bits(roles[0]), cfg, learnable_clip))
-        norm = family.site_norm(site)
+    for site, roles in family.layer_sites(layer).items():
+        t_in = transforms.get(site)
+        act = ActSite(t_in, _act_quantizer(cfg.act_bits(family.base_role(roles[0])), cfg, learnable_clip))
+        norm, owner = family.site_norm(site, layer), family.site_owner(layer, site)
         if norm is not None:  # a shared input: transformed and quantized once, behind its norm
             family.set_norm(layer, norm, NormWithSite(family.norm(layer, norm), act))
+        elif owner is not None:  # a shared input inside a block (MoE: after the full-precision router)
+            owner.input_site = act
         for role in roles:
-            wq = _weight_quantizer(cfg.weight_bits(role), cfg, lin[role].out_features, learnable_clip)
+            wq = _weight_quantizer(cfg.weight_bits(family.base_role(role)), cfg, lin[role].out_features,
+                                   learnable_clip)
             out_t = transforms.v_head if role == v_role else None  # P_v folds into the value rows
-            family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm else act, in_transform=t_in,
-                                                       out_transform=out_t))
+            family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm or owner else act,
+                                                       in_transform=t_in, out_transform=out_t))
     kv_q = dict(symmetric=not cfg.kv_asym, clip_ratio=cfg.kv_clip_ratio, learnable_clip=learnable_clip)
     family.attention(layer).fq_kv = KVQuant(transforms.k_head, Quantizer(cfg.kv_bits, **kv_q),
                                             Quantizer(cfg.kv_bits, **kv_q))
@@ -294,6 +309,7 @@ __all__ = [
     "freeze",
     "install_attention_hook",
     "kron_apply",
+    "module_key",
     "quant_linears",
     "quantize_layer",
     "transform_rows",

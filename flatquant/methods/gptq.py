@@ -201,14 +201,10 @@ def quantizer_alpha(q: Quantizer) -> torch.Tensor | float:
 
 # ------------------------------------------------------------------------------------------ model level ---
 
-def _site_quantizers(layer: nn.Module, family) -> dict[str, Quantizer]:
-    """The activation quantizer of each input site: its input is the linears' actual (transformed) input."""
-    out = {}
-    for site in family.sites:
-        norm = family.site_norm(site)
-        out[site] = (family.norm(layer, norm).site if norm is not None
-                     else family.site_linears(layer, site)[0].input_site).quantizer
-    return out
+def _site_quantizers(layer: nn.Module, family) -> dict[str, nn.Module]:
+    """Per GPTQ group, the module whose input is the linears' actual (transformed) input: a site's activation
+    quantizer (an MoE expert's gate/up: its tap, which sees only its routed tokens)."""
+    return {key: mod for key, (mod, _roles) in family.gptq_groups(layer).items()}
 
 
 def _tensors(module: nn.Module):
@@ -230,11 +226,16 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
     Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
     linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs)."""
     ref = rtn = new = 0.0
-    for site in family.sites:
-        mods = [m for m in family.site_linears(layer, site) if m.w_quantizer.enabled]
+    lin = family.linears(layer)
+    skipped = []
+    for key, (_mod, roles) in family.gptq_groups(layer).items():
+        mods = [lin[r] for r in roles if lin[r].w_quantizer.enabled]
         if not mods:
             continue
-        h = hessians[site]
+        if key not in hessians:  # an MoE expert no calibration token was routed to: keeps its RTN weights
+            skipped.append(key)
+            continue
+        h = hessians[key]
         factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order)
         for m in mods:
             wq = m.w_quantizer
@@ -248,7 +249,7 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
             rtn += output_error(wq(w) - w, h)
             new += output_error(res.dequantize().to(w.device) - w, h)
     ref = max(ref, 1e-30)
-    return {"rtn_err": rtn / ref, "gptq_err": new / ref}
+    return {"rtn_err": rtn / ref, "gptq_err": new / ref, **({"rtn_kept": skipped} if skipped else {})}
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flatquant.errors import ModelError
+from flatquant.models import moe
 
 # The input sites of a decoder layer and the projections (by role) that read each one. attn_in and mlp_in
 # are shared inputs behind a norm (NORM_SITES); o_in and down_in feed one projection each.
@@ -37,6 +38,7 @@ class Family:
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
     qk_norm: bool = False  # per-head RMSNorm on q and k inside attention, before RoPE (Qwen3)
+    moe: bool = False  # sparse MoE blocks (router `gate`, fused 3-D `experts`): see flatquant/models/moe.py
 
     # ---- site map --------------------------------------------------------------------------
     @property
@@ -62,13 +64,72 @@ class Family:
     def head_dim(config) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    def site_norm(self, site: str) -> str | None:
-        """"input" / "post" for a site fed through a norm, None for a site fed by one projection."""
+    def site_norm(self, site: str, layer: nn.Module | None = None) -> str | None:
+        """"input" / "post" for a site fed through a norm, None for a site fed by one projection (or, in an
+        MoE layer, the gate/up site: the router reads the norm's untransformed output)."""
+        if layer is not None and site == "mlp_in" and self.is_moe_layer(layer):
+            return None
         return NORM_SITES.get(site)
 
     def site_linears(self, layer: nn.Module, site: str) -> list[nn.Module]:
         lin = self.linears(layer)
-        return [lin[r] for r in SITES[site]]
+        return [lin[r] for r in self.layer_sites(layer)[site]]
+
+    # ---- per-layer site map (MoE layers add one down_in site per expert) ------------------------------
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        return self.moe and moe.is_moe_block(self.prepare_layer(layer))
+
+    def prepare_layer(self, layer: nn.Module) -> nn.Module:
+        """Convert the layer's MoE block (if any) to flatquant's MoEBlock, once; returns the MLP module."""
+        mlp = self.mlp_module(layer)
+        if self.moe and moe.is_hf_moe(mlp):
+            mlp = moe.MoEBlock.from_hf(mlp)
+            setattr(layer, self.mlp, mlp)
+        return mlp
+
+    def layer_sites(self, layer: nn.Module) -> dict[str, tuple[str, ...]]:
+        """Input site -> the roles that read it, for this layer (SITES for a dense layer)."""
+        if not self.is_moe_layer(layer):
+            return SITES
+        return {"attn_in": SITES["attn_in"], "o_in": SITES["o_in"], **moe.mlp_sites(self.mlp_module(layer))}
+
+    @staticmethod
+    def site_kind(site: str) -> str:
+        """The kind of transform a site takes: "down_in.3" (expert 3) -> "down_in"."""
+        return site.split(".")[0]
+
+    @staticmethod
+    def base_role(role: str) -> str:
+        """The dense role whose bit settings a role takes ("experts.3.down" -> "down_proj")."""
+        return moe.base_role(role) if "." in role else role
+
+    def site_width(self, layer: nn.Module, site: str) -> int:
+        return self.site_linears(layer, site)[0].in_features
+
+    def site_owner(self, layer: nn.Module, site: str) -> nn.Module | None:
+        """The module that holds a shared site's ActSite when no norm wrapper does (MoE gate/up input)."""
+        return self.mlp_module(layer) if site == "mlp_in" and self.is_moe_layer(layer) else None
+
+    def site_reader(self, layer: nn.Module, site: str) -> tuple[nn.Module, str]:
+        """(module, "out" | "in"): the site's input is that module's output or its first input."""
+        norm = self.site_norm(site, layer)
+        if norm is not None:
+            return self.norm(layer, norm), "out"
+        owner = self.site_owner(layer, site)
+        return (owner if owner is not None else self.site_linears(layer, site)[0]), "in"
+
+    def gptq_groups(self, layer: nn.Module) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+        """GPTQ key -> (module whose first input is the roles' transformed input, roles): one Hessian each.
+        In an MoE layer each expert's gate/up gets its own (its routed tokens only)."""
+        out = {}
+        for site, roles in self.layer_sites(layer).items():
+            norm, owner = self.site_norm(site, layer), self.site_owner(layer, site)
+            if owner is not None:
+                out.update(moe.gptq_groups(owner))
+                continue
+            holder = self.norm(layer, norm).site if norm is not None else self.linears(layer)[roles[0]].input_site
+            out[site] = (holder.quantizer, roles)
+        return out
 
     # ---- lookups -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -81,11 +142,20 @@ class Family:
         return _get(layer, self.mlp)
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """The seven projections of a decoder layer, by role name."""
-        attn, mlp = self.attention(layer), self.mlp_module(layer)
+        """The projections of a decoder layer by role name: seven in a dense layer; in an MoE layer the
+        attention's four and each expert's (dotted paths inside the MoE block, e.g. "experts.3.down")."""
+        attn = self.attention(layer)
+        if self.is_moe_layer(layer):
+            mlp = self.mlp_module(layer)
+            return {**{r: getattr(attn, getattr(self, r)) for r in ATTN_ROLES}, **moe.linears(mlp)}
+        mlp = self.mlp_module(layer)
         return {r: getattr(attn if r in ATTN_ROLES else mlp, getattr(self, r)) for r in ROLES}
 
     def set_linear(self, layer: nn.Module, role: str, module: nn.Module) -> None:
+        if "." in role:  # an MoE role: a path inside the MoE block
+            parent, name = role.rsplit(".", 1)
+            setattr(_get(self.mlp_module(layer), parent), name, module)
+            return
         parent = self.attention(layer) if role in ATTN_ROLES else self.mlp_module(layer)
         setattr(parent, getattr(self, role), module)
 
@@ -107,6 +177,9 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral")),
     "qwen2": Family("qwen2", ("qwen2",)),  # q/k/v carry a bias: QuantLinear keeps any bias
     "qwen3": Family("qwen3", ("qwen3",), qk_norm=True),  # q/k norm inside attention, before RoPE and the KV hook
+    "mixtral": Family("mixtral", ("mixtral",), moe=True),
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), moe=True),  # shared expert + its sigmoid gate
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, moe=True),
 }
 
 
