@@ -176,6 +176,9 @@ def _tied_key(model) -> str | None:
 def fake_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     """(tensors, quantization_config block) of a fake-quant model."""
     family = family_for(model)
+    if family.moe:
+        _refuse(f"{family.name} is a mixture-of-experts family; the packed runtime holds dense layers only "
+                "(evaluate the fake-quant model instead)")
     names = {id(m): n for n, m in model.named_modules()}
     layers = family.decoder_layers(model)
     lay_p = names[id(layers)] + "."
@@ -211,7 +214,8 @@ def skeleton(config_dict: dict):
 
     d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     cfg = AutoConfig.for_model(**d)
-    family_for(cfg)
+    if family_for(cfg).moe:
+        raise CheckpointError(f"packed checkpoints of mixture-of-experts models ({cfg.model_type}) are not supported")
     dtype = getattr(torch, config_dict["quantization_config"]["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
