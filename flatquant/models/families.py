@@ -39,6 +39,7 @@ class Family:
     down_proj: str = "down_proj"
     qk_norm: bool = False  # per-head RMSNorm on q and k inside attention, before RoPE (Qwen3)
     moe: bool = False  # sparse MoE blocks (router `gate`, fused 3-D `experts`): see flatquant/models/moe.py
+    note: str = ""  # what is special about the family, for the README's table (family_table)
 
     # ---- site map --------------------------------------------------------------------------
     @property
@@ -175,12 +176,21 @@ def _get(root: nn.Module, dotted: str):
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral")),
-    "qwen2": Family("qwen2", ("qwen2",)),  # q/k/v carry a bias: QuantLinear keeps any bias
-    "qwen3": Family("qwen3", ("qwen3",), qk_norm=True),  # q/k norm inside attention, before RoPE and the KV hook
-    "mixtral": Family("mixtral", ("mixtral",), moe=True),
-    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), moe=True),  # shared expert + its sigmoid gate
-    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, moe=True),
+    "qwen2": Family("qwen2", ("qwen2",), note="q/k/v bias"),  # QuantLinear keeps any bias
+    "qwen3": Family("qwen3", ("qwen3",), qk_norm=True, note="per-head q/k norm"),  # before RoPE and the KV hook
+    "mixtral": Family("mixtral", ("mixtral",), moe=True, note="MoE: per-expert P_d, shared P_ug, 16-bit router"),
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), moe=True, note="MoE with a shared expert, q/k/v bias"),
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, moe=True, note="MoE, per-head q/k norm"),
 }
+
+
+def family_table() -> str:
+    """The README's table of supported families, rendered from the registry (a test keeps them equal)."""
+    rows = ["| family (`flatquant/models/families.py`) | `config.model_type` |", "|---|---|"]
+    for fam in FAMILIES.values():
+        types = ", ".join(f"`{t}`" for t in fam.model_types)
+        rows.append(f"| {fam.name} | {types}{f' ({fam.note})' if fam.note else ''} |")
+    return "\n".join(rows)
 
 
 def supported_model_types() -> list[str]:
