@@ -67,8 +67,10 @@ class QuantLinear(nn.Module):
     GPTQ_BUFFERS = ("gptq_codes", "gptq_scale", "gptq_zero")
 
     def __init__(self, linear: nn.Linear, w_quantizer: Quantizer, input_site: ActSite | None = None,
-                 in_transform: Transform | None = None, out_transform: Transform | None = None):
+                 in_transform: Transform | None = None, out_transform: Transform | None = None,
+                 out_rows: tuple[int, int] | None = None):
         super().__init__()
+        self.out_rows = out_rows  # the rows out_transform applies to (the v rows of a fused q/k/v); None = all
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -112,14 +114,14 @@ class QuantLinear(nn.Module):
     def effective_weight_and_bias(self, dtype=torch.float32, quantize: bool = True):
         b = None if self.bias is None else self.bias.to(dtype)
         if b is not None and self.out_transform is not None:
-            b = transform_rows(b.unsqueeze(-1), self.out_transform).squeeze(-1)
+            b = transform_rows(b.unsqueeze(-1), self.out_transform, self.out_rows).squeeze(-1)
         if quantize and self.has_gptq:
             return self.gptq_weight(dtype), b
         w = self.weight.to(dtype)
         if self.in_transform is not None:
             w = self.in_transform.transform_weight(w)
         if self.out_transform is not None:
-            w = transform_rows(w, self.out_transform)
+            w = transform_rows(w, self.out_transform, self.out_rows)
         return (self.w_quantizer(w) if quantize else w), b
 
     @torch.no_grad()
@@ -140,9 +142,12 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
-def transform_rows(w: torch.Tensor, t: Transform) -> torch.Tensor:
+def transform_rows(w: torch.Tensor, t: Transform, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply a head_dim transform P to the output rows of a (heads*head_dim, in) weight, head by head:
-    y_head -> y_head P  means  W_head -> Pᵀ W_head."""
+    y_head -> y_head P  means  W_head -> Pᵀ W_head. rows: only rows [start, stop) (the rest unchanged)."""
+    if rows is not None:
+        a, b = rows
+        return torch.cat([w[:a], transform_rows(w[a:b], t), w[b:]])
     hd = t.n
     out, n_in = w.shape
     wr = w.reshape(out // hd, hd, n_in).transpose(1, 2)  # (heads, in, hd): rows are y-space vectors
@@ -245,7 +250,7 @@ def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transform
         raise RuntimeError("layer is already quantized")
     layer.fq_transforms = transforms.as_module_dict()
     lin = family.linears(layer)
-    v_role = family.kv[1]
+    v_role, v_rows = family.v_rows(layer)
     for site, roles in family.layer_sites(layer).items():
         t_in = transforms.get(site)
         act = ActSite(t_in, _act_quantizer(cfg.act_bits(family.base_role(roles[0])), cfg, learnable_clip))
@@ -259,7 +264,8 @@ def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transform
                                    learnable_clip)
             out_t = transforms.v_head if role == v_role else None  # P_v folds into the value rows
             family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm or owner else act,
-                                                       in_transform=t_in, out_transform=out_t))
+                                                       in_transform=t_in, out_transform=out_t,
+                                                       out_rows=v_rows if role == v_role else None))
     kv_q = dict(symmetric=not cfg.kv_asym, clip_ratio=cfg.kv_clip_ratio, learnable_clip=learnable_clip)
     family.attention(layer).fq_kv = KVQuant(transforms.k_head, Quantizer(cfg.kv_bits, **kv_q),
                                             Quantizer(cfg.kv_bits, **kv_q))

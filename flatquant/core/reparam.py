@@ -50,9 +50,10 @@ def reparameterize(model: nn.Module) -> nn.Module:
                 family.norm(layer, norm).norm.weight.div_(c)
             else:
                 producer = lin[family.producer[site]]
-                producer.weight.div_(c.unsqueeze(1))
+                rows = family.producer_rows(site, producer)  # the up half of a fused gate/up
+                producer.weight[rows].div_(c.unsqueeze(1))
                 if producer.bias is not None:
-                    producer.bias.div_(c)
+                    producer.bias[rows].div_(c)
         freeze(layer, dtype=dtype)
         layer.to(dtype)
     return model

@@ -40,26 +40,48 @@ class Family:
     qk_norm: bool = False  # per-head RMSNorm on q and k inside attention, before RoPE (Qwen3)
     moe: bool = False  # sparse MoE blocks (router `gate`, fused 3-D `experts`): see flatquant/models/moe.py
     note: str = ""  # what is special about the family, for the README's table (family_table)
+    fused_qkv: str | None = None  # one projection holding the q, k, v rows in that order (Phi-3: qkv_proj)
+    fused_gate_up: str | None = None  # one projection holding the gate, then the up rows (Phi-3: gate_up_proj)
 
     # ---- site map --------------------------------------------------------------------------
     @property
     def sites(self) -> dict[str, tuple[str, ...]]:
-        """Input site -> the projection roles that read it (in a fixed order)."""
-        return SITES
+        """Input site -> the projection roles that read it (in a fixed order); a fused projection is one role."""
+        out = dict(SITES)
+        if self.fused_qkv:
+            out["attn_in"] = (self.fused_qkv,)
+        if self.fused_gate_up:
+            out["mlp_in"] = (self.fused_gate_up,)
+        return out
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ROLES
+        return tuple(r for roles in self.sites.values() for r in roles)
 
     @property
     def kv(self) -> tuple[str, str]:
-        """The roles whose outputs are the KV cache (keys, values)."""
+        """The roles whose outputs are the KV cache (keys, values); with fused q/k/v, both that projection."""
+        if self.fused_qkv:
+            return self.fused_qkv, self.fused_qkv
         return SITES["attn_in"][1], SITES["attn_in"][2]
+
+    def v_rows(self, layer: nn.Module) -> tuple[str, tuple[int, int] | None]:
+        """(role, rows) of the value outputs, where P_v folds in: all of v_proj, or a row range of fused q/k/v."""
+        if not self.fused_qkv:
+            return self.kv[1], None
+        conf = self.attention(layer).config
+        hd = self.head_dim(conf)
+        start = (conf.num_attention_heads + conf.num_key_value_heads) * hd
+        return self.fused_qkv, (start, start + conf.num_key_value_heads * hd)
 
     @property
     def producer(self) -> dict[str, str]:
         """Site -> the projection whose output rows produce it (only where a scale folds into them)."""
-        return {"down_in": SITES["mlp_in"][1]}
+        return {"down_in": self.fused_gate_up or SITES["mlp_in"][1]}
+
+    def producer_rows(self, site: str, module: nn.Module) -> slice:
+        """The rows of the producer of `site` that produce it (the up half of a fused gate/up)."""
+        return slice(module.out_features // 2, None) if self.fused_gate_up else slice(None)
 
     @staticmethod
     def head_dim(config) -> int:
@@ -91,7 +113,7 @@ class Family:
     def layer_sites(self, layer: nn.Module) -> dict[str, tuple[str, ...]]:
         """Input site -> the roles that read it, for this layer (SITES for a dense layer)."""
         if not self.is_moe_layer(layer):
-            return SITES
+            return self.sites
         return {"attn_in": SITES["attn_in"], "o_in": SITES["o_in"], **moe.mlp_sites(self.mlp_module(layer))}
 
     @staticmethod
@@ -99,9 +121,10 @@ class Family:
         """The kind of transform a site takes: "down_in.3" (expert 3) -> "down_in"."""
         return site.split(".")[0]
 
-    @staticmethod
-    def base_role(role: str) -> str:
-        """The dense role whose bit settings a role takes ("experts.3.down" -> "down_proj")."""
+    def base_role(self, role: str) -> str:
+        """The dense role whose bit settings a role takes ("experts.3.down" -> "down_proj", qkv_proj -> q_proj)."""
+        if role in (self.fused_qkv, self.fused_gate_up):
+            return "q_proj" if role == self.fused_qkv else "gate_proj"
         return moe.base_role(role) if "." in role else role
 
     def site_width(self, layer: nn.Module, site: str) -> int:
@@ -150,15 +173,21 @@ class Family:
             mlp = self.mlp_module(layer)
             return {**{r: getattr(attn, getattr(self, r)) for r in ATTN_ROLES}, **moe.linears(mlp)}
         mlp = self.mlp_module(layer)
-        return {r: getattr(attn if r in ATTN_ROLES else mlp, getattr(self, r)) for r in ROLES}
+        return {r: getattr(attn if self._in_attn(r) else mlp, self._attr(r)) for r in self.roles}
+
+    def _attr(self, role: str) -> str:
+        return getattr(self, role) if role in ROLES else role  # a fused projection's role is its name
+
+    def _in_attn(self, role: str) -> bool:
+        return role in ATTN_ROLES or role == self.fused_qkv
 
     def set_linear(self, layer: nn.Module, role: str, module: nn.Module) -> None:
         if "." in role:  # an MoE role: a path inside the MoE block
             parent, name = role.rsplit(".", 1)
             setattr(_get(self.mlp_module(layer), parent), name, module)
             return
-        parent = self.attention(layer) if role in ATTN_ROLES else self.mlp_module(layer)
-        setattr(parent, getattr(self, role), module)
+        parent = self.attention(layer) if self._in_attn(role) else self.mlp_module(layer)
+        setattr(parent, self._attr(role), module)
 
     def norm(self, layer: nn.Module, which: str) -> nn.Module:
         return getattr(layer, self.input_norm if which == "input" else self.post_attn_norm)
@@ -181,6 +210,8 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", ("mixtral",), moe=True, note="MoE: per-expert P_d, shared P_ug, 16-bit router"),
     "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), moe=True, note="MoE with a shared expert, q/k/v bias"),
     "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), qk_norm=True, moe=True, note="MoE, per-head q/k norm"),
+    "phi3": Family("phi3", ("phi3",), fused_qkv="qkv_proj", fused_gate_up="gate_up_proj",
+                   note="fused qkv_proj and gate_up_proj, kept fused"),
 }
 
 

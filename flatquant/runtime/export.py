@@ -112,7 +112,12 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
         c = scale["down_in"].double().cpu()
         producer = family.producer["down_in"]
         codes, s, b = w[producer]
-        w[producer] = (codes, s / c, None if b is None else b / c)
+        rows = family.producer_rows("down_in", lin[producer])  # the up half of a fused gate/up
+        s, b = s.clone(), None if b is None else b.clone()
+        s[rows] /= c
+        if b is not None:
+            b[rows] /= c
+        w[producer] = (codes, s, b)
     for which, site in (("input", "attn_in"), ("post", "mlp_in")):
         norm = norms[which]
         if not isinstance(norm, NormWithSite):
