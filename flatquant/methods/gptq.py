@@ -224,7 +224,8 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
 
     The layer must be unfrozen, with its parameters at the precision its target weights should be read at.
     Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
-    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs)."""
+    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs); "rtn_kept": the groups that saw no input
+    (unrouted MoE experts: their codes are the RTN codes, left out of the errors)."""
     ref = rtn = new = 0.0
     lin = family.linears(layer)
     skipped = []
@@ -232,11 +233,11 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
         mods = [lin[r] for r in roles if lin[r].w_quantizer.enabled]
         if not mods:
             continue
-        if key not in hessians:  # an MoE expert no calibration token was routed to: keeps its RTN weights
+        seen = key in hessians
+        if not seen:  # an MoE expert no calibration token was routed to: H = I, i.e. its RTN codes
             skipped.append(key)
-            continue
-        h = hessians[key]
-        factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order)
+        h = hessians[key] if seen else torch.eye(mods[0].in_features, device=mods[0].weight.device)
+        factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order and seen)
         for m in mods:
             wq = m.w_quantizer
             if wq.group_size is not None:
@@ -245,6 +246,8 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
             w, _ = m.effective_weight_and_bias(quantize=False)
             res = gptq_quantize(w, factor, wq.bits, wq.symmetric, quantizer_alpha(wq), qcfg.gptq_block)
             m.set_gptq(res.codes, res.scale, res.zero)
+            if not seen:  # no inputs to measure its output error on
+                continue
             ref += output_error(w, h)
             rtn += output_error(wq(w) - w, h)
             new += output_error(res.dequantize().to(w.device) - w, h)

@@ -146,5 +146,25 @@ def test_gptq_one_hessian_per_expert():
     for row in report["gptq"]["layers"]:
         assert row["rtn_kept"] == ["mlp_in.3", "down_in.3"]  # expert 3 saw no token: its RTN weights stay
         assert row["gptq_err"] < row["rtn_err"]
+    ql = fam.mlp_module(fam.decoder_layers(model)[0]).experts[3].down
+    ql.unfreeze()
+    w, _ = ql.effective_weight_and_bias(quantize=False)
+    assert torch.allclose(ql.gptq_weight(), ql.w_quantizer(w), atol=1e-6)  # GPTQ with H = I is RTN
+
+
+def test_flatquant_with_gptq_weights_on_moe(tmp_path):
+    model = _starved_model()
+    ids = _ids()
+    report = calibrate(model, QuantConfig(4, 4, 4, weight_quantizer="gptq"), ids, calib_preset("tiny", epochs=1),
+                       progress=False, out_dir=tmp_path / "p", log=lambda m: None)
+    for row in report["calib_layers"]:
+        assert row["gptq_err"] < row["gptq_rtn_err"]
+    fam = family_for(model)
     block = fam.mlp_module(fam.decoder_layers(model)[0])
-    assert block.experts[0].gate_up.has_gptq and not block.experts[3].gate_up.has_gptq
+    assert all(block.experts[e].down.has_gptq for e in range(4))
+    ql = block.experts[3].gate_up  # expert 3 saw no token: its GPTQ codes are its RTN codes
+    w, _ = ql.effective_weight_and_bias(quantize=False)
+    assert torch.allclose(ql.gptq_weight(), ql.w_quantizer(w), atol=1e-6)
+    fresh = _starved_model()  # the saved GPTQ codes load back (expert 3 without any)
+    load_calibrated(fresh, tmp_path / "p", calib=ids)
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
