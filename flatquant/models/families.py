@@ -114,7 +114,8 @@ class Family:
         """Input site -> the roles that read it, for this layer (SITES for a dense layer)."""
         if not self.is_moe_layer(layer):
             return self.sites
-        return {"attn_in": SITES["attn_in"], "o_in": SITES["o_in"], **moe.mlp_sites(self.mlp_module(layer))}
+        dense = self.sites
+        return {"attn_in": dense["attn_in"], "o_in": dense["o_in"], **moe.mlp_sites(self.mlp_module(layer))}
 
     @staticmethod
     def site_kind(site: str) -> str:
