@@ -168,3 +168,16 @@ def test_flatquant_with_gptq_weights_on_moe(tmp_path):
     fresh = _starved_model()  # the saved GPTQ codes load back (expert 3 without any)
     load_calibrated(fresh, tmp_path / "p", calib=ids)
     assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+
+
+def test_reparameterized_moe_model_matches_training_mode():
+    import copy
+
+    from flatquant.core.reparam import reparameterize
+
+    model = build_moe_model("qwen2_moe")
+    ids = _ids()
+    calibrate(model, QuantConfig(4, 4, 4), ids, calib_preset("tiny", epochs=1), progress=False, log=lambda m: None)
+    folded = reparameterize(copy.deepcopy(model))  # MoE sites keep their channel scales online
+    a, b = _logits(model, ids), _logits(folded, ids)
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
