@@ -90,14 +90,12 @@ def layer_input_absmax(layer: nn.Module, family: Family, inps: torch.Tensor, kwa
         stats[site] = m if site not in stats else torch.maximum(stats[site], m)
 
     hooks = []
-    for site, roles in family.sites.items():
-        norm = family.site_norm(site)
-        if norm is not None:  # a norm's output is the site's input
-            hooks.append(family.norm(layer, norm).register_forward_hook(
-                lambda _m, _a, o, s=site: record(s, o)))
+    for site in family.layer_sites(layer):  # a site absent from the stats saw no tokens (an unrouted expert)
+        module, where = family.site_reader(layer, site)
+        if where == "out":  # a norm's output is the site's input
+            hooks.append(module.register_forward_hook(lambda _m, _a, o, s=site: record(s, o)))
         else:
-            hooks.append(family.linears(layer)[roles[0]].register_forward_pre_hook(
-                lambda _m, a, s=site: record(s, a[0])))
+            hooks.append(module.register_forward_pre_hook(lambda _m, a, s=site: record(s, a[0])))
     try:
         out = run_layer(layer, inps, kwargs, batch_size, dtype, out=out)
     finally:

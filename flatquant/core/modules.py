@@ -11,7 +11,7 @@ deployed kernel does. KV quantization hooks attention through transformers' Atte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,10 @@ class QuantLinear(nn.Module):
     GPTQ_BUFFERS = ("gptq_codes", "gptq_scale", "gptq_zero")
 
     def __init__(self, linear: nn.Linear, w_quantizer: Quantizer, input_site: ActSite | None = None,
-                 in_transform: Transform | None = None, out_transform: Transform | None = None):
+                 in_transform: Transform | None = None, out_transform: Transform | None = None,
+                 out_rows: tuple[int, int] | None = None):
         super().__init__()
+        self.out_rows = out_rows  # the rows out_transform applies to (the v rows of a fused q/k/v); None = all
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -115,14 +117,14 @@ class QuantLinear(nn.Module):
     def effective_weight_and_bias(self, dtype=torch.float32, quantize: bool = True):
         b = None if self.bias is None else self.bias.to(dtype)
         if b is not None and self.out_transform is not None:
-            b = transform_rows(b.unsqueeze(-1), self.out_transform).squeeze(-1)
+            b = transform_rows(b.unsqueeze(-1), self.out_transform, self.out_rows).squeeze(-1)
         if quantize and self.has_gptq:
             return self.gptq_weight(dtype), b
         w = self.weight.to(dtype)
         if self.in_transform is not None:
             w = self.in_transform.transform_weight(w)
         if self.out_transform is not None:
-            w = transform_rows(w, self.out_transform)
+            w = transform_rows(w, self.out_transform, self.out_rows)
         return (self.w_quantizer(w) if quantize else w), b
 
     @torch.no_grad()
@@ -143,9 +145,12 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
-def transform_rows(w: torch.Tensor, t: Transform) -> torch.Tensor:
+def transform_rows(w: torch.Tensor, t: Transform, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply a head_dim transform P to the output rows of a (heads*head_dim, in) weight, head by head:
-    y_head -> y_head P  means  W_head -> Pᵀ W_head."""
+    y_head -> y_head P  means  W_head -> Pᵀ W_head. rows: only rows [start, stop) (the rest unchanged)."""
+    if rows is not None:
+        a, b = rows
+        return torch.cat([w[:a], transform_rows(w[a:b], t), w[b:]])
     hd = t.n
     out, n_in = w.shape
     wr = w.reshape(out // hd, hd, n_in).transpose(1, 2)  # (heads, in, hd): rows are y-space vectors
@@ -214,9 +219,20 @@ class LayerTransforms:
     down_in: Transform | None = None  # P_d: down_proj input
     k_head: Transform | None = None  # P_h: keys after RoPE, per head
     v_head: Transform | None = None  # P_v: values per head, folded into v_proj rows
+    extra: dict[str, Transform | None] = field(default_factory=dict)  # per-layer sites, e.g. "down_in.3" (MoE)
+
+    def get(self, site: str) -> Transform | None:
+        return self.extra.get(site) if site in self.extra else getattr(self, site, None)
 
     def as_module_dict(self) -> nn.ModuleDict:
-        return nn.ModuleDict({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update({module_key(site): t for site, t in self.extra.items()})
+        return nn.ModuleDict({k: t for k, t in out.items() if t is not None})
+
+
+def module_key(site: str) -> str:
+    """The key of a site's transform in a layer's `fq_transforms` ("down_in.3" -> "down_in_3")."""
+    return site.replace(".", "_")
 
 
 def _act_quantizer(bits: int, cfg: QuantConfig, learnable_clip: bool) -> Quantizer:
@@ -233,9 +249,9 @@ def _weight_quantizer(bits: int, cfg: QuantConfig, lin: nn.Linear, learnable_cli
 
 def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transforms: LayerTransforms,
                    learnable_clip: bool = False, index: int | None = None, split_kv_clip: bool = False) -> None:
-    """Replace the seven projections, the two norms and the attention of `layer` with quantized versions.
-    index: the decoder layer's number (per-layer mixed precision); split_kv_clip: separate learnable
-    lower/upper KV clip factors.
+    """Replace the projections (every site of family.layer_sites), the two norms and the attention of
+    `layer` with quantized versions. index: the decoder layer's number (per-layer mixed precision);
+    split_kv_clip: separate learnable lower/upper KV clip factors.
 
     Idempotence guard: a layer is installed once (a second call raises)."""
     if hasattr(layer, "fq_transforms"):
@@ -243,18 +259,21 @@ def quantize_layer(layer: nn.Module, family: Family, cfg: QuantConfig, transform
     check_shared_sites(cfg, family, index)
     layer.fq_transforms = transforms.as_module_dict()
     lin = family.linears(layer)
-    v_role = family.kv[1]
-    for site, roles in family.sites.items():
-        t_in = getattr(transforms, site)
-        act = ActSite(t_in, _act_quantizer(cfg.act_bits(roles[0], index), cfg, learnable_clip))
-        norm = family.site_norm(site)
+    v_role, v_rows = family.v_rows(layer)
+    for site, roles in family.layer_sites(layer).items():
+        t_in = transforms.get(site)
+        act = ActSite(t_in, _act_quantizer(cfg.act_bits(family.base_role(roles[0]), index), cfg, learnable_clip))
+        norm, owner = family.site_norm(site, layer), family.site_owner(layer, site)
         if norm is not None:  # a shared input: transformed and quantized once, behind its norm
             family.set_norm(layer, norm, NormWithSite(family.norm(layer, norm), act))
+        elif owner is not None:  # a shared input inside a block (MoE: after the full-precision router)
+            owner.input_site = act
         for role in roles:
-            wq = _weight_quantizer(cfg.weight_bits(role, index), cfg, lin[role], learnable_clip)
+            wq = _weight_quantizer(cfg.weight_bits(family.base_role(role), index), cfg, lin[role], learnable_clip)
             out_t = transforms.v_head if role == v_role else None  # P_v folds into the value rows
-            family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm else act, in_transform=t_in,
-                                                       out_transform=out_t))
+            family.set_linear(layer, role, QuantLinear(lin[role], wq, None if norm or owner else act,
+                                                       in_transform=t_in, out_transform=out_t,
+                                                       out_rows=v_rows if role == v_role else None))
     attn, g = family.attention(layer), cfg.kv_group_size
     head_dim = getattr(attn, "head_dim", None)
     if g is not None and head_dim is not None and (g > head_dim or head_dim % g):
@@ -310,6 +329,7 @@ __all__ = [
     "freeze",
     "install_attention_hook",
     "kron_apply",
+    "module_key",
     "quant_linears",
     "quantize_layer",
     "transform_rows",

@@ -38,21 +38,22 @@ def reparameterize(model: nn.Module) -> nn.Module:
                 m.clear_gptq()  # GPTQ weights included: they are what `w` holds now
         t = layer.fq_transforms
         lin = family.linears(layer)
-        for site in family.sites:  # a scale moves into the norm or projection that produces the site
-            if family.site_norm(site) is None and site not in family.producer:
-                continue  # o_in: attention cannot absorb a scale
+        for site in family.layer_sites(layer):  # a scale moves into the norm or projection producing the site
+            norm = family.site_norm(site, layer)
+            if norm is None and site not in family.producer:
+                continue  # o_in: attention cannot absorb a scale; MoE sites keep theirs online
             c = t[site].fold_scale() if site in t else None
             if c is None:
                 continue
             c = c.to(torch.float64)
-            norm = family.site_norm(site)
             if norm is not None:
                 family.norm(layer, norm).norm.weight.div_(c)
             else:
                 producer = lin[family.producer[site]]
-                producer.weight.div_(c.unsqueeze(1))
+                rows = family.producer_rows(site, producer)  # the up half of a fused gate/up
+                producer.weight[rows].div_(c.unsqueeze(1))
                 if producer.bias is not None:
-                    producer.bias.div_(c)
+                    producer.bias[rows].div_(c)
         freeze(layer, dtype=dtype)
         layer.to(dtype)
     return model

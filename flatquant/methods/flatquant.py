@@ -25,23 +25,32 @@ from flatquant.calib import artifacts as artifacts
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
 from flatquant.calib.train_step import LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
-from flatquant.core.modules import LayerTransforms, cast_weights, freeze, install_attention_hook, quantize_layer
+from flatquant.core.modules import (LayerTransforms, cast_weights, freeze, install_attention_hook, module_key,
+                                    quantize_layer)
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 from flatquant.errors import CheckpointError, NonFiniteError
 from flatquant.methods import gptq
 from flatquant.methods.smoothquant import site_scales
 from flatquant.models.families import Family, family_for
+from flatquant.models.moe import unrouted_sites
 
 __all__ = ["calibrate", "calibrate_layer", "capture_layer_inputs", "layer_transforms", "load_calibrated",
            "load_calibrated_with_report", "train_layer"]
 
 
 def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
-                     init_scales: dict[str, torch.Tensor] | None = None) -> LayerTransforms:
-    """The learnable transforms of one decoder layer, as the ablation flags ask (LT, PS)."""
-    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+                     init_scales: dict[str, torch.Tensor] | None = None, layer: nn.Module | None = None,
+                     routed=None) -> LayerTransforms:
+    """The learnable transforms of one decoder layer, as the ablation flags ask (LT, PS).
+
+    layer: sizes the sites from the layer itself (an MoE layer has one down site per expert); routed: the
+    per-expert sites that get a transform (default all); the others keep none (identity)."""
+    family = family_for(model_config)
+    sites = family.layer_sites(layer) if layer is not None else family.sites
+    hidden = model_config.hidden_size
+    inter = family.site_width(layer, "down_in") if "down_in" in sites else model_config.intermediate_size
     heads = model_config.num_attention_heads
-    head_dim = family_for(model_config).head_dim(model_config)
+    head_dim = family.head_dim(model_config)
     par = "svd" if cfg.recipe == "svd-amp" else "direct"
     init_scales = init_scales or {}
 
@@ -56,14 +65,18 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
     def scale_only(n, site):
         return ChannelScale(init_scales.get(site, torch.ones(n)), learnable=True) if cfg.learn_scale else None
 
+    dense_down = "down_in" in sites
+    extra_sites = [x for x in sites if "." in x and (routed is None or x in routed)]
     if not cfg.learn_transform:  # ablation rows without LT: scales (PS) at most
         return LayerTransforms(attn_in=scale_only(hidden, "attn_in"), mlp_in=scale_only(hidden, "mlp_in"),
-                               down_in=scale_only(inter, "down_in"))
+                               down_in=scale_only(inter, "down_in") if dense_down else None,
+                               extra={x: scale_only(family.site_width(layer, x), x) for x in extra_sites})
     o_in = affine(heads * head_dim, factors=(heads, head_dim), skip_p2_online=True)
     return LayerTransforms(
         attn_in=affine(hidden, "attn_in"), o_in=o_in, v_head=FactorView(o_in),
-        mlp_in=affine(hidden, "mlp_in"), down_in=affine(inter, "down_in"),
+        mlp_in=affine(hidden, "mlp_in"), down_in=affine(inter, "down_in") if dense_down else None,
         k_head=affine(head_dim, factors=(1, head_dim)),
+        extra={x: affine(family.site_width(layer, x), x) for x in extra_sites},
     )
 
 
@@ -163,7 +176,8 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     trained = None
     while True:
         gen = torch.Generator().manual_seed(seed)  # per layer: a resumed run equals an uninterrupted one
-        transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats, cfg.scale_alpha))
+        transforms = layer_transforms(model_config, cfg, gen, site_scales(layer, family, stats, cfg.scale_alpha),
+                                      layer=layer, routed=set(stats))
         quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip, index=index,
                        split_kv_clip=cfg.kv_clip_split)
         layer.to(device)
@@ -185,6 +199,9 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
     if not math.isfinite(after):
         raise NonFiniteError(f"layer {index}: calibration diverged (NaN/inf loss) even in float32")
     row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}
+    unrouted = unrouted_sites(family.layer_sites(layer), stats)
+    if unrouted:  # MoE experts no calibration token was routed to: identity transforms
+        row["unrouted_experts"] = [int(x.split(".")[1]) for x in unrouted]
     if saved is None and trained is not None:
         row["loss_trained"] = trained  # training ended worse than the start: the start was kept
     if saved is None and history:
@@ -234,7 +251,9 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
             + (" (resumed)" if saved is not None else "")
             + (f" (training reached {row['loss_trained']:.4g}; kept the initial parameters)"
-               if "loss_trained" in row else ""))
+               if "loss_trained" in row else "")
+            + (f" (experts with no calibration tokens, identity transforms: {row['unrouted_experts']})"
+               if "unrouted_experts" in row else ""))
         return targets, row  # full-precision outputs feed the next layer
 
     report = run_layerwise(model, family, windows, step, dtype=store_dtype(model), desc="flatquant layers",
@@ -290,7 +309,10 @@ def load_calibrated_with_report(model: nn.Module, out_dir: str | Path, qcfg: Qua
         if saved is None:
             raise CheckpointError(f"{out_dir}: parameters for layer {i} are missing")
         layer.float()
-        transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0))
+        keys = {k.split(".")[1] for k in saved if k.startswith("fq_transforms.")}
+        routed = {x for x in family.layer_sites(layer) if module_key(x) in keys}
+        transforms = layer_transforms(model.config, cfg, torch.Generator().manual_seed(0), layer=layer,
+                                      routed=routed)
         quantize_layer(layer, family, qcfg, transforms, learnable_clip=cfg.learn_clip, index=i,
                        split_kv_clip=cfg.kv_clip_split)
         layer.to(device)

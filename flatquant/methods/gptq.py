@@ -216,14 +216,10 @@ def quantizer_alpha(q: Quantizer) -> torch.Tensor | float:
 
 # ------------------------------------------------------------------------------------------ model level ---
 
-def _site_quantizers(layer: nn.Module, family) -> dict[str, Quantizer]:
-    """The activation quantizer of each input site: its input is the linears' actual (transformed) input."""
-    out = {}
-    for site in family.sites:
-        norm = family.site_norm(site)
-        out[site] = (family.norm(layer, norm).site if norm is not None
-                     else family.site_linears(layer, site)[0].input_site).quantizer
-    return out
+def _site_quantizers(layer: nn.Module, family) -> dict[str, nn.Module]:
+    """Per GPTQ group, the module whose input is the linears' actual (transformed) input: a site's activation
+    quantizer (an MoE expert's gate/up: its tap, which sees only its routed tokens)."""
+    return {key: mod for key, (mod, _roles) in family.gptq_groups(layer).items()}
 
 
 def _tensors(module: nn.Module):
@@ -243,14 +239,20 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
 
     The layer must be unfrozen, with its parameters at the precision its target weights should be read at.
     Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
-    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs)."""
+    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs); "rtn_kept": the groups that saw no input
+    (unrouted MoE experts: their codes are the RTN codes, left out of the errors)."""
     ref = rtn = new = 0.0
-    for site in family.sites:
-        mods = [m for m in family.site_linears(layer, site) if m.w_quantizer.enabled]
+    lin = family.linears(layer)
+    skipped = []
+    for key, (_mod, roles) in family.gptq_groups(layer).items():
+        mods = [lin[r] for r in roles if lin[r].w_quantizer.enabled]
         if not mods:
             continue
-        h = hessians[site]
-        factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order)
+        seen = key in hessians
+        if not seen:  # an MoE expert no calibration token was routed to: H = I, i.e. its RTN codes
+            skipped.append(key)
+        h = hessians[key] if seen else torch.eye(mods[0].in_features, device=mods[0].weight.device)
+        factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order and seen)
         for m in mods:
             wq = m.w_quantizer
             m.clear_gptq()
@@ -258,11 +260,13 @@ def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg
             res = gptq_quantize(w, factor, wq.bits, wq.symmetric, quantizer_alpha(wq), qcfg.gptq_block,
                                 wq.group_size)
             m.set_gptq(res.codes, res.scale, res.zero)
+            if not seen:  # no inputs to measure its output error on
+                continue
             ref += output_error(w, h)
             rtn += output_error(wq(w) - w, h)
             new += output_error(res.dequantize().to(w.device) - w, h)
     ref = max(ref, 1e-30)
-    return {"rtn_err": rtn / ref, "gptq_err": new / ref}
+    return {"rtn_err": rtn / ref, "gptq_err": new / ref, **({"rtn_kept": skipped} if skipped else {})}
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ from flatquant.core.transforms import FactorView, FixedKronecker
 def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:
     gen = torch.Generator().manual_seed(seed)
     conf = model.config
-    hidden, inter = conf.hidden_size, conf.intermediate_size
+    hidden = conf.hidden_size
     heads = conf.num_attention_heads
     head_dim = family.head_dim(conf)
     out = []
-    for _ in family.decoder_layers(model):
+    for layer in family.decoder_layers(model):
         o_in = FixedKronecker.random_hadamard(heads * head_dim, gen, factors=(heads, head_dim), signs=False,
                                               skip_p2_online=True)
         out.append(LayerTransforms(
@@ -28,7 +28,10 @@ def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[Laye
             o_in=o_in,
             v_head=FactorView(o_in),
             mlp_in=FixedKronecker.random_hadamard(hidden, gen),
-            down_in=FixedKronecker.random_hadamard(inter, gen),
+            down_in=FixedKronecker.random_hadamard(family.site_width(layer, "down_in"), gen)
+            if "down_in" in family.layer_sites(layer) else None,
             k_head=FixedKronecker.random_hadamard(head_dim, gen, factors=(1, head_dim), signs=False),
+            extra={s: FixedKronecker.random_hadamard(family.site_width(layer, s), gen)  # MoE: one per expert
+                   for s in family.layer_sites(layer) if "." in s},
         ))
     return out

@@ -26,12 +26,16 @@ def site_scales(layer, family, stats: dict[str, torch.Tensor], alpha: float = AL
     """The scale of each site that can fold one (SCALED_SITES), from its activation max |x| and the weights
     of the projections that read it."""
     return {site: smooth_scale(stats[site], [m.weight for m in family.site_linears(layer, site)], alpha)
-            for site in SCALED_SITES}
+            for site in family.layer_sites(layer) if family.site_kind(site) in SCALED_SITES and site in stats}
 
 
 def build_transforms(model, family, cfg, calib=None, seed: int = 0) -> list[LayerTransforms]:
     if calib is None:
         raise ValueError("smoothquant needs calibration windows for its activation statistics")
     stats = input_absmax(model, family, calib)
-    return [LayerTransforms(**{site: ChannelScale(c) for site, c in site_scales(layer, family, stats[i]).items()})
-            for i, layer in enumerate(family.decoder_layers(model))]
+    out = []
+    for i, layer in enumerate(family.decoder_layers(model)):
+        scales = {site: ChannelScale(c) for site, c in site_scales(layer, family, stats[i]).items()}
+        base = {k: scales.pop(k) for k in SCALED_SITES if k in scales}
+        out.append(LayerTransforms(**base, extra=scales))  # extra: per-expert sites of an MoE layer
+    return out

@@ -114,7 +114,12 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
         c = scale["down_in"].double().cpu()
         producer = family.producer["down_in"]
         codes, s, b = w[producer]
-        w[producer] = (codes, s / c, None if b is None else b / c)
+        rows = family.producer_rows("down_in", lin[producer])  # the up half of a fused gate/up
+        s, b = s.clone(), None if b is None else b.clone()
+        s[rows] /= c
+        if b is not None:
+            b[rows] /= c
+        w[producer] = (codes, s, b)
     for which, site in (("input", "attn_in"), ("post", "mlp_in")):
         norm = norms[which]
         if not isinstance(norm, NormWithSite):
@@ -178,6 +183,9 @@ def _tied_key(model) -> str | None:
 def fake_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     """(tensors, quantization_config block) of a fake-quant model."""
     family = family_for(model)
+    if family.moe:
+        _refuse(f"{family.name} is a mixture-of-experts family; the packed runtime holds dense layers only "
+                "(evaluate the fake-quant model instead)")
     names = {id(m): n for n, m in model.named_modules()}
     layers = family.decoder_layers(model)
     lay_p = names[id(layers)] + "."
@@ -213,7 +221,8 @@ def skeleton(config_dict: dict):
 
     d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     cfg = AutoConfig.for_model(**d)
-    family_for(cfg)
+    if family_for(cfg).moe:
+        raise CheckpointError(f"packed checkpoints of mixture-of-experts models ({cfg.model_type}) are not supported")
     dtype = getattr(torch, config_dict["quantization_config"]["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -47,3 +47,22 @@ def test_head_dim_explicit_or_derived(tiny_model_factory):
 def test_unknown_architecture_lists_supported():
     with pytest.raises(ModelError, match="supported model types: .*llama.*qwen2"):
         family_for(GPT2Config())
+
+
+def test_readme_family_table_is_the_registry():
+    from pathlib import Path
+
+    from flatquant.models.families import family_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert family_table() in readme, "README's family table differs from families.family_table(); paste it in"
+
+
+def test_unknown_architecture_error_lists_every_supported_type():
+    from flatquant.models.families import supported_model_types
+
+    with pytest.raises(ModelError) as e:
+        family_for(GPT2Config())
+    msg = str(e.value)
+    assert "\n" not in msg and "'gpt2'" in msg
+    assert all(t in msg for t in supported_model_types()) and "mixtral" in msg and "qwen3_moe" in msg
