@@ -220,3 +220,39 @@ def test_gpu_quantize_many_rows():
     for clip in (1.0, 0.85):
         for g, w in zip(tri.quantize_kv_triton(x, clip), ref.quantize_kv(x, clip)):
             assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------- code operands, GQA, pipelining knobs ---
+
+@pytest.mark.parametrize("codes", ["biased", "exact"])
+@pytest.mark.parametrize("hq,hkv,dtype,block", [(3, 3, torch.bfloat16, 32), (8, 2, torch.float16, 16),
+                                                (8, 1, torch.bfloat16, 16), (5, 5, torch.float32, 16)])
+def test_triton_decode_code_modes(codes, hq, hkv, dtype, block):
+    """GQA ratios 1 / 4 / 8, odd head counts, lengths not a multiple of the block, both code operand forms."""
+    b, d, s_max = 4, 32, 45
+    kc, ks, kz, vc, vs, vz = make_cache(b, hkv, s_max, d)
+    q = (torch.randn(b, hq, d, device=DEV) * 2 + 1).to(dtype)  # a mean: sum(q) large, the zero term matters
+    lengths = torch.tensor([45, 1, 0, 33], dtype=torch.int32, device=DEV)
+    for splits in (1, 3):
+        out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 0.2, num_splits=splits, block_n=block,
+                                   codes=codes, num_stages=1)
+        exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 0.2)
+        assert_close_to_f32(out, exact, dtype)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_triton_decode_rejects_bad_codes():
+    kc, ks, kz, vc, vs, vz = make_cache(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="codes"):
+        tri.decode_attention(torch.randn(1, 1, 16, device=DEV), kc, ks, kz, vc, vs, vz,
+                             torch.ones(1, dtype=torch.int32, device=DEV), codes="packed")
+
+
+def test_choose_splits_fills_the_gpu(monkeypatch):
+    """About WAVES programs per SM, never below MIN_SPLIT_TOKENS per split, one split when the grid is full."""
+    monkeypatch.setattr(tri, "_sm_count", lambda dev: 132)
+    dev = torch.device("cpu")
+    assert tri.choose_splits(32, 32, 2048, 128, dev) == 1
+    assert tri.choose_splits(1, 8, 32768, 128, dev) == min(tri.MAX_SPLITS, math.ceil(tri.WAVES * 132 / 8))
+    assert tri.choose_splits(1, 8, 2048, 128, dev) == 2048 // tri.MIN_SPLIT_TOKENS
+    assert tri.choose_splits(32, 8, 2048, 128, dev) == math.ceil(tri.WAVES * 132 / 256)
