@@ -35,11 +35,12 @@ BATCHES = [1, 8, 32, 64]
 KV_LENS = [2048, 8192]
 QUICK_BATCHES = [1, 32]
 QUICK_KV_LENS = [2048]
-SWEEP_SPLITS = [1, 2, 4, 8, 16, 32]  # at the default block, warps, stages and codes
+SWEEP_SPLITS = [1, 2, 4, 8, 16]  # at the default block, warps, stages and codes
 # (block_n, num_warps, num_stages, codes) at the default splits
 SWEEP_OTHER = [(32, 4, 2, "biased"), (64, 4, 2, "biased"), (64, 4, 3, "biased"), (64, 8, 2, "biased"),
                (128, 4, 2, "biased"), (128, 8, 1, "biased"), (128, 8, 2, "biased"), (128, 8, 3, "biased"),
-               (256, 8, 2, "biased"), (64, 4, 2, "exact"), (128, 8, 2, "exact")]
+               (256, 8, 2, "biased"), (64, 4, 2, "exact"), (128, 8, 2, "exact"), (64, 4, 2, "prmt"),
+               (128, 8, 2, "prmt"), (128, 4, 2, "prmt")]
 MAX_COPIES = 64
 
 
@@ -169,15 +170,23 @@ def main() -> int:
                     dflt = (kv4.BLOCK_N, kv4.NUM_WARPS, kv4.NUM_STAGES, kv4.CODES)
                     cfgs = [(ns, *dflt) for ns in SWEEP_SPLITS if ns * kv4.BLOCK_N <= s]
                     cfgs += [(None, *o) for o in SWEEP_OTHER]
+                    # every config's output on two sequences against the reference (a wrong one is not picked)
+                    st0 = [t[:2] for t in ksets[0]]
+                    anchor = kv4.ref.decode_attention_f32(*st0, lengths[:2], sm)
                     for ns, blk, nw, st, cd in cfgs:
                         kw = dict(num_splits=ns, block_n=blk, num_warps=nw, num_stages=st, codes=cd)
+                        o = kv4.decode_attention(*st0, lengths[:2], sm, **kw).float()
+                        diff = float((o - anchor).abs().max())
+                        ok = diff <= 0.02 * float(anchor.abs().max()) + 1e-3  # a few bf16 ulps
                         t = graph_ms([lambda st_=st_: run(*st_, **kw) for st_ in ksets], args.warmup_ms, args.rep_ms)
                         cfg = {**kw, "num_splits": ns or kv4.choose_splits(b, hkv, s, blk, dev)}
                         add(dict(kernel="kv4_decode_attention_sweep", shape=shape, median_ms=t, baseline=baseline,
                                  baseline_median_ms=t_bf16, speedup=t_bf16 / t, default_median_ms=t_kv4,
                                  achieved_gbps=kv4_bytes / (t * 1e-3) / 1e9, config=cfg,
-                                 config_splits="fixed" if ns else "heuristic", cache_copies=nk, **timing))
-                        print(f"{'':>11} sweep {cfg} {t:9.4f} ms {t_bf16 / t:6.2f}x", flush=True)
+                                 config_splits="fixed" if ns else "heuristic", max_abs_diff_vs_reference=diff,
+                                 matches_reference=ok, cache_copies=nk, **timing))
+                        print(f"{'':>11} sweep {cfg} {t:9.4f} ms {t_bf16 / t:6.2f}x{'' if ok else ' WRONG OUTPUT'}",
+                              flush=True)
                 del ksets
                 torch.cuda.empty_cache()
     if args.sweep:
@@ -187,8 +196,9 @@ def main() -> int:
 
 def summarize_sweep(records: list[dict]) -> None:
     """Print the fastest config per shape and the heuristic-split config with the best geometric mean of
-    time / default time over all shapes (the candidate for the module defaults)."""
-    sweep = [r for r in records if r["kernel"] == "kv4_decode_attention_sweep"]
+    time / default time over all shapes (the candidate for the module defaults); configs whose output
+    differs from the reference's are left out."""
+    sweep = [r for r in records if r["kernel"] == "kv4_decode_attention_sweep" and r["matches_reference"]]
     key = lambda r: (r["shape"]["model"], r["shape"]["batch"], r["shape"]["kv_len"])
     for k in sorted({key(r) for r in sweep}):
         best = min((r for r in sweep if key(r) == k), key=lambda r: r["median_ms"])

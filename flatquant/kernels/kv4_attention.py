@@ -36,7 +36,8 @@ WAVES = 3               # splits are added until the grid has about this many pr
 MAX_SPLITS = 64
 NUM_WARPS = 8
 NUM_STAGES = 2          # software-pipeline depth of the block loop (1: loads not prefetched)
-CODES = "biased"        # code operands: "biased" (16 + code by logic ops) or "exact" (via float32)
+CODES = "biased"        # code operands (CODE_MODES): 16 + code by logic ops per byte ("biased") or four bytes
+CODE_MODES = ("exact", "biased", "prmt")  # at a time ("prmt", inline PTX), or the code itself via float32
 LOG2E = 1.4426950408889634
 
 
@@ -138,6 +139,31 @@ def _codes16(c, LOW: tl.constexpr, FP16: tl.constexpr):
         return (bits | 0x4180).to(tl.bfloat16, bitcast=True)
 
 
+_PRMT = ("{{\n.reg .b32 x01, x23, z;\nmov.b32 z, 0;\nprmt.b32 x01, $4, z, 0x4140;\nprmt.b32 x23, $4, z, 0x4342;\n"
+         "shl.b32 $0, x01, {lo}; and.b32 $0, $0, {m}; or.b32 $0, $0, {b};\n"
+         "shl.b32 $1, x23, {lo}; and.b32 $1, $1, {m}; or.b32 $1, $1, {b};\n"
+         "{hop}.b32 $2, x01, {hi}; and.b32 $2, $2, {m}; or.b32 $2, $2, {b};\n"
+         "{hop}.b32 $3, x23, {hi}; and.b32 $3, $3, {m}; or.b32 $3, $3, {b};\n}}")
+_PRMT_BF16 = tl.constexpr(_PRMT.format(lo=3, hop="shr", hi=1, m="0x00780078", b="0x41804180"))
+_PRMT_FP16 = tl.constexpr(_PRMT.format(lo=6, hop="shl", hi=2, m="0x03C003C0", b="0x4C004C00"))
+
+
+@triton.jit
+def _codes16_prmt(c8, FP16: tl.constexpr, INTERP: tl.constexpr):
+    """`_codes16` (low, high) of uint8 bytes c8, four bytes per 32-bit register on the GPU: two byte
+    permutes spread them over 16-bit halves, then a shift, an AND and an OR make two codes at once."""
+    if INTERP:
+        c = c8.to(tl.int16)
+        return _codes16(c, True, FP16), _codes16(c, False, FP16)
+    else:
+        if FP16:
+            return tl.inline_asm_elementwise(_PRMT_FP16, "=r,=r,=r,=r,r", [c8],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_PRMT_BF16, "=r,=r,=r,=r,r", [c8],
+                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
 @triton.jit
 def _codes_exact(c, LOW: tl.constexpr, DT: tl.constexpr):
     """Nibbles of packed bytes c (int32) as the code itself in DT (through float32: 2**23 + code - 2**23)."""
@@ -148,11 +174,11 @@ def _codes_exact(c, LOW: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _kv_block(qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
               c_base, s_base, sc_s, ss_s, n0, end, qk_scale, j, jmask,
-              BLOCK: tl.constexpr, QKIND: tl.constexpr, BIASED: tl.constexpr, INTERP: tl.constexpr):
+              BLOCK: tl.constexpr, QKIND: tl.constexpr, CODE_MODE: tl.constexpr, INTERP: tl.constexpr):
     """One block of BLOCK cache positions: scores from the raw codes, q . (c + B) - (z + B) * sum(q), times
     the scale; values as sum_t w_t (c_t + B) with w = p * scale, the sum_t w_t (z_t + B) kept apart (zacc)."""
     IS_F32: tl.constexpr = QKIND == 0
-    BIAS: tl.constexpr = 16.0 if (BIASED and not IS_F32) else 0.0
+    BIAS: tl.constexpr = 16.0 if (CODE_MODE > 0 and not IS_F32) else 0.0
     n = n0 + tl.arange(0, BLOCK)
     nmask = n < end
     cmask = nmask[:, None] & jmask[None, :]
@@ -165,7 +191,9 @@ def _kv_block(qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr
     vs = tl.load(vs_ptr + s_off, mask=nmask, other=0.0)
     vz = tl.load(vz_ptr + s_off, mask=nmask, other=0.0)
     DT = qe.dtype
-    if BIAS != 0.0:
+    if BIAS != 0.0 and CODE_MODE == 2:
+        k_lo, k_hi = _codes16_prmt(kc, QKIND == 2, INTERP)
+    elif BIAS != 0.0:
         k16 = kc.to(tl.int16)
         k_lo = _codes16(k16, True, QKIND == 2)
         k_hi = _codes16(k16, False, QKIND == 2)
@@ -189,7 +217,9 @@ def _kv_block(qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr
         pv_o = _mm(w, v_hi, True, INTERP)
         wq = w
     else:
-        if BIAS != 0.0:
+        if CODE_MODE == 2:
+            v_lo, v_hi = _codes16_prmt(vc, False, INTERP)
+        elif BIAS != 0.0:
             v16 = vc.to(tl.int16)
             v_lo = _codes16(v16, True, False)
             v_hi = _codes16(v16, False, False)
@@ -214,7 +244,7 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
                   sq_b, sq_h, so_b, so_h, sc_b, sc_h, sc_s, ss_b, ss_h, ss_s,
                   HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D2: tl.constexpr,
                   D2_PAD: tl.constexpr, BLOCK: tl.constexpr, DIRECT: tl.constexpr, QKIND: tl.constexpr,
-                  BIASED: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr):
+                  CODE_MODE: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -247,13 +277,15 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
         while it < n_iters:
             m_i, l_i, acc_e, acc_o, zacc = _kv_block(
                 qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, BIASED, INTERP)
+                c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, CODE_MODE,
+                INTERP)
             it += 1
     else:  # a counted loop: Triton pipelines its loads STAGES deep
         for it in tl.range(0, n_iters, num_stages=STAGES):
             m_i, l_i, acc_e, acc_o, zacc = _kv_block(
                 qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, BIASED, INTERP)
+                c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, CODE_MODE,
+                INTERP)
 
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     o_e = (acc_e - zacc[:, None]) * inv_l[:, None]
@@ -314,7 +346,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
                      codes: str | None = None) -> torch.Tensor:
     """Triton flash-decoding over the KV4 cache; same semantics as `kv4_reference.decode_attention`
     (lengths above S_max are clamped to S_max here). num_splits / block_n / num_warps / num_stages / codes
-    ("biased" or "exact") override the module defaults."""
+    (CODE_MODES) override the module defaults."""
     b, hq, hkv, s_max, d = ref.check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                    lengths)
     if q.device.type != "cuda" and not interpreting():
@@ -336,8 +368,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         raise ValueError("K and V codes (and all four scale / zero tensors) must share their strides")
     block_n = block_n or BLOCK_N
     codes = codes or CODES
-    if codes not in ("biased", "exact"):
-        raise ValueError(f"codes must be 'biased' or 'exact', got {codes!r}")
+    if codes not in CODE_MODES:
+        raise ValueError(f"codes must be one of {CODE_MODES}, got {codes!r}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     ns = num_splits or choose_splits(b, hkv, s_max, block_n, q.device)
@@ -357,7 +389,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         HKV=hkv, G=g, G_PAD=_pow2(g), D2=d // 2, D2_PAD=_pow2(d // 2), BLOCK=block_n, DIRECT=direct,
-        QKIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype], BIASED=codes == "biased",
+        QKIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype], CODE_MODE=CODE_MODES.index(codes),
         STAGES=num_stages or NUM_STAGES, INTERP=interpreting(), num_warps=num_warps or NUM_WARPS)
     if not direct:
         _combine_kernel[(b * hq,)](opart, lse, out, ns, d, out.stride(0), out.stride(1),

@@ -224,7 +224,7 @@ def test_gpu_quantize_many_rows():
 
 # ------------------------------------------------------------- code operands, GQA, pipelining knobs ---
 
-@pytest.mark.parametrize("codes", ["biased", "exact"])
+@pytest.mark.parametrize("codes", ["biased", "exact", "prmt"])
 @pytest.mark.parametrize("hq,hkv,dtype,block", [(3, 3, torch.bfloat16, 32), (8, 2, torch.float16, 16),
                                                 (8, 1, torch.bfloat16, 16), (5, 5, torch.float32, 16)])
 def test_triton_decode_code_modes(codes, hq, hkv, dtype, block):
@@ -256,3 +256,20 @@ def test_choose_splits_fills_the_gpu(monkeypatch):
     assert tri.choose_splits(1, 8, 32768, 128, dev) == min(tri.MAX_SPLITS, math.ceil(tri.WAVES * 132 / 8))
     assert tri.choose_splits(1, 8, 2048, 128, dev) == 2048 // tri.MIN_SPLIT_TOKENS
     assert tri.choose_splits(32, 8, 2048, 128, dev) == math.ceil(tri.WAVES * 132 / 256)
+
+
+@needs_cuda
+@pytest.mark.parametrize("codes", ["biased", "exact", "prmt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_n,num_warps,num_stages", [(64, 4, 2), (128, 8, 3), (32, 4, 1)])
+def test_gpu_code_modes_and_tiles(codes, dtype, block_n, num_warps, num_stages):
+    """Every code operand form (the inline-PTX one runs only here) and tile knob the sweep tries, GQA 4."""
+    b, hq, hkv, s_max, d = 6, 32, 8, 700, 128
+    kc, ks, kz, vc, vs, vz = make_cache(b, hkv, s_max, d)
+    q = torch.randn(b, hq, d, device="cuda").to(dtype)
+    lengths = torch.tensor([700, 0, 1, 129, 513, 64], dtype=torch.int32, device="cuda")
+    exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d))
+    for splits in (None, 1, 3):
+        out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d), num_splits=splits,
+                                   block_n=block_n, num_warps=num_warps, num_stages=num_stages, codes=codes)
+        assert_close_to_f32(out, exact, dtype, atol=1e-4, rtol=1e-4)
