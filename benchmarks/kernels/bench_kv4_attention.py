@@ -11,11 +11,13 @@ read (codes, scales and zeros for KV4; bf16 K and V for the baseline; plus q and
 
     PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --out results/kernels/kv4_attention.json [--quick]
 
---sweep also times the kernel at other sequence-split counts, block sizes, warp counts, pipeline depths
-and code operand forms (records kv4_decode_attention_sweep, with config) and prints, per shape and over
-all shapes (geometric mean of time / default time), the fastest config. One GPU call picks the defaults:
+--sweep also times the kernel at other sequence-split counts, block sizes, warp counts, pipeline depths,
+code operand forms and with w's two parts in one value dot or two (stack); records
+kv4_decode_attention_sweep, with config and a check of its output against the reference. It prints, per
+shape and over all shapes (geometric mean of time / default time), the fastest config. One GPU call picks
+the defaults:
 
-    PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --quick --sweep --out $OUT/kv4_sweep.json
+    PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --quick --sweep --rep-ms 30 --out $OUT/kv4_sweep.json
 """
 from __future__ import annotations
 
@@ -36,11 +38,13 @@ KV_LENS = [2048, 8192]
 QUICK_BATCHES = [1, 32]
 QUICK_KV_LENS = [2048]
 SWEEP_SPLITS = [1, 2, 4, 8, 16]  # at the default block, warps, stages and codes
-# (block_n, num_warps, num_stages, codes) at the default splits
-SWEEP_OTHER = [(32, 4, 2, "biased"), (64, 4, 2, "biased"), (64, 4, 3, "biased"), (64, 8, 2, "biased"),
-               (128, 4, 2, "biased"), (128, 8, 1, "biased"), (128, 8, 2, "biased"), (128, 8, 3, "biased"),
-               (256, 8, 2, "biased"), (64, 4, 2, "exact"), (128, 8, 2, "exact"), (64, 4, 2, "prmt"),
-               (128, 8, 2, "prmt"), (128, 4, 2, "prmt")]
+# (block_n, num_warps, num_stages, codes, stack) at the default splits
+SWEEP_OTHER = [(32, 4, 2, "biased", True), (64, 4, 2, "biased", True), (64, 4, 3, "biased", True),
+               (64, 8, 2, "biased", True), (128, 4, 2, "biased", True), (128, 8, 1, "biased", True),
+               (128, 8, 2, "biased", True), (128, 8, 3, "biased", True), (256, 8, 2, "biased", True),
+               (64, 4, 2, "exact", True), (128, 8, 2, "exact", True), (64, 4, 2, "prmt", True),
+               (128, 8, 2, "prmt", True), (128, 8, 3, "prmt", True), (64, 4, 2, "biased", False),
+               (128, 8, 2, "biased", False)]
 MAX_COPIES = 64
 
 
@@ -162,19 +166,20 @@ def main() -> int:
                          achieved_gbps=kv4_bytes / (t_kv4 * 1e-3) / 1e9,
                          baseline_achieved_gbps=bf16_bytes / (t_bf16 * 1e-3) / 1e9,
                          config=dict(num_splits=splits, block_n=kv4.BLOCK_N, num_warps=kv4.NUM_WARPS,
-                                     num_stages=kv4.NUM_STAGES, codes=kv4.CODES), cache_copies=nk,
+                                     num_stages=kv4.NUM_STAGES, codes=kv4.CODES, stack=kv4.STACK_V),
+                         cache_copies=nk,
                          baseline_cache_copies=nb, **timing))
                 print(f"{model:>11} {b:>3} {s:>5} {t_bf16:9.4f} {t_kv4:9.4f} {t_bf16 / t_kv4:6.2f} "
                       f"{kv4_bytes / (t_kv4 * 1e-3) / 1e9:9.0f} {splits}", flush=True)
                 if args.sweep:
-                    dflt = (kv4.BLOCK_N, kv4.NUM_WARPS, kv4.NUM_STAGES, kv4.CODES)
+                    dflt = (kv4.BLOCK_N, kv4.NUM_WARPS, kv4.NUM_STAGES, kv4.CODES, kv4.STACK_V)
                     cfgs = [(ns, *dflt) for ns in SWEEP_SPLITS if ns * kv4.BLOCK_N <= s]
                     cfgs += [(None, *o) for o in SWEEP_OTHER]
                     # every config's output on two sequences against the reference (a wrong one is not picked)
                     st0 = [t[:2] for t in ksets[0]]
                     anchor = kv4.ref.decode_attention_f32(*st0, lengths[:2], sm)
-                    for ns, blk, nw, st, cd in cfgs:
-                        kw = dict(num_splits=ns, block_n=blk, num_warps=nw, num_stages=st, codes=cd)
+                    for ns, blk, nw, st, cd, sv in cfgs:
+                        kw = dict(num_splits=ns, block_n=blk, num_warps=nw, num_stages=st, codes=cd, stack=sv)
                         o = kv4.decode_attention(*st0, lengths[:2], sm, **kw).float()
                         diff = float((o - anchor).abs().max())
                         ok = diff <= 0.02 * float(anchor.abs().max()) + 1e-3  # a few bf16 ulps
@@ -207,10 +212,11 @@ def summarize_sweep(records: list[dict]) -> None:
     for r in sweep:
         if r["config_splits"] == "heuristic":
             c = r["config"]
-            geo.setdefault((c["block_n"], c["num_warps"], c["num_stages"], c["codes"]), []).append(
+            geo.setdefault((c["block_n"], c["num_warps"], c["num_stages"], c["codes"], c["stack"]), []).append(
                 math.log(r["median_ms"] / r["default_median_ms"]))
     for c, v in sorted(geo.items(), key=lambda kv: sum(kv[1]) / len(kv[1])):
-        print(f"(block_n, num_warps, num_stages, codes) {c}: geomean time / default {math.exp(sum(v) / len(v)):.3f}")
+        print(f"(block_n, num_warps, num_stages, codes, stack) {c}: geomean time / default "
+              f"{math.exp(sum(v) / len(v)):.3f}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ NUM_WARPS = 8
 NUM_STAGES = 2          # software-pipeline depth of the block loop (1: loads not prefetched)
 CODES = "biased"        # code operands (CODE_MODES): 16 + code by logic ops per byte ("biased") or four bytes
 CODE_MODES = ("exact", "biased", "prmt")  # at a time ("prmt", inline PTX), or the code itself via float32
+STACK_V = True          # GQA groups <= half the padded rows: w's bf16 high and low parts share one value dot
 LOG2E = 1.4426950408889634
 
 
@@ -174,7 +175,8 @@ def _codes_exact(c, LOW: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _kv_block(qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
               c_base, s_base, sc_s, ss_s, n0, end, qk_scale, j, jmask,
-              BLOCK: tl.constexpr, QKIND: tl.constexpr, CODE_MODE: tl.constexpr, INTERP: tl.constexpr):
+              BLOCK: tl.constexpr, QKIND: tl.constexpr, CODE_MODE: tl.constexpr, STACK: tl.constexpr,
+              INTERP: tl.constexpr):
     """One block of BLOCK cache positions: scores from the raw codes, q . (c + B) - (z + B) * sum(q), times
     the scale; values as sum_t w_t (c_t + B) with w = p * scale, the sum_t w_t (z_t + B) kept apart (zacc)."""
     IS_F32: tl.constexpr = QKIND == 0
@@ -229,9 +231,16 @@ def _kv_block(qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr
             v_hi = _codes_exact(v32, False, tl.bfloat16)
         w_hi = w.to(tl.bfloat16)  # w as bf16 high + low parts: ~16 mantissa bits against the exact codes
         w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
-        wq = w_hi.to(tl.float32) + w_lo.to(tl.float32)  # what the dots multiply: the bias cancels exactly
-        pv_e = _mm(w_hi, v_lo, False, INTERP) + _mm(w_lo, v_lo, False, INTERP)
-        pv_o = _mm(w_hi, v_hi, False, INTERP) + _mm(w_lo, v_hi, False, INTERP)
+        if STACK:  # rows r and r + G_PAD / 2 hold the same head: the high part on top, the low part below
+            top = tl.arange(0, w.shape[0]) < w.shape[0] // 2
+            w16 = tl.where(top[:, None], w_hi, w_lo)
+            wq = w16.to(tl.float32)
+            pv_e = _mm(w16, v_lo, False, INTERP)
+            pv_o = _mm(w16, v_hi, False, INTERP)
+        else:
+            wq = w_hi.to(tl.float32) + w_lo.to(tl.float32)  # what the dots multiply: the bias cancels exactly
+            pv_e = _mm(w_hi, v_lo, False, INTERP) + _mm(w_lo, v_lo, False, INTERP)
+            pv_o = _mm(w_hi, v_hi, False, INTERP) + _mm(w_lo, v_hi, False, INTERP)
     zacc = zacc * corr + tl.sum(wq * (vz + BIAS)[None, :], 1)
     acc_e = acc_e * corr[:, None] + pv_e
     acc_o = acc_o * corr[:, None] + pv_o
@@ -244,7 +253,7 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
                   sq_b, sq_h, so_b, so_h, sc_b, sc_h, sc_s, ss_b, ss_h, ss_s,
                   HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D2: tl.constexpr,
                   D2_PAD: tl.constexpr, BLOCK: tl.constexpr, DIRECT: tl.constexpr, QKIND: tl.constexpr,
-                  CODE_MODE: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr):
+                  CODE_MODE: tl.constexpr, STACK: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -253,7 +262,8 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, length)
 
-    g = tl.arange(0, G_PAD)
+    HALF: tl.constexpr = G_PAD // 2 if STACK else G_PAD
+    g = tl.arange(0, G_PAD) % HALF  # STACK: each head twice (w's high and low parts, see _kv_block)
     j = tl.arange(0, D2_PAD)
     gmask = g < G
     jmask = j < D2
@@ -278,18 +288,29 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr
             m_i, l_i, acc_e, acc_o, zacc = _kv_block(
                 qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
                 c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, CODE_MODE,
-                INTERP)
+                STACK, INTERP)
             it += 1
     else:  # a counted loop: Triton pipelines its loads STAGES deep
         for it in tl.range(0, n_iters, num_stages=STAGES):
             m_i, l_i, acc_e, acc_o, zacc = _kv_block(
                 qe, qo, qsum, m_i, l_i, acc_e, acc_o, zacc, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
                 c_base, s_base, sc_s, ss_s, start + it * BLOCK, end, qk_scale, j, jmask, BLOCK, QKIND, CODE_MODE,
-                INTERP)
+                STACK, INTERP)
 
+    o_e = acc_e - zacc[:, None]
+    o_o = acc_o - zacc[:, None]
+    if STACK:  # a head's two rows (high and low parts of w) meet; m and l are the same in both
+        o_e = tl.sum(tl.reshape(o_e, (2, HALF, D2_PAD)), 0)
+        o_o = tl.sum(tl.reshape(o_o, (2, HALF, D2_PAD)), 0)
+        l_i = tl.max(tl.reshape(l_i, (2, HALF)), 0)
+        m_i = tl.max(tl.reshape(m_i, (2, HALF)), 0)
+        g = tl.arange(0, HALF)
+        gmask = g < G
+        heads = h * G + g
+        qm = gmask[:, None] & jmask[None, :]
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-    o_e = (acc_e - zacc[:, None]) * inv_l[:, None]
-    o_o = (acc_o - zacc[:, None]) * inv_l[:, None]
+    o_e = o_e * inv_l[:, None]
+    o_o = o_o * inv_l[:, None]
     if DIRECT:
         o_off = b.to(tl.int64) * so_b + heads[:, None] * so_h + 2 * j[None, :]
         tl.store(out_ptr + o_off, o_e.to(qe.dtype), mask=qm)
@@ -343,10 +364,10 @@ def choose_splits(batch: int, hkv: int, s_max: int, block_n: int, device: torch.
 def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
                      sm_scale: float | None = None, *, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                     codes: str | None = None) -> torch.Tensor:
+                     codes: str | None = None, stack: bool | None = None) -> torch.Tensor:
     """Triton flash-decoding over the KV4 cache; same semantics as `kv4_reference.decode_attention`
     (lengths above S_max are clamped to S_max here). num_splits / block_n / num_warps / num_stages / codes
-    (CODE_MODES) override the module defaults."""
+    (CODE_MODES) / stack override the module defaults."""
     b, hq, hkv, s_max, d = ref.check_decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                    lengths)
     if q.device.type != "cuda" and not interpreting():
@@ -368,6 +389,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         raise ValueError("K and V codes (and all four scale / zero tensors) must share their strides")
     block_n = block_n or BLOCK_N
     codes = codes or CODES
+    stack = STACK_V if stack is None else bool(stack)
     if codes not in CODE_MODES:
         raise ValueError(f"codes must be one of {CODE_MODES}, got {codes!r}")
     if block_n < 16 or block_n & (block_n - 1):
@@ -390,6 +412,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         HKV=hkv, G=g, G_PAD=_pow2(g), D2=d // 2, D2_PAD=_pow2(d // 2), BLOCK=block_n, DIRECT=direct,
         QKIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype], CODE_MODE=CODE_MODES.index(codes),
+        STACK=stack and q.dtype != torch.float32 and 2 * g <= _pow2(g),
         STAGES=num_stages or NUM_STAGES, INTERP=interpreting(), num_warps=num_warps or NUM_WARPS)
     if not direct:
         _combine_kernel[(b * hq,)](opart, lse, out, ns, d, out.stride(0), out.stride(1),

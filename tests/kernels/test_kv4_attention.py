@@ -226,16 +226,18 @@ def test_gpu_quantize_many_rows():
 
 @pytest.mark.parametrize("codes", ["biased", "exact", "prmt"])
 @pytest.mark.parametrize("hq,hkv,dtype,block", [(3, 3, torch.bfloat16, 32), (8, 2, torch.float16, 16),
-                                                (8, 1, torch.bfloat16, 16), (5, 5, torch.float32, 16)])
+                                                (8, 1, torch.bfloat16, 16), (5, 5, torch.float32, 16),
+                                                (16, 1, torch.bfloat16, 16)])
 def test_triton_decode_code_modes(codes, hq, hkv, dtype, block):
-    """GQA ratios 1 / 4 / 8, odd head counts, lengths not a multiple of the block, both code operand forms."""
+    """GQA ratios 1 / 4 / 8 / 16, odd head counts, lengths not a multiple of the block, every code operand
+    form, w's two parts stacked in one value dot (G <= 8) or in two."""
     b, d, s_max = 4, 32, 45
     kc, ks, kz, vc, vs, vz = make_cache(b, hkv, s_max, d)
     q = (torch.randn(b, hq, d, device=DEV) * 2 + 1).to(dtype)  # a mean: sum(q) large, the zero term matters
     lengths = torch.tensor([45, 1, 0, 33], dtype=torch.int32, device=DEV)
-    for splits in (1, 3):
+    for splits, stack in ((1, True), (3, True), (2, False)):
         out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 0.2, num_splits=splits, block_n=block,
-                                   codes=codes, num_stages=1)
+                                   codes=codes, num_stages=1, stack=stack)
         exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 0.2)
         assert_close_to_f32(out, exact, dtype)
         assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -271,5 +273,6 @@ def test_gpu_code_modes_and_tiles(codes, dtype, block_n, num_warps, num_stages):
     exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d))
     for splits in (None, 1, 3):
         out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d), num_splits=splits,
-                                   block_n=block_n, num_warps=num_warps, num_stages=num_stages, codes=codes)
+                                   block_n=block_n, num_warps=num_warps, num_stages=num_stages, codes=codes,
+                                   stack=splits != 3)
         assert_close_to_f32(out, exact, dtype, atol=1e-4, rtol=1e-4)
