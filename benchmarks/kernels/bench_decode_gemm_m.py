@@ -30,6 +30,7 @@ MODELS = {  # (in, out) of the linear layers of one decoder block (q/k/v and gat
     "llama-3-8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
 }
 MS = [8, 16, 32, 64, 128]
+DEVICE = "cuda"
 # Tensor-core tiles tried per M bucket besides the default: (BLOCK_M, BLOCK_N, BLOCK_K, SUB, warps); a
 # BLOCK_M below the bucket walks several M tiles (the weight read more than once, more programs).
 SWEEP = {
@@ -46,8 +47,11 @@ def _cfg(t):
     return dict(KERNEL="mma", SWAP_AB=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUB=sub, SPLIT_K=1, MMA_WARPS=nw)
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SUB", "MMA_WARPS", "SPLIT_K")
+
+
 def _key(cfg: dict) -> tuple:
-    return tuple(cfg.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SUB", "MMA_WARPS", "SPLIT_K"))
+    return tuple(cfg.get(k) for k in TILE_KEYS)
 
 
 def pick(records: list[dict]) -> dict:
@@ -80,7 +84,8 @@ def pick(records: list[dict]) -> dict:
             break
         wins_up_to = m
     return {"small_m_max": max(16, wins_up_to) if wins_up_to else 16, "decode_wins_up_to_m": wins_up_to,
-            "mma_m_config": {str(b): dict(next(iter(v[1].values()))["config"]) for b, v in best.items()}}
+            "mma_m_config": {str(b): {k: c for k, c in next(iter(v[1].values()))["config"].items() if k in TILE_KEYS}
+                             for b, v in best.items()}}
 
 
 def main() -> int:
@@ -99,7 +104,7 @@ def main() -> int:
     from flatquant.kernels.reference import quantize_weight_reference
     from flatquant.kernels.routes import DEFAULT_ROUTES
 
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     out = RecordWriter(args.out, {**base_fields(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                                   "timing": "cuda_graph", "rep_ms": args.rep_ms})
     ms = [int(v) for v in args.ms.split(",")]
@@ -140,9 +145,9 @@ def main() -> int:
                     full.setdefault("BLOCK_M", m_bucket(m))
                     rec("decode", t, config=full, default=cfg is default, speedup_vs_scaled_mm=t_smm / t,
                         weight_gbps=n * k / 2 / (t * 1e-3) / 1e9)
-                    res.append((t, full))
-                t_def = res[0][0] if res and cfgs[0] is default else float("nan")
-                tb, cb = min(res, key=lambda r: r[0]) if res else (float("nan"), {})
+                    res.append((t, full, cfg is default))
+                t_def = next((t for t, _, d in res if d), float("nan"))
+                tb, cb, _ = min(res, key=lambda r: r[0]) if res else (float("nan"), {}, False)
                 print(f"{model:>11} {k:>6} {n:>6} {m:>4} {t_bf16:8.4f} {t_smm:9.4f} {t_def:8.4f} {tb:8.4f} "
                       f"{_key(cb)}", flush=True)
             del qw, w8, wb

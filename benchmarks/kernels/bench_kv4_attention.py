@@ -46,6 +46,7 @@ SWEEP_OTHER = [(32, 4, 2, "biased", True), (64, 4, 2, "biased", True), (64, 4, 3
                (128, 8, 2, "prmt", True), (128, 8, 3, "prmt", True), (64, 4, 2, "biased", False),
                (128, 8, 2, "biased", False)]
 MAX_COPIES = 64
+DEVICE = "cuda"
 
 
 def median_ms(fn, warmup_ms, rep_ms) -> float:
@@ -110,7 +111,7 @@ def main() -> int:
     from flatquant.results import atomic_write_text, provenance
 
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     bf16 = torch.bfloat16
     base = {**provenance("cuda"), "triton": triton.__version__}
     records: list[dict] = []
