@@ -40,10 +40,8 @@ QUICK_KV_LENS = [2048]
 SWEEP_SPLITS = [1, 2, 4, 8, 16]  # at the default block, warps, stages and codes
 # (block_n, num_warps, num_stages, codes, stack) at the default splits
 SWEEP_OTHER = [(32, 4, 2, "biased", True), (64, 4, 2, "biased", True), (64, 4, 3, "biased", True),
-               (64, 8, 2, "biased", True), (128, 4, 2, "biased", True), (128, 8, 1, "biased", True),
-               (128, 8, 2, "biased", True), (128, 8, 3, "biased", True), (256, 8, 2, "biased", True),
-               (64, 4, 2, "exact", True), (128, 8, 2, "exact", True), (64, 4, 2, "prmt", True),
-               (128, 8, 2, "prmt", True), (128, 8, 3, "prmt", True), (64, 4, 2, "biased", False),
+               (128, 4, 2, "biased", True), (128, 8, 3, "biased", True), (256, 8, 2, "biased", True),
+               (128, 8, 2, "exact", True), (64, 4, 2, "prmt", True), (128, 8, 2, "prmt", True),
                (128, 8, 2, "biased", False)]
 MAX_COPIES = 64
 DEVICE = "cuda"
