@@ -168,7 +168,7 @@ def test_route_supported_limits():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
-@pytest.mark.parametrize("m", [1, 3, 7, 16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 24, 64, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)])
 def test_decode_gemm_gpu_default_config(m, n, k):
     a, sa, qw, sw, b = _operands(m, n, k)
@@ -385,3 +385,26 @@ def test_decode_gemm_m_buckets_and_limits():
                                                                BLOCK_M=48))
     with pytest.raises(ValueError, match="small_m_max"):
         RouteConfig(small_m_max=decode_gemm.MAX_M + 1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
+@pytest.mark.parametrize("m", [32, 100, 128])
+def test_decode_gemm_gpu_large_m_tiles_bitwise(m):
+    """Every tile bench_decode_gemm_m.py sweeps for M's bucket, on codes one per byte: exact int32 sums, so
+    all give the same output bit for bit, equal to the reference's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "bench_decode_gemm_m.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_gemm_m", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n, k = 4096, 4096
+    a, sa, qw, sw, b = _operands(m, n, k)
+    codes = unpack_int4(a)
+    cfgs = [bench._cfg(t) for t in bench.SWEEP[decode_gemm.m_bucket(m)]]
+    ys = [w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4)]
+    ys += [w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=c) for c in cfgs]
+    for y, c in zip(ys[1:], cfgs):
+        assert torch.equal(y, ys[0]), c
+    _close(ys[0], w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
