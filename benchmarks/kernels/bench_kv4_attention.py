@@ -11,8 +11,13 @@ read (codes, scales and zeros for KV4; bf16 K and V for the baseline; plus q and
 
     PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --out results/kernels/kv4_attention.json [--quick]
 
---sweep also times the kernel at other sequence-split counts, block sizes and warp counts (records
-kv4_decode_attention_sweep, with config).
+--sweep also times the kernel at other sequence-split counts, block sizes, warp counts, pipeline depths,
+code operand forms and with w's two parts in one value dot or two (stack); records
+kv4_decode_attention_sweep, with config and a check of its output against the reference. It prints, per
+shape and over all shapes (geometric mean of time / default time), the fastest config. One GPU call picks
+the defaults:
+
+    PYTHONPATH=. python benchmarks/kernels/bench_kv4_attention.py --quick --sweep --rep-ms 30 --out $OUT/kv4_sweep.json
 """
 from __future__ import annotations
 
@@ -32,9 +37,14 @@ BATCHES = [1, 8, 32, 64]
 KV_LENS = [2048, 8192]
 QUICK_BATCHES = [1, 32]
 QUICK_KV_LENS = [2048]
-SWEEP_SPLITS = [1, 2, 4, 8, 16, 32]  # at the default block and warps
-SWEEP_OTHER = [(32, 4), (128, 4), (64, 8), (128, 8)]  # (block_n, num_warps) at the default splits
+SWEEP_SPLITS = [1, 2, 4, 8, 16]  # at the default block, warps, stages and codes
+# (block_n, num_warps, num_stages, codes, stack) at the default splits
+SWEEP_OTHER = [(32, 4, 2, "biased", True), (64, 4, 2, "biased", True), (64, 4, 3, "biased", True),
+               (128, 4, 2, "biased", True), (128, 8, 3, "biased", True), (256, 8, 2, "biased", True),
+               (128, 8, 2, "exact", True), (64, 4, 2, "prmt", True), (128, 8, 2, "prmt", True),
+               (128, 8, 2, "biased", False)]
 MAX_COPIES = 64
+DEVICE = "cuda"
 
 
 def median_ms(fn, warmup_ms, rep_ms) -> float:
@@ -99,7 +109,7 @@ def main() -> int:
     from flatquant.results import atomic_write_text, provenance
 
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     bf16 = torch.bfloat16
     base = {**provenance("cuda"), "triton": triton.__version__}
     records: list[dict] = []
@@ -154,24 +164,64 @@ def main() -> int:
                          baseline_median_ms=t_bf16, speedup=t_bf16 / t_kv4,
                          achieved_gbps=kv4_bytes / (t_kv4 * 1e-3) / 1e9,
                          baseline_achieved_gbps=bf16_bytes / (t_bf16 * 1e-3) / 1e9,
-                         config=dict(num_splits=splits, block_n=kv4.BLOCK_N, num_warps=kv4.NUM_WARPS), cache_copies=nk,
+                         config=dict(num_splits=splits, block_n=kv4.BLOCK_N, num_warps=kv4.NUM_WARPS,
+                                     num_stages=kv4.NUM_STAGES, codes=kv4.CODES, stack=kv4.STACK_V),
+                         cache_copies=nk,
                          baseline_cache_copies=nb, **timing))
                 print(f"{model:>11} {b:>3} {s:>5} {t_bf16:9.4f} {t_kv4:9.4f} {t_bf16 / t_kv4:6.2f} "
                       f"{kv4_bytes / (t_kv4 * 1e-3) / 1e9:9.0f} {splits}", flush=True)
                 if args.sweep:
-                    cfgs = [(ns, kv4.BLOCK_N, kv4.NUM_WARPS) for ns in SWEEP_SPLITS if ns * kv4.BLOCK_N <= s]
-                    cfgs += [(None, blk, nw) for blk, nw in SWEEP_OTHER]
-                    for ns, blk, nw in cfgs:
-                        t = graph_ms([lambda st=st: run(*st, num_splits=ns, block_n=blk, num_warps=nw)
-                                      for st in ksets], args.warmup_ms, args.rep_ms)
-                        cfg = dict(num_splits=ns or kv4.choose_splits(b, hkv, s, blk, dev), block_n=blk, num_warps=nw)
+                    dflt = (kv4.BLOCK_N, kv4.NUM_WARPS, kv4.NUM_STAGES, kv4.CODES, kv4.STACK_V)
+                    cfgs = [(ns, *dflt) for ns in SWEEP_SPLITS if ns * kv4.BLOCK_N <= s]
+                    cfgs += [(None, *o) for o in SWEEP_OTHER]
+                    # every config's output on two sequences against the reference (a wrong one is not picked)
+                    st0 = [t[:2] for t in ksets[0]]
+                    anchor = kv4.ref.decode_attention_f32(*st0, lengths[:2], sm)
+                    for ns, blk, nw, st, cd, sv in cfgs:
+                        kw = dict(num_splits=ns, block_n=blk, num_warps=nw, num_stages=st, codes=cd, stack=sv)
+                        try:
+                            o = kv4.decode_attention(*st0, lengths[:2], sm, **kw).float()
+                        except Exception as e:  # a config that does not compile: recorded, skipped
+                            add(dict(kernel="kv4_decode_attention_sweep_error", shape=shape, config=kw,
+                                     error=repr(e)[:300]))
+                            print(f"{'':>11} sweep {kw} failed: {repr(e)[:120]}", flush=True)
+                            continue
+                        diff = float((o - anchor).abs().max())
+                        ok = diff <= 0.02 * float(anchor.abs().max()) + 1e-3  # a few bf16 ulps
+                        t = graph_ms([lambda st_=st_: run(*st_, **kw) for st_ in ksets], args.warmup_ms, args.rep_ms)
+                        cfg = {**kw, "num_splits": ns or kv4.choose_splits(b, hkv, s, blk, dev)}
                         add(dict(kernel="kv4_decode_attention_sweep", shape=shape, median_ms=t, baseline=baseline,
-                                 baseline_median_ms=t_bf16, speedup=t_bf16 / t,
-                                 achieved_gbps=kv4_bytes / (t * 1e-3) / 1e9, config=cfg, cache_copies=nk, **timing))
-                        print(f"{'':>11} sweep {cfg} {t:9.4f} ms {t_bf16 / t:6.2f}x", flush=True)
+                                 baseline_median_ms=t_bf16, speedup=t_bf16 / t, default_median_ms=t_kv4,
+                                 achieved_gbps=kv4_bytes / (t * 1e-3) / 1e9, config=cfg,
+                                 config_splits="fixed" if ns else "heuristic", max_abs_diff_vs_reference=diff,
+                                 matches_reference=ok, cache_copies=nk, **timing))
+                        print(f"{'':>11} sweep {cfg} {t:9.4f} ms {t_bf16 / t:6.2f}x{'' if ok else ' WRONG OUTPUT'}",
+                              flush=True)
                 del ksets
                 torch.cuda.empty_cache()
+    if args.sweep:
+        summarize_sweep(records)
     return 0
+
+
+def summarize_sweep(records: list[dict]) -> None:
+    """Print the fastest config per shape and the heuristic-split config with the best geometric mean of
+    time / default time over all shapes (the candidate for the module defaults); configs whose output
+    differs from the reference's are left out."""
+    sweep = [r for r in records if r["kernel"] == "kv4_decode_attention_sweep" and r["matches_reference"]]
+    key = lambda r: (r["shape"]["model"], r["shape"]["batch"], r["shape"]["kv_len"])
+    for k in sorted({key(r) for r in sweep}):
+        best = min((r for r in sweep if key(r) == k), key=lambda r: r["median_ms"])
+        print(f"best {k}: {best['config']} {best['median_ms']:.4f} ms (default {best['default_median_ms']:.4f})")
+    geo: dict[tuple, list[float]] = {}
+    for r in sweep:
+        if r["config_splits"] == "heuristic":
+            c = r["config"]
+            geo.setdefault((c["block_n"], c["num_warps"], c["num_stages"], c["codes"], c["stack"]), []).append(
+                math.log(r["median_ms"] / r["default_median_ms"]))
+    for c, v in sorted(geo.items(), key=lambda kv: sum(kv[1]) / len(kv[1])):
+        print(f"(block_n, num_warps, num_stages, codes, stack) {c}: geomean time / default "
+              f"{math.exp(sum(v) / len(v)):.3f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from types import MappingProxyType
 ONE_BYTE_ROUTES = ("int_mm", "scaled_mm", "tma_int8", "tma_fp8")
 TRITON_GEMM_ROUTES = ("int8", "fp8")
 PDL_TRIGGERS = (None, "start", "end")
+DECODE_MAX_M = 128  # the decode GEMM's largest M (gemm/decode.py)
 
 
 def _frozen(m: Mapping | None) -> Mapping:
@@ -24,7 +25,7 @@ def _frozen(m: Mapping | None) -> Mapping:
 class RouteConfig:
     """Dispatch settings of the Triton backend (module docstring). Fields, by the part they steer:
 
-    W4A4Linear's GEMM route by tokens M: `small_m_max` (the decode GEMM up to it), `large_m_min` and
+    W4A4Linear's GEMM route by tokens M: `small_m_max` (the decode GEMM up to it; <= DECODE_MAX_M), `large_m_min` and
     `large_m_route` (cuBLASLt from it), `tma_m_min` and `tma_route` (the TMA GEMM from it; None: only where
     pinned), `fallback_routes` (tried in order where a route does not take the sizes), `triton_gemm_route`
     (the Triton GEMM's format), `fused_decode_max_m` (the one-launch decode kernel up to it; 0: off),
@@ -71,6 +72,9 @@ class RouteConfig:
                              f"got {self.large_m_route!r}, {self.tma_route!r}")
         if not set(self.fallback_routes) <= set(ONE_BYTE_ROUTES):
             raise ValueError(f"fallback_routes must be among {ONE_BYTE_ROUTES}, got {self.fallback_routes}")
+        if not 0 <= self.small_m_max <= DECODE_MAX_M:
+            raise ValueError(f"small_m_max must lie in [0, {DECODE_MAX_M}] (the decode GEMM's M), "
+                             f"got {self.small_m_max}")
         if self.triton_gemm_route not in TRITON_GEMM_ROUTES:
             raise ValueError(f"triton_gemm_route must be one of {TRITON_GEMM_ROUTES}, got {self.triton_gemm_route!r}")
         if self.pdl_trigger not in PDL_TRIGGERS:

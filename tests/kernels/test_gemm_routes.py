@@ -88,7 +88,7 @@ def test_decode_gemm_int8_codes_and_limits():
     a, sa, qw, sw, b = _operands(7, 48, 128, bits=8)
     y = w4a4_gemm_decode(a, sa, qw, sw, b, torch.float32, 8, config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2))
     _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 8), torch.float32)
-    a, sa, qw, sw, _ = _operands(17, 32, 64)
+    a, sa, qw, sw, _ = _operands(decode_gemm.MAX_M + 1, 32, 64)
     with pytest.raises(ValueError):
         w4a4_gemm_decode(a, sa, qw, sw)
     a, sa, qw, sw, _ = _operands(2, 32, 64)
@@ -168,7 +168,7 @@ def test_route_supported_limits():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
-@pytest.mark.parametrize("m", [1, 3, 7, 16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 24, 64, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)])
 def test_decode_gemm_gpu_default_config(m, n, k):
     a, sa, qw, sw, b = _operands(m, n, k)
@@ -350,3 +350,61 @@ def test_route_config_values_and_validation():
     assert decode_gemm.resolved_config(1, n, kh, dev, routes=over)["GEMV_PREFETCH"] == 2
     assert "GEMV_PREFETCH" not in decode_gemm.resolved_config(1, n, kh, dev, config={"KERNEL": "gemv"}, routes=over)
     assert RouteConfig(tma_configs={"int8": {"BLOCK_M": 64}}).as_dict()["tma_configs"] == {"int8": {"BLOCK_M": 64}}
+
+
+# ------------------------------------------------------------------- decode GEMM above M = 16 ---
+
+@pytest.mark.parametrize("m,block_m,split", [(17, None, 1), (40, None, 2), (64, 32, 1), (100, None, 3),
+                                             (128, 16, 2), (33, 64, 1)])
+@pytest.mark.parametrize("a_codes", [False, True])
+def test_decode_gemm_large_m(m, block_m, split, a_codes):
+    """M = 17-128 through the tensor-core kernel: one M tile (the bucket) or several (BLOCK_M pinned smaller),
+    split-K with per-(M tile, N tile) counters, packed or one-code-per-byte activations; exact sums."""
+    n, k = 40, 192
+    a, sa, qw, sw, b = _operands(m, n, k)
+    cfg = dict(KERNEL="mma", SWAP_AB=True, BLOCK_N=16, BLOCK_K=32, SUB=2, SPLIT_K=split)
+    if block_m:
+        cfg["BLOCK_M"] = block_m
+    act = unpack_int4(a) if a_codes else a
+    y = w4a4_gemm_decode(act, sa, qw, sw, b, torch.float32, 4, config=cfg)
+    _close(y, w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)
+    ws, counters = decode_gemm._workspace(a.device, n)
+    assert int(ws.abs().sum()) == 0 and int(counters.abs().sum()) == 0
+
+
+def test_decode_gemm_m_buckets_and_limits():
+    dev = torch.device(DEVICE)
+    assert [decode_gemm.m_bucket(m) for m in (1, 16, 17, 32, 33, 64, 65, 128)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert decode_gemm.resolved_config(100, 4096, 2048, dev)["KERNEL"] == "mma"
+    assert decode_gemm.resolved_config(100, 4096, 2048, dev)["BLOCK_M"] == 128
+    a, sa, qw, sw, _ = _operands(decode_gemm.MAX_M + 1, 16, 64)
+    with pytest.raises(ValueError, match="M <="):
+        w4a4_gemm_decode(a, sa, qw, sw)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        w4a4_gemm_decode(a[:20], sa[:20], qw, sw, config=dict(KERNEL="mma", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1,
+                                                               BLOCK_M=48))
+    with pytest.raises(ValueError, match="small_m_max"):
+        RouteConfig(small_m_max=decode_gemm.MAX_M + 1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes: GPU only")
+@pytest.mark.parametrize("m", [32, 100, 128])
+def test_decode_gemm_gpu_large_m_tiles_bitwise(m):
+    """Every tile bench_decode_gemm_m.py sweeps for M's bucket, on codes one per byte: exact int32 sums, so
+    all give the same output bit for bit, equal to the reference's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "bench_decode_gemm_m.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_gemm_m", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n, k = 4096, 4096
+    a, sa, qw, sw, b = _operands(m, n, k)
+    codes = unpack_int4(a)
+    cfgs = [bench._cfg(t) for t in bench.SWEEP[decode_gemm.m_bucket(m)]]
+    ys = [w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4)]
+    ys += [w4a4_gemm_decode(codes, sa, qw, sw, b, torch.float32, 4, config=c) for c in cfgs]
+    for y, c in zip(ys[1:], cfgs):
+        assert torch.equal(y, ys[0]), c
+    _close(ys[0], w4a4_gemm_reference(a, sa, qw, sw, b, torch.float32, 4), torch.float32)

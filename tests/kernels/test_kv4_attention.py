@@ -220,3 +220,59 @@ def test_gpu_quantize_many_rows():
     for clip in (1.0, 0.85):
         for g, w in zip(tri.quantize_kv_triton(x, clip), ref.quantize_kv(x, clip)):
             assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------- code operands, GQA, pipelining knobs ---
+
+@pytest.mark.parametrize("codes", ["biased", "exact", "prmt"])
+@pytest.mark.parametrize("hq,hkv,dtype,block", [(3, 3, torch.bfloat16, 32), (8, 2, torch.float16, 16),
+                                                (8, 1, torch.bfloat16, 16), (5, 5, torch.float32, 16),
+                                                (16, 1, torch.bfloat16, 16)])
+def test_triton_decode_code_modes(codes, hq, hkv, dtype, block):
+    """GQA ratios 1 / 4 / 8 / 16, odd head counts, lengths not a multiple of the block, every code operand
+    form, w's two parts stacked in one value dot (G <= 8) or in two."""
+    b, d, s_max = 4, 32, 45
+    kc, ks, kz, vc, vs, vz = make_cache(b, hkv, s_max, d)
+    q = (torch.randn(b, hq, d, device=DEV) * 2 + 1).to(dtype)  # a mean: sum(q) large, the zero term matters
+    lengths = torch.tensor([45, 1, 0, 33], dtype=torch.int32, device=DEV)
+    for splits, stack in ((1, True), (3, True), (2, False)):
+        out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 0.2, num_splits=splits, block_n=block,
+                                   codes=codes, num_stages=1, stack=stack)
+        exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 0.2)
+        assert_close_to_f32(out, exact, dtype)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_triton_decode_rejects_bad_codes():
+    kc, ks, kz, vc, vs, vz = make_cache(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="codes"):
+        tri.decode_attention(torch.randn(1, 1, 16, device=DEV), kc, ks, kz, vc, vs, vz,
+                             torch.ones(1, dtype=torch.int32, device=DEV), codes="packed")
+
+
+def test_choose_splits_fills_the_gpu(monkeypatch):
+    """About WAVES programs per SM, never below MIN_SPLIT_TOKENS per split, one split when the grid is full."""
+    monkeypatch.setattr(tri, "_sm_count", lambda dev: 132)
+    dev = torch.device("cpu")
+    assert tri.choose_splits(32, 32, 2048, 128, dev) == 1
+    assert tri.choose_splits(1, 8, 32768, 128, dev) == min(tri.MAX_SPLITS, math.ceil(tri.WAVES * 132 / 8))
+    assert tri.choose_splits(1, 8, 2048, 128, dev) == 2048 // tri.MIN_SPLIT_TOKENS
+    assert tri.choose_splits(32, 8, 2048, 128, dev) == math.ceil(tri.WAVES * 132 / 256)
+
+
+@needs_cuda
+@pytest.mark.parametrize("codes", ["biased", "exact", "prmt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_n,num_warps,num_stages", [(64, 4, 2), (128, 8, 3), (32, 4, 1)])
+def test_gpu_code_modes_and_tiles(codes, dtype, block_n, num_warps, num_stages):
+    """Every code operand form (the inline-PTX one runs only here) and tile knob the sweep tries, GQA 4."""
+    b, hq, hkv, s_max, d = 6, 32, 8, 700, 128
+    kc, ks, kz, vc, vs, vz = make_cache(b, hkv, s_max, d)
+    q = torch.randn(b, hq, d, device="cuda").to(dtype)
+    lengths = torch.tensor([700, 0, 1, 129, 513, 64], dtype=torch.int32, device="cuda")
+    exact = ref.decode_attention_f32(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d))
+    for splits in (None, 1, 3):
+        out = tri.decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, 1 / math.sqrt(d), num_splits=splits,
+                                   block_n=block_n, num_warps=num_warps, num_stages=num_stages, codes=codes,
+                                   stack=splits != 3)
+        assert_close_to_f32(out, exact, dtype, atol=1e-4, rtol=1e-4)

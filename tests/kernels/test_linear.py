@@ -156,3 +156,19 @@ def test_route_dispatch_and_weight_cache(monkeypatch):
     assert codes is m._weight_codes("int8") and codes.shape == (32, 64)
     m.clear_cache()
     assert not m._cast_cache
+
+
+def test_decode_route_above_16_tokens():
+    """small_m_max raised (up to the decode GEMM's 128): M = 40 tokens take the decode route and match the
+    reference layer."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+
+    m, *_ = _layer(64, 48)
+    x = torch.randn(40, 64, device=DEVICE)
+    y_ref = m(x)
+    set_backend(m, "triton", routes=replace(DEFAULT_ROUTES, small_m_max=64))
+    assert m.gemm_route_for(40, torch.float32, torch.device("cuda")) == "decode"
+    _assert_matches_reference_layer(m, x, m(x), y_ref, 1e-5)

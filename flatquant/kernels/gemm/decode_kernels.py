@@ -1,4 +1,4 @@
-"""The decode GEMM's Triton kernels (M <= 16, packed int4 weight read directly): `_gemv_kernel` (dp4a on
+"""The decode GEMM's Triton kernels (M <= 128, packed int4 weight read directly): `_gemv_kernel` (dp4a on
 the CUDA cores) and `_decode_kernel` (int8 tensor cores), with their nibble and epilogue helpers. The host
 side (config, launch) is `decode.py`."""
 from __future__ import annotations
@@ -14,15 +14,17 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
                    stride_cm, K_PER_SPLIT, SPLIT_K, ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, PACK: tl.constexpr,
                    ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr,
                    A_CODES: tl.constexpr, W_NIBBLES: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr):
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr, BLOCK_M: tl.constexpr = 16):
     """Tiles are (SUB, rows, BLOCK_K): each K step covers SUB * BLOCK_K bytes, sub-range s the bytes
     [s * BLOCK_K, (s + 1) * BLOCK_K) of it, and the dots are batched over s (Triton puts the warps on the
     batch dimension: one warp per sub-range at num_warps = SUB). The SUB partial sums meet once, after the
     loop. This splits K inside the program: at M = 16 the weight tile is the only work, so more warps per
-    tile, each on its own K bytes, hide latency (docs/KERNELS.md, "Decode GEMM")."""
+    tile, each on its own K bytes, hide latency (docs/KERNELS.md, "Decode GEMM"). BLOCK_M (16-128) activation
+    rows per program; the third grid axis walks the M tiles (one tile, the weight read once, by default)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rm = tl.arange(0, 16)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, SUB)
@@ -35,10 +37,10 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
     if USE_GDC:  # launched as a programmatic dependent: its launch overlaps the previous kernel's tail
         gdc_wait()
     if SWAP_AB:
-        acc = tl.zeros((SUB, BLOCK_N, 16), dtype=tl.int32)
+        acc = tl.zeros((SUB, BLOCK_N, BLOCK_M), dtype=tl.int32)
     else:
-        acc = tl.zeros((SUB, 16, BLOCK_N), dtype=tl.int32)
-    asum = tl.zeros((SUB, 16), dtype=tl.int32)
+        acc = tl.zeros((SUB, BLOCK_M, BLOCK_N), dtype=tl.int32)
+    asum = tl.zeros((SUB, BLOCK_M), dtype=tl.int32)
     w_rows = w_ptr + rn_l[None, :, None] * stride_wn
     a_rows = a_ptr + rm[None, :, None] * stride_am
     # Explicit stages: otherwise Triton leaves these loads synchronous (the weight is unpacked before the dot).
@@ -94,13 +96,14 @@ def _decode_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, ws_ptr, cnt_pt
         # Every thread's adds are issued before the counter bump; its acq_rel makes them visible to the
         # program that sees the last arrival (and that program's exchange reads them through L2).
         tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        cnt = cnt_ptr + pid_m * tl.cdiv(N, 16) + pid_n  # one counter per (M tile, N tile)
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             # Relaxed: the counter's acquire already orders this after the other programs' adds (an acq_rel
             # exchange would cost a full GPU memory barrier per element).
-            acc = tl.atomic_xchg(ws, tl.zeros((16, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
+            acc = tl.atomic_xchg(ws, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
             _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            tl.atomic_xchg(cnt, 0, sem="relaxed")
     else:
         _store_scaled(acc, rm, rn, m_ok, n_ok, mask, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
