@@ -12,13 +12,16 @@ StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) wh
 - decode (one token per sequence): the new K/V written at position `length_t` (no host value read, so the
   step can be captured in a CUDA graph), then attention over [0, length + 1): decode_attention on the packed
   cache for KV4, SDPA on the first length + 1 positions for float K/V.
-Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops.
+Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops; with `prologue`
+(flatquant.kernels.fused_norm.PrologueConfig) on, a W4A4 linear after them takes its input from one fused
+pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from flatquant.kernels import fused_norm
 from flatquant.runtime import fused_ops
 from flatquant.runtime.kvcache import kv4
 
@@ -146,11 +149,12 @@ class StaticDecoder:
     """See the module docstring. cos / sin: (max positions, D) rope tables in the model dtype."""
 
     def __init__(self, embed, layers: list[Layer], norm, lm_head, cos, sin, hq: int, hkv: int, head_dim: int,
-                 eps: float, kv_format: str, fused: bool = True):
+                 eps: float, kv_format: str, fused: bool = True,
+                 prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED):
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin
         self.hq, self.hkv, self.head_dim, self.eps = hq, hkv, head_dim, eps
-        self.kv_format, self.fused = kv_format, fused
+        self.kv_format, self.fused, self.prologue = kv_format, fused, prologue
         self.scale = head_dim ** -0.5
 
     def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> StaticCache:
@@ -165,8 +169,7 @@ class StaticDecoder:
     def _layer(self, i: int, lay: Layer, h, res, cache: StaticCache, decode: bool, cos, sin):
         b, s, _ = h.shape
         hq, hkv, d = self.hq, self.hkv, self.head_dim
-        x, res = self._norm(h, res, lay.in_norm)
-        qkv = lay.qkv(x)
+        qkv, res = self._norm_linear(lay.qkv, h, res, lay.in_norm)
         qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
         qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]  # HF's apply_rotary_pos_emb
         q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
@@ -184,9 +187,17 @@ class StaticDecoder:
             att = F.scaled_dot_product_attention(q, kd, vd, is_causal=s > 1, scale=self.scale)
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
-        x, res = self._norm(h, res, lay.post_norm)
-        h = lay.down(fused_ops.silu_mul(lay.gate_up(x), fused=self.fused))
-        return h, res
+        gu, res = self._norm_linear(lay.gate_up, h, res, lay.post_norm)
+        if self.prologue.silu_quant:
+            return fused_norm.silu_linear(lay.down, gu, self.fused), res
+        return lay.down(fused_ops.silu_mul(gu, fused=self.fused)), res
+
+    def _norm_linear(self, lin, h, res, w):
+        """lin(RMSNorm(res + h) * w), res + h: fused with lin's transform + quantize when prologue says so."""
+        if self.prologue.norm_quant:
+            return fused_norm.norm_linear(lin, h, res, w, self.eps, self.fused)
+        x, res = self._norm(h, res, w)
+        return lin(x), res
 
     def _run(self, h, cache: StaticCache, decode: bool, cos, sin, layers=None):
         res = None
@@ -259,7 +270,8 @@ class StaticDecoder:
         return n
 
 
-def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecoder:
+def from_packed_hf(model, cos=None, sin=None, fused: bool = True,
+                   prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED) -> StaticDecoder:
     """A StaticDecoder over a packed Hugging Face model's own modules (flatquant.runtime.modules): the fused
     W4A4Linears, PackedKV, norms, embedding and lm_head are shared, not copied."""
     from flatquant.models.families import family_for
@@ -283,4 +295,4 @@ def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecod
         cos, sin = model.base_model.rotary_emb(embed[:1], pos)
         cos, sin = cos[0], sin[0]
     return StaticDecoder(embed, layers, model.base_model.norm.weight, model.get_output_embeddings().weight, cos, sin,
-                         hq, hkv, d, cfg.rms_norm_eps, "kv4", fused=fused)
+                         hq, hkv, d, cfg.rms_norm_eps, "kv4", fused=fused, prologue=prologue)
