@@ -2,8 +2,10 @@
 
 StaticCache: per-layer K/V preallocated for (batch, capacity); `length` cached tokens, the same for every
 sequence, kept on the device (`length_t`, what a captured graph reads) and mirrored on the host. Formats:
-"float" (the model dtype, (B, Hkv, S, D)) and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md;
-the same tensors and quantize_kv calls as flatquant.runtime.kvcache.PackedLayer).
+"float" (the model dtype, (B, Hkv, S, D)), "fp8" (float8 e4m3 codes of K / FP8_KV_SCALE and V / FP8_KV_SCALE,
+a static per-tensor scale as serving engines default to; attention reads them cast back to the model dtype)
+and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md; the same tensors and quantize_kv calls as
+flatquant.runtime.kvcache.PackedLayer).
 
 StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) whose linears are any callables
 (the runtime's W4A4Linear, FP8 or dense), with the runtime's semantics:
@@ -26,6 +28,8 @@ from flatquant.runtime import fused_ops
 from flatquant.runtime.kvcache import kv4
 
 KV4_NAMES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+FP8_KV_SCALE = 1.0
+FORMATS = ("float", "fp8", "kv4")
 
 
 class StaticCache:
@@ -33,15 +37,16 @@ class StaticCache:
 
     def __init__(self, fmt: str, n_layers: int, batch: int, hkv: int, head_dim: int, capacity: int,
                  device, dtype=torch.bfloat16):
-        if fmt not in ("float", "kv4"):
-            raise ValueError(f"cache format must be 'float' or 'kv4', got {fmt!r}")
+        if fmt not in FORMATS:
+            raise ValueError(f"cache format must be one of {FORMATS}, got {fmt!r}")
         self.fmt, self.batch, self.hkv, self.head_dim, self.capacity = fmt, batch, hkv, head_dim, capacity
         self.device, self.dtype = torch.device(device), dtype
         shape = (batch, hkv, capacity)
         self.layers = []
         for _ in range(n_layers):
-            if fmt == "float":
-                self.layers.append({n: torch.zeros(shape + (head_dim,), dtype=dtype, device=device)
+            if fmt != "kv4":
+                kv_dt = dtype if fmt == "float" else torch.float8_e4m3fn
+                self.layers.append({n: torch.zeros(shape + (head_dim,), dtype=kv_dt, device=device)
                                     for n in ("k", "v")})
             else:
                 self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
@@ -90,6 +95,8 @@ class StaticCache:
         lay = self.layers[i]
         if self.fmt == "float":
             new = {"k": k.to(self.dtype), "v": v.to(self.dtype)}
+        elif self.fmt == "fp8":
+            new = {n: _to_fp8(x) for n, x in (("k", k), ("v", v))}
         else:
             ops = kv4(k.device)
             new = {}
@@ -97,14 +104,19 @@ class StaticCache:
                 codes, scale, zero = ops.quantize_kv(x, clip)
                 new.update({f"{tag}_codes": codes, f"{tag}_scale": scale, f"{tag}_zero": zero})
         for name, t in new.items():
-            if decode:
-                lay[name].index_copy_(2, self.length_t, t)
+            if decode:  # (fp8 codes as bytes: index_copy_ has no float8 kernels)
+                dst = lay[name]
+                if dst.dtype == torch.float8_e4m3fn:
+                    dst, t = dst.view(torch.uint8), t.view(torch.uint8)
+                dst.index_copy_(2, self.length_t, t)
             else:
                 lay[name][:, :, :t.shape[2]] = t
         if decode:
             return None
         if self.fmt == "float":
             return new["k"], new["v"]
+        if self.fmt == "fp8":
+            return _from_fp8(new["k"], k.dtype), _from_fp8(new["v"], k.dtype)
         ops = kv4(k.device)
         return tuple(ops.dequantize_kv(new[f"{t}_codes"], new[f"{t}_scale"], new[f"{t}_zero"], k.dtype)
                      for t in ("k", "v"))
@@ -119,9 +131,20 @@ class StaticCache:
         n = self.length + 1
         b, hq, d = q.shape
         g = hq // self.hkv  # the G query heads of one kv head attend as G rows: no K/V repeat
-        out = F.scaled_dot_product_attention(q.reshape(b, self.hkv, g, d), lay["k"][:, :, :n], lay["v"][:, :, :n],
-                                             scale=scale)
+        kc, vc = lay["k"][:, :, :n], lay["v"][:, :, :n]
+        if self.fmt == "fp8":
+            kc, vc = _from_fp8(kc, q.dtype), _from_fp8(vc, q.dtype)
+        out = F.scaled_dot_product_attention(q.reshape(b, self.hkv, g, d), kc, vc, scale=scale)
         return out.reshape(b, hq, d)
+
+
+def _to_fp8(x: torch.Tensor) -> torch.Tensor:
+    x = x.float() if FP8_KV_SCALE == 1.0 else x.float() / FP8_KV_SCALE
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def _from_fp8(c: torch.Tensor, dtype) -> torch.Tensor:
+    return c.to(dtype) if FP8_KV_SCALE == 1.0 else (c.float() * FP8_KV_SCALE).to(dtype)
 
 
 class Layer:

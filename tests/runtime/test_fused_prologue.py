@@ -57,3 +57,20 @@ def test_prologue_off_on_reference_backend_is_unchanged():
     dec.prologue = fused_norm.FUSED
     b = dec.prefill(ids, dec.new_cache(2, 8))
     assert torch.equal(a, b)
+
+
+def test_fp8_kv_cache_stores_e4m3_codes():
+    """The fp8_kv8 row's cache: one e4m3 byte per K / V element, written at the step position in decode."""
+    from flatquant.runtime.static import StaticCache
+
+    dec = synthetic.build("tiny", "fp8_kv8", "cpu", dtype=torch.bfloat16, cap=32)
+    s = synthetic.SHAPES["tiny"]
+    cache = dec.new_cache(2, 8)
+    assert cache.fmt == "fp8" and cache.layers[0]["k"].dtype == torch.float8_e4m3fn
+    assert cache.bytes_per_token() == s["layers"] * 2 * s["kv_heads"] * (s["hidden"] // s["heads"])
+    dec.prefill(torch.randint(0, 256, (2, 3)), cache)
+    before = cache.layers[0]["k"][:, :, 3].float().clone()
+    dec.decode_step(torch.randint(0, 256, (2, 1)), cache)
+    assert not before.any() and cache.layers[0]["k"][:, :, 3].float().abs().sum() > 0
+    with pytest.raises(ValueError, match="cache format"):
+        StaticCache("int2", 1, 1, 1, 8, 4, "cpu")
