@@ -182,8 +182,15 @@ class Bench:
         except Exception as exc:  # a kernel that does not build: the decoder uses the PyTorch ops
             bad = err(exc)
         self.fused = bad is None
+        from flatquant.kernels import fused_norm
+
+        try:
+            pbad = fused_norm.self_check(self.device)
+        except Exception as exc:  # the *_fused rows' cases will record their own errors
+            pbad = err(exc)
         rec = {"kind": "e2e", "phase": "setup", "copy_gbps": self.copy_gbps, "copy_ms": ms,
-               "usable_bytes": self.usable, "fused_ops": self.fused, "fused_ops_error": bad}
+               "usable_bytes": self.usable, "fused_ops": self.fused, "fused_ops_error": bad,
+               "fused_prologue_ok": pbad is None, "fused_prologue_error": pbad}
         try:
             x = torch.randn(64, 4096, device="cuda").bfloat16() * 3
             q, s = fp8.quantize_fp8(x)
@@ -199,6 +206,7 @@ class Bench:
             rec["fp8_error"] = err(exc)
         self.w.add(rec)
         print(f"copy {self.copy_gbps:.0f} GB/s, usable {self.usable / GIB:.1f} GiB, fused ops {self.fused}, "
+              f"fused prologues {pbad or 'ok'}, "
               f"fp8 check {({k: v for k, v in rec.items() if k.startswith('fp8')})}", flush=True)
 
     # ---- accounting -------------------------------------------------------------------------------

@@ -244,10 +244,22 @@ def _plan_for(lin, x: torch.Tensor, n: int):
     return input_plan(lin, x.numel() // x.shape[-1], lin.out_dtype or x.dtype, x.device)
 
 
-def norm_linear(lin, x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, fused_ops_on: bool = True):
-    """(lin(w * RMSNorm(res + x)), res + x): fused where `input_plan` allows, else the unfused ops."""
-    from flatquant.runtime import fused_ops
+def _fp8_fused(lin, x: torch.Tensor, fused_ops_on: bool) -> bool:
+    """Whether an Fp8Linear takes its codes from `fp8.prologue_fp8` (CUDA, half-precision activations)."""
+    from flatquant.runtime.fp8 import Fp8Linear
 
+    return isinstance(lin, Fp8Linear) and fused_ops_on and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def norm_linear(lin, x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, fused_ops_on: bool = True):
+    """(lin(w * RMSNorm(res + x)), res + x): fused where `input_plan` allows (or, for an FP8 linear, the norm
+    fused into its FP8 quantizer), else the unfused ops."""
+    from flatquant.runtime import fp8, fused_ops
+
+    if _fp8_fused(lin, x, fused_ops_on) and w.dtype == x.dtype:
+        q, s, r = fp8.prologue_fp8("norm", x, res, w, eps)
+        m = x.numel() // x.shape[-1]
+        return lin.gemm_codes(q, s, m, x.dtype).reshape(*x.shape[:-1], lin.out_features), r.view(x.shape)
     pl = _plan_for(lin, x, x.shape[-1])
     if pl is None or w.dtype != x.dtype:
         h, r = fused_ops.add_rmsnorm(x, res, w, eps, fused=fused_ops_on)
@@ -261,8 +273,11 @@ def norm_linear(lin, x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor,
 
 def silu_linear(lin, gu: torch.Tensor, fused_ops_on: bool = True) -> torch.Tensor:
     """lin(SiLU(gate) * up) for gu = gate|up (..., 2n): fused where `input_plan` allows, else unfused."""
-    from flatquant.runtime import fused_ops
+    from flatquant.runtime import fp8, fused_ops
 
+    if _fp8_fused(lin, gu, fused_ops_on):
+        q, s, _ = fp8.prologue_fp8("silu", gu)
+        return lin.gemm_codes(q, s, gu.numel() // gu.shape[-1], gu.dtype).reshape(*gu.shape[:-1], lin.out_features)
     pl = _plan_for(lin, gu, gu.shape[-1] // 2)
     if pl is None:
         return lin(fused_ops.silu_mul(gu, fused=fused_ops_on))
@@ -271,3 +286,37 @@ def silu_linear(lin, gu: torch.Tensor, fused_ops_on: bool = True) -> torch.Tenso
     a, sa, _ = prologue_quantize("silu", gu, p1, p2, lin._alpha(), lin.bits, fmt)
     y = quantized_gemm(lin, a, sa, route, fmt, lin.out_dtype or gu.dtype)
     return y.reshape(*gu.shape[:-1], lin.out_features)
+
+
+def self_check(device, dtype=torch.bfloat16) -> str | None:
+    """None if the fused passes (W4 prologues at Llama hidden / intermediate factor shapes, and the FP8
+    prologue) match their references on `device` within the tests' tolerances, else the first mismatch."""
+    from flatquant.runtime import fp8
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device)
+    for n1, n2 in ((64, 64), (86, 128)):
+        n = n1 * n2
+        p1, p2 = torch.eye(n1, device=device) + rnd(n1, n1) * 0.1 / n1 ** 0.5, torch.eye(n2, device=device) + \
+            rnd(n2, n2) * 0.1 / n2 ** 0.5
+        x, res, w = rnd(5, n).to(dtype), rnd(5, n).to(dtype), (rnd(n).abs() + 0.5).to(dtype)
+        for fmt in ("packed", "int8", "fp8"):
+            got = prologue_quantize("norm", x, p1, p2, 0.9, 4, fmt, res=res, w=w, eps=1e-5)
+            want = norm_quant_reference(x, res, w, 1e-5, p1, p2, 0.9, 4, fmt)
+            got2 = prologue_quantize("silu", torch.cat((x, res), -1), p1, p2, 0.9, 4, fmt)
+            want2 = silu_quant_reference(torch.cat((x, res), -1), p1, p2, 0.9, 4, fmt)
+            for (a, s), (b, t), what in (((got[0], got[1]), want[:2], "norm"), (got2[:2], want2, "silu")):
+                ca = ref.unpack_codes(a, 4).float() if fmt == "packed" else a.float()
+                cb = ref.unpack_codes(b, 4).float() if fmt == "packed" else b.float()
+                d = (ca - cb).abs()
+                if not torch.allclose(s, t, rtol=1e-2, atol=0) or d.max() > 1 or (d > 0).float().mean() > 0.01:
+                    return f"fused {what} prologue mismatch at n={n} ({fmt})"
+            if not torch.equal(got[2], want[2]):
+                return f"fused norm prologue residual mismatch at n={n}"
+        for mode, inp in (("norm", x), ("silu", torch.cat((x, res), -1))):
+            q, s, _ = fp8.prologue_fp8(mode, inp, res if mode == "norm" else None, w, 1e-5)
+            qr, sr, _ = fp8.prologue_fp8_reference(mode, inp, res if mode == "norm" else None, w, 1e-5)
+            if not torch.allclose(s, sr, rtol=1e-2, atol=0) or \
+                    (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean() > 0.01:
+                return f"fp8 {mode} prologue mismatch at n={n}"
+    return None

@@ -9,9 +9,11 @@ from pathlib import Path
 from flatquant.report.common import _caption, _distinct, _save_fig, _short_commit, _table
 
 KIND = "e2e"
-ROW_ORDER = ("bf16", "fp8", "fp8_kv8", "int4", "int4_fused", "quarot", "quarot_fused", "flatquant",
+ROW_ORDER = ("bf16", "fp8", "fp8_kv8", "fp8_fused", "fp8_kv8_fused", "int4", "int4_fused", "quarot", "quarot_fused", "flatquant",
              "flatquant_fused", "hf_bf16")
 ROW_LABEL = {"bf16": "BF16", "fp8": "FP8 W8A8 (BF16 KV)", "fp8_kv8": "FP8 W8A8 + FP8 KV",
+             "fp8_fused": "FP8 W8A8 (BF16 KV), norm/SiLU fused into the quantizer",
+             "fp8_kv8_fused": "FP8 W8A8 + FP8 KV, norm/SiLU fused into the quantizer",
              "int4": "INT4 W4A4KV4 (no transforms)", "int4_fused": "INT4 W4A4KV4, fused prologues",
              "quarot": "QuaRot-style W4A4KV4", "quarot_fused": "QuaRot-style W4A4KV4, fused prologues",
              "flatquant": "FlatQuant W4A4KV4", "flatquant_fused": "FlatQuant W4A4KV4, fused prologues",

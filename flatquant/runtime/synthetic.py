@@ -12,8 +12,8 @@ Rows (all run by flatquant.runtime.static.StaticDecoder, so they share the cache
                before o_proj, the keys); q/k/v and gate/up inputs are rotated offline (no online transform).
                The rotations are orthonormal (Sylvester Hadamard factors where the size is a power of two,
                else random orthogonal) applied as Kronecker factors through the same kernels;
-- "<row>_fused": a packed row with the fused norm / SiLU·up -> transform -> quantize prologues on
-               (flatquant.kernels.fused_norm.PrologueConfig).
+- "<row>_fused": the row with the fused prologues on (flatquant.kernels.fused_norm.PrologueConfig): W4 rows
+               norm / SiLU·up -> transform -> quantize in one pass, FP8 rows norm / SiLU·up -> FP8 quantize.
 The packed rows are built as Hugging Face models on the meta device, converted by the runtime, then
 materialised on the device layer by layer and filled with random packed tensors.
 """
@@ -30,7 +30,8 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, layers=32, vocab=128256, theta=5e5),
     "tiny": dict(hidden=64, inter=160, heads=4, kv_heads=2, layers=2, vocab=256, theta=1e4),
 }
-ROWS = ("bf16", "fp8", "fp8_kv8", "int4", "quarot", "flatquant", "int4_fused", "quarot_fused", "flatquant_fused")
+ROWS = ("bf16", "fp8", "fp8_kv8", "int4", "quarot", "flatquant", "fp8_fused", "fp8_kv8_fused", "int4_fused",
+        "quarot_fused", "flatquant_fused")
 EPS = 1e-5
 
 
@@ -195,11 +196,13 @@ def build(shape: str, row: str, device, dtype=torch.bfloat16, n_layers: int | No
     n = n_layers or s["layers"]
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    if row in ("bf16", "fp8", "fp8_kv8"):
-        return _dense_model(s, row, device, dtype, n, g, fused, cap)
     from flatquant.kernels.fused_norm import FUSED, UNFUSED
 
     base = row[:-len("_fused")] if row.endswith("_fused") else row
+    if base in ("bf16", "fp8", "fp8_kv8"):
+        dec = _dense_model(s, base, device, dtype, n, g, fused, cap)
+        dec.prologue = FUSED if base != row else UNFUSED
+        return dec
     model = packed_model(s, base, device, dtype, n, seed, cap)
     cos, sin = rope_table(cap, s["hidden"] // s["heads"], s["theta"], device, dtype)
     dec = from_packed_hf(model, cos, sin, fused=fused, prologue=FUSED if base != row else UNFUSED)

@@ -108,3 +108,54 @@ def test_fused_linear_matches_unfused_linear():
         got = fn.silu_linear(lin, gu, fused_ops_on=False)
         want = lin(silu_mul_reference(gu))
         assert torch.allclose(got.float(), want.float(), rtol=0, atol=2e-2 * want.float().abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["norm", "add_norm", "silu"])
+def test_fp8_prologue_matches_reference(mode):
+    """The FP8 rows' fused pass: scales equal; the interpreter's e4m3 cast is not torch's (ties, values near
+    powers of two), so rare code mismatches only (as the plain FP8 quantizer's test allows)."""
+    from flatquant.runtime import fp8
+
+    g = torch.Generator().manual_seed(len(mode))
+    n = 200
+    x = (torch.randn(5, 2 * n if mode == "silu" else n, generator=g) * 3).half()
+    res = torch.randn(5, n, generator=g).half() if mode == "add_norm" else None
+    w = (torch.rand(n, generator=g) + 0.5).half()
+    m = "silu" if mode == "silu" else "norm"
+    q, s, r = fp8.prologue_fp8(m, x, res, w, 1e-5)
+    qr, sr, rr = fp8.prologue_fp8_reference(m, x, res, w, 1e-5)
+    assert q.shape == (16, n) and not q[5:].float().any()
+    assert torch.allclose(s, sr, rtol=1e-3, atol=0)
+    assert (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean() < 0.02
+    if m == "norm":
+        assert torch.equal(r, rr)
+    else:
+        assert r is None
+
+
+def test_fp8_norm_linear_matches_unfused(monkeypatch):
+    """The FP8 wiring (codes -> Fp8Linear.gemm_codes, residual, shapes) with the pass replaced by its reference
+    (the kernel itself is checked above; the interpreter's e4m3 casts would blur an end-to-end comparison):
+    equal to the unfused ops followed by the linear."""
+    from flatquant.runtime import fp8
+    from flatquant.runtime.fused_ops import add_rmsnorm_reference, silu_mul_reference
+
+    calls = []
+    monkeypatch.setattr(fn, "_fp8_fused", lambda lin, x, on: isinstance(lin, fp8.Fp8Linear))
+    monkeypatch.setattr(fp8, "prologue_fp8", lambda *a, **k: calls.append(a[0]) or fp8.prologue_fp8_reference(*a, **k))
+    g = torch.Generator().manual_seed(11)
+    lin = fp8.Fp8Linear.from_float(torch.randn(48, 64, generator=g) * 0.1)
+    x, res, w = torch.randn(2, 3, 64, generator=g).half(), torch.randn(2, 3, 64, generator=g).half(), \
+        (torch.rand(64, generator=g) + 0.5).half()
+    y, r = fn.norm_linear(lin, x, res, w, 1e-5)
+    h, rr = add_rmsnorm_reference(x, res, w, 1e-5)
+    assert torch.equal(r, rr) and torch.equal(y, lin(h))
+    lin2 = fp8.Fp8Linear.from_float(torch.randn(32, 64, generator=g) * 0.1)
+    gu = torch.randn(6, 128, generator=g).half()
+    assert torch.equal(fn.silu_linear(lin2, gu), lin2(silu_mul_reference(gu)))
+    assert calls == ["norm", "silu"]
+
+
+def test_self_check_passes_in_the_interpreter():
+    """The GPU check bench_e2e records before timing (float16 here: the interpreter's bf16 casts truncate)."""
+    assert fn.self_check("cpu", torch.float16) is None
