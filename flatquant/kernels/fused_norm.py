@@ -142,6 +142,11 @@ def _prologue_quant_kernel(x_ptr, r_ptr, w_ptr, rout_ptr, p1_ptr, p2_ptr, out_pt
             tl.store(ob + rows * N2 + c, code_cast(qlo, ob.dtype.element_ty), mask=mask_and(valid, ok))
 
 
+def _warps(tile: int) -> int:
+    """Warps per program: a 128 x 128 token tile and its factors would spill at 8 (several tiles live at once)."""
+    return 4 if tile <= 64 * 64 else 8 if tile <= 64 * 128 else 16
+
+
 def supported(n: int, p1, p2, bits: int, fmt: str = "packed") -> bool:
     """Whether the fused kernel takes a hidden size n with these factors: an even n1 (the nibble split falls
     on a factor row) and factor tiles on chip (ONCHIP_MAX_ELEMENTS)."""
@@ -193,7 +198,7 @@ def prologue_quantize(mode: str, x: torch.Tensor, p1, p2, alpha: float, bits: in
             x2, r2, wc, rout, p1c, p2c, out, scale, m, float(eps), float(torch.tensor(float(alpha)).float()), niter,
             NITER_C=niter if interp else 1, MODE=kmode, N1=n1, N2=n2, N1P=n1p, N2P=n2p, RP=next_pow2(rlo), RLO=rlo,
             H=h, HAS_P2=p2 is not None, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
-            DT=triton_dtype(dd), INTERP=interp, num_warps=4 if n1p * n2p <= 64 * 64 else 8)
+            DT=triton_dtype(dd), INTERP=interp, num_warps=_warps(n1p * n2p))
     resid = None if mode == "silu" else (rout if res is not None else x2)
     return out, scale, resid
 
