@@ -60,7 +60,7 @@ QUICK = dict(shapes="llama2-7b", decode_batches="1,32", prefill_batches="4", lay
              phases="decode,prefill,layer_mem")
 SMOKE = dict(shapes="tiny", decode_batches="1,2", prefill_batches="2",
              layer_kv="16", long_prefill="24", long_kv="24", long_batch=2, max_batch_kv="16,32",
-             components="decode:2,prefill:2", hf_new_tokens=3)
+             components="decode:2,prefill:2", hf_new_tokens=8)
 HF_ROW = "hf_bf16"
 PHASES = ("decode", "prefill", "layer_mem", "max_batch", "prefill_long", "decode_long", "components")
 
@@ -455,9 +455,7 @@ class Bench:
                           component_ms=comp, kernel_ms_total=total, host_gap_ms=max(0.0, wall - total) if self.cuda
                           else None, top_kernels=[[k, ms, classify_kernel(k, self.cuda)] for k, ms in top],
                           time_source="CUDA kernels (torch.profiler)" if self.cuda else "CPU ops (torch.profiler)")
-        del cache
-        self.free()
-        return rec
+        return rec  # (the cache is freed on return; the next case's free() releases it)
 
     # ---- the Hugging Face generate reference row -------------------------------------------------
     def hf_row(self, shape):
@@ -478,29 +476,31 @@ class Bench:
         for b in a.hf_batches:
             if self.out_of_time():
                 break
-
-            def case(b=b):
-                ids = torch.randint(0, sh["vocab"], (b, a.seqlen), device=self.device)
-                gen = lambda k: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
-                                               min_new_tokens=k, do_sample=False, pad_token_id=0)
-                with torch.no_grad():
-                    gen(2)
-                    self.peak_reset()
-                    runs = 1 if a.smoke else 3
-                    pre = statistics.median(self._events(lambda: gen(1), runs))
-                    full = statistics.median(self._events(lambda: gen(n_new), runs))
-                step = (full - pre) / (n_new - 1) if full > pre else None  # None: below the timing noise
-                common = dict(peak_mem_gib=self.peak_gib(), reference_only=True, timing="eager (generate)",
-                              generate_ms=full, new_tokens=n_new, weights_bytes=sum(
-                                  p.numel() * p.element_size() for p in model.parameters()))
-                self.record(shape, HF_ROW, "prefill", b, a.seqlen, 0, median_ms=pre,
-                            tokens_per_s=b * a.seqlen / pre * 1e3, **common)
-                return self.record(shape, HF_ROW, "decode", b, 1, a.seqlen, median_ms=step,
-                                   error=None if step else "generate time per step below the timing noise",
-                                   tokens_per_s=b / step * 1e3 if step else None, **common)
-            self.guarded(case, shape, HF_ROW, "decode", b, 1, a.seqlen)
-        del model
+            self.guarded(lambda b=b: self._hf_case(model, shape, b, n_new), shape, HF_ROW, "decode", b, 1, a.seqlen)
+        model = None  # (dropped before the next row is built)
         self.free()
+
+    def _hf_case(self, model, shape, b, n_new):
+        """One batch of the hf_bf16 row: a prefill record and a decode record."""
+        a, sh = self.a, synthetic.shape_of(shape)
+        ids = torch.randint(0, sh["vocab"], (b, a.seqlen), device=self.device)
+        gen = lambda k: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                       min_new_tokens=k, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            gen(2)
+            self.peak_reset()
+            runs = 2 if a.smoke else 3
+            pre = statistics.median(self._events(lambda: gen(1), runs))
+            full = statistics.median(self._events(lambda: gen(n_new), runs))
+        step = (full - pre) / (n_new - 1) if full > pre else None  # None: below the timing noise
+        common = dict(peak_mem_gib=self.peak_gib(), reference_only=True, timing="eager (generate)",
+                      generate_ms=full, new_tokens=n_new, weights_bytes=sum(
+                          p.numel() * p.element_size() for p in model.parameters()))
+        self.record(shape, HF_ROW, "prefill", b, a.seqlen, 0, median_ms=pre,
+                    tokens_per_s=b * a.seqlen / pre * 1e3, **common)
+        return self.record(shape, HF_ROW, "decode", b, 1, a.seqlen, median_ms=step,
+                           note=None if step else "generate time per step below the timing noise",
+                           tokens_per_s=b / step * 1e3 if step else None, **common)
 
     # ---- driver -----------------------------------------------------------------------------------
     def run_row(self, shape, row):

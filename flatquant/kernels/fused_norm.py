@@ -21,8 +21,17 @@ import triton
 import triton.language as tl
 
 from flatquant.kernels import reference as ref
-from flatquant.kernels._triton_utils import (_mm, _mm_f32rhs, _quantize, _scale, interpreting, mask_and, next_pow2,
-                                             num_sms, triton_dtype)
+from flatquant.kernels._triton_utils import (
+    _mm,
+    _mm_f32rhs,
+    _quantize,
+    _scale,
+    interpreting,
+    mask_and,
+    next_pow2,
+    num_sms,
+    triton_dtype,
+)
 from flatquant.kernels.transform.common import ONCHIP_MAX_ELEMENTS, code_cast, plan
 
 PROGRAMS_PER_SM = 4

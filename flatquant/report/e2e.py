@@ -9,8 +9,8 @@ from pathlib import Path
 from flatquant.report.common import _caption, _distinct, _save_fig, _short_commit, _table
 
 KIND = "e2e"
-ROW_ORDER = ("bf16", "fp8", "fp8_kv8", "fp8_fused", "fp8_kv8_fused", "int4", "int4_fused", "quarot", "quarot_fused", "flatquant",
-             "flatquant_fused", "hf_bf16")
+ROW_ORDER = ("bf16", "fp8", "fp8_kv8", "fp8_fused", "fp8_kv8_fused", "int4", "int4_fused", "quarot", "quarot_fused",
+             "flatquant", "flatquant_fused", "hf_bf16")
 ROW_LABEL = {"bf16": "BF16", "fp8": "FP8 W8A8 (BF16 KV)", "fp8_kv8": "FP8 W8A8 + FP8 KV",
              "fp8_fused": "FP8 W8A8 (BF16 KV), norm/SiLU fused into the quantizer",
              "fp8_kv8_fused": "FP8 W8A8 + FP8 KV, norm/SiLU fused into the quantizer",
