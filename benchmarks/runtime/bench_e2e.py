@@ -90,6 +90,8 @@ def parse(argv):
     p.add_argument("--w4-large-route", default="scaled_mm", choices=("scaled_mm", "int8", "fp8", "auto"),
                    help="W4A4 GEMM route at decode batches above 16 (scaled_mm: auto's choice)")
     p.add_argument("--no-graph", action="store_true", help="time decode eagerly (no CUDA graph)")
+    p.add_argument("--prologue-max-tokens", type=int, default=None,
+                   help="*_fused rows: fuse the prologues only for calls of at most this many tokens")
     a = p.parse_args(argv)
     preset = {**DEFAULT, **(SMOKE if a.smoke else QUICK if a.quick else {})}
     if a.smoke:
@@ -294,7 +296,8 @@ class Bench:
     def record(self, shape, row, phase, batch, seqlen, kv_len, **kw):
         rec = {"kind": "e2e", "model_shape": shape, "row": row, "phase": phase, "batch": batch, "seqlen": seqlen,
                "kv_len": kv_len, "median_ms": None, "tokens_per_s": None, "peak_mem_gib": None, "oom": False,
-               "copy_gbps": self.copy_gbps, "fused_ops": self.fused and self.cuda, **kw}
+               "copy_gbps": self.copy_gbps, "fused_ops": self.fused and self.cuda,
+               "prologue_max_tokens": self.a.prologue_max_tokens if row.endswith("_fused") else None, **kw}
         full = self.w.add(rec)
         ms = full.get("median_ms")
         print(f"{shape} {row:9s} {phase:8s} b={batch} s={seqlen} kv={kv_len}: "
@@ -512,6 +515,10 @@ class Bench:
                   + ([max(a.long_kv) + 1] if "decode_long" in a.phases and a.long_kv else []))
         t = time.time()
         dec = synthetic.build(shape, row, self.device, torch.bfloat16, fused=self.fused, cap=cap)
+        if row.endswith("_fused") and a.prologue_max_tokens is not None:
+            from dataclasses import replace
+
+            dec.prologue = replace(dec.prologue, max_tokens=a.prologue_max_tokens)
         self.sync()
         print(f"built {shape} {row} in {time.time() - t:.1f} s ({dec.weight_bytes() / GIB:.2f} GiB)", flush=True)
         jobs = []  # the targets' cases first (decode b=32, prefill b=4), then the rest, then Table 20

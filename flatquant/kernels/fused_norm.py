@@ -44,6 +44,11 @@ class PrologueConfig:
     """Which decoder prologues run fused with the next linear's transform + quantize (off: the unfused ops)."""
     norm_quant: bool = False  # residual add + RMSNorm -> qkv / gate_up input
     silu_quant: bool = False  # SiLU(gate) * up -> down_proj input
+    max_tokens: int | None = None  # fuse only calls of at most this many tokens (None: all)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether a call on activations x (..., hidden) is within max_tokens."""
+        return self.max_tokens is None or x.numel() // x.shape[-1] <= self.max_tokens
 
 
 UNFUSED = PrologueConfig()

@@ -211,13 +211,13 @@ class StaticDecoder:
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
         gu, res = self._norm_linear(lay.gate_up, h, res, lay.post_norm)
-        if self.prologue.silu_quant:
+        if self.prologue.silu_quant and self.prologue.takes(gu):
             return fused_norm.silu_linear(lay.down, gu, self.fused), res
         return lay.down(fused_ops.silu_mul(gu, fused=self.fused)), res
 
     def _norm_linear(self, lin, h, res, w):
         """lin(RMSNorm(res + h) * w), res + h: fused with lin's transform + quantize when prologue says so."""
-        if self.prologue.norm_quant:
+        if self.prologue.norm_quant and self.prologue.takes(h):
             return fused_norm.norm_linear(lin, h, res, w, self.eps, self.fused)
         x, res = self._norm(h, res, w)
         return lin(x), res

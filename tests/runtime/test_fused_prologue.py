@@ -74,3 +74,22 @@ def test_fp8_kv_cache_stores_e4m3_codes():
     assert not before.any() and cache.layers[0]["k"][:, :, 3].float().abs().sum() > 0
     with pytest.raises(ValueError, match="cache format"):
         StaticCache("int2", 1, 1, 1, 8, 4, "cpu")
+
+
+def test_prologue_max_tokens_limits_the_fused_calls(monkeypatch):
+    """PrologueConfig.max_tokens: prefill (2 x 12 tokens) runs unfused, decode (2 tokens) fused."""
+    from flatquant.kernels import kv4_attention
+    from flatquant.kernels.linear import set_backend
+
+    dec = synthetic.build("tiny", "int4", "cpu", dtype=torch.float16, seed=4, cap=32)
+    set_backend(dec.hf_model, "triton")
+    calls = []
+    real = fused_norm.prologue_quantize
+    monkeypatch.setattr(fused_norm, "prologue_quantize", lambda mode, *a, **k: calls.append(mode) or real(mode, *a, **k))
+    monkeypatch.setattr(static, "kv4", lambda device: kv4_attention)
+    dec.prologue = fused_norm.PrologueConfig(True, True, max_tokens=4)
+    c = dec.new_cache(2, 16)
+    dec.prefill(torch.randint(0, 256, (2, 12)), c)
+    assert not calls
+    dec.decode_step(torch.randint(0, 256, (2, 1)), c)
+    assert calls.count("norm") == 2 * len(dec.layers) and calls.count("silu") == len(dec.layers)
