@@ -85,7 +85,8 @@ def silu_quant_reference(gu, p1, p2, alpha: float, bits: int = 4, fmt: str = "pa
 # ---------------------------------------------------------------------------------------- kernel ---
 
 @triton.jit
-def _prologue_quant_kernel(x_ptr, r_ptr, w_ptr, rout_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, eps, alpha, NITER,
+def _prologue_quant_kernel(x_ptr, r_ptr, w_ptr, rout_ptr, p1_ptr, p2_ptr, out_ptr, scale_ptr, M, stride_o, eps, alpha,
+                           NITER,
                            NITER_C: tl.constexpr, MODE: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
                            N1P: tl.constexpr, N2P: tl.constexpr, RP: tl.constexpr, RLO: tl.constexpr,
                            H: tl.constexpr, HAS_P2: tl.constexpr, PACK: tl.constexpr, IS_F32: tl.constexpr,
@@ -147,7 +148,7 @@ def _prologue_quant_kernel(x_ptr, r_ptr, w_ptr, rout_ptr, p1_ptr, p2_ptr, out_pt
         s = _scale(amax, alpha, MAXQ, INTERP)
         tl.store(scale_ptr + t, s, mask=ok)
         qlo = _quantize(Ylo, s, MAXQ, INTERP)
-        ob = out_ptr + t * (NH if PACK else N)
+        ob = out_ptr + t * stride_o
         if PACK:
             qhi = _quantize(Yhi, s, MAXQ, INTERP)
             byte = (qlo & 15) | ((qhi & 15) << 4)
@@ -208,8 +209,9 @@ def prologue_quantize(mode: str, x: torch.Tensor, p1, p2, alpha: float, bits: in
         grid = num_programs or min(m, num_sms(x.device) * PROGRAMS_PER_SM)
         niter = triton.cdiv(m, grid)
         n1p, n2p = next_pow2(n1), next_pow2(n2)
+        alpha32 = float(torch.tensor(float(alpha), dtype=torch.float32))  # the float32 value the kernels see
         _prologue_quant_kernel[(grid,)](
-            x2, r2, wc, rout, p1c, p2c, out, scale, m, float(eps), float(torch.tensor(float(alpha)).float()), niter,
+            x2, r2, wc, rout, p1c, p2c, out, scale, m, out.stride(0), float(eps), alpha32, niter,
             NITER_C=niter if interp else 1, MODE=kmode, N1=n1, N2=n2, N1P=n1p, N2P=n2p, RP=next_pow2(rlo), RLO=rlo,
             H=h, HAS_P2=p2 is not None, PACK=pack, IS_F32=dd == torch.float32, MAXQ=2 ** (bits - 1) - 1,
             DT=triton_dtype(dd), INTERP=interp, num_warps=_warps(n1p * n2p))
