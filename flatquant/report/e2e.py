@@ -1,6 +1,7 @@
 """The end-to-end section of docs/RESULTS.md (records of benchmarks/runtime/bench_e2e.py, kind "e2e"): decode and
 prefill time per row and batch, speedups over BF16 and FP8 (the paper's Fig. 4), memory (Tables 20-22), the
-computed largest batch, and the issue's targets checked against the records."""
+computed largest batch, long-context phases, the time per component, and the issue's targets checked against the
+records."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,16 @@ from pathlib import Path
 from flatquant.report.common import _caption, _distinct, _save_fig, _short_commit, _table
 
 KIND = "e2e"
-ROW_ORDER = ("bf16", "fp8", "int4", "flatquant")
-ROW_LABEL = {"bf16": "BF16", "fp8": "FP8 W8A8 (BF16 KV)", "int4": "INT4 W4A4KV4 (no transforms)",
-             "flatquant": "FlatQuant W4A4KV4"}
+ROW_ORDER = ("bf16", "fp8", "fp8_kv8", "fp8_fused", "fp8_kv8_fused", "int4", "int4_fused", "quarot", "quarot_fused",
+             "flatquant", "flatquant_fused", "hf_bf16")
+ROW_LABEL = {"bf16": "BF16", "fp8": "FP8 W8A8 (BF16 KV)", "fp8_kv8": "FP8 W8A8 + FP8 KV",
+             "fp8_fused": "FP8 W8A8 (BF16 KV), norm/SiLU fused into the quantizer",
+             "fp8_kv8_fused": "FP8 W8A8 + FP8 KV, norm/SiLU fused into the quantizer",
+             "int4": "INT4 W4A4KV4 (no transforms)", "int4_fused": "INT4 W4A4KV4, fused prologues",
+             "quarot": "QuaRot-style W4A4KV4", "quarot_fused": "QuaRot-style W4A4KV4, fused prologues",
+             "flatquant": "FlatQuant W4A4KV4", "flatquant_fused": "FlatQuant W4A4KV4, fused prologues",
+             "hf_bf16": "HF generate BF16 (reference only)"}
+COMPONENTS = ("norm_transform_quant", "gemm", "attention", "other")
 GIB = 2 ** 30
 
 
@@ -38,7 +46,7 @@ def _ms(r) -> str:
 
 
 def _speed(num, den) -> float | None:
-    if not num or not den or num.get("median_ms") is None or den.get("median_ms") is None:
+    if not num or not den or num.get("median_ms") is None or not den.get("median_ms"):
         return None
     return num["median_ms"] / den["median_ms"]
 
@@ -92,17 +100,17 @@ def _memory_tables(shape, recs, latest) -> list[str]:
             for b in batches:
                 r = next((x for x in dec if x["row"] == row and x["batch"] == b), None)
                 peak = "-" if r is None or r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.1f}"
-                cells.append("-" if r is None else
-                             f"{peak} / {(r['weights_bytes'] + r['kv_cache_bytes']) / GIB:.1f}")
+                wk = None if r is None or r.get("kv_cache_bytes") is None else r["weights_bytes"] + r["kv_cache_bytes"]
+                cells.append("-" if r is None else f"{peak} / " + ("-" if wk is None else f"{wk / GIB:.1f}"))
             body.append([ROW_LABEL.get(row, row)] + cells)
         out += [f"**{shape}: decode memory (GiB)** — measured peak / weights + KV cache (tensor bytes; the W4 rows' "
                 "peak includes the one-byte weight copy the cuBLAS route keeps, `cast_cache_bytes`)", "",
                 _table(["row"] + [f"b={b}" for b in batches], body), ""]
-    mb = [r for r in recs if r.get("phase") == "max_batch"]
-    if mb:
+    for kv in sorted({r["kv_len"] for r in recs if r.get("phase") == "max_batch"}):
+        mb = [r for r in recs if r.get("phase") == "max_batch" and r["kv_len"] == kv]
         body = [[ROW_LABEL.get(r["row"], r["row"]), str(r["batch"]), str(r.get("max_batch_without_cast_cache", "-")),
                  f"{r['per_seq_bytes'] / 2 ** 20:.0f}"] for r in sorted(mb, key=lambda r: _rows(mb).index(r["row"]))]
-        out += [f"**{shape}: largest batch at KV length {mb[0]['kv_len']} (computed** from the measured bytes per "
+        out += [f"**{shape}: largest batch at KV length {kv} (computed** from the measured bytes per "
                 "sequence and the free GPU memory, not run)", "",
                 _table(["row", "max batch", "without the one-byte weight copy", "MiB per sequence"], body), ""]
     lm = [r for r in recs if r.get("phase") == "layer_mem" and r.get("peak_mem_gib") is not None]
@@ -114,6 +122,46 @@ def _memory_tables(shape, recs, latest) -> list[str]:
         out += [f"**{shape}: one decoder layer's decode memory, batch 1 (MiB; Table 20)** — layer tensor bytes + "
                 "measured peak of its KV cache and activations", "", _table(["row"] + [f"KV {k}" for k in kvs], body),
                 ""]
+    return out
+
+
+def _long_tables(shape, recs) -> list[str]:
+    """prefill_long (columns: prompt length, batch 1) and decode_long (columns: KV length) tables."""
+    out = []
+    for phase, col, what in (("prefill_long", "seqlen", "long prefill, batch {b}: median ms by prompt length"),
+                             ("decode_long", "kv_len", "long-context decode step, batch {b}: median ms by KV length")):
+        sel = [r for r in recs if r.get("phase") == phase]
+        if not sel:
+            continue
+        lens, rows = sorted({r[col] for r in sel}), _rows(sel)
+        cell = lambda row, n: _ms(next((r for r in sel if r["row"] == row and r[col] == n), None))
+        peak = lambda row, n: next((f" ({r['peak_mem_gib']:.1f} GiB)" for r in sel if r["row"] == row
+                                    and r[col] == n and r.get("peak_mem_gib") and r.get("median_ms")), "")
+        body = [[ROW_LABEL.get(row, row)] + [cell(row, n) + peak(row, n) for n in lens] for row in rows]
+        out += [f"**{shape}: {what.format(b=_distinct(sel, 'batch'))}** (peak GPU memory in brackets)", "",
+                _table(["row"] + [str(n) for n in lens], body), ""]
+    return out
+
+
+def _component_tables(shape, recs) -> list[str]:
+    """Kernel time per step by component (torch.profiler over eager steps) at each profiled point."""
+    sel = [r for r in recs if r.get("phase") == "components" and r.get("component_ms")]
+    out = []
+    for ph, b in sorted({(r.get("of_phase"), r["batch"]) for r in sel}):
+        pts = [r for r in sel if r.get("of_phase") == ph and r["batch"] == b]
+        body = []
+        for row in _rows(pts):
+            r = next(x for x in pts if x["row"] == row)
+            tot = r.get("kernel_ms_total") or 0.0
+            body.append([ROW_LABEL.get(row, row)] + [
+                f"{r['component_ms'].get(c, 0.0):.3f} ({100 * r['component_ms'].get(c, 0.0) / tot:.0f}%)" if tot
+                else "-" for c in COMPONENTS] + [f"{tot:.3f}", "-" if r.get("host_gap_ms") is None
+                                                 else f"{r['host_gap_ms']:.3f}", f"{r['median_ms']:.3f}"])
+        where = f"decode b={b}, KV {pts[0]['kv_len']}" if ph == "decode" else f"prefill b={b} × {pts[0]['seqlen']}"
+        out += [f"**{shape}: Time per component, {where}** — ms per step ({_distinct(pts, 'time_source')}, eager "
+                "steps; top kernels by name in the records' `top_kernels`)", "",
+                _table(["row", "norm/SiLU/transform/quantize", "GEMMs", "attention (+KV quantize)", "other kernels",
+                        "kernels total", "host gaps", "eager step"], body), ""]
     return out
 
 
@@ -138,8 +186,14 @@ def targets(records) -> list[dict]:
 
         add("decode b=32 KV 2048: FlatQuant vs BF16", _speed(dec("bf16"), dec("flatquant")), ">= 2.5×",
             lambda v: v >= 2.5, "median_ms of phase=decode, batch=32 (bf16 / flatquant)")
-        add("decode b=32 KV 2048: FlatQuant vs FP8 W8A8 (BF16 KV here)", _speed(dec("fp8"), dec("flatquant")),
-            ">= 1.4×", lambda v: v >= 1.4, "median_ms of phase=decode, batch=32 (fp8 / flatquant)")
+        f8 = "fp8_kv8" if dec("fp8_kv8") else "fp8"
+        lab = "FP8 W8A8 + FP8 KV" if f8 == "fp8_kv8" else "FP8 W8A8 (BF16 KV here)"
+        add(f"decode b=32 KV 2048: FlatQuant vs {lab}", _speed(dec(f8), dec("flatquant")),
+            ">= 1.4×", lambda v: v >= 1.4, f"median_ms of phase=decode, batch=32 ({f8} / flatquant)")
+        if dec("flatquant_fused"):
+            add("decode b=32 KV 2048: FlatQuant with fused prologues vs BF16", _speed(dec("bf16"),
+                dec("flatquant_fused")), ">= 2.5×", lambda v: v >= 2.5,
+                "median_ms of phase=decode, batch=32 (bf16 / flatquant_fused)")
         add("prefill 2048, batch >= 4: FlatQuant vs BF16 (worst batch)", pre_ratio("bf16"), ">= 1.4×",
             lambda v: v >= 1.4, "median_ms of phase=prefill, batch>=4")
         add("prefill 2048, batch >= 4: FlatQuant vs FP8 (worst batch)", pre_ratio("fp8"), ">= 0.9×",
@@ -159,7 +213,7 @@ def targets(records) -> list[dict]:
         m_bf, m_fq = mem(dec("bf16")), mem(dec("flatquant"))
         add("weights + KV memory at decode b=32: BF16 / FlatQuant", m_bf / m_fq if m_bf and m_fq else None,
             ">= 3.3×", lambda v: v >= 3.3, "weights_bytes + kv_cache_bytes of phase=decode, batch=32")
-        mb = {r["row"]: r for k, r in latest.items() if k[:3] == (shape, r.get("row"), "max_batch")}
+        mb = {r["row"]: r for k, r in latest.items() if k[:3] == (shape, r.get("row"), "max_batch") and k[5] == 2048}
         ratio = (mb["flatquant"]["batch"] / mb["bf16"]["batch"] if "flatquant" in mb and "bf16" in mb
                  and mb["bf16"]["batch"] else None)
         add("largest batch at KV 2048 (computed): FlatQuant / BF16", ratio, ">= 3.5×", lambda v: v >= 3.5,
@@ -190,6 +244,8 @@ def e2e_section(records: list[dict]) -> list[str]:
         out += _phase_tables(shape, sr, latest, "decode")
         out += _phase_tables(shape, sr, latest, "prefill")
         out += _memory_tables(shape, sr, latest)
+        out += _long_tables(shape, sr)
+        out += _component_tables(shape, sr)
     t = targets(records)
     if t:
         body = [[x["shape"], x["target"], "-" if x["value"] is None else f"{x['value']:.2f}", x["goal"],
@@ -215,7 +271,7 @@ def e2e_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
         for ax, phase in zip(axes[0], ("prefill", "decode")):
             sel = {k: r for k, r in latest.items() if k[0] == shape and k[2] == phase}
-            for row in ROW_ORDER[1:]:
+            for row in ROW_ORDER[1:-1]:  # not the HF generate reference row
                 pts = []
                 for k, r in sel.items():
                     if k[1] == row:
@@ -238,4 +294,36 @@ def e2e_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
                  f"{_distinct(recs, 'git_commit', _short_commit)}", ha="center", va="top", fontsize=7)
         paths.append(_save_fig(fig, Path(out_dir) / f"e2e_speedup_{shape}.png"))
         plt.close(fig)
+        paths += _memory_plot(shape, latest, out_dir, plt)
     return paths
+
+
+def _memory_plot(shape, latest, out_dir, plt) -> list[Path]:
+    """Memory vs KV length: one decoder layer at batch 1 (layer_mem) and the whole model's measured peak at
+    the decode_long batch (OOM cases left out), one line per row."""
+    panels = [(p, {k: r for k, r in latest.items() if k[0] == shape and k[2] == p and r.get("peak_mem_gib")
+                   and (p == "layer_mem" or r.get("median_ms") is not None)}) for p in ("layer_mem", "decode_long")]
+    panels = [(p, sel) for p, sel in panels if sel]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (phase, sel) in zip(axes[0], panels):
+        for row in ROW_ORDER:
+            pts = sorted((k[5], r["peak_mem_gib"] * (1024 if phase == "layer_mem" else 1))
+                         for k, r in sel.items() if k[1] == row)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=ROW_LABEL[row])
+        b = _distinct(list(sel.values()), "batch")
+        ax.set_title(f"{shape}: " + ("one layer, batch 1 (MiB)" if phase == "layer_mem" else
+                                     f"whole model, batch {b} (GiB)"), fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV length")
+        ax.set_ylabel("peak memory")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    recs = [r for _, sel in panels for r in sel.values()]
+    fig.text(0.5, -0.02, f"device: {_distinct(recs, 'device')} | commit(s): "
+             f"{_distinct(recs, 'git_commit', _short_commit)}", ha="center", va="top", fontsize=7)
+    path = _save_fig(fig, Path(out_dir) / f"e2e_memory_{shape}.png")
+    plt.close(fig)
+    return [path]

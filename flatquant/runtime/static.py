@@ -2,8 +2,10 @@
 
 StaticCache: per-layer K/V preallocated for (batch, capacity); `length` cached tokens, the same for every
 sequence, kept on the device (`length_t`, what a captured graph reads) and mirrored on the host. Formats:
-"float" (the model dtype, (B, Hkv, S, D)) and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md;
-the same tensors and quantize_kv calls as flatquant.runtime.kvcache.PackedLayer).
+"float" (the model dtype, (B, Hkv, S, D)), "fp8" (float8 e4m3 codes of K / FP8_KV_SCALE and V / FP8_KV_SCALE,
+a static per-tensor scale as serving engines default to; attention reads them cast back to the model dtype)
+and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md; the same tensors and quantize_kv calls as
+flatquant.runtime.kvcache.PackedLayer).
 
 StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) whose linears are any callables
 (the runtime's W4A4Linear, FP8 or dense), with the runtime's semantics:
@@ -12,17 +14,22 @@ StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) wh
 - decode (one token per sequence): the new K/V written at position `length_t` (no host value read, so the
   step can be captured in a CUDA graph), then attention over [0, length + 1): decode_attention on the packed
   cache for KV4, SDPA on the first length + 1 positions for float K/V.
-Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops.
+Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops; with `prologue`
+(flatquant.kernels.fused_norm.PrologueConfig) on, a W4A4 linear after them takes its input from one fused
+pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from flatquant.kernels import fused_norm
 from flatquant.runtime import fused_ops
 from flatquant.runtime.kvcache import kv4
 
 KV4_NAMES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+FP8_KV_SCALE = 1.0
+FORMATS = ("float", "fp8", "kv4")
 
 
 class StaticCache:
@@ -30,15 +37,16 @@ class StaticCache:
 
     def __init__(self, fmt: str, n_layers: int, batch: int, hkv: int, head_dim: int, capacity: int,
                  device, dtype=torch.bfloat16):
-        if fmt not in ("float", "kv4"):
-            raise ValueError(f"cache format must be 'float' or 'kv4', got {fmt!r}")
+        if fmt not in FORMATS:
+            raise ValueError(f"cache format must be one of {FORMATS}, got {fmt!r}")
         self.fmt, self.batch, self.hkv, self.head_dim, self.capacity = fmt, batch, hkv, head_dim, capacity
         self.device, self.dtype = torch.device(device), dtype
         shape = (batch, hkv, capacity)
         self.layers = []
         for _ in range(n_layers):
-            if fmt == "float":
-                self.layers.append({n: torch.zeros(shape + (head_dim,), dtype=dtype, device=device)
+            if fmt != "kv4":
+                kv_dt = dtype if fmt == "float" else torch.float8_e4m3fn
+                self.layers.append({n: torch.zeros(shape + (head_dim,), dtype=kv_dt, device=device)
                                     for n in ("k", "v")})
             else:
                 self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
@@ -87,6 +95,8 @@ class StaticCache:
         lay = self.layers[i]
         if self.fmt == "float":
             new = {"k": k.to(self.dtype), "v": v.to(self.dtype)}
+        elif self.fmt == "fp8":
+            new = {n: _to_fp8(x) for n, x in (("k", k), ("v", v))}
         else:
             ops = kv4(k.device)
             new = {}
@@ -94,14 +104,19 @@ class StaticCache:
                 codes, scale, zero = ops.quantize_kv(x, clip)
                 new.update({f"{tag}_codes": codes, f"{tag}_scale": scale, f"{tag}_zero": zero})
         for name, t in new.items():
-            if decode:
-                lay[name].index_copy_(2, self.length_t, t)
+            if decode:  # (fp8 codes as bytes: index_copy_ has no float8 kernels)
+                dst = lay[name]
+                if dst.dtype == torch.float8_e4m3fn:
+                    dst, t = dst.view(torch.uint8), t.view(torch.uint8)
+                dst.index_copy_(2, self.length_t, t)
             else:
                 lay[name][:, :, :t.shape[2]] = t
         if decode:
             return None
         if self.fmt == "float":
             return new["k"], new["v"]
+        if self.fmt == "fp8":
+            return _from_fp8(new["k"], k.dtype), _from_fp8(new["v"], k.dtype)
         ops = kv4(k.device)
         return tuple(ops.dequantize_kv(new[f"{t}_codes"], new[f"{t}_scale"], new[f"{t}_zero"], k.dtype)
                      for t in ("k", "v"))
@@ -116,9 +131,20 @@ class StaticCache:
         n = self.length + 1
         b, hq, d = q.shape
         g = hq // self.hkv  # the G query heads of one kv head attend as G rows: no K/V repeat
-        out = F.scaled_dot_product_attention(q.reshape(b, self.hkv, g, d), lay["k"][:, :, :n], lay["v"][:, :, :n],
-                                             scale=scale)
+        kc, vc = lay["k"][:, :, :n], lay["v"][:, :, :n]
+        if self.fmt == "fp8":
+            kc, vc = _from_fp8(kc, q.dtype), _from_fp8(vc, q.dtype)
+        out = F.scaled_dot_product_attention(q.reshape(b, self.hkv, g, d), kc, vc, scale=scale)
         return out.reshape(b, hq, d)
+
+
+def _to_fp8(x: torch.Tensor) -> torch.Tensor:
+    x = x.float() if FP8_KV_SCALE == 1.0 else x.float() / FP8_KV_SCALE
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def _from_fp8(c: torch.Tensor, dtype) -> torch.Tensor:
+    return c.to(dtype) if FP8_KV_SCALE == 1.0 else (c.float() * FP8_KV_SCALE).to(dtype)
 
 
 class Layer:
@@ -146,11 +172,12 @@ class StaticDecoder:
     """See the module docstring. cos / sin: (max positions, D) rope tables in the model dtype."""
 
     def __init__(self, embed, layers: list[Layer], norm, lm_head, cos, sin, hq: int, hkv: int, head_dim: int,
-                 eps: float, kv_format: str, fused: bool = True):
+                 eps: float, kv_format: str, fused: bool = True,
+                 prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED):
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin
         self.hq, self.hkv, self.head_dim, self.eps = hq, hkv, head_dim, eps
-        self.kv_format, self.fused = kv_format, fused
+        self.kv_format, self.fused, self.prologue = kv_format, fused, prologue
         self.scale = head_dim ** -0.5
 
     def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> StaticCache:
@@ -165,8 +192,7 @@ class StaticDecoder:
     def _layer(self, i: int, lay: Layer, h, res, cache: StaticCache, decode: bool, cos, sin):
         b, s, _ = h.shape
         hq, hkv, d = self.hq, self.hkv, self.head_dim
-        x, res = self._norm(h, res, lay.in_norm)
-        qkv = lay.qkv(x)
+        qkv, res = self._norm_linear(lay.qkv, h, res, lay.in_norm)
         qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
         qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]  # HF's apply_rotary_pos_emb
         q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
@@ -184,9 +210,17 @@ class StaticDecoder:
             att = F.scaled_dot_product_attention(q, kd, vd, is_causal=s > 1, scale=self.scale)
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
-        x, res = self._norm(h, res, lay.post_norm)
-        h = lay.down(fused_ops.silu_mul(lay.gate_up(x), fused=self.fused))
-        return h, res
+        gu, res = self._norm_linear(lay.gate_up, h, res, lay.post_norm)
+        if self.prologue.silu_quant and self.prologue.takes(gu):
+            return fused_norm.silu_linear(lay.down, gu, self.fused), res
+        return lay.down(fused_ops.silu_mul(gu, fused=self.fused)), res
+
+    def _norm_linear(self, lin, h, res, w):
+        """lin(RMSNorm(res + h) * w), res + h: fused with lin's transform + quantize when prologue says so."""
+        if self.prologue.norm_quant and self.prologue.takes(h):
+            return fused_norm.norm_linear(lin, h, res, w, self.eps, self.fused)
+        x, res = self._norm(h, res, w)
+        return lin(x), res
 
     def _run(self, h, cache: StaticCache, decode: bool, cos, sin, layers=None):
         res = None
@@ -259,7 +293,8 @@ class StaticDecoder:
         return n
 
 
-def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecoder:
+def from_packed_hf(model, cos=None, sin=None, fused: bool = True,
+                   prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED) -> StaticDecoder:
     """A StaticDecoder over a packed Hugging Face model's own modules (flatquant.runtime.modules): the fused
     W4A4Linears, PackedKV, norms, embedding and lm_head are shared, not copied."""
     from flatquant.models.families import family_for
@@ -283,4 +318,4 @@ def from_packed_hf(model, cos=None, sin=None, fused: bool = True) -> StaticDecod
         cos, sin = model.base_model.rotary_emb(embed[:1], pos)
         cos, sin = cos[0], sin[0]
     return StaticDecoder(embed, layers, model.base_model.norm.weight, model.get_output_embeddings().weight, cos, sin,
-                         hq, hkv, d, cfg.rms_norm_eps, "kv4", fused=fused)
+                         hq, hkv, d, cfg.rms_norm_eps, "kv4", fused=fused, prologue=prologue)

@@ -3,10 +3,17 @@
 Rows (all run by flatquant.runtime.static.StaticDecoder, so they share the cache, graph and attention code):
 - "bf16":      dense bf16 linears (q/k/v and gate/up fused), float K/V cache;
 - "fp8":       flatquant.runtime.fp8.Fp8Linear (W8A8, per-channel / per-token), float K/V cache;
+- "fp8_kv8":   the same linears with an FP8 (e4m3, per-tensor scale) K/V cache (StaticCache format "fp8");
 - "int4":      the runtime's packed model (flatquant.runtime.modules.convert_model) without transforms
                (W4A4Linear with p1 = p2 = None), KV4 cache without the key transform;
 - "flatquant": the same with random invertible Kronecker factors at every site (P_a, P_o (heads only, P_v
-               folded), P_ug, P_d) and the key transform P_h, as an exported FlatQuant model has them.
+               folded), P_ug, P_d) and the key transform P_h, as an exported FlatQuant model has them;
+- "quarot":    QuaRot-style W4A4KV4: online rotations only where QuaRot has them (down_proj's input, the heads
+               before o_proj, the keys); q/k/v and gate/up inputs are rotated offline (no online transform).
+               The rotations are orthonormal (Sylvester Hadamard factors where the size is a power of two,
+               else random orthogonal) applied as Kronecker factors through the same kernels;
+- "<row>_fused": the row with the fused prologues on (flatquant.kernels.fused_norm.PrologueConfig): W4 rows
+               norm / SiLU·up -> transform -> quantize in one pass, FP8 rows norm / SiLU·up -> FP8 quantize.
 The packed rows are built as Hugging Face models on the meta device, converted by the runtime, then
 materialised on the device layer by layer and filled with random packed tensors.
 """
@@ -23,7 +30,8 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, layers=32, vocab=128256, theta=5e5),
     "tiny": dict(hidden=64, inter=160, heads=4, kv_heads=2, layers=2, vocab=256, theta=1e4),
 }
-ROWS = ("bf16", "fp8", "int4", "flatquant")
+ROWS = ("bf16", "fp8", "fp8_kv8", "int4", "quarot", "flatquant", "fp8_fused", "fp8_kv8_fused", "int4_fused",
+        "quarot_fused", "flatquant_fused")
 EPS = 1e-5
 
 
@@ -52,6 +60,16 @@ def _randn(shape, g, device, dtype, std=0.02):
     return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
 
+def _orthonormal(n: int, g, device) -> torch.Tensor:
+    """A normalised Sylvester Hadamard matrix where n is a power of two, else a random orthogonal one."""
+    if n & (n - 1) == 0:
+        h = torch.ones(1, 1, device=device)
+        while h.shape[0] < n:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return h / n ** 0.5
+    return torch.linalg.qr(torch.randn(n, n, generator=g, device=device))[0]
+
+
 def _invertible(n: int, g, device) -> torch.Tensor:
     """A random well-conditioned matrix: identity plus a small random part."""
     return torch.eye(n, device=device) + torch.randn(n, n, generator=g, device=device) * (0.2 / n ** 0.5)
@@ -70,7 +88,8 @@ def _dense_model(s: dict, row: str, device, dtype, n_layers: int, g, fused: bool
                             make((hq + 2 * hkv) * d, h), make(h, hq * d), make(2 * i, h), make(h, i)))
     cos, sin = rope_table(cap, d, s["theta"], device, dtype)
     return StaticDecoder(_randn((s["vocab"], h), g, device, dtype), layers, torch.ones(h, dtype=dtype, device=device),
-                         _randn((s["vocab"], h), g, device, dtype), cos, sin, hq, hkv, d, EPS, "float", fused)
+                         _randn((s["vocab"], h), g, device, dtype), cos, sin, hq, hkv, d, EPS,
+                         "fp8" if row == "fp8_kv8" else "float", fused)
 
 
 def packed_config(s: dict, row: str) -> dict:
@@ -80,10 +99,14 @@ def packed_config(s: dict, row: str) -> dict:
 
     d = s["hidden"] // s["heads"]
     none = {"p1": None, "p2": None}
+    f = lambda n: dict(zip(("p1", "p2"), kron_factors(n)))
     if row == "int4":
         sites, key = {k: dict(none) for k in layout.SITES}, dict(none)
+    elif row == "quarot":
+        sites = {"attn_in": dict(none), "o_in": {"p1": s["heads"], "p2": None}, "mlp_in": dict(none),
+                 "down_in": f(s["inter"])}
+        key = {"p1": None, "p2": d}
     else:
-        f = lambda n: dict(zip(("p1", "p2"), kron_factors(n)))
         sites = {"attn_in": f(s["hidden"]), "o_in": {"p1": s["heads"], "p2": None}, "mlp_in": f(s["hidden"]),
                  "down_in": f(s["inter"])}
         key = {"p1": None, "p2": d}
@@ -100,8 +123,10 @@ def hf_config(s: dict, n_layers: int, cap: int):
 
 
 @torch.no_grad()
-def fill_packed(model, g, device, dtype) -> None:
-    """Materialise a converted (meta) packed model on `device`, module by module, with random tensors."""
+def fill_packed(model, g, device, dtype, orthonormal: bool = False) -> None:
+    """Materialise a converted (meta) packed model on `device`, module by module, with random tensors
+    (transforms: random invertible, or orthonormal (`_orthonormal`) for the QuaRot-style row)."""
+    make = _orthonormal if orthonormal else _invertible
     from flatquant.kernels.linear import W4A4Linear
     from flatquant.runtime.modules import PackedKV
 
@@ -115,7 +140,7 @@ def fill_packed(model, g, device, dtype) -> None:
             mod.alpha.fill_(0.95)
             for p in (mod.p1, mod.p2):
                 if p is not None:
-                    p.copy_(_invertible(p.shape[0], g, device))
+                    p.copy_(make(p.shape[0], g, device))
             if mod.bias is not None:
                 mod.bias.zero_()
             mod.clear_cache()
@@ -123,7 +148,7 @@ def fill_packed(model, g, device, dtype) -> None:
             for side in ("p1", "p2"):
                 k = getattr(mod, f"key_{side}")
                 if k is not None:
-                    k.copy_(_invertible(k.shape[0], g, device))
+                    k.copy_(make(k.shape[0], g, device))
                     getattr(mod, f"query_{side}").copy_(torch.linalg.inv(k).t())
             mod.k_clip.fill_(0.95)
             mod.v_clip.fill_(0.95)
@@ -148,7 +173,7 @@ def packed_model(s: dict, row: str, device, dtype=torch.bfloat16, n_layers: int 
         model = LlamaForCausalLM(cfg).to(dtype)
     convert_model(model, packed_config(s, row), device="meta")
     g = torch.Generator(device=device).manual_seed(seed)
-    fill_packed(model, g, torch.device(device), dtype)
+    fill_packed(model, g, torch.device(device), dtype, orthonormal=row == "quarot")
     rot = model.base_model.rotary_emb
     rot.to_empty(device=device)
     d = s["hidden"] // s["heads"]
@@ -171,10 +196,15 @@ def build(shape: str, row: str, device, dtype=torch.bfloat16, n_layers: int | No
     n = n_layers or s["layers"]
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    if row in ("bf16", "fp8"):
-        return _dense_model(s, row, device, dtype, n, g, fused, cap)
-    model = packed_model(s, row, device, dtype, n, seed, cap)
+    from flatquant.kernels.fused_norm import FUSED, UNFUSED
+
+    base = row[:-len("_fused")] if row.endswith("_fused") else row
+    if base in ("bf16", "fp8", "fp8_kv8"):
+        dec = _dense_model(s, base, device, dtype, n, g, fused, cap)
+        dec.prologue = FUSED if base != row else UNFUSED
+        return dec
+    model = packed_model(s, base, device, dtype, n, seed, cap)
     cos, sin = rope_table(cap, s["hidden"] // s["heads"], s["theta"], device, dtype)
-    dec = from_packed_hf(model, cos, sin, fused=fused)
+    dec = from_packed_hf(model, cos, sin, fused=fused, prologue=FUSED if base != row else UNFUSED)
     dec.hf_model = model
     return dec
