@@ -182,6 +182,13 @@ def _load_gptq(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: in
             raise CheckpointError(f"layer {index}: {name}: {e}") from None
 
 
+def write_layer_file(out_dir: str | Path, i: int, layer: torch.nn.Module) -> str:
+    """Write layer i's learned tensors to its file (atomically, reproducible bytes); returns its sha256."""
+    path = layer_path(out_dir, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return integrity.write_safetensors(path, layer_state(layer), {"format": FORMAT, "layer": str(i)})
+
+
 class LayerStore:
     """Reads and writes one calibration's per-layer parameter files."""
 
@@ -201,6 +208,8 @@ class LayerStore:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
             self.meta["layers_done"] = old.get("layers_done", [])
+            if isinstance(old.get("layer_rows"), dict):
+                self.meta["layer_rows"] = old["layer_rows"]
         integrity.carry_meta(self)  # model fingerprint and per-file checksums
 
     def _path(self, i: int) -> Path:
@@ -212,6 +221,7 @@ class LayerStore:
         (self.dir / META).unlink(missing_ok=True)
         self.meta["layers_done"] = []
         self.meta.pop("checksums", None)
+        self.meta.pop("layer_rows", None)
 
     def load_layer(self, i: int) -> dict[str, torch.Tensor] | None:
         path = self._path(i)
@@ -226,11 +236,15 @@ class LayerStore:
         return state
 
     def save_layer(self, i: int, layer: torch.nn.Module) -> None:
-        path = self._path(i)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = integrity.write_safetensors(path, layer_state(layer), {"format": FORMAT, "layer": str(i)})
-        self.meta.setdefault("checksums", {})[path.name] = digest
+        self.record_layer(i, write_layer_file(self.dir, i, layer))
+
+    def record_layer(self, i: int, digest: str, row: dict | None = None) -> None:
+        """Index a layer file written (atomically) by `write_layer_file`, possibly by another process;
+        `row` (its losses) is kept so that a resumed run reports it."""
+        self.meta.setdefault("checksums", {})[self._path(i).name] = digest
         self.meta["layers_done"] = sorted(set(self.meta["layers_done"]) | {i})
+        if row is not None:
+            self.meta.setdefault("layer_rows", {})[str(i)] = row
         atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")
 
     def finish(self, report: list[dict], gptq: dict | None = None) -> None:
