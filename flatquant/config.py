@@ -124,10 +124,13 @@ class CalibConfig:
     dataset: str = "wiki-calib"
     seed: int = 0
     cuda_graph: bool = True  # replay each layer's training step from a CUDA graph (same maths, less overhead)
+    offload: str = "none"  # "cpu"/"disk": stream layers from the shards, activations in CPU memory / a memmap
 
     def __post_init__(self) -> None:
         if self.recipe not in ("svd-amp", "direct-fp32"):
             raise ConfigError(f"recipe must be 'svd-amp' or 'direct-fp32', got {self.recipe!r}")
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ConfigError(f"offload must be 'none', 'cpu' or 'disk', got {self.offload!r}")
         if self.init not in ("orthogonal", "identity", "hadamard"):
             raise ConfigError(f"init must be 'orthogonal', 'identity' or 'hadamard', got {self.init!r}")
         for name in ("nsamples", "seqlen", "epochs", "batch_size"):
@@ -141,7 +144,7 @@ class CalibConfig:
     def recipe_settings(d: dict) -> dict:
         """The settings that change the learned parameters (execution-only switches dropped), for comparing
         a saved calibration with a requested one."""
-        return {k: v for k, v in d.items() if k not in ("cuda_graph",)}
+        return {k: v for k, v in d.items() if k not in ("cuda_graph", "offload")}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibConfig:

@@ -1,0 +1,98 @@
+"""Layer streaming: shards read lazily match the model, activations round-trip through a memmap, and the
+`quantize --offload` command saves the same parameters as the in-memory path (GPTQ included)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flatquant import cli
+from flatquant.calib import offload
+from tests.conftest import build_model
+
+
+@pytest.fixture
+def sharded_dir(tmp_path, tiny_tokenizer):
+    model = build_model("llama", vocab_size=len(tiny_tokenizer), tie_word_embeddings=False)
+    path = tmp_path / "sharded"
+    model.save_pretrained(path, max_shard_size="40KB")  # several shards and an index
+    tiny_tokenizer.save_pretrained(path)
+    return model, path
+
+
+def test_sharded_source_matches_the_model_one_layer_at_a_time(sharded_dir):
+    model, path = sharded_dir
+    assert (path / "model.safetensors.index.json").is_file()
+    src = offload.ShardedSource(path, "cpu", torch.float32)
+    skel = src.skeleton()
+    layers = src.family.decoder_layers(skel)
+    assert all(p.is_meta for p in layers.parameters())  # nothing of the layers read yet
+    assert skel.get_output_embeddings().weight.is_meta  # calibration never reaches the head
+    assert torch.equal(skel.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert torch.equal(skel.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    layer = src.layer(1)
+    ref = dict(model.model.layers[1].named_parameters())
+    for name, p in layer.named_parameters():
+        assert not p.is_meta and torch.equal(p, ref[name]), name
+    assert sum(not p.is_meta for p in layers.parameters()) == len(ref)  # only that layer is real
+    x = torch.randn(2, 8, model.config.hidden_size)
+    pos = torch.arange(8)[None].expand(2, -1)
+    pe = model.model.rotary_emb(x, pos)
+    assert torch.equal(_out(layer(x, position_embeddings=pe, attention_mask=None)),
+                       _out(model.model.layers[1](x, position_embeddings=pe, attention_mask=None)))
+    src.release(1)
+    assert all(p.is_meta for p in layers.parameters())
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_disk_activations_round_trip(tmp_path, dtype):
+    x = torch.randn(3, 5, 7).to(dtype)
+    acts = offload.activations("disk", tuple(x.shape), dtype, tmp_path / "acts", "a")
+    acts.copy_(x)
+    assert torch.equal(offload.open_activations(tmp_path / "acts", "a", tuple(x.shape), dtype), x)
+    del acts
+    offload.drop_activations(tmp_path / "acts")
+    assert not (tmp_path / "acts").exists()
+
+
+def _run(argv, capsys):
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return (rc, *capsys.readouterr())
+
+
+def test_quantize_offload_disk_equals_in_memory_with_gptq(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    common = ["--model", tiny_model_dir, "--preset", "tiny", "--device", "cpu", "--data-dir", tiny_data_dir,
+              "--weight-quantizer", "gptq", "--results-dir", tmp_path / "res", "--no-progress", "--seqlen", "32"]
+    rc, out, err = _run(["quantize", *common, "--output", tmp_path / "streamed", "--offload", "disk"], capsys)
+    assert rc == 0, err
+    assert "layer   1 [2/2]" in out and "ETA" in out
+    rc, _, err = _run(["quantize", *common, "--output", tmp_path / "memory", "--compare", ""], capsys)
+    assert rc == 0, err
+    a, b = tmp_path / "streamed", tmp_path / "memory"
+    files = sorted(p.name for p in (a / "layers").iterdir())
+    assert files == ["layer_000.safetensors", "layer_001.safetensors"]
+    for f in files:
+        assert (a / "layers" / f).read_bytes() == (b / "layers" / f).read_bytes(), f
+    meta = json.loads((a / "flatquant.json").read_text())
+    assert meta["complete"] and meta["gptq"]["streamed"] and meta["calib"]["offload"] == "disk"
+    assert not (tmp_path / "streamed.partial").exists() and not (a / "_activations").exists()
+    rc, _, err = _run(["eval", "--method", "flatquant", "--params", a, *common], capsys)  # usable as saved
+    assert rc == 0, err
+
+
+def test_offload_refusals_are_one_line(tmp_path, capsys):
+    rc, _, err = _run(["quantize", "--model", "smollm2-135m", "--offload", "disk", "--device", "cpu",
+                       "--output", tmp_path / "o"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "GGUF" in err and "--offload cpu" in err, err
+    rc, _, err = _run(["quantize", "--model", "some-org/some-model", "--offload", "cpu", "--device", "cpu",
+                       "--output", tmp_path / "o"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
