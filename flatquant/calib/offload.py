@@ -83,10 +83,12 @@ class LayerSource:
     family: Family
     device: torch.device
     dtype: torch.dtype
+    limit: int | None = None  # stream only the first `limit` layers (benchmarks)
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        n = int(self.config.num_hidden_layers)
+        return n if self.limit is None else min(n, self.limit)
 
 
 class ShardedSource(LayerSource):

@@ -72,6 +72,13 @@ def _together(dist: Dist, what: str, fn):
     return out
 
 
+def _epoch_seconds(row: dict, timings: dict) -> None:
+    """Median seconds of one training epoch (what more epochs cost), when the layer was trained."""
+    epochs = sorted(timings.get("epoch", []))
+    if epochs:
+        row["epoch_seconds"] = round(epochs[len(epochs) // 2], 3)
+
+
 def _layer_seed(seed: int, i: int) -> int:
     return seed * 100003 + i  # per layer, as methods.flatquant.calibrate: any split over ranks gives one result
 
@@ -116,9 +123,12 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
             t = time.time()
             saved = store.load_layer(i) if i in done else None
             layer = source.layer(i)
+            timings: dict = {}
             layer, targets, row = calibrate_layer(layer, family, config, qcfg, cfg, acts.to(device), kwargs,
-                                                  _layer_seed(seed, i), amp, saved=saved, log=say, index=i)
+                                                  _layer_seed(seed, i), amp, saved=saved, log=say, index=i,
+                                                  timings=timings)
             row["seconds"] = round(time.time() - t, 2)
+            _epoch_seconds(row, timings)
             if saved is None:
                 store.record_layer(i, write_layer_file(out_dir, i, layer), row)
             acts.copy_(targets)  # full-precision outputs: the next layer's inputs
@@ -180,9 +190,12 @@ def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dis
             try:
                 x = offload.open_activations(work, f"layer_{i:03d}", shape, dtype)
                 layer = source.layer(i)
+                timings: dict = {}
                 layer, _targets, row = calibrate_layer(layer, family, config, qcfg, cfg, x.to(device), kwargs,
-                                                       _layer_seed(seed, i), amp, saved=None, log=say, index=i)
+                                                       _layer_seed(seed, i), amp, saved=None, log=say, index=i,
+                                                       timings=timings)
                 row["seconds"], row["rank"] = round(time.time() - t, 2), dist.rank
+                _epoch_seconds(row, timings)
                 result = (i, write_layer_file(store.dir, i, layer), row)
                 del layer, _targets, x
             except Exception as e:  # gathered: every rank stops after this round
