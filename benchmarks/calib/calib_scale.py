@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RecordWriter, base_fields  # noqa: E402
+from _common import RecordWriter, base_fields
 
-from flatquant.calib import offload  # noqa: E402
-from flatquant.calib.artifacts import LayerStore  # noqa: E402
-from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax  # noqa: E402
-from flatquant.calib.streaming import calibrate_streaming, gptq_streaming  # noqa: E402
-from flatquant.config import CalibConfig, method_config  # noqa: E402
-from flatquant.core.modules import install_attention_hook  # noqa: E402
+from flatquant.calib import offload
+from flatquant.calib.artifacts import LayerStore
+from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax
+from flatquant.calib.streaming import calibrate_streaming, gptq_streaming
+from flatquant.config import CalibConfig, method_config
+from flatquant.core.modules import install_attention_hook
 
 SHAPES = {  # full_layers: the real model's depth, for the extrapolation
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -74,7 +74,7 @@ def write_model(folder: Path, shape: str, layers: int, dtype: torch.dtype, devic
         shards.setdefault(key, []).append(n)
     gen = torch.Generator(device=device).manual_seed(seed)
     weight_map, t0, nbytes = {}, time.time(), 0
-    for k, (key, group) in enumerate(sorted(shards.items(), key=lambda kv: (kv[0] != "rest", kv[0].zfill(6)))):
+    for k, (_key, group) in enumerate(sorted(shards.items(), key=lambda kv: (kv[0] != "rest", kv[0].zfill(6)))):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for n in group:

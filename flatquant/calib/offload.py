@@ -171,7 +171,7 @@ class ModuleSource(LayerSource):
             for name, mod in self.model.named_modules():
                 if name == self.family.layers or name.startswith(prefix):
                     continue
-                for k, p in mod.named_parameters(recurse=False):
+                for _k, p in mod.named_parameters(recurse=False):
                     p.data = p.data.to(self.device)
                 for k, b in mod.named_buffers(recurse=False):
                     mod._buffers[k] = b.to(self.device)

@@ -16,6 +16,7 @@ after, sequentially on rank 0.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ ACT_DIR = "_activations"  # inside the work folder; removed when the calibration
 
 
 def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
@@ -56,7 +57,9 @@ class Progress:
 
 
 def _message(e: BaseException) -> str:
-    return str(e) if isinstance(e, FlatQuantError) else f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if isinstance(e, FlatQuantError):
+        return str(e)
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def _together(dist: Dist, what: str, fn):
@@ -166,9 +169,15 @@ def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dis
         rows[i] = {**store.meta.get("layer_rows", {}).get(str(i), {"layer": i}), "resumed": True}
     shape, dtype = tuple(inps.shape), inps.dtype
 
-    def fp_pass():
+    def fp_pass(x):
         t0 = time.time()
-        x = inps
+        need = len(todo) * x.numel() * x.element_size()
+        work.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(work).free
+        if need > free:
+            raise FlatQuantError(f"the full-precision pass needs {need / 2**30:.1f} GiB free in {work} for the "
+                                 f"inputs of {len(todo)} layers, {free / 2**30:.1f} GiB are free; use fewer "
+                                 "calibration windows or a folder on a larger disk")
         for i in range(max(todo) + 1 if todo else 0):
             if i in todo:
                 offload.activations("disk", shape, x.dtype, work, f"layer_{i:03d}").copy_(x)
@@ -179,8 +188,8 @@ def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dis
                 source.release(i)
         say(f"full-precision pass: inputs of {len(todo)} layer(s) written in {time.time() - t0:.1f} s")
 
-    _together(dist, "the full-precision pass", fp_pass if dist.main else lambda: None)
-    del inps
+    _together(dist, "the full-precision pass", (lambda: fp_pass(inps)) if dist.main else lambda: None)
+    inps = None  # rank 0 kept only the layers' memmaps
     errors = []
     for rnd in assign(todo, dist.world):
         result, err = None, None
@@ -189,6 +198,7 @@ def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dis
             t = time.time()
             try:
                 x = offload.open_activations(work, f"layer_{i:03d}", shape, dtype)
+                (work / f"layer_{i:03d}.bin").unlink(missing_ok=True)  # read whole: free its disk space now
                 layer = source.layer(i)
                 timings: dict = {}
                 layer, _targets, row = calibrate_layer(layer, family, config, qcfg, cfg, x.to(device), kwargs,

@@ -87,3 +87,28 @@ def test_rank_failure_stops_all_and_resumes_with_other_world(model_dir, tmp_path
     assert _run(1, model_dir, out, windows, tmp_path) == ["ok"]  # resumed by one process
     _run(1, model_dir, tmp_path / "ref", windows, tmp_path)
     assert _files(out) == _files(tmp_path / "ref")
+
+
+def test_torchrun_cli_matches_one_process(model_dir, tmp_path, tiny_data_dir):
+    """`torchrun --nproc-per-node 2 -m flatquant quantize --offload disk` (gloo) saves what one process does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    args = ["-m", "flatquant", "quantize", "--model", str(model_dir), "--offload", "disk", "--device", "cpu",
+            "--preset", "cpu-quick", "--calib-samples", "4", "--calib-seqlen", "32", "--epochs", "1",
+            "--data-dir", str(tiny_data_dir), "--no-progress"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout and "ETA" in two.stdout
+    one = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _files(tmp_path / "one") == _files(tmp_path / "two") and len(_files(tmp_path / "one")) == 3
+    assert not (tmp_path / "two.partial").exists()
