@@ -15,6 +15,7 @@ after, sequentially on rank 0.
 """
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
@@ -82,6 +83,13 @@ def _epoch_seconds(row: dict, timings: dict) -> None:
         row["epoch_seconds"] = round(epochs[len(epochs) // 2], 3)
 
 
+def _free() -> None:
+    """Drop the finished layer's memory now (its CUDA graph and optimizer may sit in reference cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _layer_seed(seed: int, i: int) -> int:
     return seed * 100003 + i  # per layer, as methods.flatquant.calibrate: any split over ranks gives one result
 
@@ -137,11 +145,14 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
             acts.copy_(targets)  # full-precision outputs: the next layer's inputs
             del layer, targets
             source.release(i)
+            _free()
             rows[i] = row
             progress.done(row)
         del acts
     else:
-        rows.update(_parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dist, progress, say))
+        held = [inps if dist.main else torch.empty(inps.shape, dtype=inps.dtype, device="meta")]
+        del inps  # only rank 0 keeps layer 0's inputs (for its full-precision pass)
+        rows.update(_parallel(source, store, qcfg, cfg, held, kwargs, done, seed, amp, work, dist, progress, say))
     out = {"calib_layers": [rows[i] for i in sorted(rows)]}
     if qcfg.weight_quantizer == "gptq":
         g = _together(dist, "GPTQ", lambda: gptq_streaming(source, store, qcfg, cfg, windows, act_dtype, say)
@@ -157,10 +168,13 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
     return out
 
 
-def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dist: Dist, progress, say) -> dict:
-    """The full-precision pass on rank 0, then the remaining layers trained in rounds over the ranks."""
+def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, work, dist: Dist, progress,
+              say) -> dict:
+    """The full-precision pass on rank 0, then the remaining layers trained in rounds over the ranks.
+    held: [layer 0's inputs] (popped, so that they are freed after the full-precision pass)."""
     from flatquant.methods.flatquant import calibrate_layer
 
+    inps = held.pop()
     device, family, config = source.device, source.family, source.config
     n_layers = source.num_layers
     todo = [i for i in range(n_layers) if i not in done]
@@ -212,6 +226,7 @@ def _parallel(source, store, qcfg, cfg, inps, kwargs, done, seed, amp, work, dis
                 err = f"layer {i}: {_message(e)}"
             finally:
                 source.release(i)
+                _free()
         gathered = dist.gather((result, err))
         for res, _e in gathered:
             if res is not None:
@@ -278,6 +293,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
         run_layer(layer, x, kwargs, cfg.batch_size, model_dtype, out=x)
         del layer
         source.release(i)
+        _free()
         row["seconds"] = round(time.time() - t, 2)
         eta = (time.time() - t0) / (i + 1) * (source.num_layers - i - 1)
         log(f"gptq layer {i:3d}: output error rtn {row['rtn_err']:.4g} -> gptq {row['gptq_err']:.4g} "

@@ -96,3 +96,23 @@ def test_offload_refusals_are_one_line(tmp_path, capsys):
     rc, _, err = _run(["quantize", "--model", "some-org/some-model", "--offload", "cpu", "--device", "cpu",
                        "--output", tmp_path / "o"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_module_source_streaming_equals_in_memory_calibration(tmp_path, tiny_tokenizer):
+    """A model held in CPU memory (how GGUF files stream) calibrates to the same bytes as `calibrate`."""
+    from flatquant.calib.streaming import calibrate_streaming
+    from flatquant.config import CalibConfig, method_config
+    from flatquant.methods.flatquant import calibrate
+
+    cc = CalibConfig(nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    q = method_config("flatquant", calib=cc)
+    windows = torch.randint(0, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
+    model = build_model("llama", vocab_size=len(tiny_tokenizer))
+    src = offload.ModuleSource(build_model("llama", vocab_size=len(tiny_tokenizer)), "cpu")
+    report = calibrate_streaming(src, q, windows, cc, tmp_path / "a", mode="cpu", seed=3, log=lambda _m: None)
+    calibrate(model, q, windows, cc, seed=3, out_dir=tmp_path / "b", progress=False, log=lambda _m: None)
+    files = sorted((tmp_path / "b" / "layers").iterdir())
+    assert len(files) == 2 and len(report["calib_layers"]) == 2
+    for f in files:
+        assert (tmp_path / "a" / "layers" / f.name).read_bytes() == f.read_bytes()
+    assert all(not hasattr(lay, "fq_transforms") for lay in src.family.decoder_layers(src.model))  # untouched
