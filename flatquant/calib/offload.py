@@ -217,3 +217,29 @@ def drop_activations(folder: Path | None) -> None:
             folder.rmdir()
         except OSError:
             pass
+
+
+def shard_fingerprint(source: ShardedSource, sample: int = 256) -> str:
+    """`integrity.model_fingerprint` of the model as loaded in `source.dtype`, read from the shards (only the
+    rows holding the sampled values), so a streamed calibration names its model like an in-memory one."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for name, p in sorted(source.model.named_parameters(), key=lambda kv: kv[0]):
+        numel = p.numel()
+        step = max(1, numel // sample)
+        idx = torch.arange(0, numel, step)[:sample]
+        with safe_open(str(source.index.where[name]), framework="pt") as f:
+            sl = f.get_slice(name)
+            if p.dim() <= 1:
+                vals = sl[:].reshape(-1)[idx]
+            else:
+                cols = numel // p.shape[0]
+                rows = {int(r): sl[int(r):int(r) + 1].reshape(-1) for r in torch.unique(idx // cols)}
+                vals = torch.stack([rows[int(i) // cols][int(i) % cols] for i in idx])
+        vals = vals.to(source.dtype).to(torch.float16)
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(vals.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from flatquant.calib import artifacts, distributed, offload
-from flatquant.calib.streaming import calibrate_streaming, layer_seconds
+from flatquant.calib.streaming import calibrate_streaming, layer_seconds, together
 from flatquant.config import PRESETS, CalibConfig, ConfigError, QuantConfig, calib_preset, method_config
 from flatquant.errors import FlatQuantError, ModelError
 
@@ -55,6 +55,30 @@ def open_source(model: str, mode: str, device: str, dtype):
     raise ModelError(f"--offload and torchrun need a local model folder or .gguf file, not a hub id ({model})")
 
 
+def _stamp_or_check(work: Path, source, qcfg: QuantConfig, ccfg: CalibConfig, no_resume: bool) -> None:
+    """A new work folder's flatquant.json names the model (its fingerprint, as the in-memory path writes
+    it); a folder being resumed must have been calibrated on the same model."""
+    import json
+
+    from flatquant.calib.integrity import model_fingerprint
+    from flatquant.errors import CheckpointError
+    from flatquant.io import atomic_write_text
+
+    fp = offload.shard_fingerprint(source) if isinstance(source, offload.ShardedSource) \
+        else model_fingerprint(source.model)
+    if not no_resume and (work / artifacts.META).is_file():
+        artifacts.check_saved_calibration(work, source.config, qcfg, ccfg)
+        saved = artifacts.read_meta(work).get("model_fingerprint")
+        if saved and saved != fp:
+            raise CheckpointError(f"{work} was calibrated on a different model (fingerprint {saved}, this model "
+                                  f"{fp}); use --no-resume to recalibrate it, or another --output")
+        return
+    store = artifacts.LayerStore(work, source.config, qcfg, ccfg, check_existing=False)
+    store.meta["model_fingerprint"] = fp
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / artifacts.META, json.dumps(store.meta, indent=2) + "\n")
+
+
 def quantize_streaming(args) -> int:
     """The streamed `quantize` command (see the module docstring); returns the exit status."""
     import torch
@@ -86,6 +110,8 @@ def quantize_streaming(args) -> int:
         dist.barrier()
         windows = calibration_data(load_tokenizer(args.model), ccfg, args.data_dir)
         source = open_source(args.model, mode, device, getattr(torch, args.dtype) if args.dtype else None)
+        together(dist, "the resume check", (lambda: _stamp_or_check(work, source, qcfg, ccfg, args.no_resume))
+                  if dist.main else lambda: None)
         if dist.main:
             _log(f"flatquant: calibrating {source.num_layers} layers streamed from {args.model} "
                  f"(offload {mode}, {dist.world} process(es), {device})")

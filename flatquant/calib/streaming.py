@@ -63,7 +63,7 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-def _together(dist: Dist, what: str, fn):
+def together(dist: Dist, what: str, fn):
     """Run fn on this rank; when any rank fails, every rank stops with one message (alone: fn's own error)."""
     if dist.world == 1:
         return fn()
@@ -114,7 +114,7 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
             store.clear()
         return store
 
-    store = _together(dist, "setup", open_store if dist.main else lambda: None)
+    store = together(dist, "setup", open_store if dist.main else lambda: None)
     dist.barrier()
     if not dist.main:
         store = LayerStore(out_dir, config, qcfg, cfg)  # the state rank 0 left (cleared or resumed)
@@ -155,7 +155,7 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
         rows.update(_parallel(source, store, qcfg, cfg, held, kwargs, done, seed, amp, work, dist, progress, say))
     out = {"calib_layers": [rows[i] for i in sorted(rows)]}
     if qcfg.weight_quantizer == "gptq":
-        g = _together(dist, "GPTQ", lambda: gptq_streaming(source, store, qcfg, cfg, windows, act_dtype, say)
+        g = together(dist, "GPTQ", lambda: gptq_streaming(source, store, qcfg, cfg, windows, act_dtype, say)
                       if dist.main else None)
         if dist.main:
             for row, r in zip(out["calib_layers"], g["layers"]):
@@ -202,7 +202,7 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
                 source.release(i)
         say(f"full-precision pass: inputs of {len(todo)} layer(s) written in {time.time() - t0:.1f} s")
 
-    _together(dist, "the full-precision pass", (lambda: fp_pass(inps)) if dist.main else lambda: None)
+    together(dist, "the full-precision pass", (lambda: fp_pass(inps)) if dist.main else lambda: None)
     inps = None  # rank 0 kept only the layers' memmaps
     errors = []
     for rnd in assign(todo, dist.world):

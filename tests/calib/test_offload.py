@@ -84,6 +84,7 @@ def test_quantize_offload_disk_equals_in_memory_with_gptq(tiny_model_dir, tiny_d
         assert (a / "layers" / f).read_bytes() == (b / "layers" / f).read_bytes(), f
     meta = json.loads((a / "flatquant.json").read_text())
     assert meta["complete"] and meta["gptq"]["streamed"] and meta["calib"]["offload"] == "disk"
+    assert meta["model_fingerprint"] == json.loads((b / "flatquant.json").read_text())["model_fingerprint"]
     assert not (tmp_path / "streamed.partial").exists() and not (a / "_activations").exists()
     rc, _, err = _run(["eval", "--method", "flatquant", "--params", a, *common], capsys)  # usable as saved
     assert rc == 0, err
@@ -116,3 +117,26 @@ def test_module_source_streaming_equals_in_memory_calibration(tmp_path, tiny_tok
     for f in files:
         assert (tmp_path / "a" / "layers" / f.name).read_bytes() == f.read_bytes()
     assert all(not hasattr(lay, "fq_transforms") for lay in src.family.decoder_layers(src.model))  # untouched
+
+
+def test_shard_fingerprint_equals_the_loaded_models(sharded_dir):
+    from transformers import AutoModelForCausalLM
+
+    from flatquant.calib.integrity import model_fingerprint
+
+    _model, path = sharded_dir
+    for dtype in (torch.float32, torch.float16):
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        assert offload.shard_fingerprint(offload.ShardedSource(path, "cpu", dtype)) == model_fingerprint(loaded)
+
+
+def test_streamed_resume_refuses_another_model(sharded_dir, tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    from flatquant.calib.stream_job import _stamp_or_check
+    from flatquant.config import CalibConfig, method_config
+
+    cc = CalibConfig(nsamples=4, seqlen=32, epochs=2, batch_size=2, seed=0, offload="disk")
+    _stamp_or_check(tmp_path / "out.partial", offload.ShardedSource(sharded_dir[1], "cpu", torch.float32),
+                    method_config("flatquant", w_clip_search=False, calib=cc), cc, no_resume=False)
+    rc, _, err = _run(["quantize", "--model", tiny_model_dir, "--preset", "tiny", "--device", "cpu", "--data-dir",
+                       tiny_data_dir, "--offload", "disk", "--output", tmp_path / "out"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "different model" in err, err
