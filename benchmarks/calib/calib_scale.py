@@ -40,7 +40,6 @@ from flatquant.calib.artifacts import LayerStore
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax
 from flatquant.calib.streaming import calibrate_streaming, gptq_streaming
 from flatquant.config import CalibConfig, method_config
-from flatquant.core.modules import install_attention_hook
 
 SHAPES = {  # full_layers: the real model's depth, for the extrapolation
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -119,6 +118,7 @@ def _median(xs):
 def fp_pass_seconds(source, windows, cfg, act_dtype, layers: int, work: Path) -> list[float]:
     """Seconds per layer of rank 0's full-precision pass (load the layer, run it, write its inputs memmap)."""
     x, kwargs = capture_layer_inputs(source.skeleton(), source.family, windows, act_dtype)
+    source.unload()
     out = []
     for i in range(min(layers, source.num_layers)):
         if source.device.type == "cuda":
@@ -154,7 +154,6 @@ def run_shape(args, shape: str, device: str, dtype: torch.dtype, writer: RecordW
     windows = torch.randint(0, SHAPES[shape]["vocab_size"], (args.nsamples, args.seqlen),
                             generator=torch.Generator().manual_seed(0))
     source = offload.ShardedSource(model_dir, device, dtype)
-    install_attention_hook(source.skeleton())
     act_dtype = dtype if device.startswith("cuda") else torch.float32
     cuda = device.startswith("cuda")
     if cuda:

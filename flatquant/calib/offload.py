@@ -138,6 +138,14 @@ class ShardedSource(LayerSource):
         self._skeleton_ready = True
         return self.model
 
+    def unload(self) -> None:
+        """Put the modules outside the decoder layers back on the meta device (once the layer inputs are
+        captured, the embeddings are not needed); `skeleton()` reads them again."""
+        for n, p in list(self.model.named_parameters()):
+            if not n.startswith(self.prefix) and not p.is_meta:
+                _set_tensor(self.model, n, torch.empty_like(p, device="meta"), param=True)
+        self._skeleton_ready = False
+
     def layer(self, i: int) -> nn.Module:
         template = self._templates[i]
         if any(True for _ in template.buffers()):
@@ -163,6 +171,9 @@ class ModuleSource(LayerSource):
         self.dtype = next(model.parameters()).dtype
         self._originals = list(self.family.decoder_layers(model))
         self._moved = False
+
+    def unload(self) -> None:
+        """Nothing to free: the model stays in CPU memory."""
 
     def skeleton(self) -> nn.Module:
         """The model, with every tensor outside the decoder layers moved to the compute device."""
@@ -192,8 +203,7 @@ def activations(mode: str, shape: tuple[int, ...], dtype: torch.dtype, folder: P
     """A CPU tensor for calibration activations: in memory ("cpu"/"none"), or backed by a memmap file
     `folder/name.bin` ("disk"; the file lives while the tensor does, remove it with `drop_activations`)."""
     if mode != "disk":
-        t = torch.empty(shape, dtype=dtype)
-        return t.pin_memory() if pin else t
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
     if folder is None:
         raise ValueError("disk activations need a folder")
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,6 +238,8 @@ def shard_fingerprint(source: ShardedSource, sample: int = 256) -> str:
 
     h = hashlib.sha256()
     for name, p in sorted(source.model.named_parameters(), key=lambda kv: kv[0]):
+        if name not in source.index:  # a tied output head (the loaded model lists it under its embeddings)
+            continue
         numel = p.numel()
         step = max(1, numel // sample)
         idx = torch.arange(0, numel, step)[:sample]

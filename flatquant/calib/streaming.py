@@ -122,6 +122,7 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
     model = source.skeleton()
     install_attention_hook(model)
     inps, kwargs = capture_layer_inputs(model, family, windows, act_dtype)
+    source.unload()
     n_layers = source.num_layers
     work = out_dir / ACT_DIR
     progress = Progress(n_layers, say)
@@ -258,6 +259,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
     device, family, config, model_dtype = source.device, source.family, source.config, source.dtype
     t0 = time.time()
     x, kwargs = capture_layer_inputs(source.skeleton(), family, windows, act_dtype)
+    source.unload()
     rows = []
     for i in range(source.num_layers):
         t = time.time()

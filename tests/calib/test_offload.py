@@ -43,6 +43,9 @@ def test_sharded_source_matches_the_model_one_layer_at_a_time(sharded_dir):
                        _out(model.model.layers[1](x, position_embeddings=pe, attention_mask=None)))
     src.release(1)
     assert all(p.is_meta for p in layers.parameters())
+    src.unload()  # embeddings freed once the inputs are captured, read again on demand
+    assert skel.get_input_embeddings().weight.is_meta
+    assert torch.equal(src.skeleton().get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
 def _out(o):
@@ -119,15 +122,20 @@ def test_module_source_streaming_equals_in_memory_calibration(tmp_path, tiny_tok
     assert all(not hasattr(lay, "fq_transforms") for lay in src.family.decoder_layers(src.model))  # untouched
 
 
-def test_shard_fingerprint_equals_the_loaded_models(sharded_dir):
+def test_shard_fingerprint_equals_the_loaded_models(sharded_dir, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from flatquant.calib.integrity import model_fingerprint
 
-    _model, path = sharded_dir
-    for dtype in (torch.float32, torch.float16):
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        assert offload.shard_fingerprint(offload.ShardedSource(path, "cpu", dtype)) == model_fingerprint(loaded)
+    for path in (sharded_dir[1], tiny_model_dir):  # untied and tied output head
+        for dtype in (torch.float32, torch.float16):
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            src = offload.ShardedSource(path, "cpu", dtype)
+            assert offload.shard_fingerprint(src) == model_fingerprint(loaded)
+            src.skeleton()
+            src.unload()
+            assert offload.shard_fingerprint(src) == model_fingerprint(loaded)  # after streaming too
+            src.skeleton()  # a tied head read again after unload
 
 
 def test_streamed_resume_refuses_another_model(sharded_dir, tiny_model_dir, tiny_data_dir, tmp_path, capsys):
