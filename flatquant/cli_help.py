@@ -7,8 +7,6 @@ EXAMPLES = """examples:
   flatquant quantize --model smollm2-135m --preset cpu-quick --output out/smollm2-w4a4kv4
   flatquant eval --model smollm2-135m --method quarot --w-bits 4 --a-bits 4 --kv-bits 4 --dataset wikitext2,c4
   flatquant eval --model smollm2-135m --method flatquant --params out/smollm2-w4a4kv4 --dataset wikitext2
-  flatquant quantize --model path/to/llama-70b --offload disk --output out/llama70b   (one GPU, streamed)
-  torchrun --nproc-per-node 8 -m flatquant quantize --model path/to/llama-70b --offload disk --output out/l70b
 """
 USER_RESULTS = "flatquant-results"  # git-ignored; benchmark scripts pass --results-dir results explicitly
 
