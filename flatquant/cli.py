@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="folder for the learned parameters (safetensors + JSON); required")
     q.add_argument("--no-resume", action="store_true", help="recalibrate even if --output holds saved layers")
     q.add_argument("--compare", default="fp16,rtn,quarot", help="baselines evaluated next to flatquant ('' = none)")
+    q.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="models larger than the GPU: stream decoder layers one at a time from the safetensors "
+                        "shards, calibration activations in CPU memory (cpu) or a disk memmap (disk); "
+                        "calibration only (evaluate with `eval --params`). Under torchrun, layers are "
+                        "trained in parallel over the processes")
     e = sub.add_parser("eval", help="quantize with one method and evaluate perplexity / zero-shot",
                        formatter_class=_Help)
     _add_common(e)
@@ -269,6 +274,12 @@ def cmd_quantize(args) -> int:
     _check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not (out / artifacts.META).is_file():
         raise FlatQuantError(f"{out} exists and is not a flatquant parameter folder; choose another --output")
+    from flatquant.calib.distributed import world_from_env
+
+    if args.offload != "none" or world_from_env() > 1:  # streamed layers and/or several processes
+        from flatquant.calib.stream_job import quantize_streaming
+
+        return quantize_streaming(args)
     baselines = [m for m in args.compare.split(",") if m]
     for method in baselines:
         if method not in METHODS or method == "flatquant":

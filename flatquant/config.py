@@ -164,10 +164,13 @@ class CalibConfig:
     scale_alpha: float = 0.5  # channel-scale init max|X|^a / max|W|^(1-a) (the reference uses 0.3)
     kv_clip_split: bool = False  # separate learnable lower/upper clip factors for the asymmetric KV quantizer
     loss: str = "mse"  # "mse": mean squared error; "nmse-token": each token's error / its target's mean square
+    offload: str = "none"  # "cpu"/"disk": stream layers from the shards, activations in CPU memory / a memmap
 
     def __post_init__(self) -> None:
         if self.recipe not in ("svd-amp", "direct-fp32"):
             raise ConfigError(f"recipe must be 'svd-amp' or 'direct-fp32', got {self.recipe!r}")
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ConfigError(f"offload must be 'none', 'cpu' or 'disk', got {self.offload!r}")
         if self.init not in ("orthogonal", "identity", "hadamard"):
             raise ConfigError(f"init must be 'orthogonal', 'identity' or 'hadamard', got {self.init!r}")
         for name in ("nsamples", "seqlen", "epochs", "batch_size"):
@@ -187,7 +190,7 @@ class CalibConfig:
     def recipe_settings(d: dict) -> dict:
         """The settings that change the learned parameters (execution-only switches dropped), for comparing
         a saved calibration with a requested one; fields an older file lacks take their defaults."""
-        return {k: v for k, v in CalibConfig.from_dict(d).to_dict().items() if k not in ("cuda_graph",)}
+        return {k: v for k, v in CalibConfig.from_dict(d).to_dict().items() if k not in ("cuda_graph", "offload")}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibConfig:

@@ -201,6 +201,13 @@ def _load_gptq(layer: torch.nn.Module, state: dict[str, torch.Tensor], index: in
             raise CheckpointError(f"layer {index}: {name}: {e}") from None
 
 
+def write_layer_file(out_dir: str | Path, i: int, layer: torch.nn.Module) -> str:
+    """Write layer i's learned tensors to its file (atomically, reproducible bytes); returns its sha256."""
+    path = layer_path(out_dir, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return integrity.write_safetensors(path, layer_state(layer), {"format": FORMAT, "layer": str(i)})
+
+
 class LayerStore:
     """Reads and writes one calibration's per-layer parameter files."""
 
@@ -220,8 +227,9 @@ class LayerStore:
                     raise CheckpointError(f"{self.dir} holds a calibration with different {key}; "
                                           "use another output folder or --no-resume")
             self.meta["layers_done"] = old.get("layers_done", [])
-            if isinstance(old.get(HISTORY), dict):
-                self.meta[HISTORY] = old[HISTORY]
+            for key in (HISTORY, "layer_rows"):
+                if isinstance(old.get(key), dict):
+                    self.meta[key] = old[key]
         integrity.carry_meta(self)  # model fingerprint and per-file checksums
 
     def _path(self, i: int) -> Path:
@@ -234,6 +242,7 @@ class LayerStore:
         self.meta["layers_done"] = []
         self.meta.pop("checksums", None)
         self.meta.pop(HISTORY, None)
+        self.meta.pop("layer_rows", None)
 
     def set_epoch_losses(self, i: int, losses: list[float] | None) -> None:
         """Record layer i's per-epoch training losses (written with the layer's next save)."""
@@ -256,11 +265,15 @@ class LayerStore:
         return state
 
     def save_layer(self, i: int, layer: torch.nn.Module) -> None:
-        path = self._path(i)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = integrity.write_safetensors(path, layer_state(layer), {"format": FORMAT, "layer": str(i)})
-        self.meta.setdefault("checksums", {})[path.name] = digest
+        self.record_layer(i, write_layer_file(self.dir, i, layer))
+
+    def record_layer(self, i: int, digest: str, row: dict | None = None) -> None:
+        """Index a layer file written (atomically) by `write_layer_file`, possibly by another process;
+        `row` (its losses) is kept so that a resumed run reports it."""
+        self.meta.setdefault("checksums", {})[self._path(i).name] = digest
         self.meta["layers_done"] = sorted(set(self.meta["layers_done"]) | {i})
+        if row is not None:
+            self.meta.setdefault("layer_rows", {})[str(i)] = row
         atomic_write_text(self.dir / META, json.dumps(self.meta, indent=2) + "\n")
 
     def finish(self, report: list[dict], gptq: dict | None = None) -> None:

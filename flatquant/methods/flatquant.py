@@ -163,11 +163,12 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
 
 def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantConfig, cfg: CalibConfig,
                     inps: torch.Tensor, kwargs: dict, seed: int, amp: bool, saved: dict | None = None,
-                    log=print, index: int = 0):
+                    log=print, index: int = 0, timings: dict | None = None):
     """Quantize one decoder layer and train (or load) its FlatQuant parameters.
 
     Returns (quantized layer, full-precision outputs, report row). The layer comes back in float32 and
-    unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start."""
+    unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start.
+    timings: see train_layer."""
     device = inps.device
     layer = layer.float()
     targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size, out=torch.empty_like(inps))
@@ -187,7 +188,8 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
             break
         start = {k: v.clone() for k, v in artifacts.layer_state(layer).items()}  # kept if training ends worse
         history: list[float] = []
-        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log, history=history)
+        before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log, history=history,
+                                            timings=timings)
         if finite and after > before:
             trained, after = after, before
             layer.load_state_dict(start, strict=False)

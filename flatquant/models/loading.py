@@ -97,6 +97,34 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model, tokenizer
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of a built-in name, .gguf path, model folder or hub id (no weight is read)."""
+    from transformers import AutoTokenizer
+
+    spec, source, kwargs, _config = _source_config(spec)
+    kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
+def is_gguf(spec: str) -> bool:
+    """A built-in name or a .gguf path (known without reading the file)."""
+    return spec in BUILTIN or Path(spec).suffix == ".gguf"
+
+
+def model_location(spec: str) -> tuple[str, Path | None, object]:
+    """("folder" | "gguf" | "hub", local path or None, config) of a model spec, reading no weight."""
+    spec, source, kwargs, config = _source_config(spec)
+    if "gguf_file" in kwargs:
+        return "gguf", Path(source) / kwargs["gguf_file"], config
+    if kwargs.get("use_safetensors"):
+        return "folder", Path(source), config
+    return "hub", None, config
+
+
 def load_config(spec: str):
     """The model's configuration only (config.json or GGUF metadata), without reading any weight."""
     return _source_config(spec)[3]
