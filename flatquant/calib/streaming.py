@@ -265,8 +265,8 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
         t = time.time()
         saved = store.load_layer(i)
         layer = source.layer(i).float()
-        quantize_layer(layer, family, qcfg, layer_transforms(config, cfg, torch.Generator().manual_seed(0)),
-                       learnable_clip=cfg.learn_clip)
+        quantize_layer(layer, family, qcfg, layer_transforms(config, cfg, torch.Generator().manual_seed(0), layer=layer),
+                       learnable_clip=cfg.learn_clip, index=i, split_kv_clip=cfg.kv_clip_split)
         layer.to(device)
         load_layer_state(layer, saved, i)
         freeze(layer, dtype=model_dtype)

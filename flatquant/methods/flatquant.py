@@ -48,7 +48,8 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
     family = family_for(model_config)
     sites = family.layer_sites(layer) if layer is not None else family.sites
     hidden = model_config.hidden_size
-    inter = family.site_width(layer, "down_in") if "down_in" in sites else model_config.intermediate_size
+    inter = family.site_width(layer, "down_in") if layer is not None and "down_in" in sites \
+        else model_config.intermediate_size
     heads = model_config.num_attention_heads
     head_dim = family.head_dim(model_config)
     par = "svd" if cfg.recipe == "svd-amp" else "direct"
