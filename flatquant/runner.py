@@ -6,6 +6,9 @@ scripts call it, so every record is produced the same way.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,12 @@ from flatquant.calib import artifacts
 from flatquant.config import CalibConfig, QuantConfig
 from flatquant.methods.flatquant import load_calibrated_with_report
 from flatquant.results import write_record
+
+try:  # glibc only: malloc_trim returns the freed heap to the OS
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 @dataclass
@@ -79,10 +88,10 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
                ccfg: CalibConfig | None = None, calib: torch.Tensor | None = None, params_dir: str | None = None,
                results_dir: str | Path | None = "results", variant: str | None = None, seed: int = 0,
                progress: bool = True, extra: dict | None = None) -> list[dict]:
-    """Quantize a copy of `base_model` with `method` and evaluate it. For flatquant, `params_dir` holding
+    """Quantize a copy of `base_model` (sharing its float weights; fp16: the model itself) and evaluate it. For flatquant, `params_dir` holding
     a finished calibration is reused (with qcfg.weight_quantizer "gptq" and no GPTQ weights saved for these
     settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
-    model = copy.deepcopy(base_model)
+    model = base_model if method == "fp16" else _weight_sharing_copy(base_model)  # fp16 changes nothing
     t = time.time()
     if method == "flatquant" and params_dir and (Path(params_dir) / artifacts.META).is_file() \
             and artifacts.read_meta(params_dir).get("complete"):
@@ -107,7 +116,22 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     _drop_unquantized_weights(model)
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
+    release_memory()
     return records
+
+
+def _weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters are new Parameter objects over the same storage: quantization
+    replaces a copy's tensors (never writes into them), so the float weights are not held twice."""
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 @torch.no_grad()
