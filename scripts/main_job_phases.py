@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import importlib
 import json
 import shlex
 import sys
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     phases = Phases()
     from flatquant import cli, runner
-    from flatquant.eval import perplexity as ppl_mod
+    ppl_mod = importlib.import_module("flatquant.eval.perplexity")
     from flatquant.models import loading
     from flatquant.results import atomic_write_text, git_commit
 
