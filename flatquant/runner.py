@@ -88,9 +88,11 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
                ccfg: CalibConfig | None = None, calib: torch.Tensor | None = None, params_dir: str | None = None,
                results_dir: str | Path | None = "results", variant: str | None = None, seed: int = 0,
                progress: bool = True, extra: dict | None = None) -> list[dict]:
-    """Quantize a copy of `base_model` (sharing its float weights; fp16: the model itself) and evaluate it. For flatquant, `params_dir` holding
-    a finished calibration is reused (with qcfg.weight_quantizer "gptq" and no GPTQ weights saved for these
-    settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
+    """Quantize a copy of `base_model` (sharing its float weights; fp16: the model itself) and evaluate it.
+    For flatquant, `params_dir` holding a finished calibration is reused (with qcfg.weight_quantizer "gptq"
+    and no GPTQ weights saved for these settings, GPTQ then runs on `calib`); otherwise it is calibrated
+    (and saved there when given)."""
+    release_memory()  # what loading and tokenizing freed, before this method's peak
     model = base_model if method == "fp16" else _weight_sharing_copy(base_model)  # fp16 changes nothing
     t = time.time()
     if method == "flatquant" and params_dir and (Path(params_dir) / artifacts.META).is_file() \

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import TINY_PRESET
+
 from flatquant import runner
 from flatquant.config import CalibConfig, method_config
 
