@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_PRESET
 
 from flatquant import runner
-from flatquant.config import CalibConfig, method_config
+from flatquant.config import calib_preset, method_config
 
 
 def _ids(n, vocab, seed):
@@ -35,7 +34,7 @@ def test_run_config_base_untouched_and_same_as_deepcopy(tiny_model_factory, tiny
     vocab = len(tiny_tokenizer)
     base = tiny_model_factory("llama")
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    ccfg = CalibConfig(**TINY_PRESET)
+    ccfg = calib_preset("tiny")  # registered by tests/conftest.py
     qcfg = method_config(method, **extra, **({"calib": ccfg} if method == "flatquant" else {}))
     calib = _ids(ccfg.nsamples * ccfg.seqlen, vocab, 1).view(ccfg.nsamples, ccfg.seqlen)
     spec = runner.EvalSpec(seqlen=32, max_windows=3, batch_size=2, tokens={"wikitext2": _ids(4 * 32, vocab, 2)})
