@@ -6,9 +6,6 @@ scripts call it, so every record is produced the same way.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +16,9 @@ from flatquant import data as data_mod
 from flatquant.api import quantize_with_report
 from flatquant.calib import artifacts
 from flatquant.config import CalibConfig, QuantConfig
+from flatquant.memory import release_memory
 from flatquant.methods.flatquant import load_calibrated_with_report
 from flatquant.results import write_record
-
-try:  # glibc only: malloc_trim returns the freed heap to the OS
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 @dataclass
@@ -127,13 +119,6 @@ def _weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
     replaces a copy's tensors (never writes into them), so the float weights are not held twice."""
     memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     return copy.deepcopy(model, memo)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 @torch.no_grad()
