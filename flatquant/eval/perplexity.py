@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from flatquant.errors import DataError
 
-HEAD_CHUNK_BYTES = 16 << 20  # float32 logits per output-head chunk: the vocabulary is wide, keep this small
+HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per output-head chunk: half of 64 MB, as fast on a CPU
 
 
 def _model_device(model) -> torch.device:
