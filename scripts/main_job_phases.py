@@ -6,7 +6,7 @@ quantize and evaluation), sampled from /proc/self/status every 10 ms while the j
 
 Arguments after `--` are appended to the main job's `flatquant quantize` command. The job's records and
 parameters go to a temporary folder. tracemalloc cannot see torch's allocations, hence /proc sampling.
-Linux only. The whole job's number of record is scripts/measure_main_job.py's (a separate process).
+Linux only. The whole job's record (a separate process, no sampler) comes from scripts/measure_main_job.py.
 """
 from __future__ import annotations
 
