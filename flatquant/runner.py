@@ -16,6 +16,7 @@ from flatquant import data as data_mod
 from flatquant.api import quantize_with_report
 from flatquant.calib import artifacts
 from flatquant.config import CalibConfig, QuantConfig
+from flatquant.memory import release_memory
 from flatquant.methods.flatquant import load_calibrated_with_report
 from flatquant.results import write_record
 
@@ -79,10 +80,12 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
                ccfg: CalibConfig | None = None, calib: torch.Tensor | None = None, params_dir: str | None = None,
                results_dir: str | Path | None = "results", variant: str | None = None, seed: int = 0,
                progress: bool = True, extra: dict | None = None) -> list[dict]:
-    """Quantize a copy of `base_model` with `method` and evaluate it. For flatquant, `params_dir` holding
-    a finished calibration is reused (with qcfg.weight_quantizer "gptq" and no GPTQ weights saved for these
-    settings, GPTQ then runs on `calib`); otherwise it is calibrated (and saved there when given)."""
-    model = copy.deepcopy(base_model)
+    """Quantize a copy of `base_model` (sharing its float weights; fp16: the model itself) and evaluate it.
+    For flatquant, `params_dir` holding a finished calibration is reused (with qcfg.weight_quantizer "gptq"
+    and no GPTQ weights saved for these settings, GPTQ then runs on `calib`); otherwise it is calibrated
+    (and saved there when given)."""
+    release_memory()  # what loading and tokenizing freed, before this method's peak
+    model = base_model if method == "fp16" else _weight_sharing_copy(base_model)  # fp16 changes nothing
     t = time.time()
     trained_bits = None  # the bits reused parameters were trained at
     if method == "flatquant" and params_dir and (Path(params_dir) / artifacts.META).is_file() \
@@ -112,6 +115,7 @@ def run_config(base_model, tokenizer, model_name: str, method: str, qcfg: QuantC
     _drop_unquantized_weights(model)
     records = evaluate(model, tokenizer, spec, base, results_dir, progress)
     del model
+    release_memory()
     return records
 
 
@@ -119,6 +123,13 @@ def settings_fields(qcfg: QuantConfig) -> dict:
     """The record fields of the settings beyond w/a/kv bits (older records lack them: the defaults)."""
     return {"k_bits": qcfg.key_bits(), "v_bits": qcfg.value_bits(), "w_group_size": qcfg.w_group_size,
             "w_asym": qcfg.w_asym, "kv_group_size": qcfg.kv_group_size, "mixed": qcfg.mixed}
+
+
+def _weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters are new Parameter objects over the same storage: quantization
+    replaces a copy's tensors (never writes into them), so the float weights are not held twice."""
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 @torch.no_grad()

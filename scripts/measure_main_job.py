@@ -6,6 +6,7 @@
 Run it on an idle machine: the wall time is only meaningful when nothing else competes for the cores.
 Peak RSS is the largest resident set of the job's process (getrusage of the waited-for child).
 The job's own records and parameters go to a temporary folder, so nothing published is touched.
+Where the peak comes from, phase by phase: scripts/main_job_phases.py.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from flatquant.errors import DataError
 
+HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per output-head chunk: half of 64 MB, as fast on a CPU
+
 
 def _model_device(model) -> torch.device:
     try:
@@ -97,7 +99,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     try:
         for start in range(0, nwin, batch_size):
             batch = windows[start: start + batch_size].to(dev)
-            nll = _head_nll(model, batch, max(1, (64 << 20) // (4 * vocab * batch.shape[0])))  # ~64 MB of logits
+            nll = _head_nll(model, batch, max(1, HEAD_CHUNK_BYTES // (4 * vocab * batch.shape[0])))
             if nll is None:
                 out = model(input_ids=batch, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]

@@ -29,6 +29,7 @@ from flatquant.core.modules import (LayerTransforms, cast_weights, freeze, insta
                                     quantize_layer)
 from flatquant.core.transforms import ChannelScale, FactorView, KroneckerAffine, step_cache
 from flatquant.errors import CheckpointError, NonFiniteError
+from flatquant.memory import trim_heap
 from flatquant.methods import gptq
 from flatquant.methods.smoothquant import site_scales
 from flatquant.models.families import Family, family_for
@@ -251,6 +252,7 @@ def calibrate(model: nn.Module, qcfg: QuantConfig, windows: torch.Tensor, cfg: C
             states.append(artifacts.layer_state(layer))
         freeze(layer, dtype=model_dtype)
         cast_weights(layer, model_dtype)
+        trim_heap()  # training's transients, freed: else the resident set grows layer by layer
         log(f"layer {i:3d}: mse {row['loss_before']:.4g} -> {row['loss_after']:.4g}"
             + (" (resumed)" if saved is not None else "")
             + (f" (training reached {row['loss_trained']:.4g}; kept the initial parameters)"

@@ -1,6 +1,7 @@
 """Perplexity protocol (flatquant.eval.perplexity)."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -82,3 +83,22 @@ def test_chunked_cross_entropy_matches_full():
     expect = full.view(5, 8).mean(1)
     for chunk in (1, 2, 5):
         assert torch.allclose(_window_nll(logits, targets, chunk), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_head_chunks_match_full_logits(tiny_model_factory, tiny_tokenizer, monkeypatch, family):
+    """The output head applied a few positions at a time gives the full-logits perplexity (to 1e-6)."""
+    ppl_mod = importlib.import_module("flatquant.eval.perplexity")
+    from flatquant.eval.perplexity import _head_nll, _window_nll
+
+    model = tiny_model_factory(family)
+    ids = _ids(3 * 20, len(tiny_tokenizer), seed=4)
+    batch = ids.view(3, 20)
+    with torch.no_grad():
+        full = _window_nll(model(input_ids=batch).logits, batch, chunk=3)
+        for positions in (1, 3, 7, 19, 64):
+            assert torch.allclose(_head_nll(model, batch, positions), full, rtol=1e-6, atol=1e-6), positions
+    ref, _ = _reference_ppl(model, ids, 20)
+    for budget in (1, 4 * len(tiny_tokenizer) * 5, 1 << 30):  # one position, five, the whole window per chunk
+        monkeypatch.setattr(ppl_mod, "HEAD_CHUNK_BYTES", budget)
+        assert perplexity(model, ids, seqlen=20, batch_size=1, progress=False)["ppl"] == pytest.approx(ref, rel=1e-6)
