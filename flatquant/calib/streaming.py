@@ -257,6 +257,8 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
     from flatquant.methods.flatquant import layer_transforms
 
     device, family, config, model_dtype = source.device, source.family, source.config, source.dtype
+    if torch.device(device).type == "cuda":  # calibration's cached blocks: GPTQ's 70B-sized Hessians need them
+        torch.cuda.empty_cache()
     t0 = time.time()
     x, kwargs = capture_layer_inputs(source.skeleton(), family, windows, act_dtype)
     source.unload()

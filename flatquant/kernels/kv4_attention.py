@@ -35,7 +35,7 @@ BLOCK_N = 128           # tokens per inner step: K + V codes of 128 tokens x D =
 MIN_SPLIT_TOKENS = 256  # a split covers at least this many cache positions
 WAVES = 3               # splits are added until the grid has about this many programs per SM
 MAX_SPLITS = 64
-NUM_WARPS = 8
+NUM_WARPS = 4           # H100 sweep (results/kernels/kv4_attention_sweep.json): geomean 0.85x the time of 8
 NUM_STAGES = 2          # software-pipeline depth of the block loop (1: loads not prefetched)
 CODES = "biased"        # code operands (CODE_MODES): 16 + code by logic ops per byte ("biased") or four bytes
 CODE_MODES = ("exact", "biased", "prmt")  # at a time ("prmt", inline PTX), or the code itself via float32
