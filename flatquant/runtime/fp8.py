@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from flatquant.kernels._triton_utils import mask_and
+
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
 
@@ -31,7 +33,7 @@ def quantize_fp8_reference(x2: torch.Tensor, pad_to: int = 1):
 def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    m = (cols < K) & (row < M)
+    m = mask_and(cols < K, row < M)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=m, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
     q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
@@ -70,7 +72,7 @@ def _prologue_fp8_kernel(x_ptr, r_ptr, w_ptr, rout_ptr, q_ptr, s_ptr, M, K, eps,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = row < M
-    m = (cols < K) & ok
+    m = mask_and(cols < K, ok)
     if MODE == 2:  # SiLU(gate) * up, each rounded to the model dtype as fused_ops does
         g = tl.load(x_ptr + row * 2 * K + cols, mask=m, other=0.0)
         u = tl.load(x_ptr + row * 2 * K + K + cols, mask=m, other=0.0)
