@@ -80,14 +80,15 @@ def reparameterized(model):
     return reparameterize(copy.deepcopy(model))
 
 
-def calibrated_moe(family: str, method: str = "flatquant"):
+def calibrated_moe(family: str, method: str = "flatquant", gptq: bool = False):
     """A tiny random MoE model (tests/models/moe_models.py) quantized to W4A4KV4 (FlatQuant: tiny preset)."""
     from flatquant import QuantConfig, calib_preset, quantize
     from tests.models.moe_models import build_moe_model
 
     model = build_moe_model(family)
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize(model, QuantConfig(4, 4, 4), method=method, calib=calib if method == "flatquant" else None,
+    qcfg = QuantConfig(4, 4, 4, weight_quantizer="gptq" if gptq else "rtn")
+    quantize(model, qcfg, method=method, calib=calib if method == "flatquant" or gptq else None,
              calib_config=calib_preset("tiny"), progress=False)
     model.config.use_cache = True
     return model
@@ -97,10 +98,10 @@ def calibrated_moe(family: str, method: str = "flatquant"):
 def moe_models():
     cache = {}
 
-    def get(family: str, method: str = "flatquant"):
-        if (family, method) not in cache:
-            cache[family, method] = calibrated_moe(family, method)
-        return cache[family, method]
+    def get(family: str, method: str = "flatquant", gptq: bool = False):
+        if (family, method, gptq) not in cache:
+            cache[family, method, gptq] = calibrated_moe(family, method, gptq)
+        return cache[family, method, gptq]
 
     return get
 
@@ -111,11 +112,11 @@ def moe_packed_dirs(moe_models, tmp_path_factory):
 
     cache = {}
 
-    def get(family: str, method: str = "flatquant"):
-        if (family, method) not in cache:
-            out = tmp_path_factory.mktemp("packed-moe") / f"{family}-{method}"
-            save_quantized(moe_models(family, method), out)
-            cache[family, method] = out
-        return cache[family, method]
+    def get(family: str, method: str = "flatquant", gptq: bool = False):
+        if (family, method, gptq) not in cache:
+            out = tmp_path_factory.mktemp("packed-moe") / f"{family}-{method}{'-gptq' if gptq else ''}"
+            save_quantized(moe_models(family, method, gptq), out)
+            cache[family, method, gptq] = out
+        return cache[family, method, gptq]
 
     return get

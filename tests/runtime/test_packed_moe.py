@@ -115,6 +115,15 @@ def test_rtn_moe_export_matches_unfolded(moe_models, moe_packed_dirs):
         assert _close(fake(ids, use_cache=False).logits, packed(ids).logits, TIGHT)
 
 
+def test_gptq_moe_export(moe_models, moe_packed_dirs):
+    fake = moe_models("qwen2_moe", gptq=True)  # one Hessian per expert, the shared expert's own
+    assert fake.model.layers[0].mlp.experts[0].gate_up.has_gptq
+    packed = flatquant.load_quantized(moe_packed_dirs("qwen2_moe", gptq=True), device="cpu")
+    ids = _ids()
+    with torch.no_grad():
+        assert _close(reparameterized(fake)(ids, use_cache=False).logits, packed(ids).logits, TIGHT)
+
+
 def test_unrouted_expert_exports_identity_factors(tmp_path):
     """An expert no calibration token reached keeps identity P_d: written as identity factors."""
     from tests.models.test_moe import _starved_model
