@@ -217,12 +217,20 @@ def test_moe_triton_backend_matches_reference(moe_packed_dirs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_packed_on_gpu(family, moe_models, moe_packed_dirs):
-    """On the GPU (Triton kernels, float16): logits near the fake-quant model's, greedy generate runs."""
-    packed = flatquant.load_quantized(moe_packed_dirs(family), device="cuda", dtype=torch.float16)
-    ids = _ids().cuda()
+    """On the GPU (float32): the reference kernels as on the CPU; the Triton kernels (their float32 dots may
+    round like TF32 and flip a 4-bit code at a tie) within a relative error norm of 5 %; generate runs."""
+    from flatquant.runtime import set_runtime_backend
+
+    packed = flatquant.load_quantized(moe_packed_dirs(family), device="cuda", dtype=torch.float32)
+    ids = _ids()
     with torch.no_grad():
-        ref = reparameterized(moe_models(family)).cuda()(ids, use_cache=False).logits.float()
-        got = packed(ids).logits.float()
-        gen = packed.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.isfinite(got).all() and gen.shape == (1, 14)
-    assert (ref - got).norm() <= 0.1 * ref.norm(), ((ref - got).norm() / ref.norm()).item()
+        ref = reparameterized(moe_models(family))(ids, use_cache=False).logits
+        got = {}
+        for backend in ("reference", "triton"):
+            set_runtime_backend(packed, backend)
+            got[backend] = packed(ids.cuda()).logits.cpu()
+        gen = packed.generate(ids[:1, :6].cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 14) and torch.isfinite(got["triton"]).all()
+    assert _close(ref, got["reference"], 1e-3), (ref - got["reference"]).abs().max()
+    rel = ((got["triton"] - ref).norm() / ref.norm()).item()
+    assert rel <= 0.05, rel
