@@ -47,7 +47,10 @@ def block_tensors(lay: nn.Module, family, lp: str, rel: dict, w: dict, dtype: to
     block = family.mlp_module(lay)
     t = lay.fq_transforms
     mlp_p = f"{lp}.{rel[id(block)]}"
-    get = lambda site: t[module_key(site)] if module_key(site) in t else None  # noqa: E731
+
+    def get(site: str):
+        return t[module_key(site)] if module_key(site) in t else None
+
     out = {}
     t_in = get("mlp_in")
     c_in = None if t_in is None else t_in.channel_scale()
