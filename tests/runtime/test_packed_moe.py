@@ -217,8 +217,9 @@ def test_moe_triton_backend_matches_reference(moe_packed_dirs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_packed_on_gpu(family, moe_models, moe_packed_dirs):
-    """On the GPU (float32): the reference kernels as on the CPU; the Triton kernels (their float32 dots may
-    round like TF32 and flip a 4-bit code at a tie) within a relative error norm of 5 %; generate runs."""
+    """On the GPU (float32): the reference kernels as on the CPU up to a 4-bit code flipped at a tie by another
+    summation order (LOOSE); the Triton kernels (float32 dots may round like TF32) within a relative error
+    norm of 5 %; generate runs."""
     from flatquant.runtime import set_runtime_backend
 
     packed = flatquant.load_quantized(moe_packed_dirs(family), device="cuda", dtype=torch.float32)
@@ -231,6 +232,6 @@ def test_moe_packed_on_gpu(family, moe_models, moe_packed_dirs):
             got[backend] = packed(ids.cuda()).logits.cpu()
         gen = packed.generate(ids[:1, :6].cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 14) and torch.isfinite(got["triton"]).all()
-    assert _close(ref, got["reference"], 1e-3), (ref - got["reference"]).abs().max()
+    assert _close(ref, got["reference"], LOOSE), (ref - got["reference"]).abs().max()
     rel = ((got["triton"] - ref).norm() / ref.norm()).item()
     assert rel <= 0.05, rel
