@@ -145,10 +145,25 @@ def gptq_groups(block: MoEBlock) -> dict[str, tuple[nn.Module, tuple[str, ...]]]
     return out
 
 
+def raw_readers(block: MoEBlock) -> list[nn.Module]:
+    """The 16-bit linears reading the norm's untransformed output (router, shared expert's gate): a channel
+    scale folded into that norm is undone in their input columns."""
+    return [m for m in (block.gate, block.shared_expert_gate) if m is not None]
+
+
+def down_producer(block: MoEBlock, site: str) -> tuple[nn.Module, slice]:
+    """(projection, rows) whose output is a down site's input: the up half of expert e's gate_up, or the
+    shared expert's up_proj; a down site's channel scale folds into those rows."""
+    if site == "down_in.shared":
+        return block.shared_expert.up_proj, slice(None)
+    gate_up = block.experts[int(site.split(".")[1])].gate_up
+    return gate_up, slice(gate_up.out_features // 2, None)
+
+
 def unrouted_sites(sites, seen) -> list[str]:
     """The per-expert down sites that got no calibration tokens (no statistics were seen for them)."""
     return [s for s in sites if s.startswith("down_in.") and s != "down_in.shared" and s not in seen]
 
 
-__all__ = ["ExpertMLP", "Linear16", "MoEBlock", "base_role", "gptq_groups", "is_hf_moe", "is_moe_block",
-           "linears", "mlp_sites", "unrouted_sites"]
+__all__ = ["ExpertMLP", "Linear16", "MoEBlock", "base_role", "down_producer", "gptq_groups", "is_hf_moe",
+           "is_moe_block", "linears", "mlp_sites", "raw_readers", "unrouted_sites"]

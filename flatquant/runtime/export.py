@@ -17,75 +17,15 @@ import torch
 from torch import nn
 
 from flatquant.core.modules import ActSite, KVQuant, NormWithSite, QuantLinear, unfreeze
-from flatquant.core.quantizer import Quantizer, quantize_symmetric
+from flatquant.core.quantizer import Quantizer
 from flatquant.core.transforms import Transform
 from flatquant.errors import CheckpointError
-from flatquant.kernels.reference import pack_int4
 from flatquant.models.families import family_for
 from flatquant.runtime import layout
+from flatquant.runtime.moe_export import block_tensors
+from flatquant.runtime.packing import _alpha, _check_quantizer, _factors, _linear_tensors, _refuse, _sizes, _weight
 
 SHARD_BYTES = 2 << 30
-
-
-def _refuse(msg: str):
-    raise CheckpointError(f"cannot export a packed checkpoint: {msg}")
-
-
-def _alpha(q: Quantizer) -> torch.Tensor:
-    a = q.alpha()
-    return torch.as_tensor(a, dtype=torch.float32).detach().float().reshape(-1)[0].reshape(()).clone().cpu()
-
-
-def _check_quantizer(q: Quantizer, what: str, symmetric: bool) -> None:
-    if not q.enabled or q.bits != 4:
-        _refuse(f"{what} has {q.bits} bits; the packed format holds W4A4KV4 only")
-    if q.symmetric != symmetric or q.group_size is not None:
-        _refuse(f"{what} must be {'symmetric' if symmetric else 'asymmetric'} without groups")
-    if getattr(q, "clip_logit_low", None) is not None:
-        _refuse(f"{what} has separate lower/upper clip factors; the packed format holds one")
-
-
-def _factors(t: Transform | None, what: str, online: bool = True) -> tuple:
-    if t is None:
-        return None, None
-    if t.channel_scale() is not None and what in ("o_in", "k_head"):
-        _refuse(f"the {what} transform has a channel scale, which cannot be folded")
-    p1, p2 = t.matrices()
-    if online and t.skip_p2_online:
-        p2 = None
-    return tuple(None if p is None else p.detach().float().cpu().contiguous() for p in (p1, p2))
-
-
-def _weight(ql: QuantLinear, role: str):
-    """int4 codes (out, in) int8 and row scale (out,) float32, bias float64 or None, from a float64 layer."""
-    q = ql.w_quantizer
-    _check_quantizer(q, f"weight of {role}", symmetric=True)
-    w, b = ql.effective_weight_and_bias(torch.float64, quantize=False)
-    if ql.has_gptq:
-        if ql.gptq_zero is not None:
-            _refuse(f"GPTQ weights of {role} are asymmetric")
-        codes, scale = ql.gptq_codes, ql.gptq_scale
-    else:
-        a = q.alpha()
-        codes, scale = quantize_symmetric(w, 4, a.float() if isinstance(a, torch.Tensor) else a)
-    return codes.detach().to(torch.int8).cpu(), scale.detach().double().reshape(-1).cpu(), b
-
-
-def _linear_tensors(prefix: str, parts: list, factors: tuple, alpha: torch.Tensor) -> dict:
-    out = {f"{prefix}.qweight": pack_int4(torch.cat([p[0] for p in parts])).contiguous(),
-           f"{prefix}.weight_scale": torch.cat([p[1] for p in parts]).float().contiguous(),
-           f"{prefix}.alpha": alpha}
-    if any(p[2] is not None for p in parts):
-        out[f"{prefix}.bias"] = torch.cat([p[2] if p[2] is not None else torch.zeros(p[0].shape[0], dtype=torch.float64)
-                                           for p in parts]).float().contiguous()
-    for name, f in zip(("p1", "p2"), factors):
-        if f is not None:
-            out[f"{prefix}.{name}"] = f
-    return out
-
-
-def _sizes(factors: tuple) -> dict:
-    return {k: (None if f is None else int(f.shape[0])) for k, f in zip(("p1", "p2"), factors)}
 
 
 @torch.no_grad()
@@ -110,6 +50,7 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
     out, sites = {}, {}
     scale = {s: (t[s].channel_scale() if s in t else None) for s in layout.SITES}
     w = {role: _weight(lin[role], role) for role in lin}
+    moe_layer = family.is_moe_layer(lay)  # its MLP: flatquant/runtime/moe_export.py
     if scale["down_in"] is not None:  # row scales are equivariant: c_d moves into up_proj's quantized rows
         c = scale["down_in"].double().cpu()
         producer = family.producer["down_in"]
@@ -120,7 +61,7 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
         if b is not None:
             b[rows] /= c
         w[producer] = (codes, s, b)
-    for which, site in (("input", "attn_in"), ("post", "mlp_in")):
+    for which, site in (("input", "attn_in"),) + ((("post", "mlp_in"),) if not moe_layer else ()):
         norm = norms[which]
         if not isinstance(norm, NormWithSite):
             _refuse("the norms carry no quantized input site")
@@ -129,10 +70,11 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
             nw = nw / scale[site].double()
         out[f"{lp}.{rel[id(norm)]}.weight"] = nw.to(dtype).cpu().contiguous()
     (o_role,), (down_role,) = family.sites["o_in"], family.sites["down_in"]
-    groups = ((f"{attn_p}.{layout.FUSED_QKV}", family.sites["attn_in"], "attn_in", norms["input"].site),
-              (f"{mlp_p}.{layout.FUSED_GATE_UP}", family.sites["mlp_in"], "mlp_in", norms["post"].site),
-              (f"{lp}.{rel[id(lin[o_role])]}", (o_role,), "o_in", lin[o_role].input_site),
-              (f"{lp}.{rel[id(lin[down_role])]}", (down_role,), "down_in", lin[down_role].input_site))
+    groups = [(f"{attn_p}.{layout.FUSED_QKV}", family.sites["attn_in"], "attn_in", norms["input"].site),
+              (f"{lp}.{rel[id(lin[o_role])]}", (o_role,), "o_in", lin[o_role].input_site)]
+    if not moe_layer:
+        groups[1:1] = [(f"{mlp_p}.{layout.FUSED_GATE_UP}", family.sites["mlp_in"], "mlp_in", norms["post"].site)]
+        groups.append((f"{lp}.{rel[id(lin[down_role])]}", (down_role,), "down_in", lin[down_role].input_site))
     for prefix, roles, site, act in groups:
         if not isinstance(act, ActSite):
             _refuse(f"{roles[0]} has no activation quantizer")
@@ -165,9 +107,17 @@ def _fake_layer(layer: nn.Module, family, names: dict, dtype: torch.dtype, meta:
                                                           if k not in mod._non_persistent_buffers_set]:
             if p is not None:
                 out[f"{lp}.{name + '.' if name else ''}{pname}"] = p.detach().to(dtype).cpu().contiguous()
-    meta.setdefault("sites", sites)
+    parts = [("sites", sites)]
+    if moe_layer:  # after the loop above: the post norm and the router carry P_ug's folded scale
+        moe_out, moe_sites = block_tensors(lay, family, lp, rel, w, dtype)
+        out.update(moe_out)
+        parts.append(("moe", moe_sites))
+    for key, got in parts:  # a dense layer of an MoE model adds its MLP sites next to the MoE layers' attention
+        known = meta.setdefault(key, {})
+        if any(known.setdefault(k, v) != v for k, v in got.items()):
+            _refuse("decoder layers differ in their transform structure")
     meta.setdefault("key_transform", _sizes(kf))
-    if meta["sites"] != sites or meta["key_transform"] != _sizes(kf):
+    if meta["key_transform"] != _sizes(kf):
         _refuse("decoder layers differ in their transform structure")
     return out
 
@@ -183,9 +133,6 @@ def _tied_key(model) -> str | None:
 def fake_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     """(tensors, quantization_config block) of a fake-quant model."""
     family = family_for(model)
-    if family.moe:
-        _refuse(f"{family.name} is a mixture-of-experts family; the packed runtime holds dense layers only "
-                "(evaluate the fake-quant model instead)")
     names = {id(m): n for n, m in model.named_modules()}
     layers = family.decoder_layers(model)
     lay_p = names[id(layers)] + "."
@@ -200,6 +147,8 @@ def fake_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     conf = model.config
     head_dim = family.head_dim(conf)
     block = layout.quant_block(4, 4, 4, head_dim, meta["sites"], meta["key_transform"], str(dtype).split(".")[-1])
+    if "moe" in meta:
+        block["moe"] = {"sites": meta["moe"]}
     return tensors, block
 
 
@@ -221,8 +170,6 @@ def skeleton(config_dict: dict):
 
     d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     cfg = AutoConfig.for_model(**d)
-    if family_for(cfg).moe:
-        raise CheckpointError(f"packed checkpoints of mixture-of-experts models ({cfg.model_type}) are not supported")
     dtype = getattr(torch, config_dict["quantization_config"]["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

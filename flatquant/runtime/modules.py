@@ -9,6 +9,8 @@ Per decoder layer (names from flatquant.models.families):
     attn.fq_kv: PackedKV (key transform P_h, query factors P_h^-T, K and V clip values)
     post-attention norm (P_ug's scale folded in) -> mlp.fq_gate_up (gate, up rows) -> SiteProjection views
     mlp.down_proj: W4A4Linear with P_d (its channel scale folded into up_proj's rows)
+An MoE layer's MLP is a PackedMoE instead (flatquant/runtime/moe.py): 16-bit router, one shared P_ug site,
+per-expert packed gate/up and down (each its own P_d).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from flatquant.core.transforms import kron_apply
 from flatquant.kernels.linear import W4A4Linear
 from flatquant.models.families import family_for
 from flatquant.runtime import layout
+from flatquant.runtime.moe import convert_block
 
 
 class SiteGroup:
@@ -104,9 +107,14 @@ def convert_model(model: nn.Module, qc: dict, device: str | torch.device = "meta
         for layer in family.decoder_layers(model):
             lin = family.linears(layer)
             attn, mlp = family.attention(layer), family.mlp_module(layer)
-            for fused_name, roles, parent, site in (
-                    (layout.FUSED_QKV, family.sites["attn_in"], attn, "attn_in"),
-                    (layout.FUSED_GATE_UP, family.sites["mlp_in"], mlp, "mlp_in")):
+            moe_layer = family.is_moe_layer(layer)  # its MLP becomes a PackedMoE (flatquant/runtime/moe.py)
+            if moe_layer:
+                if "moe" not in qc:
+                    raise ValueError("an MoE layer, but the quantization block has no 'moe' entry")
+                setattr(layer, family.mlp, convert_block(mlp, qc["moe"]))
+            shared = (layout.FUSED_QKV, family.sites["attn_in"], attn, "attn_in"), \
+                (layout.FUSED_GATE_UP, family.sites["mlp_in"], mlp, "mlp_in")
+            for fused_name, roles, parent, site in shared[:1] if moe_layer else shared:
                 rows = [lin[r].out_features for r in roles]
                 fused = _linear(lin[roles[0]].in_features, sum(rows), _has_bias(*(lin[r] for r in roles)),
                                 sites.get(site))
@@ -116,7 +124,7 @@ def convert_model(model: nn.Module, qc: dict, device: str | torch.device = "meta
                 for role, n in zip(roles, rows):
                     family.set_linear(layer, role, SiteProjection(group, role, start, start + n))
                     start += n
-            for site in ("o_in", "down_in"):
+            for site in ("o_in",) if moe_layer else ("o_in", "down_in"):
                 (role,) = family.sites[site]
                 old = lin[role]
                 family.set_linear(layer, role, _linear(old.in_features, old.out_features, _has_bias(old),

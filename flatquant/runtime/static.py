@@ -303,6 +303,8 @@ def from_packed_hf(model, cos=None, sin=None, fused: bool = True,
     family = family_for(model)
     if family.qk_norm:
         raise ValueError("the static decoder does not implement per-head q/k norms")
+    if family.moe:
+        raise ValueError("the static decoder does not implement mixture-of-experts blocks (use generate)")
     cfg = model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = family.head_dim(cfg)

@@ -10,8 +10,14 @@ BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
 
 def build_moe_model(family: str, vocab_size: int = 320, seed: int = 0, **overrides):
     """A tiny random MoE causal LM in float32, eval mode; weights scaled up so quantization error shows."""
-    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     torch.manual_seed(seed)
     cfg = {**BASE, "vocab_size": vocab_size}

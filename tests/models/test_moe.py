@@ -170,7 +170,38 @@ def test_flatquant_with_gptq_weights_on_moe(tmp_path):
     assert torch.equal(_logits(fresh, ids), _logits(model, ids))
 
 
+def _scaled_sites(layer):
+    return {k: t.channel_scale() for k, t in layer.fq_transforms.items()
+            if (k.startswith("down_in") or k == "mlp_in") and t.channel_scale() is not None}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_scale_fold_is_exact_at_16_bits(family):
+    """P_ug's scale into the post norm (and back into the 16-bit router / shared gate columns), each expert's
+    c_d into its up rows: with quantizers off the folded model computes the same function."""
+    import copy
+
+    from flatquant.core.reparam import reparameterize
+
+    model = build_moe_model(family)
+    ids = _ids()
+    quantize(model, QuantConfig(16, 16, 16), method="flatquant", calib=ids,
+             calib_config=calib_preset("tiny", epochs=1), progress=False)
+    fam = family_for(model)
+    layer = fam.decoder_layers(model)[0]
+    scales = _scaled_sites(layer)
+    want = {"mlp_in", "down_in_0"} | ({"down_in_shared"} if family == "qwen2_moe" else set())
+    assert want <= set(scales) and all((c - 1).abs().max() > 1e-3 for c in scales.values())
+    folded = reparameterize(copy.deepcopy(model))
+    flayer = fam.decoder_layers(folded)[0]
+    assert not _scaled_sites(flayer)  # every MoE scale now lives in a norm, router columns or up rows
+    c = scales["mlp_in"].double()
+    assert torch.allclose(flayer.mlp.gate.weight.double(), layer.mlp.gate.weight.double() * c, rtol=1e-6)
+    assert _rel(_logits(folded, ids), _logits(model, ids)) < 1e-5
+
+
 def test_reparameterized_moe_model_matches_training_mode():
+    """W4A4KV4: folding moves activations by float32 rounding only (a 4-bit code may flip at a tie)."""
     import copy
 
     from flatquant.core.reparam import reparameterize
@@ -178,6 +209,8 @@ def test_reparameterized_moe_model_matches_training_mode():
     model = build_moe_model("qwen2_moe")
     ids = _ids()
     calibrate(model, QuantConfig(4, 4, 4), ids, calib_preset("tiny", epochs=1), progress=False, log=lambda m: None)
-    folded = reparameterize(copy.deepcopy(model))  # MoE sites keep their channel scales online
+    assert _scaled_sites(family_for(model).decoder_layers(model)[0])
+    folded = reparameterize(copy.deepcopy(model))
+    assert not _scaled_sites(family_for(folded).decoder_layers(folded)[0])
     a, b = _logits(model, ids), _logits(folded, ids)
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()

@@ -78,3 +78,45 @@ def reparameterized(model):
     from flatquant.core.reparam import reparameterize
 
     return reparameterize(copy.deepcopy(model))
+
+
+def calibrated_moe(family: str, method: str = "flatquant", gptq: bool = False):
+    """A tiny random MoE model (tests/models/moe_models.py) quantized to W4A4KV4 (FlatQuant: tiny preset)."""
+    from flatquant import QuantConfig, calib_preset, quantize
+    from tests.models.moe_models import build_moe_model
+
+    model = build_moe_model(family)
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    qcfg = QuantConfig(4, 4, 4, weight_quantizer="gptq" if gptq else "rtn")
+    quantize(model, qcfg, method=method, calib=calib if method == "flatquant" or gptq else None,
+             calib_config=calib_preset("tiny"), progress=False)
+    model.config.use_cache = True
+    return model
+
+
+@pytest.fixture(scope="session")
+def moe_models():
+    cache = {}
+
+    def get(family: str, method: str = "flatquant", gptq: bool = False):
+        if (family, method, gptq) not in cache:
+            cache[family, method, gptq] = calibrated_moe(family, method, gptq)
+        return cache[family, method, gptq]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_packed_dirs(moe_models, tmp_path_factory):
+    from flatquant import save_quantized
+
+    cache = {}
+
+    def get(family: str, method: str = "flatquant", gptq: bool = False):
+        if (family, method, gptq) not in cache:
+            out = tmp_path_factory.mktemp("packed-moe") / f"{family}-{method}{'-gptq' if gptq else ''}"
+            save_quantized(moe_models(family, method, gptq), out)
+            cache[family, method, gptq] = out
+        return cache[family, method, gptq]
+
+    return get

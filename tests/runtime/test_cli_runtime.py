@@ -50,3 +50,25 @@ def test_export_bad_params(tiny_model_dir, tmp_path, capsys):
                  str(tmp_path / "o")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_moe_export_then_generate(tiny_tokenizer, tmp_path, capsys):
+    """`flatquant export` / `generate` on an MoE model (Qwen2-MoE: shared expert, one dense layer)."""
+    from flatquant import QuantConfig, calib_preset, quantize
+    from tests.models.moe_models import build_moe_model
+
+    src = tmp_path / "moe"
+    build_moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    model = build_moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer))
+    calib = torch.randint(0, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    params = tmp_path / "params"
+    quantize(model, QuantConfig(4, 4, 4), method="flatquant", calib=calib, calib_config=calib_preset("tiny", epochs=1),
+             artifacts=str(params), progress=False)
+    out = tmp_path / "packed"
+    assert main(["export", "--params", str(params), "--model", str(src), "--output", str(out),
+                 "--dtype", "float32"]) == 0
+    assert "moe" in json.loads((out / "config.json").read_text())["quantization_config"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "The quick brown", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
