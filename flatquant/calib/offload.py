@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatquant.calib.residency import host_buffers, mark_host
+from flatquant.calib.residency import host_buffers
 from flatquant.errors import ModelError
 from flatquant.models.families import Family, family_for
 
@@ -209,8 +209,9 @@ def activations(mode: str, shape: tuple[int, ...], dtype: torch.dtype, folder: P
         raise ValueError("disk activations need a folder")
     folder.mkdir(parents=True, exist_ok=True)
     arr = np.memmap(folder / f"{name}.bin", dtype=_NP_STORAGE[dtype], mode="w+", shape=shape)
-    t = torch.from_numpy(arr)
-    return mark_host(t.view(dtype) if dtype == torch.bfloat16 else t)
+    with host_buffers():
+        t = torch.from_numpy(arr)
+        return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
@@ -222,8 +223,9 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) ->
 def open_activations(folder: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Read-only view of activations another process wrote with `activations(mode="disk")`."""
     arr = np.memmap(folder / f"{name}.bin", dtype=_NP_STORAGE[dtype], mode="r", shape=shape)
-    t = torch.from_numpy(np.array(arr))  # a private copy: the layer reads it many times
-    return mark_host(t.view(dtype) if dtype == torch.bfloat16 else t)
+    with host_buffers():
+        t = torch.from_numpy(np.array(arr))  # a private copy: the layer reads it many times
+        return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
 def drop_activations(folder: Path | None) -> None:

@@ -86,10 +86,3 @@ def host_buffers():
         for r in _ACTIVE:
             r._suspended -= 1
 
-
-def mark_host(t: torch.Tensor) -> torch.Tensor:
-    """Declare an existing tensor (a memmap, a private CPU copy) a host buffer."""
-    if _storage(t) is not None:
-        for r in _ACTIVE:
-            r._host(t)
-    return t
