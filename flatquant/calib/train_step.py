@@ -37,8 +37,8 @@ def run_layer(layer, inps: torch.Tensor, kwargs: dict, batch_size: int, dtype: t
     """Run a decoder layer over `inps` batch by batch (inputs cast to `dtype`); outputs go into `out`
     (may be `inps` itself: each batch is read before it is overwritten) or are dropped when out is None
     (a pass run only for its hooks)."""
-    device = next(layer.parameters()).device  # inps may live in host memory: one batch at a time moves over
-    for s in range(0, inps.shape[0], batch_size):
+    device = next((t.device for t in (*layer.parameters(), *layer.buffers())), inps.device)
+    for s in range(0, inps.shape[0], batch_size):  # inps may live in host memory: one batch moves over at a time
         y = layer_output(layer(inps[s:s + batch_size].to(device).to(dtype), **kwargs))
         if out is not None:
             out[s:s + batch_size] = y.to(out.dtype)
