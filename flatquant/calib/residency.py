@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_ACTIVE: list["DeviceResidency"] = []
+_ACTIVE: list[DeviceResidency] = []
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:

@@ -336,7 +336,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
             run_layer(layer, x, kwargs, cfg.batch_size, model_dtype, out=x)
 
         _phase(dist, f"GPTQ layer {i}", save_and_advance)
-        del layer
+        layer = None  # freed before the next layer is read
         source.release(i)
         _free()
         row["seconds"] = round(time.time() - t, 2)
@@ -344,7 +344,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
         log(f"gptq layer {i:3d}: output error rtn {row['rtn_err']:.4g} -> gptq {row['gptq_err']:.4g} "
             f"({row['seconds']:.1f} s); ETA {_fmt(eta)}")
         rows.append(row)
-    del x
+    x = None
     if mode == "disk":
         (Path(work) / f"gptq_rank{dist.rank}.bin").unlink(missing_ok=True)
     return {"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "damp": qcfg.gptq_damp,

@@ -60,7 +60,7 @@ def gptq_layer_sharded(layer: nn.Module, family, hessians: dict, qcfg: QuantConf
         results.update(res)
         if r == dist.rank:
             continue
-        for key, group in res.items():  # the other ranks' codes
+        for group in res.values():  # the other ranks' codes
             for role, (codes, scale, zero) in group["weights"].items():
                 m = lin[role]
                 dev = m.weight.device
