@@ -28,11 +28,14 @@ def store_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype):
-    """Run the model up to its first decoder layer for each window; return (inputs, layer kwargs)."""
+def capture_layer_inputs(model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype,
+                         out: torch.Tensor | None = None):
+    """Run the model up to its first decoder layer for each window; return (inputs, layer kwargs). out: a
+    buffer (e.g. in host memory) the inputs are written to, one window at a time."""
     layers = family.decoder_layers(model)
     device = next(model.parameters()).device
-    inps = torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size, dtype=dtype, device=device)
+    inps = out if out is not None else torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size,
+                                                   dtype=dtype, device=device)
     kwargs_seen: dict = {}
 
     def hook(_mod, args, kwargs):

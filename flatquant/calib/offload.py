@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatquant.calib.residency import host_buffers
 from flatquant.errors import ModelError
 from flatquant.models.families import Family, family_for
 
@@ -203,20 +204,28 @@ def activations(mode: str, shape: tuple[int, ...], dtype: torch.dtype, folder: P
     """A CPU tensor for calibration activations: in memory ("cpu"/"none"), or backed by a memmap file
     `folder/name.bin` ("disk"; the file lives while the tensor does, remove it with `drop_activations`)."""
     if mode != "disk":
-        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        return host_empty(shape, dtype, pin)
     if folder is None:
         raise ValueError("disk activations need a folder")
     folder.mkdir(parents=True, exist_ok=True)
     arr = np.memmap(folder / f"{name}.bin", dtype=_NP_STORAGE[dtype], mode="w+", shape=shape)
-    t = torch.from_numpy(arr)
-    return t.view(dtype) if dtype == torch.bfloat16 else t
+    with host_buffers():
+        t = torch.from_numpy(arr)
+        return t.view(dtype) if dtype == torch.bfloat16 else t
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """An activation buffer in CPU memory (pinned for fast copies to a GPU), off the compute device."""
+    with host_buffers():
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 def open_activations(folder: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Read-only view of activations another process wrote with `activations(mode="disk")`."""
     arr = np.memmap(folder / f"{name}.bin", dtype=_NP_STORAGE[dtype], mode="r", shape=shape)
-    t = torch.from_numpy(np.array(arr))  # a private copy: the layer reads it many times
-    return t.view(dtype) if dtype == torch.bfloat16 else t
+    with host_buffers():
+        t = torch.from_numpy(np.array(arr))  # a private copy: the layer reads it many times
+        return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
 def drop_activations(folder: Path | None) -> None:

@@ -121,43 +121,46 @@ def calibrate_streaming(source: offload.LayerSource, qcfg: QuantConfig, windows:
     done = set(store.meta["layers_done"]) if resume else set()
     model = source.skeleton()
     install_attention_hook(model)
-    inps, kwargs = capture_layer_inputs(model, family, windows, act_dtype)
+    pin = device.type == "cuda"
+    work = out_dir / ACT_DIR
+    shape = (int(windows.shape[0]), int(windows.shape[1]), int(config.hidden_size))
+    # the activation sets live in host memory (pinned) or a disk memmap; the device sees one mini-batch
+    inps = offload.activations(mode if dist.world == 1 else "cpu", shape, act_dtype, work, "current", pin=pin)
+    _, kwargs = capture_layer_inputs(model, family, windows, act_dtype, out=inps)
     source.unload()
     n_layers = source.num_layers
-    work = out_dir / ACT_DIR
     progress = Progress(n_layers, say)
     rows: dict[int, dict] = {}
     if dist.world == 1:
-        acts = offload.activations(mode, tuple(inps.shape), act_dtype, work, "current", pin=device.type == "cuda")
-        acts.copy_(inps)
+        acts, nxt = inps, offload.activations(mode, shape, act_dtype, work, "next", pin=pin)
         del inps
         for i in range(n_layers):
             t = time.time()
             saved = store.load_layer(i) if i in done else None
             layer = source.layer(i)
             timings: dict = {}
-            layer, targets, row = calibrate_layer(layer, family, config, qcfg, cfg, acts.to(device), kwargs,
-                                                  _layer_seed(seed, i), amp, saved=saved, log=say, index=i,
-                                                  timings=timings)
+            layer, _targets, row = calibrate_layer(layer, family, config, qcfg, cfg, acts, kwargs,
+                                                   _layer_seed(seed, i), amp, saved=saved, log=say, index=i,
+                                                   timings=timings, device=device, targets=nxt)
             row["seconds"] = round(time.time() - t, 2)
             _epoch_seconds(row, timings)
             if saved is None:
                 store.record_layer(i, write_layer_file(out_dir, i, layer), row)
-            acts.copy_(targets)  # full-precision outputs: the next layer's inputs
-            del layer, targets
+            acts, nxt = nxt, acts  # full-precision outputs (written into nxt): the next layer's inputs
+            del layer, _targets
             source.release(i)
             _free()
             rows[i] = row
             progress.done(row)
-        del acts
+        del acts, nxt
     else:
-        held = [inps if dist.main else torch.empty(inps.shape, dtype=inps.dtype, device="meta")]
+        held = [inps if dist.main else None]
         del inps  # only rank 0 keeps layer 0's inputs (for its full-precision pass)
         rows.update(_parallel(source, store, qcfg, cfg, held, kwargs, done, seed, amp, work, dist, progress, say))
     out = {"calib_layers": [rows[i] for i in sorted(rows)]}
     if qcfg.weight_quantizer == "gptq":
-        g = together(dist, "GPTQ", lambda: gptq_streaming(source, store, qcfg, cfg, windows, act_dtype, say)
-                      if dist.main else None)
+        g = together(dist, "GPTQ", lambda: gptq_streaming(source, store, qcfg, cfg, windows, act_dtype, say,
+                                                          dist=dist, mode=mode, work=work))
         if dist.main:
             for row, r in zip(out["calib_layers"], g["layers"]):
                 row["gptq_rtn_err"], row["gptq_err"] = r["rtn_err"], r["gptq_err"]
@@ -182,7 +185,9 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
     rows = {}
     for i in sorted(done):  # losses recorded when those layers were trained
         rows[i] = {**store.meta.get("layer_rows", {}).get(str(i), {"layer": i}), "resumed": True}
-    shape, dtype = tuple(inps.shape), inps.dtype
+    dtype = source.dtype if device.type == "cuda" else torch.float32
+    shape = tuple(inps.shape) if inps is not None else None
+    shape = dist.broadcast(shape)
 
     def fp_pass(x):
         t0 = time.time()
@@ -193,12 +198,14 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
             raise FlatQuantError(f"the full-precision pass needs {need / 2**30:.1f} GiB free in {work} for the "
                                  f"inputs of {len(todo)} layers, {free / 2**30:.1f} GiB are free; use fewer "
                                  "calibration windows or a folder on a larger disk")
+        y = offload.host_empty(shape, x.dtype, pin=device.type == "cuda")
         for i in range(max(todo) + 1 if todo else 0):
             if i in todo:
                 offload.activations("disk", shape, x.dtype, work, f"layer_{i:03d}").copy_(x)
             if i < max(todo):
                 layer = source.layer(i).float()
-                x = layer_input_absmax(layer, family, x, kwargs, cfg.batch_size, out=torch.empty_like(x))[0]
+                layer_input_absmax(layer, family, x, kwargs, cfg.batch_size, out=y)
+                x, y = y, x
                 del layer
                 source.release(i)
         say(f"full-precision pass: inputs of {len(todo)} layer(s) written in {time.time() - t0:.1f} s")
@@ -216,9 +223,10 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
                 (work / f"layer_{i:03d}.bin").unlink(missing_ok=True)  # read whole: free its disk space now
                 layer = source.layer(i)
                 timings: dict = {}
-                layer, _targets, row = calibrate_layer(layer, family, config, qcfg, cfg, x.to(device), kwargs,
+                layer, _targets, row = calibrate_layer(layer, family, config, qcfg, cfg, x, kwargs,
                                                        _layer_seed(seed, i), amp, saved=None, log=say, index=i,
-                                                       timings=timings)
+                                                       timings=timings, device=device,
+                                                       targets=offload.host_empty(shape, dtype))
                 row["seconds"], row["rank"] = round(time.time() - t, 2), dist.rank
                 _epoch_seconds(row, timings)
                 result = (i, write_layer_file(store.dir, i, layer), row)
@@ -247,55 +255,88 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
     return rows
 
 
+def _phase(dist: Dist, what: str, fn):
+    """fn() on every rank; with several ranks, any rank's failure stops all of them at the same point."""
+    if dist.world == 1:
+        return fn()
+    out, err = None, None
+    try:
+        out = fn()
+    except Exception as e:  # reported to every rank below
+        err = _message(e)
+    dist.check(err, what)
+    return out
+
+
 @torch.no_grad()
 def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantConfig, cfg: CalibConfig,
-                   windows: torch.Tensor, act_dtype: torch.dtype, log=print) -> dict:
+                   windows: torch.Tensor, act_dtype: torch.dtype, log=print, dist: Dist | None = None,
+                   mode: str = "cpu", work: Path | None = None) -> dict:
     """GPTQ weights for every layer of a streamed model, layer by layer as `methods.gptq.apply_gptq`: each
     layer quantized with its saved parameters, its Hessians from the outputs of the GPTQ layers before it;
-    the codes are saved into its layer file."""
+    the codes are saved into its layer file (by rank 0). The inputs live in host memory (`mode` "cpu", or
+    "disk": a memmap in `work`), one mini-batch at a time on the device; the Hessians are solved one group
+    at a time, over the ranks of `dist` (every rank runs the same layers; methods.gptq_shard)."""
     from flatquant.methods import gptq
     from flatquant.methods.flatquant import layer_transforms
+    from flatquant.methods.gptq_shard import gptq_layer_sharded
 
+    dist = dist or Dist()
     device, family, config, model_dtype = source.device, source.family, source.config, source.dtype
-    if torch.device(device).type == "cuda":  # calibration's cached blocks: GPTQ's 70B-sized Hessians need them
-        torch.cuda.empty_cache()
+    _free()  # calibration's cached blocks: GPTQ's 70B-sized Hessians need them
     t0 = time.time()
-    x, kwargs = capture_layer_inputs(source.skeleton(), family, windows, act_dtype)
+    shape = (int(windows.shape[0]), int(windows.shape[1]), int(config.hidden_size))
+    x = offload.activations(mode, shape, act_dtype, work, f"gptq_rank{dist.rank}", pin=device.type == "cuda")
+    _, kwargs = capture_layer_inputs(source.skeleton(), family, windows, act_dtype, out=x)
     source.unload()
     rows = []
     for i in range(source.num_layers):
         t = time.time()
-        saved = store.load_layer(i)
-        layer = source.layer(i).float()
-        quantize_layer(layer, family, qcfg, layer_transforms(config, cfg, torch.Generator().manual_seed(0), layer=layer),
-                       learnable_clip=cfg.learn_clip, index=i, split_kv_clip=cfg.kv_clip_split)
-        layer.to(device)
-        load_layer_state(layer, saved, i)
-        freeze(layer, dtype=model_dtype)
-        cast_weights(layer, model_dtype)
-        dtypes = {name: v.dtype for name, v in gptq._tensors(layer)}
         hessians: dict = {}
 
-        def hook(key):
-            def pre(_mod, args):
-                hessians.setdefault(key, gptq.Hessian(args[0].shape[-1], args[0].device)).add(args[0])
-            return pre
+        def load_and_measure():
+            saved = store.load_layer(i)
+            layer = source.layer(i).float()
+            quantize_layer(layer, family, qcfg, layer_transforms(config, cfg, torch.Generator().manual_seed(0),
+                                                                 layer=layer),
+                           learnable_clip=cfg.learn_clip, index=i, split_kv_clip=cfg.kv_clip_split)
+            layer.to(device)
+            load_layer_state(layer, saved, i)
+            freeze(layer, dtype=model_dtype)
+            cast_weights(layer, model_dtype)
+            dtypes = {name: v.dtype for name, v in gptq._tensors(layer)}
 
-        handles = [q.register_forward_pre_hook(hook(k)) for k, q in gptq._site_quantizers(layer, family).items()]
-        try:
-            run_layer(layer, x, kwargs, cfg.batch_size, model_dtype)
-        finally:
-            for h in handles:
-                h.remove()
-        unfreeze(layer)
-        layer.float()
-        load_layer_state(layer, saved, i)
-        row = {"layer": i, **gptq.gptq_layer(layer, family, {k: v.value() for k, v in hessians.items()}, qcfg)}
-        store.save_layer(i, layer)
-        freeze(layer, dtype=model_dtype)
-        gptq._restore_dtypes(layer, dtypes)
-        run_layer(layer, x, kwargs, cfg.batch_size, model_dtype, out=x)
-        del layer
+            def hook(key):
+                def pre(_mod, args):
+                    hessians.setdefault(key, gptq.Hessian(args[0].shape[-1], args[0].device)).add(args[0])
+                return pre
+
+            handles = [q.register_forward_pre_hook(hook(k)) for k, q in gptq._site_quantizers(layer, family).items()]
+            try:
+                run_layer(layer, x, kwargs, cfg.batch_size, model_dtype)
+            finally:
+                for h in handles:
+                    h.remove()
+            unfreeze(layer)
+            layer.float()
+            load_layer_state(layer, saved, i)
+            return layer, dtypes
+
+        layer, dtypes = _phase(dist, f"GPTQ layer {i}", load_and_measure)
+        row, err = gptq_layer_sharded(layer, family, hessians, qcfg, dist)  # consumes the Hessians
+        if err:
+            raise RankFailed(f"GPTQ layer {i} failed on {err}")
+        row = {"layer": i, **row}
+
+        def save_and_advance():
+            if dist.main:
+                store.save_layer(i, layer)
+            freeze(layer, dtype=model_dtype)
+            gptq._restore_dtypes(layer, dtypes)
+            run_layer(layer, x, kwargs, cfg.batch_size, model_dtype, out=x)
+
+        _phase(dist, f"GPTQ layer {i}", save_and_advance)
+        layer = None  # freed before the next layer is read
         source.release(i)
         _free()
         row["seconds"] = round(time.time() - t, 2)
@@ -303,6 +344,9 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
         log(f"gptq layer {i:3d}: output error rtn {row['rtn_err']:.4g} -> gptq {row['gptq_err']:.4g} "
             f"({row['seconds']:.1f} s); ETA {_fmt(eta)}")
         rows.append(row)
+    x = None
+    if mode == "disk":
+        (Path(work) / f"gptq_rank{dist.rank}.bin").unlink(missing_ok=True)
     return {"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "damp": qcfg.gptq_damp,
             "block": qcfg.gptq_block, "act_order": qcfg.gptq_act_order, "seconds": round(time.time() - t0, 2),
             "layers": rows, "streamed": True}

@@ -37,11 +37,42 @@ def run_layer(layer, inps: torch.Tensor, kwargs: dict, batch_size: int, dtype: t
     """Run a decoder layer over `inps` batch by batch (inputs cast to `dtype`); outputs go into `out`
     (may be `inps` itself: each batch is read before it is overwritten) or are dropped when out is None
     (a pass run only for its hooks)."""
-    for s in range(0, inps.shape[0], batch_size):
-        y = layer_output(layer(inps[s:s + batch_size].to(dtype), **kwargs))
+    device = next((t.device for t in (*layer.parameters(), *layer.buffers())), inps.device)
+    for s in range(0, inps.shape[0], batch_size):  # inps may live in host memory: one batch moves over at a time
+        y = layer_output(layer(inps[s:s + batch_size].to(device).to(dtype), **kwargs))
         if out is not None:
             out[s:s + batch_size] = y.to(out.dtype)
     return out
+
+
+class HostBatches:
+    """Mini-batches of activations that may live in host memory (pinned or a disk memmap), gathered into
+    pinned staging buffers and copied to the compute device asynchronously; the same values as `x[idx]`."""
+
+    def __init__(self, device: torch.device, slots: int = 4):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.slots, self.k = slots, 0
+        self.stage: dict = {}  # (slot, shape, dtype) -> (pinned buffer, event of the copy that last read it)
+
+    def __call__(self, x: torch.Tensor, idx) -> torch.Tensor:
+        if x.device.type == self.device.type or not self.cuda:  # already there, or a CPU compute device
+            b = x[idx]
+            return b if b.device.type == self.device.type else b.to(self.device)
+        idx = idx.cpu() if torch.is_tensor(idx) else torch.arange(x.shape[0])[idx]
+        self.k = (self.k + 1) % self.slots
+        key = (self.k, (len(idx), *x.shape[1:]), x.dtype)
+        buf, event = self.stage.get(key, (None, None))
+        if buf is None:
+            buf = torch.empty(key[1], dtype=x.dtype, pin_memory=True)
+        elif event is not None:
+            event.synchronize()  # the copy that last read this buffer has finished
+        torch.index_select(x, 0, idx, out=buf)
+        out = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.stage[key] = (buf, event)
+        return out
 
 
 def autocast(amp: bool, device: torch.device):

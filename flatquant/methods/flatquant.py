@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from flatquant import mixed
 from flatquant.calib import artifacts as artifacts
 from flatquant.calib.layerwise import capture_layer_inputs, layer_input_absmax, run_layerwise, store_dtype
-from flatquant.calib.train_step import LayerStepper, autocast, layer_output
+from flatquant.calib.train_step import HostBatches, LayerStepper, autocast, layer_output
 from flatquant.config import CalibConfig, ConfigError, QuantConfig
 from flatquant.core.modules import (LayerTransforms, cast_weights, freeze, install_attention_hook, module_key,
                                     quantize_layer)
@@ -83,13 +83,15 @@ def layer_transforms(model_config, cfg: CalibConfig, generator: torch.Generator,
 
 
 @torch.no_grad()
-def _mse(layer, inps, targets, kwargs, batch_size, amp) -> float:
-    total = torch.zeros((), device=inps.device)
+def _mse(layer, inps, targets, kwargs, batch_size, amp, fetch=None) -> float:
+    fetch = fetch or HostBatches(inps.device)
+    total = torch.zeros((), device=fetch.device)
     with step_cache(layer):  # the transforms are fixed during the pass: evaluate them once
         for s in range(0, inps.shape[0], batch_size):
-            with autocast(amp, inps.device):
-                out = layer_output(layer(inps[s:s + batch_size].float(), **kwargs))
-            total += torch.sum((out.float() - targets[s:s + batch_size].float()) ** 2)
+            part = slice(s, s + batch_size)
+            with autocast(amp, fetch.device):
+                out = layer_output(layer(fetch(inps, part).float(), **kwargs))
+            total += torch.sum((out.float() - fetch(targets, part).float()) ** 2)
     return total.item() / targets.numel()
 
 
@@ -101,18 +103,20 @@ def _clock(device: torch.device) -> float:
 
 def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: bool,
                 generator: torch.Generator, log=print, timings: dict | None = None,
-                history: list | None = None) -> tuple[float, float, bool]:
+                history: list | None = None, device: torch.device | None = None) -> tuple[float, float, bool]:
     """Train the layer's transform, scale and clipping parameters. Returns (loss_before, loss_after, finite).
 
     history: if a list is given, it receives the mean training loss of each epoch.
     timings: if a dict is given, it receives wall-clock seconds of each phase (GPU-synchronised):
-    loss_before, setup (optimizer, CUDA graph capture), each epoch, loss_after."""
-    tick = _clock(inps.device) if timings is not None else 0.0
+    loss_before, setup (optimizer, CUDA graph capture), each epoch, loss_after.
+    device: the compute device when inps/targets live in host memory (moved over one mini-batch at a time)."""
+    fetch = HostBatches(device if device is not None else inps.device)
+    tick = _clock(fetch.device) if timings is not None else 0.0
 
     def lap(key):
         nonlocal tick
         if timings is not None:
-            now = _clock(inps.device)
+            now = _clock(fetch.device)
             if key == "epoch":
                 timings.setdefault("epoch", []).append(now - tick)
             else:
@@ -131,7 +135,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
                             if n.endswith(".scale") and n.startswith("fq_transforms.")]
     for p in transform_params + clip_params:
         p.requires_grad_(True)
-    loss_before = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    loss_before = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp, fetch)
     lap("loss_before")
     groups = [g for g in ({"params": transform_params, "lr": cfg.lr}, {"params": clip_params, "lr": cfg.clip_lr})
               if g["params"]]
@@ -141,7 +145,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     first = torch.arange(min(cfg.batch_size, n), device=inps.device)
-    stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, inps[first], targets[first],
+    stepper = LayerStepper(layer, groups, kwargs, amp, cfg.weight_decay, fetch(inps, first), fetch(targets, first),
                            cuda_graph=cfg.cuda_graph, log=log, loss=cfg.loss)
     lap("setup")
     step = 0
@@ -149,7 +153,7 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
         order = torch.randperm(n, generator=generator)
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size].to(inps.device)
-            stepper.step(inps[idx], targets[idx], step, total)
+            stepper.step(fetch(inps, idx), fetch(targets, idx), step, total)
             step += 1
         if not stepper.all_finite():
             return loss_before, float("nan"), False
@@ -158,23 +162,34 @@ def train_layer(layer: nn.Module, inps, targets, kwargs, cfg: CalibConfig, amp: 
         lap("epoch")
     for p in layer.parameters():
         p.requires_grad_(False)
-    loss_after = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp)
+    loss_after = _mse(layer, inps, targets, kwargs, cfg.batch_size, amp, fetch)
     lap("loss_after")
     return loss_before, loss_after, math.isfinite(loss_after)
 
 
+def _host_copy(layer: nn.Module) -> nn.Module:
+    """A copy of the layer whose tensors live in CPU memory (no second copy on the compute device)."""
+    memo = {id(p): nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+            for p in layer.parameters()}
+    memo.update({id(b): b.to("cpu", copy=True) for b in layer.buffers()})
+    return copy.deepcopy(layer, memo)
+
+
 def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantConfig, cfg: CalibConfig,
                     inps: torch.Tensor, kwargs: dict, seed: int, amp: bool, saved: dict | None = None,
-                    log=print, index: int = 0, timings: dict | None = None):
+                    log=print, index: int = 0, timings: dict | None = None, device: torch.device | None = None,
+                    targets: torch.Tensor | None = None):
     """Quantize one decoder layer and train (or load) its FlatQuant parameters.
 
     Returns (quantized layer, full-precision outputs, report row). The layer comes back in float32 and
     unfrozen; a NaN/inf loss under mixed precision is retried once in float32 from the same start.
-    timings: see train_layer."""
-    device = inps.device
+    timings: see train_layer. device, targets: inps (and the targets buffer the outputs go to) may live in
+    host memory while the layer computes on `device` (streamed calibration: no whole activation set on it)."""
+    device = torch.device(device) if device is not None else inps.device
     layer = layer.float()
-    targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size, out=torch.empty_like(inps))
-    original = copy.deepcopy(layer) if saved is None else None
+    targets, stats = layer_input_absmax(layer, family, inps, kwargs, cfg.batch_size,
+                                        out=torch.empty_like(inps) if targets is None else targets)
+    original = _host_copy(layer) if saved is None and amp else None  # only a mixed-precision retry needs it
     use_amp = amp
     trained = None
     while True:
@@ -186,12 +201,12 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
         layer.to(device)
         if saved is not None:
             artifacts.load_layer_state(layer, saved, index)
-            before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp)
+            before = after = _mse(layer, inps, targets, kwargs, cfg.batch_size, use_amp, HostBatches(device))
             break
         start = {k: v.clone() for k, v in artifacts.layer_state(layer).items()}  # kept if training ends worse
         history: list[float] = []
         before, after, finite = train_layer(layer, inps, targets, kwargs, cfg, use_amp, gen, log=log, history=history,
-                                            timings=timings)
+                                            timings=timings, device=device)
         if finite and after > before:
             trained, after = after, before
             layer.load_state_dict(start, strict=False)
@@ -199,7 +214,7 @@ def calibrate_layer(layer: nn.Module, family: Family, model_config, qcfg: QuantC
             break
         log(f"layer {index}: loss became NaN/inf under mixed precision; retrying in float32")
         use_amp = False
-        layer = copy.deepcopy(original)
+        layer, original = original.to(device), None
     if not math.isfinite(after):
         raise NonFiniteError(f"layer {index}: calibration diverged (NaN/inf loss) even in float32")
     row = {"layer": index, "loss_before": before, "loss_after": after, "resumed": saved is not None, "amp": use_amp}

@@ -96,6 +96,11 @@ class Hessian:
     def value(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.count, 1))
 
+    def take(self) -> torch.Tensor:
+        """value(), computed in place: the running sum is handed over (no second n x n copy)."""
+        h, self.sum = self.sum, None
+        return h.mul_(2.0 / max(self.count, 1))
+
 
 def row_grid(w: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
              group_size: int | None = None):
@@ -127,13 +132,28 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 def damped_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), in float64. λ grows ×10 per retry
     while H + λI is not numerically positive definite."""
-    h = h.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = torch.diagonal(h).mean()
+    return _damped_factor(h, None, damp)
+
+
+def _damped_factor(h: torch.Tensor, dead: torch.Tensor | None, damp: float) -> torch.Tensor:
+    """damped_inverse_factor of h with diag entries `dead` set to 1, holding at most two n x n float64
+    matrices at a time besides h (each attempt rebuilds H + λI from h, which is never modified)."""
+    mean_diag = None
     for attempt in range(DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        hd = h.detach().to(torch.float64, copy=True)
+        if dead is not None:
+            torch.diagonal(hd)[dead] = 1.0
+        if mean_diag is None:
+            mean_diag = torch.diagonal(hd).mean()
+        hd.add_(0.0)  # H + λI adds +0 off the diagonal: the same -0.0 -> +0.0 as the sum with the identity
+        torch.diagonal(hd).add_((damp * 10**attempt) * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inv = torch.cholesky_inverse(chol)
+            del chol
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info.item() == 0 and torch.isfinite(u).all():
                 return u
     raise GPTQError(f"GPTQ: the Hessian ({h.shape[0]} inputs) is not positive definite even with dampening "
@@ -142,17 +162,18 @@ def damped_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def factor_hessian(h: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
-    h = h.detach().double().clone()
+    h = h.detach()
     diag = torch.diagonal(h)
     if not torch.isfinite(diag).all():
         raise GPTQError("GPTQ: the Hessian has non-finite entries (non-finite calibration activations?)")
     dead = diag == 0
-    # dead inputs sort last (diag 0); stable, so ties keep their natural order
-    perm = torch.argsort(diag.clone(), descending=True, stable=True) if act_order else None
-    h[dead, dead] = 1.0
-    if perm is not None:
-        h = h[perm][:, perm]
-    return HessianFactor(damped_inverse_factor(h, damp).float(), perm, dead)
+    # dead inputs sort last (diag 0); stable, so ties keep their natural order (float64: as exact as h)
+    perm = torch.argsort(diag.double(), descending=True, stable=True) if act_order else None
+    if perm is not None:  # permuted in h's own dtype: the float64 conversion after it is exact
+        h = h.index_select(0, perm).index_select(1, perm)
+    u = _damped_factor(h, dead if perm is None else dead[perm], damp)
+    del h
+    return HessianFactor(u.float(), perm, dead)
 
 
 @torch.no_grad()
@@ -234,39 +255,69 @@ def _restore_dtypes(module: nn.Module, dtypes: dict) -> None:
 
 
 @torch.no_grad()
-def gptq_layer(layer: nn.Module, family, hessians: dict[str, torch.Tensor], qcfg: QuantConfig) -> dict:
-    """Replace the weight quantization of every enabled QuantLinear of `layer` by GPTQ weights.
-
-    The layer must be unfrozen, with its parameters at the precision its target weights should be read at.
-    Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
-    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs); "rtn_kept": the groups that saw no input
-    (unrouted MoE experts: their codes are the RTN codes, left out of the errors)."""
-    ref = rtn = new = 0.0
+def solve_groups(layer: nn.Module, family, hessians: dict, qcfg: QuantConfig, keys=None) -> dict:
+    """GPTQ weights of the enabled QuantLinears of the GPTQ groups `keys` (default all), set on the layer
+    one group at a time. hessians: key -> H, or a `Hessian` (then consumed: its memory is freed as soon as
+    its group is done, so one Hessian and one weight's work are resident at a time). Returns key ->
+    {"weights": {role: (codes, scale, zero)}, "errors": [(ref, rtn, gptq) per linear], "seen": bool}."""
     lin = family.linears(layer)
-    skipped = []
+    out = {}
     for key, (_mod, roles) in family.gptq_groups(layer).items():
-        mods = [lin[r] for r in roles if lin[r].w_quantizer.enabled]
-        if not mods:
+        mods = [(r, lin[r]) for r in roles if lin[r].w_quantizer.enabled]
+        if not mods or (keys is not None and key not in keys):
+            if isinstance(hessians.get(key), Hessian):
+                del hessians[key]
             continue
-        seen = key in hessians
-        if not seen:  # an MoE expert no calibration token was routed to: H = I, i.e. its RTN codes
-            skipped.append(key)
-        h = hessians[key] if seen else torch.eye(mods[0].in_features, device=mods[0].weight.device)
+        seen = key in hessians  # not seen: an MoE expert no calibration token was routed to: H = I (RTN)
+        h = hessians.pop(key) if seen and isinstance(hessians[key], Hessian) else hessians.get(key)
+        h = h.take() if isinstance(h, Hessian) else h
+        if h is None:
+            h = torch.eye(mods[0][1].in_features, device=mods[0][1].weight.device)
         factor = factor_hessian(h, qcfg.gptq_damp, qcfg.gptq_act_order and seen)
-        for m in mods:
+        res_g = out[key] = {"weights": {}, "errors": [], "seen": seen}
+        for role, m in mods:
             wq = m.w_quantizer
             m.clear_gptq()
             w, _ = m.effective_weight_and_bias(quantize=False)
             res = gptq_quantize(w, factor, wq.bits, wq.symmetric, quantizer_alpha(wq), qcfg.gptq_block,
                                 wq.group_size)
             m.set_gptq(res.codes, res.scale, res.zero)
-            if not seen:  # no inputs to measure its output error on
-                continue
-            ref += output_error(w, h)
-            rtn += output_error(wq(w) - w, h)
-            new += output_error(res.dequantize().to(w.device) - w, h)
+            res_g["weights"][role] = (res.codes, res.scale, res.zero)
+            if seen:  # no inputs to measure an unseen group's output error on
+                res_g["errors"].append((output_error(w, h), output_error(wq(w) - w, h),
+                                        output_error(res.dequantize().to(w.device) - w, h)))
+            del w, res
+        del h, factor
+    return out
+
+
+def layer_errors(layer: nn.Module, family, results: dict) -> dict:
+    """{"rtn_err", "gptq_err"} of solve_groups' results (summed linear by linear in group order, relative to
+    the output energy), and "rtn_kept": the groups that saw no input."""
+    ref = rtn = new = 0.0
+    skipped = []
+    for key in family.gptq_groups(layer):
+        if key not in results:
+            continue
+        if not results[key]["seen"]:
+            skipped.append(key)
+        for e_ref, e_rtn, e_new in results[key]["errors"]:
+            ref += e_ref
+            rtn += e_rtn
+            new += e_new
     ref = max(ref, 1e-30)
     return {"rtn_err": rtn / ref, "gptq_err": new / ref, **({"rtn_kept": skipped} if skipped else {})}
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, family, hessians: dict, qcfg: QuantConfig) -> dict:
+    """Replace the weight quantization of every enabled QuantLinear of `layer` by GPTQ weights.
+
+    The layer must be unfrozen, with its parameters at the precision its target weights should be read at.
+    Returns {"rtn_err", "gptq_err"}: Σ ½tr(ΔW H ΔWᵀ) of the RTN and GPTQ weights over the layer's
+    linears, relative to Σ ½tr(W H Wᵀ) (the energy of the outputs); "rtn_kept": the groups that saw no input
+    (unrouted MoE experts: their codes are the RTN codes, left out of the errors)."""
+    return layer_errors(layer, family, solve_groups(layer, family, hessians, qcfg))
 
 
 @torch.no_grad()

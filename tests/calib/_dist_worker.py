@@ -5,7 +5,7 @@ import os
 
 
 def run_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str, windows, fail_layer: int | None,
-             result_dir: str) -> None:
+             result_dir: str, gptq: bool = False) -> None:
     import torch
 
     from flatquant.calib.distributed import setup, teardown
@@ -29,7 +29,8 @@ def run_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str, win
         source.layer = broken
     msg = "ok"
     try:
-        calibrate_streaming(source, method_config("flatquant", calib=cc), windows, cc, out_dir, mode="disk",
+        qcfg = method_config("flatquant", calib=cc, **({"weight_quantizer": "gptq"} if gptq else {}))
+        calibrate_streaming(source, qcfg, windows, cc, out_dir, mode="disk",
                             dist=dist, log=lambda _m: None)
     except Exception as e:  # the test reads each rank's outcome
         msg = f"{type(e).__name__}: {e}"

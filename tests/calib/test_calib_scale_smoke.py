@@ -26,4 +26,5 @@ def test_calib_scale_smoke(tmp_path):
     assert rec["layers_measured"] == 2 and rec["s_per_layer"] > 0 and rec["smoke"]
     assert rec["extrapolated_min"]["gpus_8"] < rec["extrapolated_min"]["gpus_1"]
     assert "ceil(L/N)" in rec["extrapolation"] and "L=80" in rec["extrapolation"]
+    assert rec["targets_met"] == {"peak_gpu_le_40_gib": None} and rec["peak_gpu_gib"] is None  # CPU: not measured
     assert "ETA" in proc.stdout and not (tmp_path / "work" / "tiny").exists()  # work folder cleaned up

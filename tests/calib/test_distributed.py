@@ -32,7 +32,7 @@ def _windows(n_vocab: int) -> torch.Tensor:
     return torch.randint(0, n_vocab, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _run(world, model_dir, out, windows, tmp_path, fail_layer=None) -> list[str]:
+def _run(world, model_dir, out, windows, tmp_path, fail_layer=None, gptq=False) -> list[str]:
     res = tmp_path / f"res-{world}-{fail_layer}"
     res.mkdir(exist_ok=True)
     if world == 1:
@@ -47,12 +47,14 @@ def _run(world, model_dir, out, windows, tmp_path, fail_layer=None) -> list[str]
         torch.set_num_threads(1)
         try:
             cc = CalibConfig(nsamples=4, seqlen=32, epochs=2, batch_size=2)
-            calibrate_streaming(ShardedSource(model_dir, "cpu", torch.float32), method_config("flatquant", calib=cc),
-                                windows, cc, out, mode="disk", log=lambda _m: None)
+            qcfg = method_config("flatquant", calib=cc, **({"weight_quantizer": "gptq"} if gptq else {}))
+            calibrate_streaming(ShardedSource(model_dir, "cpu", torch.float32), qcfg, windows, cc, out, mode="disk",
+                                log=lambda _m: None)
         finally:
             torch.set_num_threads(threads)
         return ["ok"]
-    mp.spawn(run_rank, args=(world, _port(), str(model_dir), str(out), windows, fail_layer, str(res)), nprocs=world)
+    mp.spawn(run_rank, args=(world, _port(), str(model_dir), str(out), windows, fail_layer, str(res), gptq),
+             nprocs=world)
     return [(res / f"rank{r}.txt").read_text() for r in range(world)]
 
 
@@ -75,6 +77,40 @@ def test_two_processes_save_the_same_bytes_as_one(model_dir, tmp_path, tiny_toke
     assert m1["complete"] and m2["complete"] and m1["checksums"] == m2["checksums"]
     assert [r["layer"] for r in m2["report"]] == [0, 1, 2]
     assert not (tmp_path / "two" / "_activations").exists()
+
+
+def test_gptq_sharded_over_two_processes_saves_the_same_bytes_as_one(model_dir, tmp_path, tiny_tokenizer):
+    """GPTQ's per-group solves split over 2 ranks (methods.gptq_shard): the same codes and files as 1 rank."""
+    windows = _windows(len(tiny_tokenizer))
+    assert _run(1, model_dir, tmp_path / "one", windows, tmp_path, gptq=True) == ["ok"]
+    assert _run(2, model_dir, tmp_path / "two", windows, tmp_path, gptq=True) == ["ok", "ok"]
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert len(one) == 3 and one == two
+    m1, m2 = (json.loads((tmp_path / d / "flatquant.json").read_text()) for d in ("one", "two"))
+    assert m1["gptq"] and m1["checksums"] == m2["checksums"]
+    errs = [[(r["gptq_rtn_err"], r["gptq_err"]) for r in m["report"]] for m in (m1, m2)]
+    assert errs[0] == errs[1] and all(g < r for r, g in errs[0])
+
+
+def test_shard_groups_balances_and_covers_every_group():
+    from flatquant.config import CalibConfig, method_config
+    from flatquant.core.modules import quantize_layer
+    from flatquant.methods.flatquant import layer_transforms
+    from flatquant.methods.gptq_shard import shard_groups
+    from flatquant.models.families import family_for
+
+    model = build_model("llama", num_hidden_layers=1, intermediate_size=256)
+    family = family_for(model)
+    layer = family.decoder_layers(model)[0]
+    cc = CalibConfig()
+    quantize_layer(layer, family, method_config("flatquant", calib=cc),
+                   layer_transforms(model.config, cc, torch.Generator().manual_seed(0), layer=layer))
+    groups = set(family.gptq_groups(layer))
+    shares = shard_groups(layer, family, 2)
+    assert shares[0] | shares[1] == groups and not shares[0] & shares[1]
+    assert shard_groups(layer, family, 1) == [groups]
+    down = [k for k, (_m, roles) in family.gptq_groups(layer).items() if "down_proj" in roles]
+    assert down and {down[0]} in shares  # the largest solve (the MLP's down projection) has a rank to itself
 
 
 def test_rank_failure_stops_all_and_resumes_with_other_world(model_dir, tmp_path, tiny_tokenizer):
