@@ -15,8 +15,9 @@ StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) wh
   step can be captured in a CUDA graph), then attention over [0, length + 1): decode_attention on the packed
   cache for KV4, SDPA on the first length + 1 positions for float K/V.
 Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops; with `prologue`
-(flatquant.kernels.fused_norm.PrologueConfig) on, a W4A4 linear after them takes its input from one fused
-pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying the reference.
+(flatquant.kernels.fused_norm.PrologueConfig; default fused_norm.DEFAULT) on, a W4A4 linear after them takes
+its input from one fused pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying
+the reference.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class StaticCache:
                 self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
                                                    dtype=torch.uint8 if n.endswith("codes") else torch.float32,
                                                    device=device) for n in KV4_NAMES})
+        self.write_backend = "auto"  # KV4 write path: auto | triton | reference (_triton_write)
         self.length = 0
         self.length_t = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # attended tokens during a step
@@ -93,6 +95,13 @@ class StaticCache:
         """Store the new K/V (B, Hkv, S, D) of layer i (at length_t when decoding, at 0 in a prefill).
         Returns what prefill attention reads: K/V as stored (dequantized for KV4)."""
         lay = self.layers[i]
+        if self.fmt == "kv4" and self._triton_write(k):  # one launch per K / V: quantize, store, dequantize
+            from flatquant.kernels import kv4_write
+
+            out = tuple(kv4_write.write_kv(x, clip, lay[f"{t}_codes"], lay[f"{t}_scale"], lay[f"{t}_zero"],
+                                           pos=self.length_t if decode else None, dequant=not decode)
+                        for t, x, clip in (("k", k, kv_mod.k_clip), ("v", v, kv_mod.v_clip)))
+            return None if decode else out
         if self.fmt == "float":
             new = {"k": k.to(self.dtype), "v": v.to(self.dtype)}
         elif self.fmt == "fp8":
@@ -121,6 +130,15 @@ class StaticCache:
         return tuple(ops.dequantize_kv(new[f"{t}_codes"], new[f"{t}_scale"], new[f"{t}_zero"], k.dtype)
                      for t in ("k", "v"))
 
+    def _triton_write(self, x: torch.Tensor) -> bool:
+        """KV4 writes through kv4_write (write_backend "triton"; "auto": on CUDA where it matches the reference
+        bit for bit), else the reference quantize_kv + copies."""
+        if self.write_backend == "auto":
+            from flatquant.kernels import kv4_write
+
+            return x.is_cuda and kv4_write.gpu_ok(x.device)
+        return self.write_backend == "triton"
+
     def decode_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, Hq, D) of the new token over positions [0, length + 1) -> (B, Hq, D)."""
         lay = self.layers[i]
@@ -145,6 +163,12 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
 
 def _from_fp8(c: torch.Tensor, dtype) -> torch.Tensor:
     return c.to(dtype) if FP8_KV_SCALE == 1.0 else (c.float() * FP8_KV_SCALE).to(dtype)
+
+
+def _is_w4(lin) -> bool:
+    from flatquant.kernels.linear import W4A4Linear
+
+    return isinstance(lin, W4A4Linear)
 
 
 class Layer:
@@ -173,7 +197,7 @@ class StaticDecoder:
 
     def __init__(self, embed, layers: list[Layer], norm, lm_head, cos, sin, hq: int, hkv: int, head_dim: int,
                  eps: float, kv_format: str, fused: bool = True,
-                 prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED):
+                 prologue: fused_norm.PrologueConfig = fused_norm.DEFAULT):
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin
         self.hq, self.hkv, self.head_dim, self.eps = hq, hkv, head_dim, eps
@@ -211,7 +235,8 @@ class StaticDecoder:
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
         gu, res = self._norm_linear(lay.gate_up, h, res, lay.post_norm)
-        if self.prologue.silu_quant and self.prologue.takes(gu):
+        pl = self.prologue
+        if pl.silu_quant and pl.takes(gu) and (pl.silu_w4 or not _is_w4(lay.down)):
             return fused_norm.silu_linear(lay.down, gu, self.fused), res
         return lay.down(fused_ops.silu_mul(gu, fused=self.fused)), res
 
@@ -294,7 +319,7 @@ class StaticDecoder:
 
 
 def from_packed_hf(model, cos=None, sin=None, fused: bool = True,
-                   prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED) -> StaticDecoder:
+                   prologue: fused_norm.PrologueConfig = fused_norm.DEFAULT) -> StaticDecoder:
     """A StaticDecoder over a packed Hugging Face model's own modules (flatquant.runtime.modules): the fused
     W4A4Linears, PackedKV, norms, embedding and lm_head are shared, not copied."""
     from flatquant.models.families import family_for

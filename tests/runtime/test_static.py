@@ -147,3 +147,43 @@ def test_triton_paths_match_reference(monkeypatch):
     assert torch.equal(ref[0], got[0])  # prefill: same linears' semantics, same ops
     for a, b in zip(ref[1:], got[1:]):  # decode: flash-decoding sums in another order
         assert _close(a, b, 1e-2), (a - b).abs().max()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+def test_kv4_triton_write_matches_reference_write():
+    """The one-launch KV4 write (kv4_write) gives the same cache and logits as the reference write path."""
+    dec = synthetic.build("tiny", "flatquant", "cpu", dtype=torch.float32, cap=64)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for backend in ("reference", "triton"):
+        cache = dec.new_cache(2, 16)
+        cache.write_backend = backend
+        logits = [dec.prefill(ids[:, :5], cache)] + [dec.decode_step(ids[:, t:t + 1], cache) for t in (5, 6)]
+        out[backend] = (logits, cache)
+    for a, b in zip(out["reference"][0], out["triton"][0]):
+        assert torch.equal(a, b)
+    for la, lb in zip(out["reference"][1].layers, out["triton"][1].layers):
+        for name in la:
+            assert torch.equal(la[name], lb[name]), name
+
+
+def test_kron_runtime_matches_kron_apply():
+    from flatquant.core.transforms import kron_apply
+    from flatquant.runtime.modules import _kron
+
+    x = torch.randn(2, 6, 3, 128).transpose(1, 2)
+    for p1, p2 in ((None, torch.randn(16, 16)), (torch.randn(8, 8), None), (torch.randn(8, 8), torch.randn(16, 16))):
+        want = kron_apply(x, p1, p2)
+        assert torch.allclose(_kron(x, p1, p2), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert _kron(x, None, None) is x
+
+
+def test_default_prologue_skips_the_w4_silu_prologue(monkeypatch):
+    from flatquant.kernels import fused_norm
+
+    dec = synthetic.build("tiny", "flatquant", "cpu", cap=64)
+    assert dec.prologue == fused_norm.DEFAULT and not fused_norm.DEFAULT.silu_w4
+    called = []
+    monkeypatch.setattr(fused_norm, "silu_linear", lambda *a, **k: called.append(1))
+    dec.prefill(torch.randint(0, 256, (1, 4)), dec.new_cache(1, 8))
+    assert not called
