@@ -3,7 +3,8 @@
 StaticCache: per-layer K/V preallocated for (batch, capacity); `length` cached tokens, the same for every
 sequence, kept on the device (`length_t`, what a captured graph reads) and mirrored on the host. Formats:
 "float" (the model dtype, (B, Hkv, S, D)), "fp8" (float8 e4m3 codes of K / FP8_KV_SCALE and V / FP8_KV_SCALE,
-a static per-tensor scale as serving engines default to; attention reads them cast back to the model dtype)
+a static per-tensor scale as serving engines default to; decode attention reads the codes per tile on CUDA
+(flatquant.kernels.fp8_attention), prefill attention the new K/V cast back to the model dtype)
 and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md; the same tensors and quantize_kv calls as
 flatquant.runtime.kvcache.PackedLayer).
 
@@ -53,7 +54,7 @@ class StaticCache:
                 self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
                                                    dtype=torch.uint8 if n.endswith("codes") else torch.float32,
                                                    device=device) for n in KV4_NAMES})
-        self.write_backend = "auto"  # KV4 write path: auto | triton | reference (_triton_write)
+        self.backend = "auto"  # KV4 write / FP8 attention kernels: auto | triton | reference (_triton_write)
         self.length = 0
         self.length_t = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # attended tokens during a step
@@ -131,13 +132,13 @@ class StaticCache:
                      for t in ("k", "v"))
 
     def _triton_write(self, x: torch.Tensor) -> bool:
-        """KV4 writes through kv4_write (write_backend "triton"; "auto": on CUDA where it matches the reference
-        bit for bit), else the reference quantize_kv + copies."""
-        if self.write_backend == "auto":
+        """KV4 writes through kv4_write (backend "triton"; "auto": on CUDA where it matches the reference bit
+        for bit), else the reference quantize_kv + copies."""
+        if self.backend == "auto":
             from flatquant.kernels import kv4_write
 
             return x.is_cuda and kv4_write.gpu_ok(x.device)
-        return self.write_backend == "triton"
+        return self.backend == "triton"
 
     def decode_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, Hq, D) of the new token over positions [0, length + 1) -> (B, Hq, D)."""
@@ -146,6 +147,10 @@ class StaticCache:
             return kv4(q.device).decode_attention(q.contiguous(), lay["k_codes"], lay["k_scale"], lay["k_zero"],
                                                   lay["v_codes"], lay["v_scale"], lay["v_zero"], self.lengths,
                                                   scale)
+        if self.fmt == "fp8" and (self.backend == "triton" or (self.backend == "auto" and q.is_cuda)):
+            from flatquant.kernels import fp8_attention  # the codes read per tile: no bf16 copy of the cache
+
+            return fp8_attention.decode_attention(q, lay["k"], lay["v"], self.lengths, scale, FP8_KV_SCALE)
         n = self.length + 1
         b, hq, d = q.shape
         g = hq // self.hkv  # the G query heads of one kv head attend as G rows: no K/V repeat

@@ -157,7 +157,7 @@ def test_kv4_triton_write_matches_reference_write():
     out = {}
     for backend in ("reference", "triton"):
         cache = dec.new_cache(2, 16)
-        cache.write_backend = backend
+        cache.backend = backend
         logits = [dec.prefill(ids[:, :5], cache)] + [dec.decode_step(ids[:, t:t + 1], cache) for t in (5, 6)]
         out[backend] = (logits, cache)
     for a, b in zip(out["reference"][0], out["triton"][0]):
@@ -187,3 +187,22 @@ def test_default_prologue_skips_the_w4_silu_prologue(monkeypatch):
     monkeypatch.setattr(fused_norm, "silu_linear", lambda *a, **k: called.append(1))
     dec.prefill(torch.randint(0, 256, (1, 4)), dec.new_cache(1, 8))
     assert not called
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+def test_fp8_kv_triton_attention_matches_sdpa_path():
+    """The fp8_kv8 row's decode attention on the FP8 codes (fp8_attention) against SDPA on the cast cache,
+    on one filled cache; then a decode step runs through it."""
+    dec = synthetic.build("tiny", "fp8_kv8", "cpu", cap=64)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    cache = dec.new_cache(2, 16)
+    dec.prefill(ids[:, :5], cache)
+    cache.lengths.fill_(6)  # what decode_step sets: the new token's position included
+    q = torch.randn(2, dec.hq, dec.head_dim).to(torch.bfloat16)
+    out = {}
+    for backend in ("reference", "triton"):
+        cache.backend = backend
+        out[backend] = cache.decode_attention(1, q, dec.scale).float()
+    a, b = out["reference"], out["triton"]
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max(), (a - b).abs().max()
+    assert torch.isfinite(dec.decode_step(ids[:, 5:6], cache).float()).all()
