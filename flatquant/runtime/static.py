@@ -192,11 +192,6 @@ def rope_table(positions: int, head_dim: int, theta: float, device, dtype) -> tu
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 class StaticDecoder:
     """See the module docstring. cos / sin: (max positions, D) rope tables in the model dtype."""
 
@@ -223,7 +218,7 @@ class StaticDecoder:
         hq, hkv, d = self.hq, self.hkv, self.head_dim
         qkv, res = self._norm_linear(lay.qkv, h, res, lay.in_norm)
         qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
-        qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]  # HF's apply_rotary_pos_emb
+        qk = fused_ops.rope(qk, cos, sin, fused=self.fused)  # HF's apply_rotary_pos_emb
         q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
         v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
         if lay.kv is not None:

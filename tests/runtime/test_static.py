@@ -12,7 +12,7 @@ import torch
 
 from flatquant.runtime import fp8, fused_ops, synthetic
 from flatquant.runtime.kvcache import PackedKVCache
-from flatquant.runtime.static import from_packed_hf
+from flatquant.runtime.static import from_packed_hf, rope_table
 
 TOL = 1e-4
 
@@ -112,6 +112,21 @@ def test_fused_ops_match_reference(monkeypatch, n):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("s", [1, 5])
+def test_fused_rope_equals_reference(monkeypatch, dtype, s):
+    """The one-launch RoPE on the q / k columns of a fused qkv output (a strided view) is bit-equal to HF's."""
+    _interp(monkeypatch)
+    b, hq, hkv, d = 2, 4, 2, 16
+    qkv = (torch.randn(b, s, (hq + 2 * hkv) * d) * 4).to(dtype)
+    qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
+    cos, sin = (t.to(dtype) for t in rope_table(8, d, 1e4, "cpu", torch.float32))
+    for c, sn in ((cos[None, :s], sin[None, :s]), (cos[None, 3:4], sin[None, 3:4])):  # prefill / one position
+        got = fused_ops.rope(qk, c, sn)
+        assert got.is_contiguous() and torch.equal(got, fused_ops.rope_reference(qk, c, sn))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
 def test_fp8_quantizer_matches_reference():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, 300, generator=g) * 3).bfloat16()
@@ -204,5 +219,5 @@ def test_fp8_kv_triton_attention_matches_sdpa_path():
         cache.backend = backend
         out[backend] = cache.decode_attention(1, q, dec.scale).float()
     a, b = out["reference"], out["triton"]
-    assert (a - b).abs().max() <= 1e-2 * a.abs().max(), (a - b).abs().max()
+    assert (a - b).abs().max() <= 4e-3 + 2e-2 * a.abs().max(), (a - b).abs().max()  # bf16 p and output
     assert torch.isfinite(dec.decode_step(ids[:, 5:6], cache).float()).all()
