@@ -165,4 +165,11 @@ def self_check(device, dtype=torch.bfloat16) -> str | None:
         a, b = silu_mul(gu), silu_mul_reference(gu)
         if (a.float() - b.float()).abs().max() > 2e-2 * b.float().abs().max() + 1e-3:
             return f"silu_mul mismatch at n={n}"
+    qkv = torch.randn(2, 5, 8 * 128, generator=g, device=device).to(dtype) * 3
+    qk = qkv[..., :6 * 128].view(2, 5, 6, 128)
+    cs = [torch.randn(1, 5, 128, generator=g, device=device).to(dtype) for _ in range(2)]
+    for c, sn in ((cs[0], cs[1]), (cs[0][:, 2:3], cs[1][:, 2:3])):
+        if not torch.equal(rope(qk if c.shape[1] > 1 else qk[:, :1], c, sn),
+                           rope_reference(qk if c.shape[1] > 1 else qk[:, :1], c, sn)):
+            return "rope mismatch"
     return None
