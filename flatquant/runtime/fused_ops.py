@@ -72,8 +72,9 @@ def _rne_cast(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, H, sx_b, sx_s, sc_s, HALF: tl.constexpr,
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, out2_ptr, S, H, SPLIT, sx_b, sx_s, sc_s, HALF: tl.constexpr,
                  HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Heads [0, SPLIT) of token t go to out (T, SPLIT, D), heads [SPLIT, H) to out2 (T, H - SPLIT, D)."""
     t = tl.program_id(0)  # token b * S + s
     b = t // S
     s = t % S
@@ -92,29 +93,37 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, H, sx_b, sx_s, sc_s, HALF:
     a, c = x1.to(tl.float32), x2.to(tl.float32)
     o1 = _rne_cast(_rne_cast(a * c1, DT).to(tl.float32) + _rne_cast(-c * s1, DT).to(tl.float32), DT)
     o2 = _rne_cast(_rne_cast(c * c2, DT).to(tl.float32) + _rne_cast(a * s2, DT).to(tl.float32), DT)
-    ob = out_ptr + t.to(tl.int64) * H * 2 * HALF + hh[:, None] * (2 * HALF) + j[None, :]
-    tl.store(ob, o1, mask=m)
-    tl.store(ob + HALF, o2, mask=m)
+    first = hh[:, None] < SPLIT
+    ob = out_ptr + (t.to(tl.int64) * SPLIT + hh[:, None]) * (2 * HALF) + j[None, :]
+    tl.store(ob, o1, mask=m & first)
+    tl.store(ob + HALF, o2, mask=m & first)
+    ob2 = out2_ptr + (t.to(tl.int64) * (H - SPLIT) + hh[:, None] - SPLIT) * (2 * HALF) + j[None, :]
+    tl.store(ob2, o1, mask=m & (hh[:, None] >= SPLIT))
+    tl.store(ob2 + HALF, o2, mask=m & (hh[:, None] >= SPLIT))
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """`rope_reference` in one launch (a new contiguous (B, S, H, D) tensor); x may be a strided view whose
-    (H, D) block is contiguous per token (the q / k columns of the fused qkv output)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True, split: int | None = None):
+    """`rope_reference` in one launch; x may be a strided view whose (H, D) block is contiguous per token (the
+    q / k columns of the fused qkv output). split None: one (B, S, H, D) tensor; else the heads [0, split)
+    and [split, H) as two tensors, each contiguous on the fused path (views of one result otherwise)."""
     b, s, h, d = x.shape
     if (not _use_triton(x, fused) or cos.dtype != x.dtype or d % 2 or x.stride(3) != 1 or x.stride(2) != d
             or cos.shape[-2] not in (1, s)):
-        return rope_reference(x, cos, sin)
-    out = torch.empty((b, s, h, d), dtype=x.dtype, device=x.device)
+        out = rope_reference(x, cos, sin)
+        return out if split is None else (out[:, :, :split], out[:, :, split:])
+    sp = h if split is None else split
+    out = torch.empty((b, s, sp, d), dtype=x.dtype, device=x.device)
+    out2 = torch.empty((b, s, h - sp, d), dtype=x.dtype, device=x.device)
     c2, s2 = cos.reshape(-1, d), sin.reshape(-1, d)
     if c2.stride(-1) != 1 or s2.stride() != c2.stride():
         c2, s2 = c2.contiguous(), s2.contiguous()
-    if out.numel():
+    if b * s * h:
         block_h = min(triton.next_power_of_2(h), 16)
-        _rope_kernel[(b * s, triton.cdiv(h, block_h))](x, c2, s2, out, s, h, x.stride(0), x.stride(1),
+        _rope_kernel[(b * s, triton.cdiv(h, block_h))](x, c2, s2, out, out2, s, h, sp, x.stride(0), x.stride(1),
                                                        c2.stride(0) if c2.shape[0] > 1 else 0, HALF=d // 2,
                                                        HALF_PAD=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
                                                        num_warps=4)
-    return out
+    return out if split is None else (out, out2)
 
 
 def _use_triton(t: torch.Tensor, fused: bool) -> bool:

@@ -218,12 +218,12 @@ class StaticDecoder:
         hq, hkv, d = self.hq, self.hkv, self.head_dim
         qkv, res = self._norm_linear(lay.qkv, h, res, lay.in_norm)
         qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
-        qk = fused_ops.rope(qk, cos, sin, fused=self.fused)  # HF's apply_rotary_pos_emb
-        q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
-        v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
-        if lay.kv is not None:
+        q, k = fused_ops.rope(qk, cos, sin, fused=self.fused, split=hq)  # HF's apply_rotary_pos_emb
+        if lay.kv is not None:  # (B, S, H, D): contiguous on the fused path, so the transform GEMMs copy nothing
             k = lay.kv.transform_key(k)
             q = lay.kv.transform_query(q)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
         kd_vd = cache.write(i, k, v, lay.kv, decode)
         if decode:
             att = cache.decode_attention(i, q[:, :, 0], self.scale).reshape(b, 1, hq * d)
