@@ -5,7 +5,8 @@ all run by the same static decoder (flatquant.runtime.static: static KV cache, C
 same attention code where the format allows):
   bf16 | fp8 (W8A8, per-token / per-channel, BF16 KV) | fp8_kv8 (the same with an FP8 KV cache) |
   int4 (W4A4KV4, no transforms) | quarot (W4A4KV4, QuaRot's online rotations only) | flatquant (W4A4KV4) |
-  <row>_fused (a W4A4 row with the fused norm / SiLU -> transform -> quantize prologues) |
+  <row>_fused (every fused norm / SiLU -> transform -> quantize prologue on; the plain rows run the
+  runtime's default, flatquant.kernels.fused_norm.DEFAULT: no W4 SiLU prologue) |
   hf_bf16 (Hugging Face `generate` in BF16, dynamic cache: a reference row only, its own decode loop).
 Phases:
   decode    one decode step (all layers + lm_head) at KV length --kv-len, captured in a CUDA graph, median of
