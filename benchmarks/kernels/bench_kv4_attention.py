@@ -42,7 +42,9 @@ SWEEP_SPLITS = [1, 2, 4, 8, 16]  # at the default block, warps, stages and codes
 SWEEP_OTHER = [(32, 4, 2, "biased", True), (64, 4, 2, "biased", True), (64, 4, 3, "biased", True),
                (128, 4, 2, "biased", True), (128, 8, 3, "biased", True), (256, 8, 2, "biased", True),
                (128, 8, 2, "exact", True), (64, 4, 2, "prmt", True), (128, 8, 2, "prmt", True),
-               (128, 8, 2, "biased", False)]
+               (128, 8, 2, "biased", False), (128, 4, 3, "biased", True), (256, 4, 2, "biased", True),
+               (128, 4, 2, "prmt", True), (128, 2, 2, "biased", True), (64, 2, 2, "biased", True),
+               (128, 4, 2, "biased", False)]  # the second line: around the 4-warp default
 MAX_COPIES = 64
 DEVICE = "cuda"
 

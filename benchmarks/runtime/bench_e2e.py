@@ -5,7 +5,8 @@ all run by the same static decoder (flatquant.runtime.static: static KV cache, C
 same attention code where the format allows):
   bf16 | fp8 (W8A8, per-token / per-channel, BF16 KV) | fp8_kv8 (the same with an FP8 KV cache) |
   int4 (W4A4KV4, no transforms) | quarot (W4A4KV4, QuaRot's online rotations only) | flatquant (W4A4KV4) |
-  <row>_fused (a W4A4 row with the fused norm / SiLU -> transform -> quantize prologues) |
+  <row>_fused (every fused norm / SiLU -> transform -> quantize prologue on; the plain rows run the
+  runtime's default, flatquant.kernels.fused_norm.DEFAULT: no W4 SiLU prologue) |
   hf_bf16 (Hugging Face `generate` in BF16, dynamic cache: a reference row only, its own decode loop).
 Phases:
   decode    one decode step (all layers + lm_head) at KV length --kv-len, captured in a CUDA graph, median of
@@ -126,7 +127,8 @@ def parse(argv):
 COMPONENTS = ("norm_transform_quant", "gemm", "attention", "other")
 _NTQ = ("_prologue_quant", "_fused_split", "_fused_block", "_fused_chunked", "_fused_onchip", "_fused_tiled",
         "rmsnorm", "silu", "_quant_kernel")
-_ATT = ("_split_kernel", "_combine_kernel", "_quantize_kv", "flash", "fmha", "attention", "sdpa", "softmax", "efficient")
+_ATT = ("_split_kernel", "_combine_kernel", "_quantize_kv", "_write_kernel", "flash", "fmha", "attention", "sdpa",
+        "softmax", "efficient")
 _GEMM = ("gemm", "gemv", "_decode_kernel", "_fused_decode", "_unpack_kernel", "_scale_epilogue", "xmma", "cutlass",
          "cublas", "sm90", "sm80", "matmul", "splitk", "aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
 
@@ -206,6 +208,17 @@ class Bench:
                         "fp8_fast_accum": fp8.Fp8Linear.fast_accum_ok})
         except Exception as exc:  # the fp8 row's cases will record their own errors
             rec["fp8_error"] = err(exc)
+        try:  # the KV4 write kernel (used only where bit-equal) and the FP8-KV decode attention
+            from flatquant.kernels import fp8_attention, kv4_write
+
+            rec["kv4_write_exact"] = kv4_write.gpu_ok(self.device)
+            k, v = (torch.randn(4, 8, 2048, 128, device="cuda").to(torch.float8_e4m3fn) for _ in range(2))
+            q, n = torch.randn(4, 32, 128, device="cuda").bfloat16(), torch.tensor([2048, 1, 700, 1500], device="cuda")
+            a = fp8_attention.decode_attention(q, k, v, n).float()
+            r = fp8_attention.decode_attention_reference(q, k, v, n).float()
+            rec["fp8_attention_rel_err"] = float((a - r).abs().max() / r.abs().max())
+        except Exception as exc:
+            rec["kv_kernels_error"] = err(exc)
         self.w.add(rec)
         print(f"copy {self.copy_gbps:.0f} GB/s, usable {self.usable / GIB:.1f} GiB, fused ops {self.fused}, "
               f"fused prologues {pbad or 'ok'}, "

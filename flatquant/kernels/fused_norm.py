@@ -45,6 +45,7 @@ class PrologueConfig:
     norm_quant: bool = False  # residual add + RMSNorm -> qkv / gate_up input
     silu_quant: bool = False  # SiLU(gate) * up -> down_proj input
     max_tokens: int | None = None  # fuse only calls of at most this many tokens (None: all)
+    silu_w4: bool = True  # the SiLU prologue also before a W4A4 down_proj (False: only before FP8 ones)
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether a call on activations x (..., hidden) is within max_tokens."""
@@ -53,6 +54,9 @@ class PrologueConfig:
 
 UNFUSED = PrologueConfig()
 FUSED = PrologueConfig(True, True)
+# The runtime's default (docs/KERNELS.md, "Fused prologues"): the norm prologue wins at every M; the W4 SiLU
+# prologue loses to the unfused SiLU + transform, the FP8 one wins.
+DEFAULT = PrologueConfig(True, True, silu_w4=False)
 
 
 # ------------------------------------------------------------------------------------ references ---

@@ -41,8 +41,8 @@ class RouteConfig:
     `fused_decode_l2_prefetch` (the one-launch kernel's L2 prefetch).
     """
 
-    small_m_max: int = 16
-    large_m_min: int = 17
+    small_m_max: int = 32
+    large_m_min: int = 33
     large_m_route: str = "scaled_mm"
     tma_m_min: int | None = None
     tma_route: str = "tma_int8"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flatquant.core.transforms import kron_apply
 from flatquant.kernels.linear import W4A4Linear
 from flatquant.models.families import family_for
 from flatquant.runtime import layout
@@ -81,9 +80,20 @@ class PackedKV(nn.Module):
 
 
 def _kron(x, p1, p2):
+    """kron_apply(x, p1, p2) as 2-D matmuls over all tokens at once (a broadcast matmul on (..., 1, n2) would
+    run as a batched GEMM of one row per token)."""
     if p1 is None and p2 is None:
         return x
-    return kron_apply(x, None if p1 is None else p1.to(x.dtype), None if p2 is None else p2.to(x.dtype))
+    shape, n = x.shape, x.shape[-1]
+    n1 = p1.shape[0] if p1 is not None else n // p2.shape[0]
+    n2 = n // n1
+    y = x.reshape(-1, n2)
+    if p2 is not None:
+        y = y @ p2.to(x.dtype)
+    if p1 is not None:  # p1ᵀ X per token: the (n2, n1) transpose of each token's X times p1
+        y = (y.reshape(-1, n1, n2).transpose(1, 2).reshape(-1, n1) @ p1.to(x.dtype))
+        y = y.reshape(-1, n2, n1).transpose(1, 2)
+    return y.reshape(shape)
 
 
 def _linear(in_f: int, out_f: int, bias: bool, factors: dict | None) -> W4A4Linear:

@@ -3,7 +3,8 @@
 StaticCache: per-layer K/V preallocated for (batch, capacity); `length` cached tokens, the same for every
 sequence, kept on the device (`length_t`, what a captured graph reads) and mirrored on the host. Formats:
 "float" (the model dtype, (B, Hkv, S, D)), "fp8" (float8 e4m3 codes of K / FP8_KV_SCALE and V / FP8_KV_SCALE,
-a static per-tensor scale as serving engines default to; attention reads them cast back to the model dtype)
+a static per-tensor scale as serving engines default to; decode attention reads the codes per tile on CUDA
+(flatquant.kernels.fp8_attention), prefill attention the new K/V cast back to the model dtype)
 and "kv4" (the KV4 interface layout, /work/tools/KV4_INTERFACE.md; the same tensors and quantize_kv calls as
 flatquant.runtime.kvcache.PackedLayer).
 
@@ -15,8 +16,9 @@ StaticDecoder: a Llama-style decoder (embedding, layers, final norm, lm_head) wh
   step can be captured in a CUDA graph), then attention over [0, length + 1): decode_attention on the packed
   cache for KV4, SDPA on the first length + 1 positions for float K/V.
 Elementwise ops (residual add + RMSNorm, SiLU·up) use flatquant.runtime.fused_ops; with `prologue`
-(flatquant.kernels.fused_norm.PrologueConfig) on, a W4A4 linear after them takes its input from one fused
-pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying the reference.
+(flatquant.kernels.fused_norm.PrologueConfig; default fused_norm.DEFAULT) on, a W4A4 linear after them takes
+its input from one fused pass (norm or SiLU·up -> transform -> quantize) instead, the unfused ops staying
+the reference.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class StaticCache:
                 self.layers.append({n: torch.zeros(shape + ((head_dim // 2,) if n.endswith("codes") else ()),
                                                    dtype=torch.uint8 if n.endswith("codes") else torch.float32,
                                                    device=device) for n in KV4_NAMES})
+        self.backend = "auto"  # KV4 write / FP8 attention kernels: auto | triton | reference (_triton_write)
         self.length = 0
         self.length_t = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # attended tokens during a step
@@ -93,6 +96,13 @@ class StaticCache:
         """Store the new K/V (B, Hkv, S, D) of layer i (at length_t when decoding, at 0 in a prefill).
         Returns what prefill attention reads: K/V as stored (dequantized for KV4)."""
         lay = self.layers[i]
+        if self.fmt == "kv4" and self._triton_write(k):  # one launch per K / V: quantize, store, dequantize
+            from flatquant.kernels import kv4_write
+
+            out = tuple(kv4_write.write_kv(x, clip, lay[f"{t}_codes"], lay[f"{t}_scale"], lay[f"{t}_zero"],
+                                           pos=self.length_t if decode else None, dequant=not decode)
+                        for t, x, clip in (("k", k, kv_mod.k_clip), ("v", v, kv_mod.v_clip)))
+            return None if decode else out
         if self.fmt == "float":
             new = {"k": k.to(self.dtype), "v": v.to(self.dtype)}
         elif self.fmt == "fp8":
@@ -121,6 +131,15 @@ class StaticCache:
         return tuple(ops.dequantize_kv(new[f"{t}_codes"], new[f"{t}_scale"], new[f"{t}_zero"], k.dtype)
                      for t in ("k", "v"))
 
+    def _triton_write(self, x: torch.Tensor) -> bool:
+        """KV4 writes through kv4_write (backend "triton"; "auto": on CUDA where it matches the reference bit
+        for bit), else the reference quantize_kv + copies."""
+        if self.backend == "auto":
+            from flatquant.kernels import kv4_write
+
+            return x.is_cuda and kv4_write.gpu_ok(x.device)
+        return self.backend == "triton"
+
     def decode_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, Hq, D) of the new token over positions [0, length + 1) -> (B, Hq, D)."""
         lay = self.layers[i]
@@ -128,6 +147,10 @@ class StaticCache:
             return kv4(q.device).decode_attention(q.contiguous(), lay["k_codes"], lay["k_scale"], lay["k_zero"],
                                                   lay["v_codes"], lay["v_scale"], lay["v_zero"], self.lengths,
                                                   scale)
+        if self.fmt == "fp8" and (self.backend == "triton" or (self.backend == "auto" and q.is_cuda)):
+            from flatquant.kernels import fp8_attention  # the codes read per tile: no bf16 copy of the cache
+
+            return fp8_attention.decode_attention(q, lay["k"], lay["v"], self.lengths, scale, FP8_KV_SCALE)
         n = self.length + 1
         b, hq, d = q.shape
         g = hq // self.hkv  # the G query heads of one kv head attend as G rows: no K/V repeat
@@ -147,6 +170,12 @@ def _from_fp8(c: torch.Tensor, dtype) -> torch.Tensor:
     return c.to(dtype) if FP8_KV_SCALE == 1.0 else (c.float() * FP8_KV_SCALE).to(dtype)
 
 
+def _is_w4(lin) -> bool:
+    from flatquant.kernels.linear import W4A4Linear
+
+    return isinstance(lin, W4A4Linear)
+
+
 class Layer:
     """One decoder layer: norm weights, linears (callables on (..., in)), the KV module (PackedKV or None)."""
 
@@ -163,17 +192,12 @@ def rope_table(positions: int, head_dim: int, theta: float, device, dtype) -> tu
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 class StaticDecoder:
     """See the module docstring. cos / sin: (max positions, D) rope tables in the model dtype."""
 
     def __init__(self, embed, layers: list[Layer], norm, lm_head, cos, sin, hq: int, hkv: int, head_dim: int,
                  eps: float, kv_format: str, fused: bool = True,
-                 prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED):
+                 prologue: fused_norm.PrologueConfig = fused_norm.DEFAULT):
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin
         self.hq, self.hkv, self.head_dim, self.eps = hq, hkv, head_dim, eps
@@ -194,12 +218,12 @@ class StaticDecoder:
         hq, hkv, d = self.hq, self.hkv, self.head_dim
         qkv, res = self._norm_linear(lay.qkv, h, res, lay.in_norm)
         qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
-        qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]  # HF's apply_rotary_pos_emb
-        q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
-        v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
-        if lay.kv is not None:
+        q, k = fused_ops.rope(qk, cos, sin, fused=self.fused, split=hq)  # HF's apply_rotary_pos_emb
+        if lay.kv is not None:  # (B, S, H, D): contiguous on the fused path, so the transform GEMMs copy nothing
             k = lay.kv.transform_key(k)
             q = lay.kv.transform_query(q)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
         kd_vd = cache.write(i, k, v, lay.kv, decode)
         if decode:
             att = cache.decode_attention(i, q[:, :, 0], self.scale).reshape(b, 1, hq * d)
@@ -211,7 +235,8 @@ class StaticDecoder:
             att = att.transpose(1, 2).reshape(b, s, hq * d)
         h = lay.o(att)
         gu, res = self._norm_linear(lay.gate_up, h, res, lay.post_norm)
-        if self.prologue.silu_quant and self.prologue.takes(gu):
+        pl = self.prologue
+        if pl.silu_quant and pl.takes(gu) and (pl.silu_w4 or not _is_w4(lay.down)):
             return fused_norm.silu_linear(lay.down, gu, self.fused), res
         return lay.down(fused_ops.silu_mul(gu, fused=self.fused)), res
 
@@ -294,7 +319,7 @@ class StaticDecoder:
 
 
 def from_packed_hf(model, cos=None, sin=None, fused: bool = True,
-                   prologue: fused_norm.PrologueConfig = fused_norm.UNFUSED) -> StaticDecoder:
+                   prologue: fused_norm.PrologueConfig = fused_norm.DEFAULT) -> StaticDecoder:
     """A StaticDecoder over a packed Hugging Face model's own modules (flatquant.runtime.modules): the fused
     W4A4Linears, PackedKV, norms, embedding and lm_head are shared, not copied."""
     from flatquant.models.families import family_for

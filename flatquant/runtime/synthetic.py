@@ -12,8 +12,9 @@ Rows (all run by flatquant.runtime.static.StaticDecoder, so they share the cache
                before o_proj, the keys); q/k/v and gate/up inputs are rotated offline (no online transform).
                The rotations are orthonormal (Sylvester Hadamard factors where the size is a power of two,
                else random orthogonal) applied as Kronecker factors through the same kernels;
-- "<row>_fused": the row with the fused prologues on (flatquant.kernels.fused_norm.PrologueConfig): W4 rows
-               norm / SiLU·up -> transform -> quantize in one pass, FP8 rows norm / SiLU·up -> FP8 quantize.
+- "<row>_fused": the row with every fused prologue on (flatquant.kernels.fused_norm.FUSED): W4 rows
+               norm / SiLU·up -> transform -> quantize in one pass, FP8 rows norm / SiLU·up -> FP8 quantize;
+               the plain rows run the runtime's default (fused_norm.DEFAULT: no W4 SiLU prologue).
 The packed rows are built as Hugging Face models on the meta device, converted by the runtime, then
 materialised on the device layer by layer and filled with random packed tensors.
 """
@@ -196,15 +197,15 @@ def build(shape: str, row: str, device, dtype=torch.bfloat16, n_layers: int | No
     n = n_layers or s["layers"]
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    from flatquant.kernels.fused_norm import FUSED, UNFUSED
+    from flatquant.kernels.fused_norm import DEFAULT, FUSED
 
     base = row[:-len("_fused")] if row.endswith("_fused") else row
     if base in ("bf16", "fp8", "fp8_kv8"):
         dec = _dense_model(s, base, device, dtype, n, g, fused, cap)
-        dec.prologue = FUSED if base != row else UNFUSED
+        dec.prologue = FUSED if base != row else DEFAULT
         return dec
     model = packed_model(s, base, device, dtype, n, seed, cap)
     cos, sin = rope_table(cap, s["hidden"] // s["heads"], s["theta"], device, dtype)
-    dec = from_packed_hf(model, cos, sin, fused=fused, prologue=FUSED if base != row else UNFUSED)
+    dec = from_packed_hf(model, cos, sin, fused=fused, prologue=FUSED if base != row else DEFAULT)
     dec.hf_model = model
     return dec

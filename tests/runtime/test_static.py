@@ -12,7 +12,7 @@ import torch
 
 from flatquant.runtime import fp8, fused_ops, synthetic
 from flatquant.runtime.kvcache import PackedKVCache
-from flatquant.runtime.static import from_packed_hf
+from flatquant.runtime.static import from_packed_hf, rope_table
 
 TOL = 1e-4
 
@@ -112,6 +112,24 @@ def test_fused_ops_match_reference(monkeypatch, n):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("s", [1, 5])
+def test_fused_rope_equals_reference(monkeypatch, dtype, s):
+    """The one-launch RoPE on the q / k columns of a fused qkv output (a strided view) is bit-equal to HF's."""
+    _interp(monkeypatch)
+    b, hq, hkv, d = 2, 4, 2, 16
+    qkv = (torch.randn(b, s, (hq + 2 * hkv) * d) * 4).to(dtype)
+    qk = qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d)
+    cos, sin = (t.to(dtype) for t in rope_table(8, d, 1e4, "cpu", torch.float32))
+    for c, sn in ((cos[None, :s], sin[None, :s]), (cos[None, 3:4], sin[None, 3:4])):  # prefill / one position
+        got, want = fused_ops.rope(qk, c, sn), fused_ops.rope_reference(qk, c, sn)
+        assert got.is_contiguous() and torch.equal(got, want)
+        q, k = fused_ops.rope(qk, c, sn, split=hq)  # the q and k heads as two contiguous tensors
+        assert q.is_contiguous() and k.is_contiguous()
+        assert torch.equal(q, want[:, :, :hq]) and torch.equal(k, want[:, :, hq:])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
 def test_fp8_quantizer_matches_reference():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, 300, generator=g) * 3).bfloat16()
@@ -147,3 +165,93 @@ def test_triton_paths_match_reference(monkeypatch):
     assert torch.equal(ref[0], got[0])  # prefill: same linears' semantics, same ops
     for a, b in zip(ref[1:], got[1:]):  # decode: flash-decoding sums in another order
         assert _close(a, b, 1e-2), (a - b).abs().max()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+def test_kv4_triton_write_matches_reference_write():
+    """The one-launch KV4 write (kv4_write) gives the same cache and logits as the reference write path."""
+    dec = synthetic.build("tiny", "flatquant", "cpu", dtype=torch.float32, cap=64)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for backend in ("reference", "triton"):
+        cache = dec.new_cache(2, 16)
+        cache.backend = backend
+        logits = [dec.prefill(ids[:, :5], cache)] + [dec.decode_step(ids[:, t:t + 1], cache) for t in (5, 6)]
+        out[backend] = (logits, cache)
+    for a, b in zip(out["reference"][0], out["triton"][0]):
+        assert torch.equal(a, b)
+    for la, lb in zip(out["reference"][1].layers, out["triton"][1].layers):
+        for name in la:
+            assert torch.equal(la[name], lb[name]), name
+
+
+def test_kron_runtime_matches_kron_apply():
+    from flatquant.core.transforms import kron_apply
+    from flatquant.runtime.modules import _kron
+
+    x = torch.randn(2, 6, 3, 128).transpose(1, 2)
+    for p1, p2 in ((None, torch.randn(16, 16)), (torch.randn(8, 8), None), (torch.randn(8, 8), torch.randn(16, 16))):
+        want = kron_apply(x, p1, p2)
+        assert torch.allclose(_kron(x, p1, p2), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert _kron(x, None, None) is x
+
+
+def test_default_prologue_skips_the_w4_silu_prologue(monkeypatch):
+    from flatquant.kernels import fused_norm
+
+    dec = synthetic.build("tiny", "flatquant", "cpu", cap=64)
+    assert dec.prologue == fused_norm.DEFAULT and not fused_norm.DEFAULT.silu_w4
+    called = []
+    monkeypatch.setattr(fused_norm, "silu_linear", lambda *a, **k: called.append(1))
+    dec.prefill(torch.randint(0, 256, (1, 4)), dec.new_cache(1, 8))
+    assert not called
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors: the interpreter only")
+def test_fp8_kv_triton_attention_matches_sdpa_path():
+    """The fp8_kv8 row's decode attention on the FP8 codes (fp8_attention) against SDPA on the cast cache,
+    on one filled cache; then a decode step runs through it."""
+    dec = synthetic.build("tiny", "fp8_kv8", "cpu", cap=64)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    cache = dec.new_cache(2, 16)
+    dec.prefill(ids[:, :5], cache)
+    cache.lengths.fill_(6)  # what decode_step sets: the new token's position included
+    q = torch.randn(2, dec.hq, dec.head_dim).to(torch.bfloat16)
+    out = {}
+    for backend in ("reference", "triton"):
+        cache.backend = backend
+        out[backend] = cache.decode_attention(1, q, dec.scale).float()
+    a, b = out["reference"], out["triton"]
+    assert (a - b).abs().max() <= 4e-3 + 2e-2 * a.abs().max(), (a - b).abs().max()  # bf16 p and output
+    assert torch.isfinite(dec.decode_step(ids[:, 5:6], cache).float()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kv_kernels_and_rope_match_reference_paths():
+    """On the GPU: the fused ops (RoPE included) pass their self-check; the KV4 write kernel is bit-equal,
+    so a tiny flatquant decoder gives the same logits with the Triton and the reference write path; the
+    fp8_kv8 row's Triton decode attention stays within bf16 noise of SDPA on the cast cache."""
+    from flatquant.kernels import kv4_write
+
+    assert fused_ops.self_check("cuda") is None
+    assert kv4_write.gpu_ok(torch.device("cuda", torch.cuda.current_device()))
+    ids = torch.randint(0, 256, (2, 7), device="cuda")
+    dec = synthetic.build("tiny", "flatquant", "cuda", cap=64)
+    out = {}
+    for backend in ("reference", "triton"):
+        cache = dec.new_cache(2, 16)
+        cache.backend = backend
+        out[backend] = [dec.prefill(ids[:, :5], cache)] + [dec.decode_step(ids[:, t:t + 1], cache) for t in (5, 6)]
+    for a, b in zip(out["reference"], out["triton"]):
+        assert torch.equal(a, b)
+    dec = synthetic.build("tiny", "fp8_kv8", "cuda", cap=64)
+    cache = dec.new_cache(2, 16)
+    dec.prefill(ids[:, :5], cache)
+    cache.lengths.fill_(6)
+    q = torch.randn(2, dec.hq, dec.head_dim, device="cuda").to(torch.bfloat16)
+    att = {}
+    for backend in ("reference", "triton"):
+        cache.backend = backend
+        att[backend] = cache.decode_attention(1, q, dec.scale).float()
+    a, b = att["reference"], att["triton"]
+    assert (a - b).abs().max() <= 4e-3 + 2e-2 * a.abs().max(), (a - b).abs().max()

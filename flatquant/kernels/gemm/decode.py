@@ -37,12 +37,11 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SUB=2, SPLIT_K=2, GEMV_BLOCK_N
 # tensor-core kernel's operand order (SWAP_AB: weight as the MMA's A operand); H200 sweep, docs/KERNELS.md.
 GEMV_CONFIG = {1: dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=1024, GEMV_WARPS=2, SWAP_AB=True),
                4: dict(GEMV_BLOCK_N=8, GEMV_BLOCK_K=512, GEMV_WARPS=4, SWAP_AB=True)}
-# The tensor-core kernel's tiles above M = 16, by M bucket (the smallest bucket >= M): one M tile (the weight
-# read once). Unmeasured priors (tiles that compile for sm_90 without register spills); bench_decode_gemm_m.py
-# --sweep times them against the alternatives and says what to put here.
-MMA_M_CONFIG = {32: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SUB=2, SPLIT_K=1, MMA_WARPS=2),
-                64: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SUB=1, SPLIT_K=1, MMA_WARPS=4),
-                128: dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, SUB=1, SPLIT_K=1, MMA_WARPS=8)}
+# The tensor-core kernel's tiles above M = 16, by M bucket (the smallest bucket >= M): the H100 sweep's pick
+# (bench_decode_gemm_m.py --sweep; docs/KERNELS.md, "Decode GEMM at M = 8-128"); at 128 two M tiles of 64.
+MMA_M_CONFIG = {32: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SUB=2, SPLIT_K=1, MMA_WARPS=2),
+                64: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, SUB=2, SPLIT_K=1, MMA_WARPS=4),
+                128: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SUB=1, SPLIT_K=1, MMA_WARPS=4)}
 # Pipeline depth of the tensor-core kernel's K loop (config key "num_stages"; 1 = synchronous loads).
 MMA_STAGES = 3
 # Weight nibbles as int8 MMA operands (config key "W_NIBBLES"): "x16" (16 x code, 3 instructions per 8
