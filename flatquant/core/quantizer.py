@@ -135,22 +135,66 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def search_clip(self, w: torch.Tensor, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> None:
-        """Per-row clip-ratio grid search minimising sum |Q(w) - w|^norm (the GPTQ/QuaRot recipe)."""
+        """Per-row clip-ratio grid search minimising sum |Q(w) - w|^norm (the GPTQ/QuaRot recipe): ratios
+        1, 1 - 1/grid, ..., the first (largest) of equal minima wins."""
         if not self.enabled:
             return
-        w = w.float()
-        best_err = torch.full(w.shape[:-1], float("inf"), device=w.device)
-        best = torch.ones(w.shape[:-1], device=w.device)
-        for i in range(int(max_shrink * grid)):
-            ratio = 1.0 - i / grid
-            err = (fake_quantize(w, self.bits, self.symmetric, ratio, self.group_size) - w).abs().pow(norm).sum(-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, torch.full_like(best, ratio), best)
-        self.searched_clip = best.unsqueeze(-1)
+        ratios = torch.tensor([1.0 - i / grid for i in range(int(max_shrink * grid))], device=w.device)
+        self.searched_clip = ratios[clip_search_best(w, ratios, self.bits, self.symmetric, self.group_size,
+                                                     norm)].unsqueeze(-1)
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         clip = "learnable" if self.clip_logit is not None else ("searched" if self.searched_clip is not None
                                                                 else self.clip_ratio)
         return f"bits={self.bits}, {kind}, group={self.group_size}, clip={clip}"
+
+
+# Elements of one search step's temporary: small enough to stay in cache, large enough to amortise dispatch.
+SEARCH_BLOCK = 1 << 18
+
+
+@torch.no_grad()
+def clip_search_best(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric: bool,
+                     group_size: int | None = None, norm: float = 2.4, block: int | None = None) -> torch.Tensor:
+    """Index into `ratios` (float32, 1-D) of each row's smallest sum |fake_quantize(w, ratio) - w|^norm, the
+    first on ties; w's shape less its last dim. Blocks of rows x candidates in one broadcast op each, with
+    the same float32 operations as fake_quantize (round_ste is exactly round without gradients)."""
+    block = block or SEARCH_BLOCK
+    shape = w.shape
+    x = w.float().reshape(-1, shape[-1])
+    g = group_size if group_size is not None and group_size != shape[-1] else shape[-1]
+    if shape[-1] % g:
+        raise ValueError(f"last dim {shape[-1]} is not a multiple of group size {g}")
+    x = x.reshape(x.shape[0], -1, g)  # (rows, groups, g)
+    if symmetric:
+        maxq = 2 ** (bits - 1) - 1
+        amax = x.abs().amax(-1, keepdim=True)
+    else:
+        maxq = 2**bits - 1
+        xmax, xmin = x.amax(-1, keepdim=True).clamp(min=0), x.amin(-1, keepdim=True).clamp(max=0)
+    alphas = ratios.float().view(-1, 1, 1, 1)
+    rows, n = x.shape[0], alphas.shape[0]
+    best_err = torch.full((rows,), float("inf"), device=w.device)
+    best = torch.zeros(rows, dtype=torch.long, device=w.device)
+    rb = max(1, min(rows, block // shape[-1]))
+    for r0 in range(0, rows, rb):
+        xs, r1 = x[r0:r0 + rb], min(rows, r0 + rb)
+        cb = max(1, block // xs.numel())
+        for c0 in range(0, n, cb):
+            a = alphas[c0:c0 + cb]
+            if symmetric:
+                scale = (amax[r0:r1] * a / maxq).clamp(min=1e-8)
+                q = torch.div(xs, scale).round_().clamp_(-maxq - 1, maxq).mul_(scale)
+            else:
+                hi, lo = xmax[r0:r1] * a, xmin[r0:r1] * a
+                scale = ((hi - lo) / maxq).clamp(min=1e-8)
+                zero = (-lo / scale).round_()
+                q = torch.div(xs, scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+            err = q.sub_(xs).abs_().pow_(norm).reshape(q.shape[0], r1 - r0, -1).sum(-1)  # (candidates, rows)
+            err = torch.where(err.isnan(), float("inf"), err)  # NaN never wins, as in a `<` comparison
+            m, i = err.min(0)  # first minimum among this block's candidates
+            better = m < best_err[r0:r1]
+            best_err[r0:r1] = torch.where(better, m, best_err[r0:r1])
+            best[r0:r1] = torch.where(better, i + c0, best[r0:r1])
+    return best.reshape(shape[:-1])
