@@ -167,34 +167,30 @@ def clip_search_best(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric
     if shape[-1] % g:
         raise ValueError(f"last dim {shape[-1]} is not a multiple of group size {g}")
     x = x.reshape(x.shape[0], -1, g)  # (rows, groups, g)
-    if symmetric:
+    alphas = ratios.float().view(-1, 1, 1, 1)
+    if symmetric:  # every candidate's scale (and zero point): (candidates, rows, groups, 1)
         maxq = 2 ** (bits - 1) - 1
-        amax = x.abs().amax(-1, keepdim=True)
+        scales = (x.abs().amax(-1, keepdim=True) * alphas / maxq).clamp(min=1e-8)
     else:
         maxq = 2**bits - 1
-        xmax, xmin = x.amax(-1, keepdim=True).clamp(min=0), x.amin(-1, keepdim=True).clamp(max=0)
-    alphas = ratios.float().view(-1, 1, 1, 1)
+        hi = x.amax(-1, keepdim=True).clamp(min=0) * alphas
+        lo = x.amin(-1, keepdim=True).clamp(max=0) * alphas
+        scales = ((hi - lo) / maxq).clamp(min=1e-8)
+        zeros = (-lo / scales).round_()
     rows, n = x.shape[0], alphas.shape[0]
-    best_err = torch.full((rows,), float("inf"), device=w.device)
-    best = torch.zeros(rows, dtype=torch.long, device=w.device)
+    errs = torch.empty(n, rows, device=w.device)
     rb = max(1, min(rows, block // shape[-1]))
     for r0 in range(0, rows, rb):
         xs, r1 = x[r0:r0 + rb], min(rows, r0 + rb)
         cb = max(1, block // xs.numel())
         for c0 in range(0, n, cb):
-            a = alphas[c0:c0 + cb]
+            c1 = min(n, c0 + cb)
+            scale = scales[c0:c1, r0:r1]
             if symmetric:
-                scale = (amax[r0:r1] * a / maxq).clamp(min=1e-8)
                 q = torch.div(xs, scale).round_().clamp_(-maxq - 1, maxq).mul_(scale)
             else:
-                hi, lo = xmax[r0:r1] * a, xmin[r0:r1] * a
-                scale = ((hi - lo) / maxq).clamp(min=1e-8)
-                zero = (-lo / scale).round_()
+                zero = zeros[c0:c1, r0:r1]
                 q = torch.div(xs, scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
-            err = q.sub_(xs).abs_().pow_(norm).reshape(q.shape[0], r1 - r0, -1).sum(-1)  # (candidates, rows)
-            err = torch.where(err.isnan(), float("inf"), err)  # NaN never wins, as in a `<` comparison
-            m, i = err.min(0)  # first minimum among this block's candidates
-            better = m < best_err[r0:r1]
-            best_err[r0:r1] = torch.where(better, m, best_err[r0:r1])
-            best[r0:r1] = torch.where(better, i + c0, best[r0:r1])
-    return best.reshape(shape[:-1])
+            errs[c0:c1, r0:r1] = q.sub_(xs).abs_().pow_(norm).reshape(c1 - c0, r1 - r0, -1).sum(-1)
+    errs = torch.where(errs.isnan(), float("inf"), errs)  # NaN never wins, as in a `<` comparison
+    return errs.argmin(0).reshape(shape[:-1])  # argmin: the first of equal minima
