@@ -152,6 +152,17 @@ class Quantizer(nn.Module):
 
 # Elements of one search step's temporary: small enough to stay in cache, large enough to amortise dispatch.
 SEARCH_BLOCK = 1 << 18
+# Symmetric search without groups: each row's PRUNE_TOP largest |w| bound a candidate's error from below; a
+# candidate whose bound exceeds the row's best error so far by more than float rounding can't win: skipped.
+PRUNE_TOP = 32
+PRUNE_MARGIN = 1e-3
+
+
+def _sym_errors(x: torch.Tensor, scale: torch.Tensor, maxq: int, norm: float) -> torch.Tensor:
+    """sum |fake_quantize(x) - x|^norm over the last two dims of x (rows, groups, g) for each scale
+    (candidates, rows, groups, 1): (candidates, rows), with fake_quantize's float32 operations."""
+    q = torch.div(x, scale).round_().clamp_(-maxq - 1, maxq).mul_(scale)
+    return q.sub_(x).abs_().pow_(norm).reshape(q.shape[0], q.shape[1], -1).sum(-1)
 
 
 @torch.no_grad()
@@ -159,7 +170,8 @@ def clip_search_best(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric
                      group_size: int | None = None, norm: float = 2.4, block: int | None = None) -> torch.Tensor:
     """Index into `ratios` (float32, 1-D) of each row's smallest sum |fake_quantize(w, ratio) - w|^norm, the
     first on ties; w's shape less its last dim. Blocks of rows x candidates in one broadcast op each, with
-    the same float32 operations as fake_quantize (round_ste is exactly round without gradients)."""
+    the same float32 operations as fake_quantize (round_ste is exactly round without gradients), so every
+    error computed is the loop's; candidates proven worse (PRUNE_TOP) are skipped."""
     block = block or SEARCH_BLOCK
     shape = w.shape
     x = w.float().reshape(-1, shape[-1])
@@ -178,19 +190,35 @@ def clip_search_best(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric
         scales = ((hi - lo) / maxq).clamp(min=1e-8)
         zeros = (-lo / scales).round_()
     rows, n = x.shape[0], alphas.shape[0]
-    errs = torch.empty(n, rows, device=w.device)
+    prune = symmetric and g == shape[-1] and PRUNE_TOP < g
+    errs = torch.full((n, rows), float("inf"), device=w.device)
     rb = max(1, min(rows, block // shape[-1]))
     for r0 in range(0, rows, rb):
         xs, r1 = x[r0:r0 + rb], min(rows, r0 + rb)
-        cb = max(1, block // xs.numel())
+        if prune:
+            top = xs.gather(-1, xs.abs().topk(PRUNE_TOP, dim=-1).indices)  # their errors: part of each sum
+            bound = _sym_errors(top, scales[:, r0:r1], maxq, norm) * (1 - PRUNE_MARGIN)
+            best = torch.full((r1 - r0,), float("inf"), device=w.device)
+        cb = 1 if prune else max(1, block // xs.numel())
         for c0 in range(0, n, cb):
             c1 = min(n, c0 + cb)
             scale = scales[c0:c1, r0:r1]
-            if symmetric:
-                q = torch.div(xs, scale).round_().clamp_(-maxq - 1, maxq).mul_(scale)
+            if prune:
+                alive = ~(bound[c0] > best)  # a NaN bound or best keeps the row
+                live = int(alive.sum())
+                if live == 0:
+                    continue
+                if live < r1 - r0:
+                    idx = alive.nonzero().squeeze(1)
+                    errs[c0, r0 + idx] = _sym_errors(xs[idx], scale[:, idx], maxq, norm)[0]
+                else:
+                    errs[c0:c1, r0:r1] = _sym_errors(xs, scale, maxq, norm)
+                best = torch.minimum(best, errs[c0, r0:r1])
+            elif symmetric:
+                errs[c0:c1, r0:r1] = _sym_errors(xs, scale, maxq, norm)
             else:
                 zero = zeros[c0:c1, r0:r1]
                 q = torch.div(xs, scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
-            errs[c0:c1, r0:r1] = q.sub_(xs).abs_().pow_(norm).reshape(c1 - c0, r1 - r0, -1).sum(-1)
+                errs[c0:c1, r0:r1] = q.sub_(xs).abs_().pow_(norm).reshape(c1 - c0, r1 - r0, -1).sum(-1)
     errs = torch.where(errs.isnan(), float("inf"), errs)  # NaN never wins, as in a `<` comparison
     return errs.argmin(0).reshape(shape[:-1])  # argmin: the first of equal minima

@@ -121,3 +121,28 @@ def test_clip_search_ties_go_to_the_first_candidate():
     w = torch.full((4, 32), 1e-10)  # the scale floors at 1e-8 for every ratio: all candidates tie
     ratios = torch.tensor([1.0, 0.9, 0.8])
     assert clip_search_best(w, ratios, 4, True, block=8).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_pruned_clip_search_equals_the_loop_on_heavy_tails(bits, monkeypatch):
+    from flatquant.core import quantizer
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 256, generator=g)
+    w = w / torch.rand(64, 256, generator=g).clamp(min=0.05) ** 0.5  # heavy tails: low best ratios on some rows
+    maxq = 2 ** (bits - 1) - 1
+    w[0] = torch.arange(256).remainder(2 * maxq + 1).sub(maxq) * 0.125  # on the 1.0 grid: zero error, then pruned
+    w[1, :8] = 40.0  # a block of outliers: a bound from the top elements alone is tight
+    computed = []
+    real = quantizer._sym_errors
+    monkeypatch.setattr(quantizer, "_sym_errors", lambda x, *a: computed.append(x.shape[0]) or real(x, *a))
+    qz = Quantizer(bits, True)
+    qz.search_clip(w)
+    assert torch.equal(qz.searched_clip, _search_clip_loop(w, bits, True, None))
+    assert qz.searched_clip[0] == 1
+    bound_rows = 80 * 64  # the top-element bounds: one pass over every candidate and row
+    assert sum(computed) - bound_rows < 0.9 * 80 * 64  # candidates were skipped
+    monkeypatch.setattr(quantizer, "PRUNE_TOP", 10**6)  # no pruning: the same choices
+    plain = Quantizer(bits, True)
+    plain.search_clip(w)
+    assert torch.equal(plain.searched_clip, qz.searched_clip)
