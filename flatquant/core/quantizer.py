@@ -222,3 +222,19 @@ def clip_search_best(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric
                 errs[c0:c1, r0:r1] = q.sub_(xs).abs_().pow_(norm).reshape(c1 - c0, r1 - r0, -1).sum(-1)
     errs = torch.where(errs.isnan(), float("inf"), errs)  # NaN never wins, as in a `<` comparison
     return errs.argmin(0).reshape(shape[:-1])  # argmin: the first of equal minima
+
+
+@torch.no_grad()
+def clip_search_loop(w: torch.Tensor, ratios: torch.Tensor, bits: int, symmetric: bool,
+                     group_size: int | None = None, norm: float = 2.4) -> torch.Tensor:
+    """The plain reference of clip_search_best: one full fake_quantize per candidate, strict `<` keeps the
+    first minimum. Returns the same indices."""
+    w = w.float()
+    best_err = torch.full(w.shape[:-1], float("inf"), device=w.device)
+    best = torch.zeros(w.shape[:-1], dtype=torch.long, device=w.device)
+    for i, ratio in enumerate(ratios.tolist()):
+        err = (fake_quantize(w, bits, symmetric, ratio, group_size) - w).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, i), best)
+    return best

@@ -146,3 +146,13 @@ def test_pruned_clip_search_equals_the_loop_on_heavy_tails(bits, monkeypatch):
     plain = Quantizer(bits, True)
     plain.search_clip(w)
     assert torch.equal(plain.searched_clip, qz.searched_clip)
+
+
+def test_clip_search_loop_is_the_old_search():
+    from flatquant.core.quantizer import clip_search_loop
+
+    w = torch.randn(40, 96) * torch.rand(40, 96).clamp(min=0.1) ** -0.5
+    ratios = torch.tensor([1.0 - i / 100 for i in range(80)])
+    assert torch.equal(ratios[clip_search_loop(w, ratios, 4, True)].unsqueeze(-1), _search_clip_loop(w, 4, True, None))
+    assert torch.equal(ratios[clip_search_loop(w, ratios, 4, False, 32)].unsqueeze(-1),
+                       _search_clip_loop(w, 4, False, 32))
