@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the record (JSON) here; default: print only")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args(argv)
+    load_average = round(os.getloadavg()[0], 2)
     import torch
 
     from flatquant.api import quantize_with_report
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
               "clip_search_seconds": {k: round(v, 1) for k, v in search_s.items()},
               "weights": len(quant_linears(q)), "rows": rows, "rows_same_ratio": same,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "load_average_before": round(os.getloadavg()[0], 2), "device": f"cpu ({platform.processor() or platform.machine()})",
+              "load_average_before": load_average, "device": f"cpu ({platform.processor() or platform.machine()})",
               "command": "python scripts/search_load_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "git_commit": git_commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     print(json.dumps(record, indent=2))
