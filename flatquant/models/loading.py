@@ -7,6 +7,8 @@ Weights load through safetensors or transformers' GGUF reader; nothing is unpick
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -85,29 +87,59 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or default_dtype(device)
-    spec, source, kwargs, config = _source_config(spec)
-    family_for(config)  # unknown architecture -> clear error before loading weights
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as e:
-        raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    with _gguf_parsed_once(spec):
+        spec, source, kwargs, config = _source_config(spec)
+        family_for(config)  # unknown architecture -> clear error before loading weights
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        except Exception as e:
+            raise ModelError(f"cannot load model {spec!r}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}") from e
     model.to(device).eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(spec: str):
+    """While loading a GGUF model: transformers reads the file's header for the config, the tokenizer and the
+    weights (5 full parses of a 49k-token vocabulary), and rebuilds gguf's tensor-name table per submodule;
+    here each file is parsed once and each table built once (both read-only), then released."""
+    if not is_gguf(spec) or importlib.util.find_spec("gguf") is None:
+        yield
+        return
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
 
 
 def load_tokenizer(spec: str):
     """The tokenizer of a built-in name, .gguf path, model folder or hub id (no weight is read)."""
     from transformers import AutoTokenizer
 
-    spec, source, kwargs, _config = _source_config(spec)
-    kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
-    try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception as e:
-        raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    with _gguf_parsed_once(spec):
+        spec, source, kwargs, _config = _source_config(spec)
+        kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+        try:
+            return AutoTokenizer.from_pretrained(source, **kwargs)
+        except Exception as e:
+            raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
 
 def is_gguf(spec: str) -> bool:

@@ -70,3 +70,89 @@ def test_clip_search_never_worse_than_no_clipping():
     searched = (qz(w) - w).abs().pow(2.4).sum(-1)
     assert (searched <= plain + 1e-4).all()
     assert qz.searched_clip.shape == (48, 1) and (qz.searched_clip <= 1).all()
+
+
+def _search_clip_loop(w, bits, symmetric, group_size, grid=100, max_shrink=0.8, norm=2.4):
+    """The plain reference: one full fake-quantize per candidate ratio, strict `<` keeps the first minimum."""
+    w = w.float()
+    best_err = torch.full(w.shape[:-1], float("inf"))
+    best = torch.ones(w.shape[:-1])
+    for i in range(int(max_shrink * grid)):
+        ratio = 1.0 - i / grid
+        err = (fake_quantize(w, bits, symmetric, ratio, group_size) - w).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size,shape", [
+    (4, True, None, (96, 80)), (4, False, None, (40, 64)), (3, True, 16, (24, 64)), (2, False, 32, (3, 5, 64)),
+    (8, True, None, (16, 48))])
+@pytest.mark.parametrize("block", [64, 1 << 18])
+def test_vectorised_clip_search_picks_the_loops_ratios(bits, symmetric, group_size, shape, block):
+    from flatquant.core import quantizer
+
+    g = torch.Generator().manual_seed(bits * 7 + len(shape))
+    w = torch.randn(*shape, generator=g)
+    w[..., 0] *= 15  # outliers: clipping wins on many rows
+    flat = w.view(-1, shape[-1])
+    flat[1] = 0  # every ratio ties at zero error: the first (1.0) must win
+    flat[2] = 1e-10 * torch.randn(shape[-1], generator=g)  # scale floors at 1e-8 for every ratio: all tie
+    flat[3] = flat[4]  # identical rows pick identical ratios
+    flat[5, 3] = float("nan")  # NaN errors never win: ratio 1.0
+    ref = _search_clip_loop(w, bits, symmetric, group_size)
+    qz = Quantizer(bits, symmetric, group_size)
+    old = quantizer.SEARCH_BLOCK
+    try:
+        quantizer.SEARCH_BLOCK = block
+        qz.search_clip(w)
+    finally:
+        quantizer.SEARCH_BLOCK = old
+    assert qz.searched_clip.shape == ref.shape
+    assert torch.equal(qz.searched_clip, ref)  # bit-identical choices, ties included
+    assert qz.searched_clip.view(-1)[1] == 1 and qz.searched_clip.view(-1)[2] == 1 and qz.searched_clip.view(-1)[5] == 1
+    assert (ref < 1).sum() > 0  # the case exercises clipping
+
+
+def test_clip_search_ties_go_to_the_first_candidate():
+    from flatquant.core.quantizer import clip_search_best
+
+    w = torch.full((4, 32), 1e-10)  # the scale floors at 1e-8 for every ratio: all candidates tie
+    ratios = torch.tensor([1.0, 0.9, 0.8])
+    assert clip_search_best(w, ratios, 4, True, block=8).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_pruned_clip_search_equals_the_loop_on_heavy_tails(bits, monkeypatch):
+    from flatquant.core import quantizer
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 256, generator=g)
+    w = w / torch.rand(64, 256, generator=g).clamp(min=0.05) ** 0.5  # heavy tails: low best ratios on some rows
+    maxq = 2 ** (bits - 1) - 1
+    w[0] = torch.arange(256).remainder(2 * maxq + 1).sub(maxq) * 0.125  # on the 1.0 grid: zero error, then pruned
+    w[1, :8] = 40.0  # a block of outliers: a bound from the top elements alone is tight
+    computed = []
+    real = quantizer._sym_errors
+    monkeypatch.setattr(quantizer, "_sym_errors", lambda x, *a: computed.append(x.shape[0]) or real(x, *a))
+    qz = Quantizer(bits, True)
+    qz.search_clip(w)
+    assert torch.equal(qz.searched_clip, _search_clip_loop(w, bits, True, None))
+    assert qz.searched_clip[0] == 1
+    bound_rows = 80 * 64  # the top-element bounds: one pass over every candidate and row
+    assert sum(computed) - bound_rows < 0.9 * 80 * 64  # candidates were skipped
+    monkeypatch.setattr(quantizer, "PRUNE_TOP", 10**6)  # no pruning: the same choices
+    plain = Quantizer(bits, True)
+    plain.search_clip(w)
+    assert torch.equal(plain.searched_clip, qz.searched_clip)
+
+
+def test_clip_search_loop_is_the_old_search():
+    from flatquant.core.quantizer import clip_search_loop
+
+    w = torch.randn(40, 96) * torch.rand(40, 96).clamp(min=0.1) ** -0.5
+    ratios = torch.tensor([1.0 - i / 100 for i in range(80)])
+    assert torch.equal(ratios[clip_search_loop(w, ratios, 4, True)].unsqueeze(-1), _search_clip_loop(w, 4, True, None))
+    assert torch.equal(ratios[clip_search_loop(w, ratios, 4, False, 32)].unsqueeze(-1),
+                       _search_clip_loop(w, 4, False, 32))
