@@ -186,6 +186,7 @@ def run_shape(args, shape: str, device: str, dtype: torch.dtype, writer: RecordW
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     params = work / "params"
+    shutil.rmtree(params, ignore_errors=True)  # a left-over folder would resume its layers: no training timed
     report = calibrate_streaming(source, qcfg, windows, cc, params, mode="disk", log=print)
     calib_wall = time.time() - t0
     peak_calib = torch.cuda.max_memory_allocated() / GIB if cuda else None

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 from _common import RecordWriter, base_fields, copy_bandwidth_gbps
 
 from flatquant.kernels.linear import CODE_FORMAT, W4A4Linear
+from flatquant.kernels.routes import DEFAULT_ROUTES
 from flatquant.runtime import fp8, fused_ops, synthetic
 
 GIB = 2 ** 30
@@ -89,7 +90,7 @@ def parse(argv):
     p.add_argument("--smoke", action="store_true", help="the whole pipeline on the CPU, tiny shape, reference kernels")
     p.add_argument("--max-seconds", type=float, default=300.0, help="start no new case after this many seconds")
     p.add_argument("--w4-large-route", default="scaled_mm", choices=("scaled_mm", "int8", "fp8", "auto"),
-                   help="W4A4 GEMM route at decode batches above 16 (scaled_mm: auto's choice)")
+                   help="W4A4 GEMM route at decode batches above the decode GEMM's small_m_max (scaled_mm: auto's choice)")
     p.add_argument("--no-graph", action="store_true", help="time decode eagerly (no CUDA graph)")
     p.add_argument("--prologue-max-tokens", type=int, default=None,
                    help="*_fused rows: fuse the prologues only for calls of at most this many tokens")
@@ -248,7 +249,8 @@ class Bench:
         return n
 
     def set_routes(self, dec, batch: int, decode: bool = True):
-        route = None if batch <= 16 or not decode or self.a.w4_large_route == "auto" else self.a.w4_large_route
+        small = batch <= DEFAULT_ROUTES.small_m_max  # the decode GEMM's range: the default route picks it
+        route = None if small or not decode or self.a.w4_large_route == "auto" else self.a.w4_large_route
         for m in self.w4_linears(dec):
             m.gemm_route = route
 

@@ -45,3 +45,23 @@ def test_bad_arguments(load_script, tmp_path):
         load_script("bench_e2e").main(["--smoke", "--shapes", "gpt5", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="unknown row"):
         load_script("bench_e2e").main(["--smoke", "--rows", "int3", "--out", str(tmp_path / "x.json")])
+
+
+def test_decode_batches_in_the_decode_gemm_range_keep_the_default_route(load_script):
+    """A decode batch up to RouteConfig.small_m_max runs the default route (the packed decode GEMM); only larger
+    decode batches are forced onto --w4-large-route."""
+    from types import SimpleNamespace
+
+    from flatquant.kernels.routes import DEFAULT_ROUTES
+
+    mod = load_script("bench_e2e")
+    lins = [SimpleNamespace(gemm_route="unset") for _ in range(3)]
+    bench = mod.Bench.__new__(mod.Bench)
+    bench.a = SimpleNamespace(w4_large_route="scaled_mm")
+    bench.w4_linears = lambda dec: lins
+    bench.set_routes(None, DEFAULT_ROUTES.small_m_max)
+    assert {m.gemm_route for m in lins} == {None}
+    bench.set_routes(None, DEFAULT_ROUTES.small_m_max + 1)
+    assert {m.gemm_route for m in lins} == {"scaled_mm"}
+    bench.set_routes(None, 4096, decode=False)
+    assert {m.gemm_route for m in lins} == {None}
