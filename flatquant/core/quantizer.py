@@ -23,6 +23,8 @@ CLIP_LOGIT_INIT = 4.0
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest (ties to even), with an identity gradient."""
+    if not x.requires_grad:  # nothing to pass a gradient to: x + (round(x) - x) equals round(x) up to a zero's sign
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 

@@ -156,3 +156,21 @@ def test_clip_search_loop_is_the_old_search():
     assert torch.equal(ratios[clip_search_loop(w, ratios, 4, True)].unsqueeze(-1), _search_clip_loop(w, 4, True, None))
     assert torch.equal(ratios[clip_search_loop(w, ratios, 4, False, 32)].unsqueeze(-1),
                        _search_clip_loop(w, 4, False, 32))
+
+
+def test_round_ste_value_and_gradient():
+    """Without a gradient round_ste is plain rounding, and it equals the straight-through form's value (Sterbenz:
+    round(x) - x is exact in float32); with one the gradient is the identity."""
+    from flatquant.core.quantizer import round_ste
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * s for s in (0.3, 3.0, 300.0, 3e6)])
+    x = torch.cat([x, torch.arange(-8, 9) + 0.5, torch.tensor([0.0, -0.0, 2.0**23 + 1, -(2.0**22) - 0.5])])
+    ste_form = x + (torch.round(x) - x)
+    got = round_ste(x)
+    assert torch.equal(got, torch.round(x)) and torch.equal(got, ste_form)
+    xg = x.clone().requires_grad_(True)
+    out = round_ste(xg)
+    assert out.requires_grad and torch.equal(out.detach(), ste_form)
+    (out * torch.arange(x.numel(), dtype=x.dtype)).sum().backward()
+    assert torch.equal(xg.grad, torch.arange(x.numel(), dtype=x.dtype))
