@@ -22,10 +22,20 @@ COMPONENTS = ("norm_transform_quant", "gemm", "attention", "other")
 GIB = 2 ** 30
 
 
-def _latest(records) -> dict:
-    """(shape, row, phase, batch, seqlen, kv_len) -> the newest record."""
-    out = {}
+def _newest_run(records) -> list[dict]:
+    """Per model shape, only the records of its newest run (same commit and command): ratios are taken within one run."""
+    newest = {}
     for r in sorted(records, key=lambda r: str(r.get("date", ""))):
+        if r.get("model_shape"):
+            newest[r["model_shape"]] = (r.get("git_commit"), r.get("command"))
+    return [r for r in records if not r.get("model_shape")
+            or (r.get("git_commit"), r.get("command")) == newest[r["model_shape"]]]
+
+
+def _latest(records) -> dict:
+    """(shape, row, phase, batch, seqlen, kv_len) -> the newest record of the shape's newest run."""
+    out = {}
+    for r in sorted(_newest_run(records), key=lambda r: str(r.get("date", ""))):
         out[(r.get("model_shape"), r.get("row"), r.get("phase"), r.get("batch"), r.get("seqlen"), r.get("kv_len"))] = r
     return out
 
@@ -230,9 +240,12 @@ def targets(records) -> list[dict]:
 
 def e2e_section(records: list[dict]) -> list[str]:
     """Markdown lines of the end-to-end section (empty without e2e records)."""
-    recs = [r for r in records if r.get("kind") == KIND and r.get("phase") != "setup"]
-    if not recs:
+    every = [r for r in records if r.get("kind") == KIND and r.get("phase") != "setup"]
+    if not every:
         return []
+    recs = _newest_run(every)
+    earlier = sorted({(r.get("model_shape"), str(r.get("git_commit"))[:10]) for r in every} -
+                     {(r.get("model_shape"), str(r.get("git_commit"))[:10]) for r in recs})
     latest = _latest(recs)
     cur = list(latest.values())
     out = ["## End-to-end speed and memory", "",
@@ -255,6 +268,9 @@ def e2e_section(records: list[dict]) -> list[str]:
     extra = "; ".join(f"copy bandwidth {r['copy_gbps']:.0f} GB/s on {r.get('device', '?')}" for r in setup[-1:]
                       if r.get("copy_gbps"))
     out += [_caption(cur, extra), ""]
+    if earlier:
+        out += ["Earlier runs, not shown (their records stay in results/): "
+                + ", ".join(f"{shape} at {commit}" for shape, commit in earlier) + ".", ""]
     return out
 
 

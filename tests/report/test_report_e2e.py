@@ -85,3 +85,20 @@ def test_plots(tmp_path):
     paths = e2e.e2e_plots(records(), tmp_path)
     assert [p.name for p in paths] == ["e2e_speedup_llama2-7b.png", "e2e_memory_llama2-7b.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_ratios_only_within_the_newest_run():
+    """A newer run (another commit) replaces the whole older run of its shape: a row only the older run has is
+    not shown next to the newer rows, no ratio mixes runs, and the older run is named under the section."""
+    old = records() + [_rec("quarot", "decode", 32, median_ms=5.0, floor_ratio=1.0)]
+    new = [{**r, "git_commit": "fff9999aaa", "date": "2026-12-08T00:00:00+00:00"} for r in records()
+           if r.get("row") != "fp8"]
+    new = [{**r, "median_ms": r["median_ms"] * 2} if r.get("row") == "bf16" and r.get("median_ms") else r
+           for r in new]
+    recs = old + new
+    text = "\n".join(e2e.e2e_section(recs))
+    assert "QuaRot" not in text.split("Earlier runs")[0] and "FP8 W8A8 (BF16 KV) |" not in text
+    assert "Earlier runs, not shown" in text and "abc1234def" in text
+    t = {x["target"]: x for x in e2e.targets(recs)}
+    dec = t["decode b=32 KV 2048: FlatQuant vs BF16"]["value"]
+    assert dec == pytest.approx(2 * DEC_MS["bf16"] / DEC_MS["flatquant"])
