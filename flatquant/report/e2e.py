@@ -23,7 +23,7 @@ GIB = 2 ** 30
 
 
 def _newest_run(records) -> list[dict]:
-    """Per model shape, only the records of its newest run (same commit and command): ratios are taken within one run."""
+    """Per model shape, only the records of its newest run (same commit and command): ratios within one run."""
     newest = {}
     for r in sorted(records, key=lambda r: str(r.get("date", ""))):
         if r.get("model_shape"):
