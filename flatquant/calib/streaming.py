@@ -255,19 +255,6 @@ def _parallel(source, store, qcfg, cfg, held: list, kwargs, done, seed, amp, wor
     return rows
 
 
-def _phase(dist: Dist, what: str, fn):
-    """fn() on every rank; with several ranks, any rank's failure stops all of them at the same point."""
-    if dist.world == 1:
-        return fn()
-    out, err = None, None
-    try:
-        out = fn()
-    except Exception as e:  # reported to every rank below
-        err = _message(e)
-    dist.check(err, what)
-    return out
-
-
 @torch.no_grad()
 def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantConfig, cfg: CalibConfig,
                    windows: torch.Tensor, act_dtype: torch.dtype, log=print, dist: Dist | None = None,
@@ -322,7 +309,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
             load_layer_state(layer, saved, i)
             return layer, dtypes
 
-        layer, dtypes = _phase(dist, f"GPTQ layer {i}", load_and_measure)
+        layer, dtypes = together(dist, f"GPTQ layer {i}", load_and_measure)
         row, err = gptq_layer_sharded(layer, family, hessians, qcfg, dist)  # consumes the Hessians
         if err:
             raise RankFailed(f"GPTQ layer {i} failed on {err}")
@@ -335,7 +322,7 @@ def gptq_streaming(source: offload.LayerSource, store: LayerStore, qcfg: QuantCo
             gptq._restore_dtypes(layer, dtypes)
             run_layer(layer, x, kwargs, cfg.batch_size, model_dtype, out=x)
 
-        _phase(dist, f"GPTQ layer {i}", save_and_advance)
+        together(dist, f"GPTQ layer {i}", save_and_advance)
         layer = None  # freed before the next layer is read
         source.release(i)
         _free()
